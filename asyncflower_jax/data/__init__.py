@@ -1,0 +1,1 @@
+"""Datasets, partitioners and the device-resident client data store."""

@@ -1,0 +1,1 @@
+"""The host-side discrete-event engine: latency models, scheduler, simulator and its reference."""

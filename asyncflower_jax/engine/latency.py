@@ -1,0 +1,104 @@
+"""Client latency models: each client gets a fixed speed once, and each task a random duration.
+
+A model is a frozen dataclass with two methods: `client_profile(rng, n)` draws the per-client
+parameter once per run, and `sample(rng, profile)` draws one duration per entry of `profile`
+(the profiles of the clients being dispatched).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import require
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyModel:
+    """Base class; `client_profile` defaults to every client alike (profile 1)."""
+
+    def client_profile(self, rng: np.random.Generator, num_clients: int) -> np.ndarray:
+        return np.ones(num_clients)
+
+    def sample(self, rng: np.random.Generator, profile: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Constant(LatencyModel):
+    """Every task takes exactly `duration` (ties are broken by dispatch order)."""
+
+    duration: float = 1.0
+
+    def __post_init__(self):
+        require(self.duration > 0, "latency.duration", self.duration, "> 0")
+
+    def sample(self, rng, profile):
+        return np.full(len(profile), self.duration)
+
+
+@dataclasses.dataclass(frozen=True)
+class Exponential(LatencyModel):
+    """Durations ~ Exp(rate_c); client rates are `rate` times lognormal(0, `client_sigma`)."""
+
+    rate: float = 1.0
+    client_sigma: float = 0.0
+
+    def __post_init__(self):
+        require(self.rate > 0, "latency.rate", self.rate, "> 0")
+        require(self.client_sigma >= 0, "latency.client_sigma", self.client_sigma, ">= 0")
+
+    def client_profile(self, rng, num_clients):
+        return self.rate * rng.lognormal(0.0, self.client_sigma, num_clients)
+
+    def sample(self, rng, profile):
+        return rng.exponential(1.0 / profile)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogNormal(LatencyModel):
+    """Durations = median_c * lognormal(0, `sigma`); client medians are `median` * lognormal(0, `client_sigma`)."""
+
+    median: float = 1.0
+    sigma: float = 0.5
+    client_sigma: float = 0.5
+
+    def __post_init__(self):
+        require(self.median > 0, "latency.median", self.median, "> 0")
+        require(self.sigma >= 0, "latency.sigma", self.sigma, ">= 0")
+        require(self.client_sigma >= 0, "latency.client_sigma", self.client_sigma, ">= 0")
+
+    def client_profile(self, rng, num_clients):
+        return self.median * rng.lognormal(0.0, self.client_sigma, num_clients)
+
+    def sample(self, rng, profile):
+        return profile * rng.lognormal(0.0, self.sigma, len(profile))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientGroups(LatencyModel):
+    """Clients split into groups by `fractions` (exact counts, random membership); Exp(rates[g]) durations."""
+
+    fractions: Sequence[float] = (0.8, 0.2)
+    rates: Sequence[float] = (2.0, 1.0)
+
+    def __post_init__(self):
+        object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
+        object.__setattr__(self, "rates", tuple(float(r) for r in self.rates))
+        require(len(self.fractions) == len(self.rates) >= 1, "latency.fractions", self.fractions, "as long as latency.rates (and non-empty)")
+        require(all(f >= 0 for f in self.fractions) and abs(sum(self.fractions) - 1) < 1e-6, "latency.fractions", self.fractions, "non-negative and summing to 1")
+        require(all(r > 0 for r in self.rates), "latency.rates", self.rates, "all > 0")
+
+    def client_groups(self, rng, num_clients) -> np.ndarray:
+        """Group index of every client: round(f * N) clients per group, shuffled."""
+        counts = np.floor(np.asarray(self.fractions) * num_clients).astype(int)
+        counts[np.argmax(self.fractions)] += num_clients - counts.sum()
+        return rng.permutation(np.repeat(np.arange(len(counts)), counts))
+
+    def client_profile(self, rng, num_clients):
+        return np.asarray(self.rates)[self.client_groups(rng, num_clients)]
+
+    def sample(self, rng, profile):
+        return rng.exponential(1.0 / profile)

@@ -1,0 +1,1 @@
+"""The layer that speaks Flower: pytree <-> record conversion (and, later, Server/ClientApps)."""

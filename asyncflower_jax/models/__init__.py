@@ -1,0 +1,1 @@
+"""Flax models; the simulator only ever sees `(apply_fn, params)`."""

@@ -1,0 +1,30 @@
+"""Multi-layer perceptron on flattened inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class MLP(nn.Module):
+    """Dense + ReLU layers of widths `hidden`, then a linear layer to `num_classes` logits."""
+
+    num_classes: int
+    hidden: Sequence[int] = (200, 200)
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape((x.shape[0], -1))
+        for width in self.hidden:
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+def init_params(module: nn.Module, input_shape: tuple[int, ...], key, dtype=jnp.float32):
+    """Initialise `module` on a dummy batch and cast its parameters to `dtype`."""
+    import jax
+
+    params = module.init(key, jnp.zeros((1, *input_shape), dtype))
+    return jax.tree.map(lambda p: p.astype(dtype), params)

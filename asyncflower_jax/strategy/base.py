@@ -1,0 +1,177 @@
+"""`AsyncStrategy`: a Flower strategy (Message API) that also exposes pure aggregation kernels.
+
+The simulator drives a strategy only through `init`, `aggregate` (pure, jit-compiled over
+pytrees), `round_delimiter` and `refill`. The Flower-facing methods wrap the same kernel so the
+object runs unchanged in a real Flower federation: they convert ArrayRecords to pytrees, keep
+the model versions that are out with clients, and compute each reply's staleness from the
+`start-version` the client echoes back.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from ..flower.records import arrayrecord_to_pytree, pytree_to_arrayrecord
+from .updates import PyTree, UpdateBatch
+
+RoundDelimiter = tuple[Literal["buffer_size"], int] | tuple[Literal["round_duration"], float]
+REFILL_POLICIES = ("on_arrival", "on_aggregation")
+
+START_VERSION_KEY = "start-version"
+NUM_EXAMPLES_KEY = "num-examples"
+
+
+class AsyncStrategy(Strategy, abc.ABC):
+    """Base class of every aggregation rule.
+
+    Subclasses implement `init`, `aggregate` and `round_delimiter`. `refill` says when the
+    server hands work to idle clients: "on_arrival" (asynchronous: one new client per returned
+    one, from the then-current model) or "on_aggregation" (synchronous: a fresh cohort from the
+    new model after each aggregation).
+    """
+
+    refill: str = "on_arrival"
+    #: Nodes sampled per round when the strategy runs in a Flower federation (None: all).
+    num_train_nodes: int | None = None
+    #: Fraction of nodes asked to evaluate in a Flower federation (0: no federated evaluation).
+    fraction_evaluate: float = 0.0
+
+    # ---- the simulator's interface ------------------------------------------------------
+    @abc.abstractmethod
+    def round_delimiter(self, server_round: int) -> RoundDelimiter:
+        """When round `server_round` aggregates: after K arrivals, or at the end of a time window."""
+
+    @abc.abstractmethod
+    def init(self, params: PyTree) -> Any:
+        """Server state (a pytree of arrays) for a model `params`."""
+
+    @abc.abstractmethod
+    def aggregate(self, params: PyTree, state: Any, updates: UpdateBatch) -> tuple[PyTree, Any]:
+        """Pure, jittable: the new global model and state after one aggregation of `updates`."""
+
+    def name(self) -> str:
+        return type(self).__name__
+
+    # ---- the Flower interface ----------------------------------------------------------
+    def _flower_setup(self, arrays: ArrayRecord) -> None:
+        params = arrayrecord_to_pytree(arrays)
+        self._fl_params = params
+        self._fl_state = self.init(params)
+        self._fl_version = 0
+        self._fl_sent: dict[int, PyTree] = {}
+        self._fl_kernel = jax.jit(self.aggregate)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Send the current model, tagged with its version, to the sampled nodes."""
+        if not hasattr(self, "_fl_params"):
+            self._flower_setup(arrays)
+        node_ids = list(grid.get_node_ids())
+        if self.num_train_nodes is not None:
+            rng = np.random.default_rng(server_round)
+            node_ids = list(rng.permutation(node_ids)[: self.num_train_nodes])
+        self._fl_sent[self._fl_version] = self._fl_params
+        config = ConfigRecord(dict(config))
+        config["server-round"] = server_round
+        config[START_VERSION_KEY] = self._fl_version
+        record = RecordDict({"arrays": pytree_to_arrayrecord(self._fl_params), "config": config})
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=int(n)) for n in node_ids]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate replies with the simulator's kernel; replies with errors or bad arrays are failures."""
+        if not hasattr(self, "_fl_params"):
+            raise RuntimeError("aggregate_train called before configure_train")
+        rows, failures = [], 0
+        for msg in replies:
+            if msg.has_error():
+                failures += 1
+                continue
+            try:
+                row = self._reply_to_row(msg)
+            except (ValueError, KeyError, StopIteration):
+                failures += 1
+                continue
+            rows.append(row)
+        if not rows:
+            return None, MetricRecord({"num-updates": 0, "num-failures": failures})
+        updates = _stack_rows(rows, self._fl_version)
+        self._fl_params, self._fl_state = self._fl_kernel(self._fl_params, self._fl_state, updates)
+        self._fl_params = jax.tree.map(np.asarray, self._fl_params)
+        self._fl_version += 1
+        live = {r["start_version"] for r in rows}
+        self._fl_sent = {v: p for v, p in self._fl_sent.items() if v in live or v == self._fl_version}
+        staleness = np.asarray(updates.staleness)
+        metrics = MetricRecord(
+            {
+                "num-updates": len(rows),
+                "num-failures": failures,
+                "mean-staleness": float(staleness.mean()),
+                "max-staleness": int(staleness.max()),
+            }
+        )
+        return pytree_to_arrayrecord(self._fl_params), metrics
+
+    def _reply_to_row(self, msg: Message) -> dict:
+        content = msg.content
+        arrays = next(iter(content.array_records.values()))
+        metrics = next(iter(content.metric_records.values()))
+        start_version = int(metrics.get(START_VERSION_KEY, self._fl_version))
+        if start_version not in self._fl_sent:
+            raise KeyError(f"unknown start version {start_version}")
+        start = self._fl_sent[start_version]
+        params = arrayrecord_to_pytree(arrays, template=start)
+        return {
+            "params": params,
+            "start": start,
+            "start_version": start_version,
+            "num_examples": float(metrics[NUM_EXAMPLES_KEY]),
+            "client_id": int(msg.metadata.src_node_id) % (2**31),
+        }
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Federated evaluation on a `fraction_evaluate` share of nodes (none by default)."""
+        if self.fraction_evaluate <= 0:
+            return []
+        node_ids = list(grid.get_node_ids())
+        count = max(1, int(len(node_ids) * self.fraction_evaluate))
+        node_ids = list(np.random.default_rng(server_round).permutation(node_ids)[:count])
+        config = ConfigRecord(dict(config))
+        config["server-round"] = server_round
+        record = RecordDict({"arrays": arrays, "config": config})
+        return [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=int(n)) for n in node_ids]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted mean of the evaluation metrics in valid replies."""
+        contents = [msg.content for msg in replies if not msg.has_error()]
+        if not contents:
+            return None
+        return aggregate_metricrecords(contents, NUM_EXAMPLES_KEY)
+
+    def summary(self) -> None:
+        """Log the strategy's settings (Flower calls this when a run starts)."""
+        from flwr.supercore import log
+        from logging import INFO
+
+        log(INFO, "\t├──> %r", self)
+        log(INFO, "\t└──> round delimiter (round 1): %s, refill: %s", self.round_delimiter(1), self.refill)
+
+
+def _stack_rows(rows: list[dict], version: int) -> UpdateBatch:
+    stack = lambda *xs: jnp.stack([jnp.asarray(x) for x in xs])  # noqa: E731
+    return UpdateBatch(
+        params=jax.tree.map(stack, *[r["params"] for r in rows]),
+        start=jax.tree.map(stack, *[r["start"] for r in rows]),
+        staleness=jnp.asarray([version - r["start_version"] for r in rows], jnp.int32),
+        num_examples=jnp.asarray([r["num_examples"] for r in rows], jnp.float32),
+        client_id=jnp.asarray([r["client_id"] for r in rows], jnp.int32),
+        mask=jnp.ones(len(rows), bool),
+    )

@@ -1,0 +1,45 @@
+"""FedAsync (Xie et al. 2019): mix each arriving model into the global one, staleness-weighted."""
+
+from __future__ import annotations
+
+import jax
+from jax import lax
+
+from ..errors import require
+from .base import AsyncStrategy
+from .staleness import Polynomial, StalenessFunction
+from .updates import UpdateBatch
+
+
+class FedAsync(AsyncStrategy):
+    """x <- (1 - alpha_t) x + alpha_t y_i with alpha_t = alpha * s(staleness_i), one update at a time.
+
+    The buffer is one update by default; with a larger buffer or a time window the updates are
+    mixed in one after another in arrival order.
+    """
+
+    def __init__(self, alpha: float = 0.6, staleness: StalenessFunction | None = None, buffer_size: int = 1):
+        require(0 < alpha <= 1, "strategy.alpha", alpha, "in (0, 1]")
+        require(isinstance(buffer_size, int) and buffer_size >= 1, "strategy.buffer_size", buffer_size, "an integer >= 1")
+        self.alpha = float(alpha)
+        self.staleness = staleness if staleness is not None else Polynomial(a=0.5)
+        self.buffer_size = buffer_size
+
+    def __repr__(self) -> str:
+        return f"FedAsync(alpha={self.alpha}, staleness={self.staleness}, buffer_size={self.buffer_size})"
+
+    def round_delimiter(self, server_round):
+        return ("buffer_size", self.buffer_size)
+
+    def init(self, params):
+        return ()
+
+    def aggregate(self, params, state, updates: UpdateBatch):
+        alphas = self.alpha * self.staleness(updates.staleness) * updates.mask
+
+        def mix(x, row):
+            alpha_t, y = row
+            return jax.tree.map(lambda xl, yl: (1 - alpha_t.astype(xl.dtype)) * xl + alpha_t.astype(xl.dtype) * yl, x, y), None
+
+        params, _ = lax.scan(mix, params, (alphas, updates.params))
+        return params, state

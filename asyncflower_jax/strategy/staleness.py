@@ -1,0 +1,90 @@
+"""Staleness functions s(.): map an update's staleness (versions behind) to a weight in (0, 1].
+
+Each is a frozen dataclass (hashable, so it can be closed over by jitted kernels) whose
+`__call__` works elementwise on a jnp array of staleness values. `max_staleness` drops
+(weights 0) updates that are older than it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from ..errors import require
+
+
+@dataclasses.dataclass(frozen=True)
+class StalenessFunction:
+    """Base: subclasses implement `weight`; `max_staleness` (optional) zeroes older updates."""
+
+    max_staleness: int | None = None
+
+    def __post_init__(self):
+        if self.max_staleness is not None:
+            require(self.max_staleness >= 0, "staleness.max_staleness", self.max_staleness, ">= 0 or null")
+
+    def weight(self, s: jnp.ndarray) -> jnp.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, staleness) -> jnp.ndarray:
+        s = jnp.asarray(staleness)
+        w = self.weight(s.astype(jnp.result_type(float)))
+        if self.max_staleness is not None:
+            w = jnp.where(s > self.max_staleness, 0.0, w)
+        return w
+
+
+@dataclasses.dataclass(frozen=True)
+class Constant(StalenessFunction):
+    """s(t) = 1."""
+
+    def weight(self, s):
+        return jnp.ones_like(s)
+
+
+@dataclasses.dataclass(frozen=True)
+class Polynomial(StalenessFunction):
+    """s(t) = (1 + t)^(-a) (FedAsync paper; a = 0.5 is FedBuff's 1/sqrt(1 + t))."""
+
+    a: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.a >= 0, "staleness.a", self.a, ">= 0")
+
+    def weight(self, s):
+        return (1.0 + s) ** (-self.a)
+
+
+HINGE_VARIANTS = ("paper", "no_plus_one", "inner_plus_one")
+
+
+@dataclasses.dataclass(frozen=True)
+class Hinge(StalenessFunction):
+    """s(t) = 1 if t <= b else a hinge decay; `variant` picks the formula seen in public code.
+
+    paper:          1 / (a (t - b) + 1)   (FedAsync paper; the default)
+    no_plus_one:    1 / (a (t - b))
+    inner_plus_one: 1 / (a ((t - b) + 1))
+    """
+
+    a: float = 10.0
+    b: float = 4.0
+    variant: str = "paper"
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.a > 0, "staleness.a", self.a, "> 0")
+        require(self.b >= 0, "staleness.b", self.b, ">= 0")
+        require(self.variant in HINGE_VARIANTS, "staleness.variant", self.variant, f"one of {HINGE_VARIANTS}")
+
+    def weight(self, s):
+        excess = s - self.b
+        if self.variant == "paper":
+            decay = 1.0 / (self.a * excess + 1.0)
+        elif self.variant == "no_plus_one":
+            decay = 1.0 / (self.a * excess)
+        else:
+            decay = 1.0 / (self.a * (excess + 1.0))
+        return jnp.where(s <= self.b, 1.0, decay)
