@@ -23,8 +23,9 @@ def bucket_size(n: int, cap: int | None = None) -> int:
     return min(size, cap) if cap else size
 
 
+@jax.jit
 def stack_trees(trees: list[PyTree]) -> PyTree:
-    """Stack a list of same-shaped pytrees on a new leading axis."""
+    """Stack a list of same-shaped pytrees on a new leading axis (one device call)."""
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 

@@ -92,9 +92,11 @@ class ClientGroups(LatencyModel):
         require(all(r > 0 for r in self.rates), "latency.rates", self.rates, "all > 0")
 
     def client_groups(self, rng, num_clients) -> np.ndarray:
-        """Group index of every client: round(f * N) clients per group, shuffled."""
-        counts = np.floor(np.asarray(self.fractions) * num_clients).astype(int)
-        counts[np.argmax(self.fractions)] += num_clients - counts.sum()
+        """Group index of every client: f * N clients per group (largest remainder rounding), shuffled."""
+        quotas = np.asarray(self.fractions) * num_clients
+        counts = np.floor(quotas + 1e-9).astype(int)  # 0.29 * 100 is 28.999...: not 28
+        leftover = np.argsort(-(quotas - counts), kind="stable")[: num_clients - counts.sum()]
+        counts[leftover] += 1  # largest remainders get the clients rounding left over
         return rng.permutation(np.repeat(np.arange(len(counts)), counts))
 
     def client_profile(self, rng, num_clients):

@@ -19,6 +19,16 @@ from .scheduler import Task
 from .versions import VersionCache
 
 
+@jax.jit
+def _gather_rows(tree, loss, rows):
+    return jax.tree.map(lambda leaf: leaf[rows], tree), loss[rows]
+
+
+@jax.jit
+def _concat_in_order(parts, inverse):
+    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves)[inverse], *parts)
+
+
 class PendingResults:
     def __init__(self, trainer: BatchedTrainer):
         self.trainer = trainer
@@ -68,16 +78,12 @@ class PendingResults:
             order[cid].append(pos)
         parts, positions = [], []
         for cid, rows in by_chunk.items():
-            idx = jnp.asarray(rows)
             chunk = self._chunks[cid]
-            parts.append((jax.tree.map(lambda leaf: leaf[idx], chunk.params), chunk.loss[idx]))
+            parts.append(_gather_rows(chunk.params, chunk.loss, np.asarray(rows, np.int32)))
             positions.extend(order[cid])
         if len(parts) == 1:
             return parts[0]
-        inverse = jnp.asarray(np.argsort(positions))
-        params = jax.tree.map(lambda *leaves: jnp.concatenate(leaves)[inverse], *[p for p, _ in parts])
-        loss = jnp.concatenate([l for _, l in parts])[inverse]
-        return params, loss
+        return _concat_in_order(parts, np.argsort(positions).astype(np.int32))
 
     def release(self, dispatch_id: int) -> None:
         """Forget a consumed result; its chunk is freed once all of its rows are consumed."""

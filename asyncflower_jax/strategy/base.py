@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from ..errors import require
 from ..flower.records import arrayrecord_to_pytree, pytree_to_arrayrecord
 from .updates import PyTree, UpdateBatch
 
@@ -29,6 +30,17 @@ REFILL_POLICIES = ("on_arrival", "on_aggregation")
 
 START_VERSION_KEY = "start-version"
 NUM_EXAMPLES_KEY = "num-examples"
+
+
+def buffer_or_window(buffer_size: int, round_duration: float | None) -> RoundDelimiter:
+    """("round_duration", T) when a time window is set, else ("buffer_size", K)."""
+    return ("round_duration", float(round_duration)) if round_duration is not None else ("buffer_size", buffer_size)
+
+
+def check_buffer_and_window(buffer_size, round_duration) -> None:
+    require(isinstance(buffer_size, int) and buffer_size >= 1, "strategy.buffer_size", buffer_size, "an integer >= 1")
+    if round_duration is not None:
+        require(round_duration > 0, "strategy.round_duration", round_duration, "> 0 or null")
 
 
 class AsyncStrategy(Strategy, abc.ABC):
@@ -68,7 +80,8 @@ class AsyncStrategy(Strategy, abc.ABC):
         self._fl_params = params
         self._fl_state = self.init(params)
         self._fl_version = 0
-        self._fl_sent: dict[int, PyTree] = {}
+        self._fl_sent: dict[int, PyTree] = {}  # versions out with clients
+        self._fl_outstanding: dict[int, int] = {}  # version -> messages sent and not yet answered
         self._fl_kernel = jax.jit(self.aggregate)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -80,6 +93,7 @@ class AsyncStrategy(Strategy, abc.ABC):
             rng = np.random.default_rng(server_round)
             node_ids = list(rng.permutation(node_ids)[: self.num_train_nodes])
         self._fl_sent[self._fl_version] = self._fl_params
+        self._fl_outstanding[self._fl_version] = self._fl_outstanding.get(self._fl_version, 0) + len(node_ids)
         config = ConfigRecord(dict(config))
         config["server-round"] = server_round
         config[START_VERSION_KEY] = self._fl_version
@@ -102,13 +116,13 @@ class AsyncStrategy(Strategy, abc.ABC):
                 continue
             rows.append(row)
         if not rows:
+            self._forget_answered_versions()
             return None, MetricRecord({"num-updates": 0, "num-failures": failures})
         updates = _stack_rows(rows, self._fl_version)
         self._fl_params, self._fl_state = self._fl_kernel(self._fl_params, self._fl_state, updates)
         self._fl_params = jax.tree.map(np.asarray, self._fl_params)
         self._fl_version += 1
-        live = {r["start_version"] for r in rows}
-        self._fl_sent = {v: p for v, p in self._fl_sent.items() if v in live or v == self._fl_version}
+        self._forget_answered_versions()
         staleness = np.asarray(updates.staleness)
         metrics = MetricRecord(
             {
@@ -120,13 +134,19 @@ class AsyncStrategy(Strategy, abc.ABC):
         )
         return pytree_to_arrayrecord(self._fl_params), metrics
 
+    def _forget_answered_versions(self) -> None:
+        """Drop versions no client still holds (the current one stays: it is sent next)."""
+        for v in [v for v, n in self._fl_outstanding.items() if n <= 0 and v != self._fl_version]:
+            del self._fl_outstanding[v], self._fl_sent[v]
+
     def _reply_to_row(self, msg: Message) -> dict:
         content = msg.content
-        arrays = next(iter(content.array_records.values()))
         metrics = next(iter(content.metric_records.values()))
         start_version = int(metrics.get(START_VERSION_KEY, self._fl_version))
         if start_version not in self._fl_sent:
             raise KeyError(f"unknown start version {start_version}")
+        self._fl_outstanding[start_version] -= 1
+        arrays = next(iter(content.array_records.values()))
         start = self._fl_sent[start_version]
         params = arrayrecord_to_pytree(arrays, template=start)
         return {

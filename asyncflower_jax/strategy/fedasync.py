@@ -6,7 +6,7 @@ import jax
 from jax import lax
 
 from ..errors import require
-from .base import AsyncStrategy
+from .base import AsyncStrategy, buffer_or_window, check_buffer_and_window
 from .staleness import Polynomial, StalenessFunction
 from .updates import UpdateBatch
 
@@ -14,22 +14,23 @@ from .updates import UpdateBatch
 class FedAsync(AsyncStrategy):
     """x <- (1 - alpha_t) x + alpha_t y_i with alpha_t = alpha * s(staleness_i), one update at a time.
 
-    The buffer is one update by default; with a larger buffer or a time window the updates are
-    mixed in one after another in arrival order.
+    The buffer is one update by default; with a larger buffer, or a time window of
+    `round_duration` (simulated time), the updates are mixed in one after another in arrival order.
     """
 
-    def __init__(self, alpha: float = 0.6, staleness: StalenessFunction | None = None, buffer_size: int = 1):
+    def __init__(self, alpha: float = 0.6, staleness: StalenessFunction | None = None, buffer_size: int = 1, round_duration: float | None = None):
         require(0 < alpha <= 1, "strategy.alpha", alpha, "in (0, 1]")
-        require(isinstance(buffer_size, int) and buffer_size >= 1, "strategy.buffer_size", buffer_size, "an integer >= 1")
+        check_buffer_and_window(buffer_size, round_duration)
         self.alpha = float(alpha)
         self.staleness = staleness if staleness is not None else Polynomial(a=0.5)
         self.buffer_size = buffer_size
+        self.round_duration = round_duration
 
     def __repr__(self) -> str:
-        return f"FedAsync(alpha={self.alpha}, staleness={self.staleness}, buffer_size={self.buffer_size})"
+        return f"FedAsync(alpha={self.alpha}, staleness={self.staleness}, buffer_size={self.buffer_size}, round_duration={self.round_duration})"
 
     def round_delimiter(self, server_round):
-        return ("buffer_size", self.buffer_size)
+        return buffer_or_window(self.buffer_size, self.round_duration)
 
     def init(self, params):
         return ()

@@ -34,5 +34,5 @@ class FedAvg(AsyncStrategy):
 
     def aggregate(self, params, state, updates: UpdateBatch):
         weights = updates.num_examples * updates.mask
-        weights = weights / jnp.sum(weights)
+        weights = weights / jnp.maximum(jnp.sum(weights), jnp.finfo(weights.dtype).tiny)
         return jax.tree.map(lambda leaf, p: leaf.astype(p.dtype), weighted_sum(weights, updates.params), params), state

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from ..errors import require
-from .base import AsyncStrategy
+from .base import AsyncStrategy, buffer_or_window, check_buffer_and_window
 from .staleness import Polynomial, StalenessFunction
 from .updates import UpdateBatch, weighted_sum
 
@@ -20,7 +20,8 @@ class FedBuff(AsyncStrategy):
     `normalisation`: "mean" divides by K (the paper), "sum" by 1 (FLSim's weighted sum times the
     server learning rate), "weight_sum" by the sum of staleness weights. `server_optimizer`, an
     optax GradientTransformation fed the normalised B as a pseudo-gradient, replaces plain SGD
-    with learning rate `server_lr`.
+    with learning rate `server_lr`. With `round_duration` set, the buffer is every arrival within
+    a window of that much simulated time instead of K arrivals.
     """
 
     def __init__(
@@ -30,11 +31,13 @@ class FedBuff(AsyncStrategy):
         staleness: StalenessFunction | None = None,
         normalisation: str = "mean",
         server_optimizer: optax.GradientTransformation | None = None,
+        round_duration: float | None = None,
     ):
-        require(isinstance(buffer_size, int) and buffer_size >= 1, "strategy.buffer_size", buffer_size, "an integer >= 1")
+        check_buffer_and_window(buffer_size, round_duration)
         require(server_lr > 0, "strategy.server_lr", server_lr, "> 0")
         require(normalisation in NORMALISATIONS, "strategy.normalisation", normalisation, f"one of {NORMALISATIONS}")
         self.buffer_size = buffer_size
+        self.round_duration = round_duration
         self.server_lr = float(server_lr)
         self.staleness = staleness if staleness is not None else Polynomial(a=0.5)
         self.normalisation = normalisation
@@ -42,12 +45,12 @@ class FedBuff(AsyncStrategy):
 
     def __repr__(self) -> str:
         return (
-            f"FedBuff(buffer_size={self.buffer_size}, server_lr={self.server_lr}, staleness={self.staleness}, "
+            f"FedBuff(buffer_size={self.buffer_size}, round_duration={self.round_duration}, server_lr={self.server_lr}, staleness={self.staleness}, "
             f"normalisation={self.normalisation!r})"
         )
 
     def round_delimiter(self, server_round):
-        return ("buffer_size", self.buffer_size)
+        return buffer_or_window(self.buffer_size, self.round_duration)
 
     def init(self, params):
         return self.server_optimizer.init(params)

@@ -1,0 +1,29 @@
+"""Shared fixtures: compose the project's Hydra config with overrides, as run.py would."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def make_config(*overrides: str):
+    """The composed config for `python run.py <overrides>`."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture
+def config():
+    return make_config
+
+
+def pytest_configure(config):
+    """Share XLA compilations between the many small experiments the tests build."""
+    import jax
+
+    cache = Path(__file__).resolve().parents[1] / ".pytest_cache" / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

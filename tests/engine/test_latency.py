@@ -1,0 +1,152 @@
+"""Latency models: shapes, positivity, fixed client profiles, sample means and parameter validation."""
+
+import numpy as np
+import pytest
+
+from asyncflower_jax.engine.latency import ClientGroups, Constant, Exponential, LogNormal
+from asyncflower_jax.errors import ConfigError
+
+DRAWS = 200_000  # per client in the mean checks; standard error of an Exp mean is mean/sqrt(DRAWS) ~ 0.2%
+
+
+def per_client_means(model, profile, rng, draws=DRAWS):
+    """Mean duration of each client over `draws` tasks (sampled as one long batch of dispatches)."""
+    durations = model.sample(rng, np.repeat(profile, draws)).reshape(len(profile), draws)
+    return durations.mean(axis=1)
+
+
+ALL_MODELS = [Constant(2.5), Exponential(rate=2.0, client_sigma=0.3), LogNormal(1.5, 0.4, 0.6), ClientGroups()]
+
+
+@pytest.mark.parametrize("model", ALL_MODELS, ids=lambda m: type(m).__name__)
+def test_shapes_and_positivity(model):
+    rng = np.random.default_rng(0)
+    profile = model.client_profile(rng, 37)
+    assert profile.shape == (37,)
+    assert np.all(profile > 0) and np.all(np.isfinite(profile))
+    durations = model.sample(rng, profile)
+    assert durations.shape == (37,)
+    assert np.all(durations > 0) and np.all(np.isfinite(durations))
+    assert model.sample(rng, profile[3:4]).shape == (1,)
+
+
+@pytest.mark.parametrize("model", ALL_MODELS, ids=lambda m: type(m).__name__)
+def test_profile_is_a_function_of_the_seed_only(model):
+    a = model.client_profile(np.random.default_rng([7, 1]), 50)
+    b = model.client_profile(np.random.default_rng([7, 1]), 50)
+    np.testing.assert_array_equal(a, b)
+    # sampling durations reads the profile but never changes it
+    before = a.copy()
+    model.sample(np.random.default_rng(3), a)
+    np.testing.assert_array_equal(a, before)
+
+
+def test_constant():
+    model = Constant(duration=2.5)
+    rng = np.random.default_rng(0)
+    profile = model.client_profile(rng, 4)
+    np.testing.assert_array_equal(profile, np.ones(4))
+    np.testing.assert_array_equal(model.sample(rng, profile), [2.5, 2.5, 2.5, 2.5])
+
+
+def test_exponential_without_client_spread_has_rate_everywhere():
+    # lognormal(0, 0) == 1 exactly, so every client's rate is `rate`
+    model = Exponential(rate=2.0, client_sigma=0.0)
+    profile = model.client_profile(np.random.default_rng(0), 5)
+    np.testing.assert_array_equal(profile, np.full(5, 2.0))
+    # mean of Exp(2) = 1/2
+    means = per_client_means(model, profile[:1], np.random.default_rng(1))
+    np.testing.assert_allclose(means, [0.5], rtol=0.02)
+
+
+def test_exponential_per_client_means_follow_their_fixed_rates():
+    model = Exponential(rate=1.5, client_sigma=0.8)
+    profile = model.client_profile(np.random.default_rng(4), 4)
+    assert len(np.unique(profile)) == 4  # clients really differ
+    means = per_client_means(model, profile, np.random.default_rng(5))
+    np.testing.assert_allclose(means, 1.0 / profile, rtol=0.02)  # E[Exp(r)] = 1/r
+
+
+def test_exponential_profile_distribution():
+    # rate * lognormal(0, s): E = rate * exp(s^2/2) = 1.5 * exp(0.08) ~ 1.6249, median = rate
+    model = Exponential(rate=1.5, client_sigma=0.4)
+    profile = model.client_profile(np.random.default_rng(6), 200_000)
+    np.testing.assert_allclose(profile.mean(), 1.5 * np.exp(0.08), rtol=0.01)
+    np.testing.assert_allclose(np.median(profile), 1.5, rtol=0.01)
+
+
+def test_lognormal():
+    model = LogNormal(median=2.0, sigma=0.5, client_sigma=0.7)
+    # client medians: median * lognormal(0, 0.7): the median over many clients is ~2.0
+    many = model.client_profile(np.random.default_rng(8), 200_000)
+    np.testing.assert_allclose(np.median(many), 2.0, rtol=0.01)
+    # per client c: durations = m_c * lognormal(0, 0.5): mean m_c * exp(0.125), median m_c
+    profile = model.client_profile(np.random.default_rng(9), 3)
+    rng = np.random.default_rng(10)
+    durations = model.sample(rng, np.repeat(profile, DRAWS)).reshape(3, DRAWS)
+    np.testing.assert_allclose(durations.mean(axis=1), profile * np.exp(0.125), rtol=0.02)
+    np.testing.assert_allclose(np.median(durations, axis=1), profile, rtol=0.02)
+
+
+def test_lognormal_zero_sigmas_are_deterministic():
+    model = LogNormal(median=3.0, sigma=0.0, client_sigma=0.0)
+    profile = model.client_profile(np.random.default_rng(0), 3)
+    np.testing.assert_array_equal(profile, [3.0, 3.0, 3.0])
+    np.testing.assert_array_equal(model.sample(np.random.default_rng(1), profile), [3.0, 3.0, 3.0])
+
+
+def test_client_groups_counts_80_20():
+    model = ClientGroups(fractions=(0.8, 0.2), rates=(2.0, 1.0))
+    for seed in range(5):
+        groups = model.client_groups(np.random.default_rng(seed), 100)
+        assert groups.shape == (100,)
+        np.testing.assert_array_equal(np.bincount(groups, minlength=2), [80, 20])
+        profile = model.client_profile(np.random.default_rng(seed), 100)
+        assert np.sum(profile == 2.0) == 80 and np.sum(profile == 1.0) == 20
+    # membership is random, not "first 80 clients fast"
+    a = model.client_groups(np.random.default_rng(0), 100)
+    b = model.client_groups(np.random.default_rng(1), 100)
+    assert not np.array_equal(a, b)
+
+
+def test_client_groups_counts_sum_to_population():
+    # 3 groups of 1/3 on 10 clients: floor gives 3, 3, 3 and the leftover client joins one group
+    model = ClientGroups(fractions=(1 / 3, 1 / 3, 1 / 3), rates=(1.0, 2.0, 3.0))
+    counts = np.bincount(model.client_groups(np.random.default_rng(0), 10), minlength=3)
+    assert counts.sum() == 10 and sorted(counts) == [3, 3, 4]
+
+
+def test_client_groups_exact_counts_for_fractions_not_exact_in_binary():
+    model = ClientGroups(fractions=(0.29, 0.71), rates=(2.0, 1.0))
+    counts = np.bincount(model.client_groups(np.random.default_rng(0), 100), minlength=2)
+    np.testing.assert_array_equal(counts, [29, 71])
+
+
+def test_client_groups_sample_means_per_group():
+    model = ClientGroups(fractions=(0.8, 0.2), rates=(2.0, 1.0))
+    profile = model.client_profile(np.random.default_rng(0), 100)
+    fast, slow = np.flatnonzero(profile == 2.0)[0], np.flatnonzero(profile == 1.0)[0]
+    means = per_client_means(model, profile[[fast, slow]], np.random.default_rng(1))
+    np.testing.assert_allclose(means, [0.5, 1.0], rtol=0.02)  # Exp(2) mean 1/2, Exp(1) mean 1
+
+
+@pytest.mark.parametrize(
+    "make, key",
+    [
+        (lambda: Constant(duration=0.0), "latency.duration"),
+        (lambda: Constant(duration=-1.0), "latency.duration"),
+        (lambda: Exponential(rate=0.0), "latency.rate"),
+        (lambda: Exponential(client_sigma=-0.1), "latency.client_sigma"),
+        (lambda: LogNormal(median=0.0), "latency.median"),
+        (lambda: LogNormal(sigma=-1.0), "latency.sigma"),
+        (lambda: LogNormal(client_sigma=-1.0), "latency.client_sigma"),
+        (lambda: ClientGroups(fractions=(0.5, 0.4), rates=(1.0, 2.0)), "latency.fractions"),
+        (lambda: ClientGroups(fractions=(0.5, 0.5), rates=(1.0,)), "latency.fractions"),
+        (lambda: ClientGroups(fractions=(), rates=()), "latency.fractions"),
+        (lambda: ClientGroups(fractions=(1.2, -0.2), rates=(1.0, 2.0)), "latency.fractions"),
+        (lambda: ClientGroups(fractions=(0.8, 0.2), rates=(1.0, 0.0)), "latency.rates"),
+    ],
+)
+def test_bad_values_raise_config_error_naming_the_key(make, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        make()

@@ -1,0 +1,173 @@
+"""IdleClients (Fenwick k-th idle) against a naive reference; Scheduler event order, clock and bookkeeping."""
+
+import numpy as np
+import pytest
+
+from asyncflower_jax.engine.latency import ClientGroups, Constant, Exponential
+from asyncflower_jax.engine.scheduler import IdleClients, Scheduler
+
+
+# ---- IdleClients ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 13, 64, 100])
+def test_kth_matches_naive_after_random_take_put(n):
+    rng = np.random.default_rng(n)
+    idle = IdleClients(n)
+    naive = np.ones(n, bool)
+    for _ in range(600):
+        busy = np.flatnonzero(~naive)
+        free = np.flatnonzero(naive)
+        if len(free) and (not len(busy) or rng.random() < 0.55):
+            c = int(rng.choice(free))
+            idle.take(c)
+            naive[c] = False
+        else:
+            c = int(rng.choice(busy))
+            idle.put(c)
+            naive[c] = True
+        assert idle.count == naive.sum()
+        np.testing.assert_array_equal(idle.idle, naive)
+        free = np.flatnonzero(naive)
+        for k in range(len(free)):
+            assert idle.kth(k) == free[k]
+
+
+def test_kth_on_fresh_set_is_identity():
+    idle = IdleClients(10)
+    assert [idle.kth(k) for k in range(10)] == list(range(10))
+
+
+def test_kth_when_only_last_client_idle():
+    idle = IdleClients(9)
+    for c in range(8):
+        idle.take(c)
+    assert idle.count == 1 and idle.kth(0) == 8
+
+
+def test_take_busy_and_put_idle_are_refused():
+    idle = IdleClients(3)
+    idle.take(1)
+    with pytest.raises(AssertionError):
+        idle.take(1)
+    with pytest.raises(AssertionError):
+        idle.put(0)
+
+
+# ---- Scheduler ------------------------------------------------------------------------------------
+def test_constant_latency_ties_pop_in_dispatch_order():
+    sched = Scheduler(num_clients=10, latency=Constant(1.0), seed=0)
+    tasks = [sched.dispatch(version=0) for _ in range(6)]
+    assert [t.dispatch_id for t in tasks] == [0, 1, 2, 3, 4, 5]
+    assert all(t.dispatch_time == 0.0 and t.finish_time == 1.0 for t in tasks)
+    assert len({t.client for t in tasks}) == 6  # six distinct clients
+    popped = [sched.pop() for _ in range(3)]
+    assert [t.dispatch_id for t in popped] == [0, 1, 2]  # exact ties: by dispatch id
+    assert sched.clock == 1.0
+    # dispatched now, at clock 1.0, finishes at 2.0: after the three remaining ties at 1.0
+    late = sched.dispatch(version=1)
+    assert (late.dispatch_id, late.dispatch_time, late.finish_time, late.start_version) == (6, 1.0, 2.0, 1)
+    order = [sched.pop().dispatch_id for _ in range(4)]
+    assert order == [3, 4, 5, 6]
+    assert sched.clock == 2.0
+    assert sched.num_in_flight == 0 and sched.next_finish_time() == float("inf")
+
+
+def test_pop_returns_the_task_and_frees_its_client():
+    sched = Scheduler(num_clients=4, latency=Constant(0.5), seed=1)
+    t = sched.dispatch(version=3)
+    assert not sched.idle.idle[t.client] and sched.idle.count == 3
+    assert sched.in_flight == {t.dispatch_id: t}
+    assert sched.next_finish_time() == 0.5
+    assert sched.pop() == t
+    assert sched.idle.idle[t.client] and sched.idle.count == 4 and sched.in_flight == {}
+
+
+@pytest.mark.parametrize("latency", [Exponential(1.0, 0.5), ClientGroups(), Constant(1.0)], ids=lambda m: type(m).__name__)
+def test_random_run_order_clock_bookkeeping_and_no_busy_dispatch(latency):
+    n, concurrency = 12, 5
+    sched = Scheduler(num_clients=n, latency=latency, seed=3)
+    rng = np.random.default_rng(0)
+    ref_in_flight = {}  # dispatch_id -> task, kept independently
+    last_clock, version, popped_ids = 0.0, 0, []
+    for _ in range(concurrency):
+        t = sched.dispatch(version)
+        ref_in_flight[t.dispatch_id] = t
+    for step in range(400):
+        # the next pop is the earliest (finish time, dispatch id) of the tasks in flight
+        expected = min(ref_in_flight.values(), key=lambda t: (t.finish_time, t.dispatch_id))
+        assert sched.next_finish_time() == expected.finish_time
+        task = sched.pop()
+        assert task == expected
+        del ref_in_flight[task.dispatch_id]
+        popped_ids.append(task.dispatch_id)
+        assert sched.clock >= last_clock  # never backwards
+        assert sched.clock == max(last_clock, task.finish_time)
+        last_clock = sched.clock
+        if step % 7 == 0:
+            sched.advance_to(sched.clock + 0.25)  # e.g. the end of a time window
+            assert sched.clock == last_clock + 0.25
+            last_clock = sched.clock
+        if step % 11 == 0:
+            sched.advance_to(sched.clock - 5.0)  # an earlier time is ignored
+            assert sched.clock == last_clock
+        if step % 5 == 0:
+            version += 1
+        # refill to the concurrency (sometimes one short, sometimes two at once)
+        for _ in range(int(rng.integers(0, 3))):
+            if len(ref_in_flight) >= concurrency:
+                break
+            busy_clients = {t.client for t in ref_in_flight.values()}
+            new = sched.dispatch(version)
+            assert new.client not in busy_clients  # a busy client is never dispatched
+            assert new.dispatch_time == sched.clock and new.finish_time >= new.dispatch_time
+            assert new.start_version == version
+            ref_in_flight[new.dispatch_id] = new
+        if not ref_in_flight:
+            new = sched.dispatch(version)
+            ref_in_flight[new.dispatch_id] = new
+        # bookkeeping
+        assert sched.in_flight == ref_in_flight
+        assert sched.num_in_flight == len(ref_in_flight)
+        assert sched.idle.count + sched.num_in_flight == n
+        busy = np.zeros(n, bool)
+        busy[[t.client for t in ref_in_flight.values()]] = True
+        np.testing.assert_array_equal(sched.idle.idle, ~busy)
+    assert len(set(popped_ids)) == len(popped_ids)  # each task completes once
+
+
+def test_exponential_ties_impossible_but_order_by_finish_time():
+    sched = Scheduler(num_clients=50, latency=Exponential(2.0, 0.3), seed=9)
+    tasks = [sched.dispatch(0) for _ in range(50)]
+    order = [sched.pop() for _ in range(50)]
+    assert order == sorted(tasks, key=lambda t: (t.finish_time, t.dispatch_id))
+    assert sched.clock == max(t.finish_time for t in tasks)
+
+
+def test_dispatch_with_no_idle_client_raises():
+    sched = Scheduler(num_clients=3, latency=Constant(1.0), seed=0)
+    clients = {sched.dispatch(0).client for _ in range(3)}
+    assert clients == {0, 1, 2}
+    with pytest.raises(RuntimeError):
+        sched.dispatch(0)
+
+
+def test_schedule_is_determined_by_seed():
+    def trace(seed):
+        sched = Scheduler(num_clients=20, latency=Exponential(1.0, 0.5), seed=seed)
+        out = [sched.dispatch(0) for _ in range(8)]
+        for v in range(30):
+            out.append(sched.pop())
+            out.append(sched.dispatch(v))
+        return out
+
+    assert trace(4) == trace(4)
+    assert trace(4) != trace(5)
+
+
+def test_profile_drawn_once_per_scheduler():
+    sched = Scheduler(num_clients=100, latency=ClientGroups(), seed=2)
+    profile = sched.profile.copy()
+    assert np.sum(profile == 2.0) == 80 and np.sum(profile == 1.0) == 20
+    for _ in range(10):
+        sched.dispatch(0)
+        sched.pop()
+    np.testing.assert_array_equal(sched.profile, profile)

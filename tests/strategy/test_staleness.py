@@ -1,0 +1,111 @@
+"""Staleness functions s(.) against hand-computed weights, max_staleness, and parameter validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from asyncflower_jax.errors import ConfigError
+from asyncflower_jax.strategy.staleness import Constant, Hinge, Polynomial
+
+
+def weights(fn, staleness):
+    return np.asarray(fn(jnp.asarray(staleness, jnp.int32)))
+
+
+def test_constant_is_one_everywhere():
+    # s(t) = 1 for every t
+    np.testing.assert_array_equal(weights(Constant(), [0, 1, 3, 100]), [1.0, 1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    "a, staleness, expected",
+    [
+        # a=0.5: (1+0)^-0.5 = 1, (1+3)^-0.5 = 1/2, (1+8)^-0.5 = 1/3, (1+15)^-0.5 = 1/4, (1+99)^-0.5 = 1/10
+        (0.5, [0, 3, 8, 15, 99], [1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 10]),
+        # a=1: (1+1)^-1 = 1/2, (1+4)^-1 = 1/5
+        (1.0, [0, 1, 4], [1.0, 1 / 2, 1 / 5]),
+        # a=2: (1+1)^-2 = 1/4, (1+2)^-2 = 1/9, (1+9)^-2 = 1/100
+        (2.0, [1, 2, 9], [1 / 4, 1 / 9, 1 / 100]),
+        # a=0: (1+t)^0 = 1
+        (0.0, [0, 5, 50], [1.0, 1.0, 1.0]),
+    ],
+)
+def test_polynomial(a, staleness, expected):
+    np.testing.assert_allclose(weights(Polynomial(a=a), staleness), expected, rtol=1e-6)
+
+
+def test_polynomial_default_is_fedbuff_inverse_sqrt():
+    # FedBuff default 1/sqrt(1+t): t=24 -> 1/5, t=0 -> 1
+    np.testing.assert_allclose(weights(Polynomial(), [0, 24]), [1.0, 1 / 5], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "variant, expected",
+    [
+        # a=10, b=4; t <= 4 -> 1.
+        # paper:          t=5 -> 1/(10*1+1) = 1/11, t=6 -> 1/(10*2+1) = 1/21, t=10 -> 1/(10*6+1) = 1/61
+        ("paper", [1, 1, 1, 1 / 11, 1 / 21, 1 / 61]),
+        # no_plus_one:    t=5 -> 1/(10*1) = 1/10, t=6 -> 1/20, t=10 -> 1/60
+        ("no_plus_one", [1, 1, 1, 1 / 10, 1 / 20, 1 / 60]),
+        # inner_plus_one: t=5 -> 1/(10*(1+1)) = 1/20, t=6 -> 1/(10*3) = 1/30, t=10 -> 1/(10*7) = 1/70
+        ("inner_plus_one", [1, 1, 1, 1 / 20, 1 / 30, 1 / 70]),
+    ],
+)
+def test_hinge_variants(variant, expected):
+    fn = Hinge(a=10.0, b=4.0, variant=variant)
+    got = weights(fn, [0, 3, 4, 5, 6, 10])
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert np.all(np.isfinite(got))  # no_plus_one divides by zero at t=b; the hinge must pick 1 there
+
+
+def test_hinge_default_is_paper_variant():
+    # defaults a=10, b=4, paper: t=6 -> 1/21
+    np.testing.assert_allclose(weights(Hinge(), [4, 6]), [1.0, 1 / 21], rtol=1e-6)
+
+
+def test_hinge_small_a():
+    # a=0.5, b=1, paper: t=3 -> 1/(0.5*2+1) = 1/2; t=5 -> 1/(0.5*4+1) = 1/3
+    np.testing.assert_allclose(weights(Hinge(a=0.5, b=1.0), [1, 3, 5]), [1.0, 1 / 2, 1 / 3], rtol=1e-6)
+
+
+def test_max_staleness_drops_older_updates():
+    # Polynomial(0.5), max 3: t=0 -> 1, t=3 -> 1/2 (kept: not older than 3), t=4 -> 0, t=8 -> 0
+    fn = Polynomial(a=0.5, max_staleness=3)
+    np.testing.assert_allclose(weights(fn, [0, 3, 4, 8]), [1.0, 0.5, 0.0, 0.0], rtol=1e-6)
+    # Constant, max 0: only fresh updates count
+    np.testing.assert_array_equal(weights(Constant(max_staleness=0), [0, 1, 2]), [1.0, 0.0, 0.0])
+    # Hinge(10, 4) paper, max 5: t=5 -> 1/11, t=6 -> 0
+    np.testing.assert_allclose(weights(Hinge(max_staleness=5), [2, 5, 6]), [1.0, 1 / 11, 0.0], rtol=1e-6)
+
+
+def test_staleness_functions_work_under_jit_and_are_hashable():
+    fns = [Constant(), Polynomial(a=0.5), Hinge(variant="inner_plus_one", max_staleness=9)]
+    for fn in fns:
+        hash(fn)  # closed over by jitted kernels
+        s = jnp.asarray([0, 5, 6, 10], jnp.int32)
+        np.testing.assert_allclose(np.asarray(jax.jit(fn)(s)), np.asarray(fn(s)), rtol=1e-6)
+    # inner_plus_one, max 9: [1, 1/20, 1/30, 0]
+    np.testing.assert_allclose(np.asarray(jax.jit(fns[2])(jnp.asarray([0, 5, 6, 10]))), [1, 1 / 20, 1 / 30, 0], rtol=1e-6)
+
+
+def test_weights_are_floating_point():
+    assert jnp.issubdtype(Constant()(jnp.asarray([1, 2], jnp.int32)).dtype, jnp.floating)
+    assert jnp.issubdtype(Polynomial()(jnp.asarray([1, 2], jnp.int32)).dtype, jnp.floating)
+
+
+@pytest.mark.parametrize(
+    "make, key",
+    [
+        (lambda: Polynomial(a=-0.5), "staleness.a"),
+        (lambda: Hinge(a=0.0), "staleness.a"),
+        (lambda: Hinge(a=-1.0), "staleness.a"),
+        (lambda: Hinge(b=-1.0), "staleness.b"),
+        (lambda: Hinge(variant="paperr"), "staleness.variant"),
+        (lambda: Constant(max_staleness=-1), "staleness.max_staleness"),
+        (lambda: Polynomial(max_staleness=-2), "staleness.max_staleness"),
+    ],
+)
+def test_bad_parameters_raise_config_error_naming_the_key(make, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        make()
