@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import jax
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -12,11 +13,15 @@ from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.experiment import Experiment
 
 log = logging.getLogger("asyncflower_jax")
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "no TPU found" chatter
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.xla_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cfg.xla_cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     try:
         result = Experiment(cfg).run(run_dir)
     except ConfigError as exc:

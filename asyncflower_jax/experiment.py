@@ -21,7 +21,7 @@ from .client.local_train import make_local_train
 from .data.store import ClientStore
 from .engine.evaluation import make_evaluator
 from .engine.scheduler import Scheduler
-from .engine.simulator import METRIC_COLUMNS, SimulationResult, SimulationSettings, Simulator
+from .engine.simulator import METRIC_COLUMNS, SimulationResult, SimulationSettings, Simulator, check_strategy
 from .errors import ConfigError, require
 from .models.mlp import init_params
 from .results.recorder import Recorder
@@ -39,12 +39,9 @@ def build(node: DictConfig, group: str, **kwargs):
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, ConfigError):
-            raise ConfigError(f"{group}: {cause}") from None
-        if isinstance(cause, TypeError):
-            raise ConfigError(f"{group}: {cause}") from None
-        raise ConfigError(f"{group}: {exc}") from None
+        cause = exc.__cause__ if isinstance(exc.__cause__, (ConfigError, TypeError)) else exc
+        message = str(cause)
+        raise ConfigError(message if message.startswith(f"{group}.") else f"{group}: {message}") from None
 
 
 class Experiment:
@@ -67,6 +64,7 @@ class Experiment:
             chunk_size=cfg.chunk_size,
         )
         self.strategy = build(cfg.strategy, "strategy")
+        check_strategy(self.strategy, self.settings)
         self.latency = build(cfg.latency, "latency")
         self.dataset = build(cfg.dataset, "dataset")
         partitioner = build(cfg.partition, "partition")

@@ -84,7 +84,7 @@ def check_strategy(strategy: AsyncStrategy, settings: SimulationSettings) -> Non
     if kind == "buffer_size":
         require(
             value <= settings.concurrency,
-            "strategy.buffer_size",
+            strategy.buffer_key,
             value,
             f"<= concurrency ({settings.concurrency}): a buffer larger than the clients in flight would never fill",
         )

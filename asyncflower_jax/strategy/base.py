@@ -53,6 +53,8 @@ class AsyncStrategy(Strategy, abc.ABC):
     """
 
     refill: str = "on_arrival"
+    #: The config key that sets the buffer size K (named in errors).
+    buffer_key: str = "strategy.buffer_size"
     #: Nodes sampled per round when the strategy runs in a Flower federation (None: all).
     num_train_nodes: int | None = None
     #: Fraction of nodes asked to evaluate in a Flower federation (0: no federated evaluation).

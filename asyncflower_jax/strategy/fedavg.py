@@ -18,6 +18,7 @@ class FedAvg(AsyncStrategy):
     """
 
     refill = "on_aggregation"
+    buffer_key = "strategy.cohort_size"
 
     def __init__(self, cohort_size: int = 10):
         require(isinstance(cohort_size, int) and cohort_size >= 1, "strategy.cohort_size", cohort_size, "an integer >= 1")

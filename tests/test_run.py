@@ -1,0 +1,110 @@
+"""End to end through `python run.py`: the default experiments, a sweep, and bad input."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asyncflower_jax.engine.simulator import METRIC_COLUMNS
+from asyncflower_jax.errors import ConfigError
+from asyncflower_jax.experiment import Experiment
+from tests.conftest import make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["num_clients=20", "concurrency=5", "max_updates=24", "client.num_steps=2", "model.hidden=[16]"]
+
+
+def run_py(args, results_dir: Path):
+    env = {**os.environ, "EXPERIMENTS_BASE_DIR": str(results_dir)}
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def finished_runs(results_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in results_dir.rglob("summary.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fedasync", "fedbuff", "fedavg"])
+def test_default_experiment_reaches_90_percent(strategy, tmp_path):
+    proc = run_py([f"strategy={strategy}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [run_dir] = finished_runs(tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_test_accuracy"] >= 0.90
+    assert summary["client_updates"] == 1000
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == METRIC_COLUMNS
+    assert float(rows[-1]["test_accuracy"]) == pytest.approx(summary["final_test_accuracy"])
+    assert int(rows[-1]["client_updates"]) == 1000
+    config = (run_dir / "config.yaml").read_text()
+    assert "num_clients: 100" in config and "${" not in config  # resolved
+
+
+def test_sweep_writes_one_directory_per_job(tmp_path):
+    proc = run_py(["-m", "strategy=fedasync,fedbuff,fedavg", "seed=0,1", *TINY], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = finished_runs(tmp_path)
+    assert len(runs) == 6
+    summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
+    seen = {(s["strategy"].split("(")[0], s["seed"]) for s in summaries}
+    assert seen == {(s, seed) for s in ("FedAsync", "FedBuff", "FedAvg") for seed in (0, 1)}
+
+
+def test_invalid_setting_exits_with_message_not_traceback(tmp_path):
+    proc = run_py(["strategy=fedbuff", "strategy.buffer_size=20"], tmp_path)
+    assert proc.returncode == 2
+    output = proc.stdout + proc.stderr
+    assert "strategy.buffer_size=20 is invalid: must be <= concurrency (10)" in output
+    assert "Traceback" not in output
+    assert finished_runs(tmp_path) == []
+
+
+def test_unknown_strategy_lists_the_valid_ones(tmp_path):
+    proc = run_py(["strategy=fedfoo"], tmp_path)
+    assert proc.returncode != 0
+    for name in ("fedasync", "fedbuff", "fedavg"):
+        assert name in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+BAD = [
+    (["concurrency=200"], "concurrency=200 is invalid: must be <= num_clients (100)"),
+    (["num_clients=0"], "num_clients=0 is invalid"),
+    (["num_clients=5000"], "num_clients=5000 is invalid"),
+    (["seed=-1"], "seed=-1 is invalid"),
+    (["eval_every=0"], "eval_every=0 is invalid"),
+    (["chunk_size=0"], "chunk_size=0 is invalid"),
+    (["max_updates=null"], "set at least one so the run can stop"),
+    (["max_time=-3"], "max_time=-3 is invalid"),
+    (["precision=float16"], "precision='float16' is invalid"),
+    (["strategy=fedbuff", "strategy.buffer_size=20"], "strategy.buffer_size=20 is invalid"),
+    (["strategy=fedbuff", "strategy.buffer_size=0"], "strategy.buffer_size=0 is invalid"),
+    (["strategy=fedbuff", "strategy.server_lr=0"], "strategy.server_lr=0 is invalid"),
+    (["strategy=fedbuff", "strategy.normalisation=median"], "strategy.normalisation='median' is invalid"),
+    (["strategy=fedbuff", "strategy.round_duration=-1"], "strategy.round_duration=-1 is invalid"),
+    (["strategy.alpha=1.5"], "strategy.alpha=1.5 is invalid"),
+    (["strategy.staleness.a=-1"], "staleness.a=-1 is invalid"),
+    (["+strategy.bogus=1"], "unexpected keyword argument 'bogus'"),
+    (["strategy=fedavg", "concurrency=20", "strategy.cohort_size=30"], "strategy.cohort_size=30 is invalid"),
+    (["latency=exponential", "latency.rate=-1"], "latency.rate=-1 is invalid"),
+    (["latency=lognormal", "latency.sigma=-0.1"], "latency.sigma=-0.1 is invalid"),
+    (["latency=constant", "latency.duration=0"], "latency.duration=0 is invalid"),
+    (["latency.fractions=[0.5,0.2]"], "latency.fractions=(0.5, 0.2) is invalid"),
+    (["latency.rates=[1,0]"], "latency.rates=(1.0, 0.0) is invalid"),
+    (["partition.alpha=0"], "partition.alpha=0 is invalid"),
+    (["client.learning_rate=0"], "client.learning_rate=0 is invalid"),
+    (["client.num_steps=0"], "client.num_steps=0 is invalid"),
+    (["client.batch_size=-4"], "client.batch_size=-4 is invalid"),
+]
+
+
+@pytest.mark.parametrize("overrides, fragment", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_configuration_is_rejected_at_start_up(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        Experiment(make_config(*overrides))
+    assert fragment in str(err.value)
