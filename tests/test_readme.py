@@ -38,8 +38,8 @@ def test_readme_rule_aggregates_as_documented():
 
 
 def test_readme_rule_runs_in_the_simulator():
-    exp = Experiment(make_config("num_clients=20", "concurrency=4", "max_updates=40", "client.num_steps=2"))
+    exp = Experiment(make_config("num_clients=20", "concurrency=4", "max_updates=200", "partition=iid"))
     strategy = readme_rule()(buffer_size=2, lr=1.0)
     result = Simulator(strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings).run()
-    assert result.summary["versions"] == 20
+    assert result.summary["versions"] == 100
     assert result.history[-1]["test_accuracy"] > result.history[0]["test_accuracy"] + 0.2
