@@ -71,10 +71,11 @@ class Experiment:
         parts = partitioner(self.dataset.y_train, cfg.num_clients, np.random.default_rng([cfg.seed, PARTITION_STREAM]))
         self.store = ClientStore.from_partition(self.dataset.x_train, self.dataset.y_train, parts, dtype=dtype)
         module = build(cfg.model, "model", num_classes=self.dataset.num_classes)
-        self.params = init_params(module, self.dataset.input_shape, jax.random.key(cfg.seed * 7919 + MODEL_STREAM), dtype)
+        seed_key = jax.random.key(cfg.seed)
+        self.params = init_params(module, self.dataset.input_shape, jax.random.fold_in(seed_key, MODEL_STREAM), dtype)
         training = build(cfg.client, "client")
         self.local_train = make_local_train(module.apply, training)
-        self.trainer = BatchedTrainer(self.local_train, self.store, seed=cfg.seed * 7919 + TRAIN_STREAM, chunk_size=cfg.chunk_size)
+        self.trainer = BatchedTrainer(self.local_train, self.store, base_key=jax.random.fold_in(seed_key, TRAIN_STREAM), chunk_size=cfg.chunk_size)
         self.evaluate = make_evaluator(module.apply, self.dataset.x_test.astype(np.dtype(dtype)), self.dataset.y_test)
 
     def scheduler(self) -> Scheduler:

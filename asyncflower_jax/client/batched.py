@@ -40,10 +40,10 @@ class TrainedChunk(NamedTuple):
 class BatchedTrainer:
     """Runs `local_train` for a batch of (start version, client, dispatch id) triples."""
 
-    def __init__(self, local_train, store: ClientStore, seed: int, chunk_size: int = 256):
+    def __init__(self, local_train, store: ClientStore, base_key: jax.Array, chunk_size: int = 256):
         self.local_train = local_train
         self.store = store
-        self.base_key = jax.random.key(seed)
+        self.base_key = base_key
         self.chunk_size = int(chunk_size)
         self.chunk_traces = 0
         self._train_chunk = jax.jit(self._chunk)
