@@ -24,6 +24,7 @@ from .engine.scheduler import Scheduler
 from .engine.simulator import METRIC_COLUMNS, SimulationResult, SimulationSettings, Simulator, check_strategy
 from .errors import ConfigError, require
 from .models.mlp import init_params
+from .results.plots import plot_run
 from .results.recorder import Recorder
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,10 @@ class Experiment:
             result.summary["seed"] = self.settings.seed
             if recorder:
                 recorder.write_summary(result.summary)
+                try:
+                    plot_run(run_dir)
+                except Exception as exc:  # a finished run stays finished if a plot fails
+                    log.warning("could not plot %s: %s", run_dir, exc)
             return result
         finally:
             if recorder:

@@ -1,0 +1,106 @@
+"""Reads back what a run directory holds (see recorder.py): metrics table, resolved config, summary, Hydra overrides.
+
+Shared by the per-run plots and the sweep report, so both interpret a run directory the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+METRICS_FILE = "metrics.csv"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+HYDRA_DIR = ".hydra"
+OVERRIDES_FILE = Path(HYDRA_DIR) / "overrides.yaml"
+
+
+def read_metrics(run_dir: Path) -> dict[str, np.ndarray]:
+    """metrics.csv as one float array per column; {} if the file is missing.
+
+    A row with a missing or empty field (a line cut short by a killed run) is skipped, so
+    unfinished runs can still be read.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = list(reader.fieldnames or [])
+        rows = [row for row in reader if all(row.get(c) not in (None, "") for c in columns)]
+    return {c: np.array([float(row[c]) for row in rows], dtype=float) for c in columns}
+
+
+def num_rows(metrics: dict[str, np.ndarray]) -> int:
+    """Number of evaluation rows in a table returned by read_metrics."""
+    return len(next(iter(metrics.values()))) if metrics else 0
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    """summary.json as a dict, or None when the run has not written it (unfinished or failed)."""
+    path = Path(run_dir) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_config(run_dir: Path) -> dict:
+    """The resolved config.yaml as plain containers; {} if the file is missing."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+
+
+def read_overrides(run_dir: Path) -> list[str] | None:
+    """Hydra's command-line overrides for the run (.hydra/overrides.yaml), or None without Hydra."""
+    path = Path(run_dir) / OVERRIDES_FILE
+    if not path.is_file():
+        return None
+    return [str(o) for o in (OmegaConf.to_container(OmegaConf.load(path)) or [])]
+
+
+def strategy_name(config: dict, summary: dict | None = None) -> str:
+    """Short class name of the strategy ("FedAsync"), from config `strategy._target_`, else the summary."""
+    strategy = config.get("strategy")
+    target = strategy.get("_target_") if isinstance(strategy, dict) else None
+    if target:
+        return str(target).rsplit(".", 1)[-1]
+    if summary and summary.get("strategy"):
+        return str(summary["strategy"]).split("(", 1)[0]
+    return "unknown strategy"
+
+
+def run_seed(config: dict, summary: dict | None = None) -> int | None:
+    """The run's seed, from the config (always written first), else the summary."""
+    for source in (config, summary or {}):
+        if source.get("seed") is not None:
+            return int(source["seed"])
+    return None
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run directory is one holding any file a run writes: metrics, summary or Hydra's .hydra folder."""
+    path = Path(path)
+    return (path / METRICS_FILE).is_file() or (path / SUMMARY_FILE).is_file() or (path / HYDRA_DIR).is_dir()
+
+
+def natural_key(path: Path) -> list:
+    """Sort key that orders "2_..." before "10_..." (Hydra job numbers), so runs keep their sweep order."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Every run directory at or below `root` (not descending into runs or hidden folders), in sweep order."""
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        if is_run_dir(Path(dirpath)):
+            found.append(Path(dirpath))
+            dirnames.clear()
+        else:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return sorted(found, key=natural_key)

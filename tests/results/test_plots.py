@@ -1,0 +1,61 @@
+"""Per-run plots: PNGs written into the run directory, titles from the config, reading of metrics.csv."""
+
+import numpy as np
+import pytest
+
+from asyncflower_jax.results.plots import CURVES_FILE, STALENESS_FILE, plot_run, run_title, windows_with_updates
+from asyncflower_jax.results.runs import find_run_dirs, read_metrics, strategy_name
+
+from .fake_runs import CURVES, assert_png, write_run, write_sweep
+
+
+def test_plot_run_writes_valid_pngs_into_the_run_directory(tmp_path):
+    run = write_run(tmp_path / "run", "fedasync", 0, CURVES["fedasync", 0])
+    paths = plot_run(run)
+    assert [p.name for p in paths] == [CURVES_FILE, STALENESS_FILE]
+    for path in paths:
+        assert path.parent == run
+        assert_png(path)
+
+
+def test_plot_run_works_for_an_unfinished_run_and_a_single_row(tmp_path):
+    partial = write_run(tmp_path / "partial", "fedbuff", 1, CURVES["fedbuff", 1][:1], finished=False)
+    for path in plot_run(partial):
+        assert_png(path)
+
+
+def test_plot_run_without_rows_is_a_clear_error(tmp_path):
+    run = write_run(tmp_path / "empty", "fedbuff", 0, [], finished=False)
+    with pytest.raises(ValueError, match="no evaluation rows"):
+        plot_run(run)
+
+
+def test_title_names_the_strategy_class_and_the_seed(tmp_path):
+    run = write_run(tmp_path / "run", "fedbuff", 3, CURVES["fedbuff", 0])
+    assert run_title(run) == "FedBuff, seed 3"
+    # without config.yaml the summary's strategy repr names it
+    (run / "config.yaml").unlink()
+    assert run_title(run) == "FedBuff, seed 3"
+    assert strategy_name({}, None) == "unknown strategy"
+
+
+def test_read_metrics_matches_the_file_and_skips_a_line_cut_short(tmp_path):
+    run = write_run(tmp_path / "run", "fedasync", 1, CURVES["fedasync", 1], finished=False)
+    with open(run / "metrics.csv", "a") as f:
+        f.write("50,50,9.5,")  # a killed run's half-written row
+    metrics = read_metrics(run)
+    np.testing.assert_array_equal(metrics["test_accuracy"], [c[5] for c in CURVES["fedasync", 1]])
+    np.testing.assert_array_equal(metrics["sim_time"], [c[0] for c in CURVES["fedasync", 1]])
+    np.testing.assert_array_equal(metrics["client_updates"], [0, 10, 20, 30, 40])
+
+
+def test_staleness_is_plotted_only_for_windows_that_received_updates():
+    metrics = {"client_updates": np.array([0.0, 10, 10, 20])}
+    np.testing.assert_array_equal(windows_with_updates(metrics), [False, True, False, True])
+
+
+def test_find_run_dirs_keeps_sweep_order_and_skips_hidden_folders(tmp_path):
+    write_sweep(tmp_path / "sweep")
+    write_run(tmp_path / "sweep" / "10_late", "fedbuff", 9, CURVES["fedbuff", 0])
+    found = [p.name.split("_", 1)[0] for p in find_run_dirs(tmp_path)]
+    assert found == ["0", "1", "2", "3", "10"]  # not ".hydra", and 10 after 3
