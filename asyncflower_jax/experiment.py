@@ -21,10 +21,11 @@ from .client.local_train import make_local_train
 from .data.store import ClientStore
 from .engine.evaluation import make_evaluator
 from .engine.scheduler import Scheduler
-from .engine.simulator import METRIC_COLUMNS, SimulationResult, SimulationSettings, Simulator, check_strategy
+from .engine.simulator import METRIC_COLUMNS, UPDATE_COLUMNS, SimulationResult, SimulationSettings, Simulator, check_strategy
 from .errors import ConfigError, require
 from .models.mlp import init_params
 from .results.plots import plot_run
+from .results.progress import make_progress
 from .results.recorder import Recorder
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,15 @@ class Experiment:
     def scheduler(self) -> Scheduler:
         return Scheduler(self.settings.num_clients, self.latency, self.settings.seed)
 
-    def run(self, run_dir: Path | None = None) -> SimulationResult:
-        recorder = Recorder(run_dir, METRIC_COLUMNS) if run_dir is not None else None
+    def run(self, run_dir: Path | None = None, console=None) -> SimulationResult:
+        """Run the simulation, writing the run directory if one is given.
+
+        With `progress: true` and a terminal (or an explicit rich `console` that is one) a live
+        display shows the run's progress; `record_updates: true` adds updates.csv to the directory.
+        """
+        record_updates = bool(self.cfg.get("record_updates", True))
+        recorder = Recorder(run_dir, METRIC_COLUMNS, UPDATE_COLUMNS if record_updates else None) if run_dir is not None else None
+        progress = make_progress(bool(self.cfg.get("progress", False)), self.settings, title=type(self.strategy).__name__, console=console)
         try:
             if recorder:
                 recorder.write_config(OmegaConf.to_yaml(self.cfg, resolve=True))
@@ -95,8 +103,14 @@ class Experiment:
                 self.evaluate,
                 self.settings,
                 on_eval=(lambda row: (recorder.add_row(row), _log_row(row))) if recorder else _log_row,
+                on_updates=recorder.add_updates if recorder and record_updates else None,
+                on_progress=progress,
             )
-            result = sim.run()
+            if progress is not None:
+                with progress:
+                    result = sim.run()
+            else:
+                result = sim.run()
             result.summary["strategy"] = repr(self.strategy)
             result.summary["seed"] = self.settings.seed
             if recorder:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from asyncflower_jax.engine.simulator import METRIC_COLUMNS
+from asyncflower_jax.engine.simulator import METRIC_COLUMNS, UPDATE_COLUMNS
 from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.experiment import Experiment
 from tests.conftest import make_config
@@ -53,6 +53,14 @@ def test_sweep_writes_one_directory_per_job(tmp_path):
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
     seen = {(s["strategy"].split("(")[0], s["seed"]) for s in summaries}
     assert seen == {(s, seed) for s in ("FedAsync", "FedBuff", "FedAvg") for seed in (0, 1)}
+    for run, summary in zip(runs, summaries):
+        with open(run / "updates.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert tuple(rows[0]) == UPDATE_COLUMNS
+        assert len(rows) == summary["client_updates"]
+        expected_pngs = {"accuracy_loss.png", "staleness.png", "staleness_histogram.png", "arrival_rate.png", "participation.png"}
+        assert {p.name for p in run.glob("*.png")} == expected_pngs
+    assert "\x1b[" not in proc.stdout + proc.stderr  # not a terminal: no live display, plain log lines
 
 
 def test_invalid_setting_exits_with_message_not_traceback(tmp_path):

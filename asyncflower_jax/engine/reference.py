@@ -16,7 +16,7 @@ from ..strategy.base import AsyncStrategy
 from ..strategy.updates import PyTree
 from .latency import LatencyModel
 from .scheduler import PROFILE_STREAM, SCHEDULE_STREAM
-from .simulator import SimulationSettings, build_updates, check_strategy
+from .simulator import SimulationSettings, check_strategy, stack_updates
 
 
 def run_reference(
@@ -91,7 +91,7 @@ def run_reference(
         if arrivals:
             tasks = [_AsTask(t) for t in arrivals]
             take = lambda ids: (stack_trees([trained[i] for i in ids]), None)  # noqa: E731
-            updates = build_updates(tasks, version, take, models.__getitem__, trainer.store.counts)
+            updates, _ = stack_updates(tasks, version, take, models.__getitem__, trainer.store.counts)
             params, state = kernel(params, state, updates)
             log.append(
                 {
@@ -117,7 +117,7 @@ def run_reference(
 
 
 class _AsTask:
-    """Adapts a reference task dict to the attributes `build_updates` reads."""
+    """Adapts a reference task dict to the attributes `stack_updates` reads."""
 
     def __init__(self, task: dict):
         self.dispatch_id = task["id"]

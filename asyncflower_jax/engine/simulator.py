@@ -44,6 +44,18 @@ METRIC_COLUMNS = (
     "test_accuracy",
 )
 
+UPDATE_COLUMNS = (  # updates.csv: one row per aggregated client update
+    "version",  # the version its aggregation produced
+    "sim_time",  # its arrival (finish) time
+    "client",
+    "dispatch_id",
+    "start_version",
+    "staleness",
+    "update_norm",  # L2 norm of D_i = start - trained over all leaves
+    "local_loss",  # mean training loss of its local steps
+    "num_examples",
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class SimulationSettings:
@@ -102,8 +114,25 @@ class SimulationResult:
     summary: dict
 
 
+@jax.jit
+def update_facts(updates: UpdateBatch) -> jnp.ndarray:
+    """Per row of the batch, the L2 norm of D_i = start - trained over all leaves (one device call)."""
+    squares = [jnp.sum(jnp.square(d.reshape(d.shape[0], -1)), axis=1) for d in jax.tree.leaves(updates.delta)]
+    return jnp.sqrt(sum(squares))
+
+
 class Simulator:
-    """Runs one simulation; `on_eval(row)` is called with every metrics row as it is produced."""
+    """Runs one simulation.
+
+    Optional callbacks:
+      on_eval(row): every metrics row (METRIC_COLUMNS) as it is produced;
+      on_updates(rows): the per-update rows (UPDATE_COLUMNS) of the aggregations since the previous
+        call, delivered just before each metrics row (norms and losses stay on the device until then,
+        so there is one transfer per evaluation); None skips computing them;
+      on_progress(stats): after every aggregation, with version, sim_time, client_updates, wall_time,
+        mean_staleness (over all updates so far) and test_accuracy (last evaluation). It is called per
+        aggregation, so it must be cheap: throttle inside (see results/progress.py).
+"""
 
     def __init__(
         self,
@@ -114,6 +143,8 @@ class Simulator:
         evaluate: Callable[[PyTree], dict],
         settings: SimulationSettings,
         on_eval: Callable[[dict], None] | None = None,
+        on_updates: Callable[[list[dict]], None] | None = None,
+        on_progress: Callable[[dict], None] | None = None,
     ):
         check_strategy(strategy, settings)
         self.strategy = strategy
@@ -123,6 +154,8 @@ class Simulator:
         self.evaluate = evaluate
         self.settings = settings
         self.on_eval = on_eval
+        self.on_updates = on_updates
+        self.on_progress = on_progress
         self.kernel_traces = 0
         self._kernel = jax.jit(self._traced_aggregate)
 
@@ -141,7 +174,10 @@ class Simulator:
         updates_done, server_round = 0, 1
         window_staleness: list[int] = []
         all_staleness: list[int] = []
+        staleness_sum = 0
         history: list[dict] = []
+        # per-update rows since the last metrics row: (host facts, device norms, device losses) per aggregation
+        update_buffer: list[tuple[list[dict], jax.Array, jax.Array]] = []
 
         def fill():
             while sched.num_in_flight < s.concurrency and sched.idle.count > 0:
@@ -149,7 +185,21 @@ class Simulator:
                 versions.acquire(version)
                 pending.add(task)
 
+        def flush_updates():
+            if not update_buffer or self.on_updates is None:
+                return
+            facts = jax.device_get([(norms, losses) for _, norms, losses in update_buffer])  # one transfer
+            rows = []
+            for (host_rows, _, _), (norms, losses) in zip(update_buffer, facts):
+                for i, r in enumerate(host_rows):
+                    r["update_norm"] = float(norms[i])
+                    r["local_loss"] = float(losses[i])
+                    rows.append(r)
+            update_buffer.clear()
+            self.on_updates(rows)
+
         def record():
+            flush_updates()
             row = {
                 "version": version,
                 "server_round": server_round - 1,
@@ -193,10 +243,26 @@ class Simulator:
             if stop_reason is not None and kind == "buffer_size":
                 break  # an unfilled buffer at the time limit is not aggregated
             if arrivals:
-                params, state = self._aggregate(params, state, version, arrivals, versions, pending)
+                params, state, facts = self._aggregate(params, state, version, arrivals, versions, pending)
                 stale = [version - t.start_version for t in arrivals]
                 window_staleness.extend(stale)
                 all_staleness.extend(stale)
+                staleness_sum += sum(stale)
+                if facts is not None:
+                    counts = self.trainer.store.counts
+                    host_rows = [
+                        {
+                            "version": version + 1,
+                            "sim_time": t.finish_time,
+                            "client": t.client,
+                            "dispatch_id": t.dispatch_id,
+                            "start_version": t.start_version,
+                            "staleness": st,
+                            "num_examples": int(counts[t.client]),
+                        }
+                        for t, st in zip(arrivals, stale)
+                    ]
+                    update_buffer.append((host_rows, *facts))
                 version += 1
                 updates_done += len(arrivals)
                 versions.put(version, params)
@@ -210,8 +276,20 @@ class Simulator:
                 stop_reason = "max_updates"
             if arrivals and (version % s.eval_every == 0 or stop_reason is not None):
                 record()
+            if arrivals and self.on_progress is not None:
+                self.on_progress(
+                    {
+                        "version": version,
+                        "sim_time": sched.clock,
+                        "client_updates": updates_done,
+                        "wall_time": time.perf_counter() - t0,
+                        "mean_staleness": staleness_sum / updates_done,
+                        "test_accuracy": history[-1]["test_accuracy"],
+                    }
+                )
         if history[-1]["version"] != version or history[-1]["sim_time"] != sched.clock:
             record()
+        flush_updates()  # nothing left in practice: every aggregation is followed by a record before here
 
         wall = time.perf_counter() - t0
         summary = {
@@ -237,21 +315,23 @@ class Simulator:
         ids = [t.dispatch_id for t in arrivals]
         if not all(pending.is_trained(i) for i in ids):
             pending.flush(versions)
-        updates = build_updates(arrivals, version, pending.take, versions.get, self.trainer.store.counts)
+        updates, loss = stack_updates(arrivals, version, pending.take, versions.get, self.trainer.store.counts)
+        facts = (update_facts(updates), loss) if self.on_updates is not None else None  # device arrays, padded rows
         params, state = self._kernel(params, state, updates)
         for task in arrivals:
             pending.release(task.dispatch_id)
             versions.release(task.start_version)
-        return params, state
+        return params, state, facts
 
 
-def build_updates(arrivals: list[Task], version: int, take_results, get_version, counts) -> UpdateBatch:
-    """Stack arrivals into an UpdateBatch padded (by repeating the first row) to a power-of-two size."""
+def stack_updates(arrivals: list[Task], version: int, take_results, get_version, counts) -> tuple[UpdateBatch, Any]:
+    """Stack arrivals into an UpdateBatch padded (by repeating the first row) to a power-of-two size,
+    with the local training losses `take_results` returned for the same rows."""
     k = len(arrivals)
     rows = list(range(k)) + [0] * (bucket_size(k) - k)
     tasks = [arrivals[r] for r in rows]
-    trained, _ = take_results([t.dispatch_id for t in tasks])
-    return UpdateBatch(
+    trained, loss = take_results([t.dispatch_id for t in tasks])
+    batch = UpdateBatch(
         params=trained,
         start=stack_trees([get_version(t.start_version) for t in tasks]),
         staleness=jnp.asarray([version - t.start_version for t in tasks], jnp.int32),
@@ -259,3 +339,4 @@ def build_updates(arrivals: list[Task], version: int, take_results, get_version,
         client_id=jnp.asarray([t.client for t in tasks], jnp.int32),
         mask=jnp.asarray([r < k for r in range(len(rows))]),
     )
+    return batch, loss

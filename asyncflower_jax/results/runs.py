@@ -1,4 +1,5 @@
-"""Reads back what a run directory holds (see recorder.py): metrics table, resolved config, summary, Hydra overrides.
+"""Reads back what a run directory holds (see recorder.py): metrics and updates tables, resolved config,
+summary, Hydra overrides.
 
 Shared by the per-run plots and the sweep report, so both interpret a run directory the same way.
 """
@@ -15,6 +16,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 METRICS_FILE = "metrics.csv"
+UPDATES_FILE = "updates.csv"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 HYDRA_DIR = ".hydra"
@@ -27,7 +29,17 @@ def read_metrics(run_dir: Path) -> dict[str, np.ndarray]:
     A row with a missing or empty field (a line cut short by a killed run) is skipped, so
     unfinished runs can still be read.
     """
-    path = Path(run_dir) / METRICS_FILE
+    return read_table(Path(run_dir) / METRICS_FILE)
+
+
+def read_updates(run_dir: Path) -> dict[str, np.ndarray]:
+    """updates.csv (one row per aggregated client update) as one float array per column; {} if the
+    file is missing (runs with record_updates=false). Rows cut short are skipped as in read_metrics."""
+    return read_table(Path(run_dir) / UPDATES_FILE)
+
+
+def read_table(path: Path) -> dict[str, np.ndarray]:
+    """A numeric CSV file as one float array per column, skipping incomplete rows; {} if missing."""
     if not path.is_file():
         return {}
     with open(path, newline="") as f:
@@ -38,7 +50,7 @@ def read_metrics(run_dir: Path) -> dict[str, np.ndarray]:
 
 
 def num_rows(metrics: dict[str, np.ndarray]) -> int:
-    """Number of evaluation rows in a table returned by read_metrics."""
+    """Number of rows in a table returned by read_metrics or read_updates."""
     return len(next(iter(metrics.values()))) if metrics else 0
 
 
