@@ -106,6 +106,9 @@ BAD = [
     (["latency.rates=[1,0]"], "latency.rates=(1.0, 0.0) is invalid"),
     (["partition.alpha=0"], "partition.alpha=0 is invalid"),
     (["client.learning_rate=0"], "client.learning_rate=0 is invalid"),
+    (["strategy=mifa", "strategy.num_clients=50"], "strategy.num_clients=50 is invalid: must be equal to num_clients (100)"),
+    (["strategy=ca2fl", "strategy.cache_mean=some"], "strategy.cache_mean='some' is invalid"),
+    (["strategy=fedbuff", "strategy.server_optimizer=sgdx"], "strategy.server_optimizer"),
     (["client.num_steps=0"], "client.num_steps=0 is invalid"),
     (["client.batch_size=-4"], "client.batch_size=-4 is invalid"),
 ]

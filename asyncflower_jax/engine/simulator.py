@@ -92,6 +92,8 @@ class SimulationSettings:
 def check_strategy(strategy: AsyncStrategy, settings: SimulationSettings) -> None:
     """Reject strategy settings that cannot run with this concurrency (they would wait forever)."""
     require(strategy.refill in REFILL_POLICIES, "strategy.refill", strategy.refill, f"one of {REFILL_POLICIES}")
+    population = getattr(strategy, "num_clients", settings.num_clients)
+    require(population == settings.num_clients, "strategy.num_clients", population, f"equal to num_clients ({settings.num_clients})")
     kind, value = strategy.round_delimiter(1)
     if kind == "buffer_size":
         require(
@@ -157,7 +159,9 @@ class Simulator:
         self.on_updates = on_updates
         self.on_progress = on_progress
         self.kernel_traces = 0
-        self._kernel = jax.jit(self._traced_aggregate)
+        # The server state is donated (per-client memories are N x model: never copy them); the
+        # params are not, since the version cache still holds them.
+        self._kernel = jax.jit(self._traced_aggregate, donate_argnums=(1,))
 
     def _traced_aggregate(self, params, state, updates):
         self.kernel_traces += 1  # runs only while tracing: counts compilations

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from ..errors import require
 from .base import AsyncStrategy, buffer_or_window, check_buffer_and_window
+from .server_optimizers import resolve_server_optimizer
 from .staleness import Polynomial, StalenessFunction
 from .updates import UpdateBatch, weighted_sum
 
@@ -18,35 +21,38 @@ class FedBuff(AsyncStrategy):
     """B = sum_i s(staleness_i) D_i over K arrivals; x <- x - server_lr * B / norm.
 
     `normalisation`: "mean" divides by K (the paper), "sum" by 1 (FLSim's weighted sum times the
-    server learning rate), "weight_sum" by the sum of staleness weights. `server_optimizer`, an
-    optax GradientTransformation fed the normalised B as a pseudo-gradient, replaces plain SGD
-    with learning rate `server_lr`. With `round_duration` set, the buffer is every arrival within
-    a window of that much simulated time instead of K arrivals.
+    server learning rate), "weight_sum" by the sum of staleness weights. The normalised B is a
+    pseudo-gradient fed to `server_optimizer`: a name from server_optimizers.SERVER_OPTIMIZERS
+    ("sgd", the default, is the plain step above; "fedavgm", "adam", "yogi", "adagrad") built with
+    learning rate `server_lr` (null: that optimizer's default) and `server_optimizer_kwargs`, or
+    an optax GradientTransformation used as is. With `round_duration` set, the buffer is every
+    arrival within a window of that much simulated time instead of K arrivals.
     """
 
     def __init__(
         self,
         buffer_size: int = 10,
-        server_lr: float = 1.0,
+        server_lr: float | None = None,
         staleness: StalenessFunction | None = None,
         normalisation: str = "mean",
-        server_optimizer: optax.GradientTransformation | None = None,
+        server_optimizer: str | optax.GradientTransformation | None = "sgd",
         round_duration: float | None = None,
+        server_optimizer_kwargs: Mapping | None = None,
     ):
         check_buffer_and_window(buffer_size, round_duration)
-        require(server_lr > 0, "strategy.server_lr", server_lr, "> 0")
         require(normalisation in NORMALISATIONS, "strategy.normalisation", normalisation, f"one of {NORMALISATIONS}")
         self.buffer_size = buffer_size
         self.round_duration = round_duration
-        self.server_lr = float(server_lr)
+        self.server_optimizer, self.server_optimizer_name, self.server_lr = resolve_server_optimizer(
+            server_optimizer, server_lr, server_optimizer_kwargs
+        )
         self.staleness = staleness if staleness is not None else Polynomial(a=0.5)
         self.normalisation = normalisation
-        self.server_optimizer = server_optimizer if server_optimizer is not None else optax.sgd(self.server_lr)
 
     def __repr__(self) -> str:
         return (
             f"FedBuff(buffer_size={self.buffer_size}, round_duration={self.round_duration}, server_lr={self.server_lr}, staleness={self.staleness}, "
-            f"normalisation={self.normalisation!r})"
+            f"normalisation={self.normalisation!r}, server_optimizer={self.server_optimizer_name!r})"
         )
 
     def round_delimiter(self, server_round):

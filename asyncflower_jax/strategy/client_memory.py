@@ -1,0 +1,66 @@
+"""Per-client memory for rules that keep every client's latest update (CA2FL, MIFA).
+
+The memory is a pytree shaped like the model with a leading client axis of size N (the
+population), indexed by `UpdateBatch.client_id`. Rows of a batch are in arrival order; a client
+may appear more than once in one buffer (it can return, be sent out again and return again
+before the buffer fills), so only its *last* real row is written, which also keeps the scatter
+free of duplicate indices. Padding rows are never written. Client ids outside [0, N) read as a
+never-seen client (zeros) and are never written.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .updates import PyTree
+
+
+def zeros_memory(params: PyTree, num_clients: int) -> PyTree:
+    """A zero row (cold start) per client for every leaf of `params`."""
+    return jax.tree.map(lambda leaf: jnp.zeros((num_clients, *jnp.shape(leaf)), jnp.result_type(leaf)), params)
+
+
+def last_occurrence(client_id: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """bool [K]: real rows with no later real row of the same client (the rows that get written)."""
+    k = client_id.shape[0]
+    later = jnp.arange(k)[None, :] > jnp.arange(k)[:, None]  # later[r, q]: q comes after r
+    same = client_id[:, None] == client_id[None, :]
+    return mask & ~jnp.any(same & later & mask[None, :], axis=1)
+
+
+def read_rows(memory: PyTree, client_id: jnp.ndarray) -> PyTree:
+    """memory[client_id] for every leaf (ids out of range read as zeros)."""
+    return jax.tree.map(lambda leaf: leaf.at[client_id].get(mode="fill", fill_value=0), memory)
+
+
+def write_rows(memory: PyTree, client_id: jnp.ndarray, rows: PyTree, write: jnp.ndarray) -> PyTree:
+    """memory[client_id[r]] <- rows[r] for the rows r where `write` holds (ids out of range: skipped).
+
+    A loop of K in-place row updates: on CPU several times faster than a scatter of K rows.
+    """
+    num_clients = jax.tree.leaves(memory)[0].shape[0]
+    write = write & (client_id >= 0) & (client_id < num_clients)
+    index = jnp.clip(client_id, 0, num_clients - 1)
+
+    def body(r, mem):
+        def one(leaf, row):
+            current = lax.dynamic_index_in_dim(leaf, index[r], 0, keepdims=False)
+            new = jnp.where(write[r], row[r].astype(leaf.dtype), current)
+            return lax.dynamic_update_index_in_dim(leaf, new, index[r], 0)
+
+        return jax.tree.map(one, mem, rows)
+
+    return lax.fori_loop(0, client_id.shape[0], body, memory)
+
+
+def mark_seen(seen: jnp.ndarray, client_id: jnp.ndarray, write: jnp.ndarray) -> jnp.ndarray:
+    """seen[client_id[r]] <- True where `write` holds."""
+    return seen.at[jnp.where(write, client_id, seen.shape[0])].set(True, mode="drop")
+
+
+def memory_sum(memory: PyTree) -> PyTree:
+    """sum over clients of every leaf (as a contraction with ones: XLA's CPU reduction over the
+    leading axis is about 100x slower)."""
+    return jax.tree.map(lambda leaf: jnp.tensordot(jnp.ones(leaf.shape[0], leaf.dtype), leaf, axes=1), memory)

@@ -1,0 +1,76 @@
+"""MIFA (Gu et al., NeurIPS 2021): average the latest update of every client, seen or not."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ..errors import require
+from .base import AsyncStrategy, buffer_or_window, check_buffer_and_window
+from .client_memory import last_occurrence, memory_sum, write_rows, zeros_memory
+from .server_optimizers import resolve_server_optimizer
+from .updates import PyTree, UpdateBatch
+
+
+class MIFAState(NamedTuple):
+    memory: PyTree  # G_i, every leaf with a leading client axis [N, ...]; zeros until i first returns
+    opt_state: Any  # the server optimizer's state
+
+
+class MIFA(AsyncStrategy):
+    """G_i <- D_i for the buffer's clients, then x <- x - server_lr * (1/N) sum_{i=1..N} G_i.
+
+    G_i is client i's latest delta (cold start 0, so clients never seen count as zero) and N is
+    `num_clients`. A client that appears twice in one buffer keeps its last delta. The mean is a
+    pseudo-gradient fed to `server_optimizer` (a name from server_optimizers.SERVER_OPTIMIZERS,
+    "sgd" by default, or an optax GradientTransformation) with learning rate `server_lr` (null:
+    that optimizer's default). `round_duration` replaces the K-arrival buffer by a window of
+    simulated time, as in FedBuff.
+    """
+
+    def __init__(
+        self,
+        num_clients: int,
+        buffer_size: int = 10,
+        server_lr: float | None = None,
+        server_optimizer: str | optax.GradientTransformation | None = "sgd",
+        round_duration: float | None = None,
+        server_optimizer_kwargs: Mapping | None = None,
+    ):
+        require(
+            isinstance(num_clients, int) and not isinstance(num_clients, bool) and num_clients >= 1,
+            "strategy.num_clients",
+            num_clients,
+            "an integer >= 1 (the population size)",
+        )
+        check_buffer_and_window(buffer_size, round_duration)
+        self.num_clients = num_clients
+        self.buffer_size = buffer_size
+        self.round_duration = round_duration
+        self.server_optimizer, self.server_optimizer_name, self.server_lr = resolve_server_optimizer(
+            server_optimizer, server_lr, server_optimizer_kwargs
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"MIFA(num_clients={self.num_clients}, buffer_size={self.buffer_size}, round_duration={self.round_duration}, "
+            f"server_lr={self.server_lr}, server_optimizer={self.server_optimizer_name!r})"
+        )
+
+    def round_delimiter(self, server_round):
+        return buffer_or_window(self.buffer_size, self.round_duration)
+
+    def init(self, params):
+        return MIFAState(memory=zeros_memory(params, self.num_clients), opt_state=self.server_optimizer.init(params))
+
+    def aggregate(self, params, state: MIFAState, updates: UpdateBatch):
+        write = last_occurrence(updates.client_id, updates.mask)
+        memory = write_rows(state.memory, updates.client_id, updates.delta, write)
+        n = self.num_clients
+        grad = jax.tree.map(lambda total: total / jnp.asarray(n, total.dtype), memory_sum(memory))
+        step, opt_state = self.server_optimizer.update(grad, state.opt_state, params)
+        return optax.apply_updates(params, step), MIFAState(memory=memory, opt_state=opt_state)
