@@ -11,7 +11,7 @@ import optax
 
 from ..errors import require
 from .base import AsyncStrategy, buffer_or_window, check_buffer_and_window
-from .client_memory import last_occurrence, mark_seen, memory_sum, read_rows, write_rows, zeros_memory
+from .client_memory import check_population, last_occurrence, mark_seen, memory_sum, read_rows, write_rows, zeros_memory
 from .server_optimizers import resolve_server_optimizer
 from .updates import PyTree, UpdateBatch, weighted_sum
 
@@ -50,12 +50,7 @@ class CA2FL(AsyncStrategy):
         round_duration: float | None = None,
         server_optimizer_kwargs: Mapping | None = None,
     ):
-        require(
-            isinstance(num_clients, int) and not isinstance(num_clients, bool) and num_clients >= 1,
-            "strategy.num_clients",
-            num_clients,
-            "an integer >= 1 (the population size)",
-        )
+        check_population(num_clients)
         check_buffer_and_window(buffer_size, round_duration)
         require(cache_mean in CACHE_MEANS, "strategy.cache_mean", cache_mean, f"one of {CACHE_MEANS}")
         self.num_clients = num_clients

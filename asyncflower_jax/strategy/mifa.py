@@ -9,9 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ..errors import require
 from .base import AsyncStrategy, buffer_or_window, check_buffer_and_window
-from .client_memory import last_occurrence, memory_sum, write_rows, zeros_memory
+from .client_memory import check_population, last_occurrence, memory_sum, write_rows, zeros_memory
 from .server_optimizers import resolve_server_optimizer
 from .updates import PyTree, UpdateBatch
 
@@ -41,12 +40,7 @@ class MIFA(AsyncStrategy):
         round_duration: float | None = None,
         server_optimizer_kwargs: Mapping | None = None,
     ):
-        require(
-            isinstance(num_clients, int) and not isinstance(num_clients, bool) and num_clients >= 1,
-            "strategy.num_clients",
-            num_clients,
-            "an integer >= 1 (the population size)",
-        )
+        check_population(num_clients)
         check_buffer_and_window(buffer_size, round_duration)
         self.num_clients = num_clients
         self.buffer_size = buffer_size

@@ -10,37 +10,7 @@ from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.strategy import FedAsync, FedAvg, FedBuff, UpdateBatch
 from asyncflower_jax.strategy.staleness import Constant, Hinge, Polynomial
 
-RTOL, ATOL = 2e-5, 2e-6
-
-
-# ---- helpers ---------------------------------------------------------------------------------
-def tree(w, b):
-    return {"w": np.asarray(w, np.float64), "b": np.asarray(b, np.float64)}
-
-
-def to_jax(t):
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
-
-
-def make_batch(starts, ys, staleness, num_examples=None, mask=None, client_id=None):
-    k = len(ys)
-    stack = lambda *xs: jnp.stack([jnp.asarray(x, jnp.float32) for x in xs])  # noqa: E731
-    return UpdateBatch(
-        params=jax.tree.map(stack, *ys),
-        start=jax.tree.map(stack, *starts),
-        staleness=jnp.asarray(staleness, jnp.int32),
-        num_examples=jnp.asarray(np.ones(k) if num_examples is None else num_examples, jnp.float32),
-        client_id=jnp.asarray(np.arange(k) if client_id is None else client_id, jnp.int32),
-        mask=jnp.asarray(np.ones(k, bool) if mask is None else mask, bool),
-    )
-
-
-def assert_tree_close(got, expected, rtol=RTOL, atol=ATOL):
-    assert set(got) == set(expected)
-    for key in expected:
-        g = np.asarray(got[key])
-        assert g.shape == np.shape(expected[key]), key
-        np.testing.assert_allclose(g, expected[key], rtol=rtol, atol=atol, err_msg=key)
+from .zoo_helpers import assert_tree_close, make_batch, to_jax, tree
 
 
 def assert_tree_equal(got, expected):

@@ -32,7 +32,8 @@ def zeros_tree():
     return tree([0.0, 0.0], 0.0)
 
 
-def make_batch(starts, ys, staleness, client_id, mask=None, num_examples=None):
+def make_batch(starts, ys, staleness, client_id=None, mask=None, num_examples=None):
+    """An UpdateBatch from lists of start and trained trees (client ids 0..K-1 unless given)."""
     k = len(ys)
     stack = lambda *xs: jnp.stack([jnp.asarray(x, jnp.float32) for x in xs])  # noqa: E731
     return UpdateBatch(
@@ -40,7 +41,7 @@ def make_batch(starts, ys, staleness, client_id, mask=None, num_examples=None):
         start=jax.tree.map(stack, *starts),
         staleness=jnp.asarray(staleness, jnp.int32),
         num_examples=jnp.asarray(np.ones(k) if num_examples is None else num_examples, jnp.float32),
-        client_id=jnp.asarray(client_id, jnp.int32),
+        client_id=jnp.asarray(np.arange(k) if client_id is None else client_id, jnp.int32),
         mask=jnp.asarray(np.ones(k, bool) if mask is None else mask, bool),
     )
 
