@@ -7,6 +7,7 @@ from pathlib import Path
 import hydra
 import jax
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from asyncflower_jax.errors import ConfigError
@@ -26,6 +27,8 @@ def main(cfg: DictConfig) -> float:
         result = Experiment(cfg).run(run_dir)
     except ConfigError as exc:
         log.error("invalid configuration: %s", exc)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra runs the sweep's other jobs, then reports this one as failed
         sys.exit(2)
     s = result.summary
     log.info(

@@ -63,6 +63,15 @@ def test_sweep_writes_one_directory_per_job(tmp_path):
     assert "\x1b[" not in proc.stdout + proc.stderr  # not a terminal: no live display, plain log lines
 
 
+def test_a_bad_job_in_a_sweep_does_not_stop_the_others(tmp_path):
+    overrides = [o for o in TINY if not o.startswith("concurrency=")] + ["concurrency=4"]  # fedbuff's K=5 > 4
+    proc = run_py(["-m", "strategy=fedbuff,fedasync", *overrides], tmp_path)
+    assert proc.returncode != 0
+    assert "strategy.buffer_size=5 is invalid" in proc.stdout + proc.stderr
+    [run_dir] = finished_runs(tmp_path)
+    assert json.loads((run_dir / "summary.json").read_text())["strategy"].startswith("FedAsync")
+
+
 def test_invalid_setting_exits_with_message_not_traceback(tmp_path):
     proc = run_py(["strategy=fedbuff", "strategy.buffer_size=20"], tmp_path)
     assert proc.returncode == 2
