@@ -5,11 +5,9 @@ import numpy as np
 import pytest
 
 from asyncflower_jax.engine.reference import run_reference
-from asyncflower_jax.engine.simulator import Simulator
 from asyncflower_jax.experiment import Experiment
 from tests.conftest import make_config
-
-SMALL = ("num_clients=40", "concurrency=8", "eval_every=1000", "client.num_steps=3", "client.batch_size=8", "model.hidden=[32]")
+from tests.engine.test_simulator import SMALL, max_abs_diff, simulate
 
 RULES = {
     "ca2fl": ("strategy=ca2fl", "strategy.buffer_size=3"),
@@ -18,15 +16,6 @@ RULES = {
     "mifa": ("strategy=mifa", "strategy.buffer_size=3"),
     "fedbuff_adam": ("strategy=fedbuff", "strategy.buffer_size=3", "strategy.server_optimizer=adam"),
 }
-
-
-def simulate(exp: Experiment):
-    sim = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings)
-    return sim.run(), sim
-
-
-def max_abs_diff(a, b) -> float:
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 @pytest.mark.parametrize("rule", list(RULES))
