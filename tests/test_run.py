@@ -120,6 +120,14 @@ BAD = [
     (["strategy=fedbuff", "strategy.server_optimizer=sgdx"], "strategy.server_optimizer"),
     (["client.num_steps=0"], "client.num_steps=0 is invalid"),
     (["client.batch_size=-4"], "client.batch_size=-4 is invalid"),
+    (["strategy=unbiased_fedbuff", "participation=scalar", "participation.probability=0"], "participation.probability=0 is invalid"),
+    (["strategy=unbiased_ca2fl", "participation=scalar", "participation.probability=1.5"], "participation.probability=1.5 is invalid"),
+    (["strategy=unbiased_ca2fl", "participation=group_lookup", "participation.fractions=[0.5,0.4]"], "participation.fractions=[0.5, 0.4] is invalid"),
+    (["strategy=unbiased_ca2fl", "participation=uniform", "participation.smoothing=-1"], "participation.smoothing=-1 is invalid"),
+    (["strategy=fedstaleasync_groups", "strategy.beta.fractions=[0.7,0.2]"], "strategy.beta.fractions=[0.7, 0.2] is invalid"),
+    (["strategy=fedstaleasync", "strategy.weighting=size"], "strategy.weighting='size' is invalid"),
+    (["strategy=fedstaleasync", "strategy.buffer_size=-2"], "strategy.buffer_size=-2 is invalid"),
+    (["strategy=fedstaleasync_constant", "strategy.personalized_b=true"], "strategy.alpha='Constant' is invalid: must be a Hinge"),
 ]
 
 

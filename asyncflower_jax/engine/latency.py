@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import require
+from ..groups import contiguous_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +79,35 @@ class LogNormal(LatencyModel):
 
 
 @dataclasses.dataclass(frozen=True)
+class Pareto(LatencyModel):
+    """Heavy-tailed durations = minimum_c * Pareto(`shape`) (support [minimum_c, inf), mean
+    minimum_c * shape / (shape - 1) for shape > 1); client minimums are `minimum` * lognormal(0, `client_sigma`).
+
+    shape <= 2 has infinite variance: a few tasks take many times the median (stragglers)."""
+
+    shape: float = 1.5
+    minimum: float = 1.0
+    client_sigma: float = 0.0
+
+    def __post_init__(self):
+        require(self.shape > 0, "latency.shape", self.shape, "> 0")
+        require(self.minimum > 0, "latency.minimum", self.minimum, "> 0")
+        require(self.client_sigma >= 0, "latency.client_sigma", self.client_sigma, ">= 0")
+
+    def client_profile(self, rng, num_clients):
+        return self.minimum * rng.lognormal(0.0, self.client_sigma, num_clients)
+
+    def sample(self, rng, profile):
+        return profile * (1.0 + rng.pareto(self.shape, len(profile)))  # numpy's pareto is Lomax: shift by 1
+
+
+@dataclasses.dataclass(frozen=True)
 class ClientGroups(LatencyModel):
     """Clients split into groups by `fractions` (exact counts, random membership); Exp(rates[g]) durations."""
 
     fractions: Sequence[float] = (0.8, 0.2)
     rates: Sequence[float] = (2.0, 1.0)
+    shuffle: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
@@ -92,12 +117,10 @@ class ClientGroups(LatencyModel):
         require(all(r > 0 for r in self.rates), "latency.rates", self.rates, "all > 0")
 
     def client_groups(self, rng, num_clients) -> np.ndarray:
-        """Group index of every client: f * N clients per group (largest remainder rounding), shuffled."""
-        quotas = np.asarray(self.fractions) * num_clients
-        counts = np.floor(quotas + 1e-9).astype(int)  # 0.29 * 100 is 28.999...: not 28
-        leftover = np.argsort(-(quotas - counts), kind="stable")[: num_clients - counts.sum()]
-        counts[leftover] += 1  # largest remainders get the clients rounding left over
-        return rng.permutation(np.repeat(np.arange(len(counts)), counts))
+        """Group index of every client: f * N clients per group (largest remainder rounding), in random
+        order, or in id order (group 0 first) with `shuffle=False` to match a strategy's group table."""
+        groups = contiguous_groups(self.fractions, num_clients)
+        return rng.permutation(groups) if self.shuffle else groups
 
     def client_profile(self, rng, num_clients):
         return np.asarray(self.rates)[self.client_groups(rng, num_clients)]

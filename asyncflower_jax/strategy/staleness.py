@@ -27,9 +27,9 @@ class StalenessFunction:
     def weight(self, s: jnp.ndarray) -> jnp.ndarray:
         raise NotImplementedError
 
-    def __call__(self, staleness) -> jnp.ndarray:
+    def __call__(self, staleness, **kwargs) -> jnp.ndarray:
         s = jnp.asarray(staleness)
-        w = self.weight(s.astype(jnp.result_type(float)))
+        w = self.weight(s.astype(jnp.result_type(float)), **kwargs)
         if self.max_staleness is not None:
             w = jnp.where(s > self.max_staleness, 0.0, w)
         return w
@@ -79,12 +79,14 @@ class Hinge(StalenessFunction):
         require(self.b >= 0, "staleness.b", self.b, ">= 0")
         require(self.variant in HINGE_VARIANTS, "staleness.variant", self.variant, f"one of {HINGE_VARIANTS}")
 
-    def weight(self, s):
-        excess = s - self.b
+    def weight(self, s, b=None):
+        """`b` (optional, broadcast against `s`) replaces self.b, e.g. by a per-client b_i."""
+        b = self.b if b is None else b
+        excess = s - b
         if self.variant == "paper":
             decay = 1.0 / (self.a * excess + 1.0)
         elif self.variant == "no_plus_one":
             decay = 1.0 / (self.a * excess)
         else:
             decay = 1.0 / (self.a * (excess + 1.0))
-        return jnp.where(s <= self.b, 1.0, decay)
+        return jnp.where(s <= b, 1.0, decay)

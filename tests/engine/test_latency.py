@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from asyncflower_jax.engine.latency import ClientGroups, Constant, Exponential, LogNormal
+from asyncflower_jax.engine.latency import ClientGroups, Constant, Exponential, LogNormal, Pareto
 from asyncflower_jax.errors import ConfigError
 
 DRAWS = 200_000  # per client in the mean checks; standard error of an Exp mean is mean/sqrt(DRAWS) ~ 0.2%
@@ -15,7 +15,7 @@ def per_client_means(model, profile, rng, draws=DRAWS):
     return durations.mean(axis=1)
 
 
-ALL_MODELS = [Constant(2.5), Exponential(rate=2.0, client_sigma=0.3), LogNormal(1.5, 0.4, 0.6), ClientGroups()]
+ALL_MODELS = [Constant(2.5), Exponential(rate=2.0, client_sigma=0.3), LogNormal(1.5, 0.4, 0.6), ClientGroups(), Pareto(1.5, 0.5, 0.5)]
 
 
 @pytest.mark.parametrize("model", ALL_MODELS, ids=lambda m: type(m).__name__)
@@ -95,6 +95,32 @@ def test_lognormal_zero_sigmas_are_deterministic():
     np.testing.assert_array_equal(model.sample(np.random.default_rng(1), profile), [3.0, 3.0, 3.0])
 
 
+def test_pareto_quantiles_and_mean():
+    # Pareto(shape a, minimum m): P(D > x) = (m / x)^a, so the q-quantile is m (1 - q)^(-1/a);
+    # with a = 3 the mean m a / (a - 1) = 1.5 m is finite with finite variance.
+    model = Pareto(shape=3.0, minimum=2.0, client_sigma=0.0)
+    profile = model.client_profile(np.random.default_rng(0), 2)
+    np.testing.assert_array_equal(profile, [2.0, 2.0])
+    d = model.sample(np.random.default_rng(1), np.full(DRAWS, 2.0))
+    assert d.min() >= 2.0
+    for q in (0.5, 0.9, 0.99):
+        np.testing.assert_allclose(np.quantile(d, q), 2.0 * (1 - q) ** (-1 / 3), rtol=0.03)
+    np.testing.assert_allclose(d.mean(), 3.0, rtol=0.02)
+
+
+def test_pareto_is_heavier_tailed_than_exponential_of_the_same_median():
+    heavy = Pareto(shape=1.5, minimum=1.0).sample(np.random.default_rng(2), np.ones(DRAWS))
+    light = Exponential(rate=np.log(2) / np.median(heavy)).sample(np.random.default_rng(3), np.full(DRAWS, np.log(2) / np.median(heavy)))
+    np.testing.assert_allclose(np.median(light), np.median(heavy), rtol=0.02)
+    assert np.quantile(heavy, 0.999) > 3 * np.quantile(light, 0.999)
+
+
+def test_client_groups_can_keep_id_order():
+    # shuffle=False: clients 0.. in group 0 first (the order strategies' group tables use)
+    groups = ClientGroups(fractions=(0.8, 0.2), rates=(2.0, 1.0), shuffle=False).client_groups(np.random.default_rng(0), 10)
+    np.testing.assert_array_equal(groups, [0] * 8 + [1] * 2)
+
+
 def test_client_groups_counts_80_20():
     model = ClientGroups(fractions=(0.8, 0.2), rates=(2.0, 1.0))
     for seed in range(5):
@@ -145,6 +171,9 @@ def test_client_groups_sample_means_per_group():
         (lambda: ClientGroups(fractions=(), rates=()), "latency.fractions"),
         (lambda: ClientGroups(fractions=(1.2, -0.2), rates=(1.0, 2.0)), "latency.fractions"),
         (lambda: ClientGroups(fractions=(0.8, 0.2), rates=(1.0, 0.0)), "latency.rates"),
+        (lambda: Pareto(shape=0.0), "latency.shape"),
+        (lambda: Pareto(minimum=-1.0), "latency.minimum"),
+        (lambda: Pareto(client_sigma=-1.0), "latency.client_sigma"),
     ],
 )
 def test_bad_values_raise_config_error_naming_the_key(make, key):

@@ -63,7 +63,7 @@ def assert_trees_equal(got, expected):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
-def run_multistep(aggregate, state, ref_step, *, k, num_clients=4, steps=4, seed=0):
+def run_multistep(aggregate, state, ref_step, *, k, num_clients=4, steps=4, seed=0, examples=None):
     """Drive `aggregate` and `ref_step` through `steps` aggregations with staleness >= 1 each time.
 
     Versions 0..2 exist before the first step; every update starts from an older version
@@ -71,6 +71,7 @@ def run_multistep(aggregate, state, ref_step, *, k, num_clients=4, steps=4, seed
     are drawn from `num_clients` with replacement; the second step always has a client twice (it
     returned, was sent out again and returned again within one buffer).
     `ref_step(x, ref_state, starts, ys, staleness, client_ids) -> (x, ref_state)` in numpy.
+    `examples` (optional, one per client) gives each update's num_examples.
     Returns the final params and state of the kernel.
     """
     rng = np.random.default_rng(seed)
@@ -88,7 +89,8 @@ def run_multistep(aggregate, state, ref_step, *, k, num_clients=4, steps=4, seed
             ids[-1] = ids[0]
         starts = [history[v] for v in start_versions]
         ys = [{key: st[key] + rng.normal(scale=0.5, size=np.shape(st[key])) for key in st} for st in starts]
-        params, state = aggregate(params, state, make_batch(starts, ys, staleness, ids))
+        n = None if examples is None else np.asarray(examples)[ids]
+        params, state = aggregate(params, state, make_batch(starts, ys, staleness, ids, num_examples=n))
         x_ref, ref_state = ref_step(x_ref, ref_state, starts, ys, staleness, ids)
         assert_tree_close(params, x_ref)
         history.append(to_np(params))

@@ -1,0 +1,206 @@
+"""Participation-probability estimators p_i for rules that reweight updates by 1 / p_i.
+
+The FedStaleAsync family (fedstaleasync.py) divides a participant's update by the probability
+that it takes part in an aggregation, which debiases the aggregate when some clients (slow ones,
+rarely available ones) come back less often. Each estimator is a frozen dataclass with pure,
+jittable methods over a small state of per-client arrays:
+
+    state = est.init(num_clients)
+    state = est.update(state, round_index, participated)   # round_index: aggregations before this one
+    p     = est.probabilities_for(state, num_clients)      # [N], in (0, 1]
+
+`update` is called once per aggregation with a bool [N] mask of that aggregation's participants,
+before `probabilities_for` is read for it. Every estimator floors p at `min_probability` and, with
+`smoothing = r`, returns min(r p, 1) (r > 1 trades unbiasedness for lower variance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import require
+from ..groups import check_fractions, contiguous_groups
+
+
+@dataclasses.dataclass(frozen=True)
+class ParticipationEstimator:
+    """Base: subclasses implement `init`, `update` and `estimate` (the raw p)."""
+
+    min_probability: float = 0.001
+    smoothing: float | None = None
+
+    def __post_init__(self):
+        require(0 <= self.min_probability <= 1, "participation.min_probability", self.min_probability, "in [0, 1]")
+        if self.smoothing is not None:
+            require(self.smoothing > 0, "participation.smoothing", self.smoothing, "> 0 or null")
+
+    def init(self, num_clients: int) -> Any:
+        return ()
+
+    def update(self, state, round_index, participated: jnp.ndarray):
+        return state
+
+    def estimate(self, state, num_clients: int) -> jnp.ndarray:
+        raise NotImplementedError
+
+    def probabilities_for(self, state, num_clients: int) -> jnp.ndarray:
+        """p in (0, 1] for every client: the estimate, floored and smoothed."""
+        p = jnp.maximum(self.estimate(state, num_clients), self.min_probability)
+        if self.smoothing is not None:
+            p = jnp.minimum(self.smoothing * p, 1.0)
+        return p
+
+
+@dataclasses.dataclass(frozen=True)
+class Maximum(ParticipationEstimator):
+    """p_i = 1: no reweighting."""
+
+    def estimate(self, state, num_clients):
+        return jnp.ones(num_clients)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scalar(ParticipationEstimator):
+    """p_i = `probability` for every client."""
+
+    probability: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(0 < self.probability <= 1, "participation.probability", self.probability, "in (0, 1]")
+
+    def estimate(self, state, num_clients):
+        return jnp.full(num_clients, self.probability)
+
+
+class UniformState(NamedTuple):
+    known: jnp.ndarray  # bool [N]: took part in some aggregation so far
+    probability: jnp.ndarray  # float []: |P_t| / clients known, after the last aggregation
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform(ParticipationEstimator):
+    """p_i = |P_t| / (clients that took part so far), the same for all (floored at 0.001 by default)."""
+
+    def init(self, num_clients):
+        return UniformState(jnp.zeros(num_clients, bool), jnp.ones(()))
+
+    def update(self, state, round_index, participated):
+        known = state.known | participated
+        fraction = jnp.sum(participated) / jnp.maximum(jnp.sum(known), 1)
+        return UniformState(known, fraction.astype(float))
+
+    def estimate(self, state, num_clients):
+        return jnp.full(num_clients, state.probability)
+
+
+def _group_table(fractions, num_clients) -> jnp.ndarray:
+    return jnp.asarray(contiguous_groups(fractions, num_clients))
+
+
+class FrequencyState(NamedTuple):
+    counts: jnp.ndarray  # float [N]: aggregations client i took part in
+    rounds: jnp.ndarray  # float []: aggregations so far
+
+
+@dataclasses.dataclass(frozen=True)
+class Frequency(ParticipationEstimator):
+    """p_i = (aggregations i took part in) / (aggregations so far).
+
+    With `fractions` (a group table: clients 0.. in group 0 first, sizes by largest remainder,
+    see groups.py), each client gets instead the mean frequency of the clients of its group that
+    took part at least once (clients of a group nobody from has taken part: `min_probability`).
+    """
+
+    fractions: Sequence[float] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.fractions is not None:
+            object.__setattr__(self, "fractions", check_fractions(self.fractions, "participation.fractions"))
+
+    def init(self, num_clients):
+        return FrequencyState(jnp.zeros(num_clients), jnp.zeros(()))
+
+    def update(self, state, round_index, participated):
+        return FrequencyState(state.counts + participated, state.rounds + 1)
+
+    def estimate(self, state, num_clients):
+        freq = state.counts / jnp.maximum(state.rounds, 1)
+        if self.fractions is None:
+            return freq
+        groups = _group_table(self.fractions, num_clients)
+        seen = (state.counts > 0).astype(float)
+        num_groups = len(self.fractions)
+        group_sum = jnp.zeros(num_groups).at[groups].add(freq * seen)
+        group_seen = jnp.zeros(num_groups).at[groups].add(seen)
+        group_mean = jnp.where(group_seen > 0, group_sum / jnp.maximum(group_seen, 1), 0.0)
+        return group_mean[groups]
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupLookup(ParticipationEstimator):
+    """p_i = probabilities[group of i], from a fixed table (groups as in `Frequency`)."""
+
+    fractions: Sequence[float] = (1.0,)
+    probabilities: Sequence[float] = (1.0,)
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "fractions", check_fractions(self.fractions, "participation.fractions"))
+        probs = tuple(float(p) for p in self.probabilities)
+        object.__setattr__(self, "probabilities", probs)
+        require(
+            len(probs) == len(self.fractions),
+            "participation.probabilities",
+            list(probs),
+            f"one probability per group ({len(self.fractions)} groups in participation.fractions)",
+        )
+        require(all(0 < p <= 1 for p in probs), "participation.probabilities", list(probs), "all in (0, 1]")
+
+    def estimate(self, state, num_clients):
+        table = np.asarray(self.probabilities)[contiguous_groups(self.fractions, num_clients)]
+        return jnp.asarray(table)
+
+
+class IntervalState(NamedTuple):
+    counts: jnp.ndarray  # float [N]: participations
+    interval: jnp.ndarray  # float [N]: running mean of the (capped) rounds between participations
+    last_round: jnp.ndarray  # float [N]: round index of the last participation (-1: never)
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval(ParticipationEstimator):
+    """FedAU-style: p_i = 1 / (mean number of rounds between i's participations, each capped at `cutoff`).
+
+    At a participation in round r (0-based), the gap min(r - last_r, cutoff) enters i's running
+    mean (last_r = -1 before the first). A client never seen has p = 1 / cutoff.
+    """
+
+    cutoff: int = 10
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(isinstance(self.cutoff, int) and self.cutoff >= 1, "participation.cutoff", self.cutoff, "an integer >= 1")
+
+    def init(self, num_clients):
+        return IntervalState(jnp.zeros(num_clients), jnp.zeros(num_clients), jnp.full(num_clients, -1.0))
+
+    def update(self, state, round_index, participated):
+        r = jnp.asarray(round_index)
+        counts = state.counts + participated
+        gap = jnp.minimum(r - state.last_round, float(self.cutoff))
+        mean = ((counts - 1) * state.interval + gap) / jnp.maximum(counts, 1)
+        return IntervalState(
+            counts=counts,
+            interval=jnp.where(participated, mean, state.interval),
+            last_round=jnp.where(participated, r, state.last_round),
+        )
+
+    def estimate(self, state, num_clients):
+        return jnp.where(state.counts > 0, 1.0 / jnp.maximum(state.interval, 1e-12), 1.0 / self.cutoff)
