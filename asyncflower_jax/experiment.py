@@ -1,12 +1,24 @@
 """Builds every component of a run from its (Hydra) config and runs it.
 
-Components are built with `hydra.utils.instantiate` from `_target_` entries; a component's own
-validation error is re-raised as a ConfigError naming its config group.
+The top level of the config (settings, the `faults` block, unknown keys, rules across keys) is
+checked first against config_schema. Components are built with `hydra.utils.instantiate` from
+`_target_` entries; a component's own validation error is re-raised as a ConfigError naming its
+config group.
+
+Reliability (docs/reliability.md): checkpoints every `checkpoint_every` versions and on
+SIGTERM/SIGINT, `resume` to continue a run directory, injected `faults`, the non-finite guard
+(`reject_nonfinite`), and run directories that a new run never overwrites.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import os
+import shutil
+import signal
+import threading
 from pathlib import Path
 
 import jax
@@ -17,16 +29,23 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .client.batched import BatchedTrainer
+from .client.precision import mixed_precision
+from .config_schema import validate_config
 from .client.local_train import make_local_train
-from .data.store import ClientStore
-from .engine.evaluation import make_evaluator
+from .data.federated import build_clients, write_partition_summary
+from .engine.checkpoint import CheckpointError, CheckpointManager, Snapshot, config_fingerprint
+from .engine.evaluation import DISTRIBUTED_COLUMNS, make_distributed_evaluator, make_evaluator
+from .engine.faults import FAILURE_COLUMNS, build_faults
+from .engine.latency import NeedsWork
 from .engine.scheduler import Scheduler
-from .engine.simulator import METRIC_COLUMNS, UPDATE_COLUMNS, SimulationResult, SimulationSettings, Simulator, check_strategy
-from .errors import ConfigError, require
+from .engine.simulator import METRIC_COLUMNS, UPDATE_COLUMNS, Interrupted, SimulationResult, SimulationSettings, Simulator, check_strategy
+from .errors import ConfigError
 from .models.mlp import init_params
 from .results.plots import plot_run
 from .results.progress import make_progress
 from .results.recorder import Recorder
+from .results.rundir import RESUME_MUTABLE_KEYS, SUMMARY_FILE, check_fresh, clear_failure, resume_requested, run_files
+from .results.trackers import close_all, make_trackers, tracker_names
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +53,8 @@ PRECISIONS = {"float32": jnp.float32, "float64": jnp.float64}
 PARTITION_STREAM = 3
 MODEL_STREAM = 4
 TRAIN_STREAM = 5
+# Crash-test hook: the process SIGKILLs itself at the end of the round that reaches this version.
+KILL_AT_VERSION_ENV = "ASYNCFLOWER_JAX_KILL_AT_VERSION"
 
 
 def build(node: DictConfig, group: str, **kwargs):
@@ -50,7 +71,7 @@ class Experiment:
     """All components of one run, built from a config; `run()` executes it."""
 
     def __init__(self, cfg: DictConfig):
-        require(cfg.precision in PRECISIONS, "precision", cfg.precision, f"one of {tuple(PRECISIONS)}")
+        validate_config(cfg)  # the top level against config_schema, before anything is built
         if cfg.precision == "float64":
             jax.config.update("jax_enable_x64", True)
         dtype = PRECISIONS[cfg.precision]
@@ -64,37 +85,129 @@ class Experiment:
             max_time=cfg.max_time,
             eval_every=cfg.eval_every,
             chunk_size=cfg.chunk_size,
+            faults=build_faults(cfg.get("faults")),
+            reject_nonfinite=cfg.get("reject_nonfinite", True),
+            checkpoint_every=cfg.get("checkpoint_every"),
         )
+        self.keep_checkpoints = cfg.get("keep_checkpoints", 2)
+        self.resume = cfg.get("resume", False)
+        self.trackers = tracker_names(cfg.get("trackers"))
         self.strategy = build(cfg.strategy, "strategy")
         check_strategy(self.strategy, self.settings)
+        if self.settings.checkpoint_every is not None and not getattr(self.strategy, "jittable", True):
+            log.warning(
+                "checkpoints are off: %s keeps its state in the Python object (not jittable), where checkpoints cannot see it",
+                type(self.strategy).__name__,
+            )
+            self.settings = dataclasses.replace(self.settings, checkpoint_every=None)
         self.latency = build(cfg.latency, "latency")
+        availability = build(cfg.availability, "availability") if cfg.get("availability") is not None else None
+        if availability is not None and not availability.always:
+            availability.plan(cfg.num_clients, cfg.seed)  # a bad availability trace stops the run before it starts
+        self.settings = dataclasses.replace(self.settings, availability=availability)
         self.dataset = build(cfg.dataset, "dataset")
         partitioner = build(cfg.partition, "partition")
-        parts = partitioner(self.dataset.y_train, cfg.num_clients, np.random.default_rng([cfg.seed, PARTITION_STREAM]))
-        self.store = ClientStore.from_partition(self.dataset.x_train, self.dataset.y_train, parts, dtype=dtype)
+        self.clients = build_clients(
+            self.dataset, partitioner, cfg.num_clients, np.random.default_rng([cfg.seed, PARTITION_STREAM]), dtype, cfg.get("validation_fraction", 0.0)
+        )
+        self.store = self.clients.store
         module = build(cfg.model, "model", num_classes=self.dataset.num_classes)
         seed_key = jax.random.key(cfg.seed)
         self.params = init_params(module, self.dataset.input_shape, jax.random.fold_in(seed_key, MODEL_STREAM), dtype)
         training = build(cfg.client, "client")
-        self.local_train = make_local_train(module.apply, training)
-        self.trainer = BatchedTrainer(self.local_train, self.store, base_key=jax.random.fold_in(seed_key, TRAIN_STREAM), chunk_size=cfg.chunk_size)
+        self.local_train = make_local_train(mixed_precision(module.apply, cfg.get("compute_dtype")), training, max_count=int(self.store.counts.max()))
+        if isinstance(self.latency, NeedsWork):  # durations follow each client's work and the model size
+            model_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(self.params))
+            self.latency = self.latency.bind(training.examples_per_task(self.store.counts), model_bytes)
+        self.trainer = BatchedTrainer(
+            self.local_train,
+            self.store,
+            base_key=jax.random.fold_in(seed_key, TRAIN_STREAM),
+            chunk_size=cfg.chunk_size,
+            execution=cfg.get("execution", "auto"),
+            map_batch=cfg.get("map_batch", 1),
+            devices=cfg.get("devices"),
+        )
         self.evaluate = make_evaluator(module.apply, self.dataset.x_test.astype(np.dtype(dtype)), self.dataset.y_test)
+        self.metric_columns = METRIC_COLUMNS
+        if self.clients.validation is not None:  # distributed evaluation on every client's validation split
+            self.evaluate = _combined(self.evaluate, make_distributed_evaluator(module.apply, self.clients.validation))
+            self.metric_columns = METRIC_COLUMNS + DISTRIBUTED_COLUMNS
 
     def scheduler(self) -> Scheduler:
-        return Scheduler(self.settings.num_clients, self.latency, self.settings.seed)
+        return Scheduler(self.settings.num_clients, self.latency, self.settings.seed, self.settings.faults, self.settings.availability)
+
+    def fingerprint(self) -> str:
+        """Digest of the settings that decide the results (all but RESUME_MUTABLE_KEYS)."""
+        config = OmegaConf.to_container(self.cfg, resolve=True)
+        return config_fingerprint({k: v for k, v in config.items() if k not in RESUME_MUTABLE_KEYS})
+
+    def _start(self, run_dir: Path, checkpoints: CheckpointManager) -> Snapshot | None:
+        """Check the run directory and, when resuming, load its newest checkpoint (None: start at version 0)."""
+        if not resume_requested(self.resume):
+            check_fresh(run_dir)
+            return None
+        if (run_dir / SUMMARY_FILE).is_file():
+            raise ConfigError(f"resume={self.resume!r} is invalid: {run_dir} holds a finished run (summary.json); there is nothing to resume")
+        latest = checkpoints.latest()
+        clear_failure(run_dir)
+        if latest is None:
+            if run_files(run_dir):
+                log.warning("resume: %s has no checkpoint; running it again from version 0", run_dir)
+            return None
+        snapshot = CheckpointManager.load(latest)
+        if snapshot.meta.get("fingerprint") != self.fingerprint():
+            raise CheckpointError(
+                f"{latest} was written with other settings than this run's (config fingerprint {snapshot.meta.get('fingerprint')} "
+                f"!= {self.fingerprint()}): a resumed run keeps the configuration it started with (config.yaml)"
+            )
+        log.info("resuming %s from %s (version %d)", run_dir, latest.name, snapshot.version)
+        return snapshot
 
     def run(self, run_dir: Path | None = None, console=None) -> SimulationResult:
         """Run the simulation, writing the run directory if one is given.
 
         With `progress: true` and a terminal (or an explicit rich `console` that is one) a live
-        display shows the run's progress; `record_updates: true` adds updates.csv to the directory.
+        display shows the run's progress; `record_updates: true` adds updates.csv to the directory;
+        `trackers` also sends every metrics row to TensorBoard and/or W&B (results/trackers.py).
+
+        With a run directory, checkpoints go to <run_dir>/checkpoints/ every `checkpoint_every`
+        versions and when SIGTERM/SIGINT arrives (the run then raises Interrupted); `resume: true`
+        continues the directory's run from its newest checkpoint. Without `resume` the directory
+        must not hold another run's files.
         """
         record_updates = bool(self.cfg.get("record_updates", True))
-        recorder = Recorder(run_dir, METRIC_COLUMNS, UPDATE_COLUMNS if record_updates else None) if run_dir is not None else None
+        checkpoints = snapshot = recorder = None
+        if run_dir is not None:
+            run_dir = Path(run_dir)
+            checkpoints = CheckpointManager(run_dir, self.keep_checkpoints)
+            snapshot = self._start(run_dir, checkpoints)
+            recorder = Recorder(
+                run_dir,
+                self.metric_columns,
+                UPDATE_COLUMNS if record_updates else None,
+                FAILURE_COLUMNS,
+                resume_at=snapshot.meta["recorder"] if snapshot is not None else None,
+            )
         progress = make_progress(bool(self.cfg.get("progress", False)), self.settings, title=type(self.strategy).__name__, console=console)
+        trackers = []
         try:
-            if recorder:
-                recorder.write_config(OmegaConf.to_yaml(self.cfg, resolve=True))
+            config_yaml = OmegaConf.to_yaml(self.cfg, resolve=True)
+            if recorder and snapshot is None:
+                recorder.write_config(config_yaml)
+                write_partition_summary(run_dir, self.clients)
+            if self.trackers:
+                config = OmegaConf.to_container(self.cfg, resolve=True)
+                trackers = make_trackers(self.trackers, run_dir, config, config_yaml, self.cfg.get("tracker_project"))
+
+            def on_eval(row: dict) -> None:
+                if recorder:
+                    recorder.add_row(row)
+                for tracker in trackers:
+                    tracker.log(row)
+                _log_row(row)
+
+            checkpointable = checkpoints is not None and getattr(self.strategy, "jittable", True)
             sim = Simulator(
                 self.strategy,
                 self.params,
@@ -102,19 +215,32 @@ class Experiment:
                 self.scheduler(),
                 self.evaluate,
                 self.settings,
-                on_eval=(lambda row: (recorder.add_row(row), _log_row(row))) if recorder else _log_row,
+                on_eval=on_eval,
                 on_updates=recorder.add_updates if recorder and record_updates else None,
                 on_progress=progress,
+                on_failures=recorder.add_failures if recorder else None,
+                on_checkpoint=self._checkpoint_writer(checkpoints, recorder) if checkpointable else None,
+                on_step=_crash_hook() if snapshot is None else None,  # a resumed run is never killed again
             )
-            if progress is not None:
-                with progress:
-                    result = sim.run()
-            else:
-                result = sim.run()
+            try:
+                with stop_on_signals(sim), (progress if progress is not None else contextlib.nullcontext()):
+                    result = sim.run(resume=snapshot)
+            except Interrupted as exc:
+                exc.checkpoint = checkpoints.latest() if checkpoints is not None and exc.checkpointed else None
+                raise
             result.summary["strategy"] = repr(self.strategy)
             result.summary["seed"] = self.settings.seed
+            if "diverged" in result.summary:
+                latest = checkpoints.latest() if checkpoints is not None else None
+                result.summary["diverged"]["last_good_checkpoint"] = str(latest) if latest is not None else None
+                log.error(
+                    "last good checkpoint: %s",
+                    latest if latest is not None else "none (set checkpoint_every to keep checkpoints of finite models)",
+                )
             if recorder:
                 recorder.write_summary(result.summary)
+                if "diverged" not in result.summary:  # finished: the checkpoints have served their purpose
+                    shutil.rmtree(checkpoints.directory, ignore_errors=True)
                 try:
                     plot_run(run_dir)
                 except Exception as exc:  # a finished run stays finished if a plot fails
@@ -123,6 +249,72 @@ class Experiment:
         finally:
             if recorder:
                 recorder.close()
+            try:
+                close_all(trackers)
+            except Exception as exc:  # the run's own files are complete; only a tracker is left unclosed
+                log.warning("could not close a tracker: %s", exc)
+
+    def _checkpoint_writer(self, checkpoints: CheckpointManager, recorder: Recorder | None):
+        fingerprint = self.fingerprint()
+
+        def write(snapshot: Snapshot) -> Path:
+            snapshot.meta["fingerprint"] = fingerprint
+            if recorder is not None:
+                snapshot.meta["recorder"] = recorder.position()
+            path = checkpoints.save(snapshot)
+            log.info("checkpoint at version %d: %s", snapshot.version, path)
+            return path
+
+        return write
+
+
+@contextlib.contextmanager
+def stop_on_signals(sim: Simulator):
+    """While running: the first SIGTERM/SIGINT asks `sim` to checkpoint and stop after the current
+    aggregation; a second one stops at once. Only in the main thread (where Python takes signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if sim.interrupt is not None:
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        sim.interrupt = signum
+        log.warning("received %s: stopping after the current aggregation (send it again to stop at once)", signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _crash_hook():
+    """With $ASYNCFLOWER_JAX_KILL_AT_VERSION=v a run that did not resume SIGKILLs its process once
+    version v is done (after that round's checkpoint): a deterministic crash for recovery tests."""
+    value = os.environ.get(KILL_AT_VERSION_ENV)
+    if not value:
+        return None
+    kill_at = int(value)
+
+    def step(version: int) -> None:
+        if version >= kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return step
+
+
+def _combined(*evaluators):
+    """One evaluate(params) returning the union of the evaluators' metrics."""
+
+    def evaluate(params) -> dict[str, float]:
+        out = {}
+        for evaluator in evaluators:
+            out.update(evaluator(params))
+        return out
+
+    return evaluate
 
 
 def _log_row(row: dict) -> None:
@@ -136,3 +328,8 @@ def _log_row(row: dict) -> None:
         row["test_accuracy"],
         row["test_loss"],
     )
+    if "client_accuracy_mean" in row:
+        log.info(
+            "version %5d  client accuracy mean %.4f  10th percentile %.4f  worst %.4f",
+            row["version"], row["client_accuracy_mean"], row["client_accuracy_p10"], row["client_accuracy_worst"],
+        )

@@ -128,10 +128,19 @@ def load_run(run_dir: Path) -> Run:
         summary, problem = read_summary(run_dir), None
     except json.JSONDecodeError:
         summary, problem = None, "unreadable summary.json"
-    if problem is None and summary is None:
-        problem = "unfinished: no summary.json (still running, killed or failed)"
+    failed = Path(run_dir) / "failed.json"
+    if problem is None and summary is None and failed.is_file():
+        try:
+            record = json.loads(failed.read_text())
+            problem = f"failed: {record.get('error')}: {record.get('message')}"
+        except json.JSONDecodeError:
+            problem = "failed (unreadable failed.json)"
+    elif problem is None and summary is None:
+        problem = "unfinished: no summary.json (still running, or killed: resume it with resume=<run dir>)"
     elif problem is None and num_rows(metrics) == 0:
         problem = "summary.json present but metrics.csv has no rows"
+    elif problem is None and summary.get("stop_reason") == "diverged":
+        problem = f"diverged: {summary.get('diverged', {}).get('message', 'the model became non-finite')}"
     overrides = read_overrides(run_dir)
     key = overrides_key(overrides) if overrides is not None else config_key(config)
     return Run(run_dir, key, run_seed(config, summary), metrics, summary, problem)

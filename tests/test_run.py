@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from asyncflower_jax.engine.simulator import METRIC_COLUMNS, UPDATE_COLUMNS
 from asyncflower_jax.errors import ConfigError
-from asyncflower_jax.experiment import Experiment
+from asyncflower_jax.runner import run_job
 from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def test_sweep_writes_one_directory_per_job(tmp_path):
             rows = list(csv.DictReader(f))
         assert tuple(rows[0]) == UPDATE_COLUMNS
         assert len(rows) == summary["client_updates"]
-        expected_pngs = {"accuracy_loss.png", "staleness.png", "staleness_histogram.png", "arrival_rate.png", "participation.png"}
+        expected_pngs = {"accuracy_loss.png", "staleness.png", "staleness_histogram.png", "arrival_rate.png", "participation.png", "in_flight.png"}
         assert {p.name for p in run.glob("*.png")} == expected_pngs
     assert "\x1b[" not in proc.stdout + proc.stderr  # not a terminal: no live display, plain log lines
 
@@ -70,6 +71,9 @@ def test_a_bad_job_in_a_sweep_does_not_stop_the_others(tmp_path):
     assert "strategy.buffer_size=5 is invalid" in proc.stdout + proc.stderr
     [run_dir] = finished_runs(tmp_path)
     assert json.loads((run_dir / "summary.json").read_text())["strategy"].startswith("FedAsync")
+    [failed] = [p.parent for p in tmp_path.rglob("failed.json")]  # the bad job is marked as failed
+    assert "fedbuff" in failed.name and not (failed / "summary.json").exists()
+    assert "strategy.buffer_size=5 is invalid" in json.loads((failed / "failed.json").read_text())["message"]
 
 
 def test_invalid_setting_exits_with_message_not_traceback(tmp_path):
@@ -120,6 +124,18 @@ BAD = [
     (["strategy=fedbuff", "strategy.server_optimizer=sgdx"], "strategy.server_optimizer"),
     (["client.num_steps=0"], "client.num_steps=0 is invalid"),
     (["client.batch_size=-4"], "client.batch_size=-4 is invalid"),
+    (["faults.dropout=1.5"], "faults.dropout=1.5 is invalid: must be a probability in [0, 1]"),
+    (["faults.nan=-0.1"], "faults.nan=-0.1 is invalid: must be a probability in [0, 1]"),
+    (["faults.failure=abc"], "faults.failure='abc' is invalid"),
+    (["faults.dropout=0.6", "faults.nan=0.4"], "faults.dropout + faults.failure + faults.nan=1.0 is invalid: must be < 1"),
+    (["faults.timeout=0"], "faults.timeout=0 is invalid: must be a number > 0"),
+    (["faults.timeout=-2.5"], "faults.timeout=-2.5 is invalid"),
+    (["+faults.jitter=0.1"], "faults.jitter=0.1 is invalid: unknown key; must be one of the keys ['dropout', 'failure', 'nan', 'timeout']"),
+    (["checkpoint_every=-1"], "checkpoint_every=-1 is invalid: must be an integer >= 0 or null"),
+    (["checkpoint_every=2.5"], "checkpoint_every=2.5 is invalid"),
+    (["keep_checkpoints=0"], "keep_checkpoints=0 is invalid: must be an integer >= 1"),
+    (["reject_nonfinite=maybe"], "reject_nonfinite='maybe' is invalid: must be true or false"),
+    (["resume=5"], "resume=5 is invalid: must be true, false or a run directory"),
     (["strategy=unbiased_fedbuff", "participation=scalar", "participation.probability=0"], "participation.probability=0 is invalid"),
     (["strategy=unbiased_ca2fl", "participation=scalar", "participation.probability=1.5"], "participation.probability=1.5 is invalid"),
     (["strategy=unbiased_ca2fl", "participation=group_lookup", "participation.fractions=[0.5,0.4]"], "participation.fractions=[0.5, 0.4] is invalid"),
@@ -128,11 +144,45 @@ BAD = [
     (["strategy=fedstaleasync", "strategy.weighting=size"], "strategy.weighting='size' is invalid"),
     (["strategy=fedstaleasync", "strategy.buffer_size=-2"], "strategy.buffer_size=-2 is invalid"),
     (["strategy=fedstaleasync_constant", "strategy.personalized_b=true"], "strategy.alpha='Constant' is invalid: must be a Hinge"),
+    # the top-level schema (config_schema): unknown keys with the closest known one, types, ranges, choices
+    (["+num_client=5"], "num_client=5 is invalid: unknown key; did you mean num_clients?"),
+    (["+fault.dropout=0.1"], "fault={'dropout': 0.1} is invalid: unknown key; did you mean faults?"),
+    (["+strategi.alpha=0.5"], "strategi={'alpha': 0.5} is invalid: unknown key; did you mean strategy?"),
+    (["+faults.dropot=0.1"], "faults.dropot=0.1 is invalid: unknown key; did you mean faults.dropout?"),
+    (["+bogus_setting=1"], "bogus_setting=1 is invalid: unknown key; must be one of the keys ["),
+    (["num_clients=ten"], "num_clients='ten' is invalid: must be an integer >= 1"),
+    (["seed=1.5"], "seed=1.5 is invalid: must be an integer >= 0"),
+    (["max_updates=1e3"], "max_updates=1000.0 is invalid: must be an integer >= 1 or null"),
+    (["max_time=fast"], "max_time='fast' is invalid: must be a number > 0 or null"),
+    (["progress=maybe"], "progress='maybe' is invalid: must be true or false"),
+    (["record_updates=1"], "record_updates=1 is invalid: must be true or false"),
+    (["reject_nonfinite=null"], "reject_nonfinite=None is invalid: must be true or false"),
+    (["keep_checkpoints=two"], "keep_checkpoints='two' is invalid: must be an integer >= 1"),
+    (["validation_fraction=-0.1"], "validation_fraction=-0.1 is invalid: must be a number in [0, 1)"),
+    (["execution=loop"], "execution='loop' is invalid: must be one of ('auto', 'vmap', 'map')"),
+    (["compute_dtype=int8"], "compute_dtype='int8' is invalid: must be one of ('bfloat16', 'float16') or null"),
+    (["devices=0"], "devices=0 is invalid: must be an integer >= 1 or null"),
+    (["tracker_project=[a,b]"], "tracker_project=['a', 'b'] is invalid: must be a string or null"),
+    (["faults=0.5"], "faults=0.5 is invalid: must be a mapping of the keys ['dropout', 'failure', 'nan', 'timeout'] or null"),
 ]
 
 
 @pytest.mark.parametrize("overrides, fragment", BAD, ids=[" ".join(o) for o, _ in BAD])
-def test_bad_configuration_is_rejected_at_start_up(overrides, fragment):
-    with pytest.raises(ConfigError) as err:
-        Experiment(make_config(*overrides))
+def test_bad_configuration_is_rejected_at_start_up(overrides, fragment, tmp_path):
+    """Rejected before anything is computed, within seconds, leaving only failed.json (with the
+    message) in the run directory: nothing that looks like a finished or resumable run."""
+
+    def too_slow(signum, frame):
+        raise TimeoutError(f"{overrides} was not rejected within 60 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(60)
+    try:
+        with pytest.raises(ConfigError) as err:
+            run_job(make_config(*overrides), tmp_path / "run")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert fragment in str(err.value)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["failed.json"]
+    assert fragment in json.loads((tmp_path / "run" / "failed.json").read_text())["message"]

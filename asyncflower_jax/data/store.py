@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 
+from .partition import Partition
+
 
 class ClientStore(NamedTuple):
     """x, y hold all clients' samples back to back; client c owns rows offsets[c] : offsets[c] + counts[c].
 
-    No per-client Python objects: memory grows with the data, not with the number of clients.
-    `offsets` and `counts` stay on the host (numpy); kernels receive the rows they need.
+    No per-client Python objects: memory grows with the data, not with the number of clients
+    (two int32 per client beside the samples; `nbytes` measures it). `offsets` and `counts` stay
+    on the host (numpy); kernels receive the rows they need and gather batches on the device.
     """
 
     x: jnp.ndarray
@@ -21,15 +25,22 @@ class ClientStore(NamedTuple):
     counts: np.ndarray
 
     @classmethod
-    def from_partition(cls, x: np.ndarray, y: np.ndarray, parts: list[np.ndarray], dtype=jnp.float32) -> "ClientStore":
-        order = np.concatenate(parts)
-        counts = np.array([len(p) for p in parts], dtype=np.int32)
-        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
-        return cls(jnp.asarray(x[order], dtype=dtype), jnp.asarray(y[order]), offsets, counts)
+    def from_partition(cls, x: np.ndarray, y: np.ndarray, parts: Partition | Sequence[np.ndarray], dtype=jnp.float32) -> "ClientStore":
+        """`parts`: a Partition, or one index array per client."""
+        if not isinstance(parts, Partition):
+            parts = Partition.from_parts(parts)
+        counts = parts.counts.astype(np.int32)
+        offsets = parts.offsets.astype(np.int32)
+        return cls(jnp.asarray(np.asarray(x)[parts.order], dtype=dtype), jnp.asarray(np.asarray(y)[parts.order]), offsets, counts)
 
     @property
     def num_clients(self) -> int:
         return len(self.counts)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the flat sample arrays (device) plus the per-client offsets and counts (host)."""
+        return int(self.x.nbytes + self.y.nbytes + self.offsets.nbytes + self.counts.nbytes)
 
     def client(self, c: int) -> tuple[np.ndarray, np.ndarray]:
         """Client c's samples (host copies; for tests and inspection)."""

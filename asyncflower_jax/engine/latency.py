@@ -127,3 +127,76 @@ class ClientGroups(LatencyModel):
 
     def sample(self, rng, profile):
         return rng.exponential(1.0 / profile)
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform(LatencyModel):
+    """Durations ~ Uniform(low_c, high_c) with low_c, high_c = `low`, `high` times a client speed factor
+    lognormal(0, `client_sigma`) (1 for every client by default)."""
+
+    low: float = 0.5
+    high: float = 1.5
+    client_sigma: float = 0.0
+
+    def __post_init__(self):
+        require(self.low > 0, "latency.low", self.low, "> 0")
+        require(self.high >= self.low, "latency.high", self.high, f">= latency.low ({self.low})")
+        require(self.client_sigma >= 0, "latency.client_sigma", self.client_sigma, ">= 0")
+
+    def client_profile(self, rng, num_clients):
+        return rng.lognormal(0.0, self.client_sigma, num_clients)
+
+    def sample(self, rng, profile):
+        return profile * rng.uniform(self.low, self.high, len(profile))
+
+
+class NeedsWork:
+    """Mixin of latency models whose durations follow each client's local work and the model size:
+    the experiment calls `bind(examples_per_task, model_bytes)` before the run."""
+
+    def bind(self, examples_per_task: np.ndarray, model_bytes: float):
+        return dataclasses.replace(self, examples=np.asarray(examples_per_task, np.float64), model_bytes=float(model_bytes))
+
+    def _bound(self):
+        if self.examples is None or self.model_bytes is None:
+            raise RuntimeError(f"{type(self).__name__} needs bind(examples_per_task, model_bytes) before use")
+        return self.examples, self.model_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkProportional(NeedsWork, LatencyModel):
+    """Duration = compute + communication, per task times lognormal(0, `noise_sigma`):
+
+        compute_c = examples_c * seconds_per_example / speed_c,   speed_c ~ lognormal(0, speed_sigma)
+        communication_c = 2 * model_bytes / bandwidth_c,          bandwidth_c = bandwidth * lognormal(0, bandwidth_sigma)
+
+    examples_c is the samples client c processes per task (steps x batch size, or epochs x its size)
+    and model_bytes the size of the parameters (downloaded, then uploaded). Times are in simulated
+    units; with seconds_per_example in seconds and bandwidth in bytes per second they are seconds.
+    """
+
+    seconds_per_example: float = 0.001
+    bandwidth: float = 1.0e6
+    speed_sigma: float = 0.5
+    bandwidth_sigma: float = 0.5
+    noise_sigma: float = 0.1
+    examples: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    model_bytes: float | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        require(self.seconds_per_example >= 0, "latency.seconds_per_example", self.seconds_per_example, ">= 0")
+        require(self.bandwidth > 0, "latency.bandwidth", self.bandwidth, "> 0 (bytes per unit of time)")
+        for key in ("speed_sigma", "bandwidth_sigma", "noise_sigma"):
+            require(getattr(self, key) >= 0, f"latency.{key}", getattr(self, key), ">= 0")
+
+    def client_profile(self, rng, num_clients):
+        examples, model_bytes = self._bound()
+        require(len(examples) == num_clients, "latency", f"work for {len(examples)} clients", f"work for each of the {num_clients} clients")
+        speed = rng.lognormal(0.0, self.speed_sigma, num_clients)
+        bandwidth = self.bandwidth * rng.lognormal(0.0, self.bandwidth_sigma, num_clients)
+        duration = examples * self.seconds_per_example / speed + 2.0 * model_bytes / bandwidth
+        require(bool(np.all(duration > 0)), "latency.seconds_per_example", self.seconds_per_example, "such that every task takes some time")
+        return duration
+
+    def sample(self, rng, profile):
+        return profile * rng.lognormal(0.0, self.noise_sigma, len(profile))

@@ -4,6 +4,11 @@ A client's result depends only on its start version, its data and its key, all f
 dispatch; so when an aggregation needs any untrained result, every untrained client is trained
 in one batched call (the largest batch exactness allows). Results wait on the device until
 their (simulated) arrival is aggregated.
+
+Tasks with an injected NaN fault are trained like the others and their results then replaced by
+NaNs, so the non-finite check (`is_finite`, one host transfer per trained chunk) sees what a
+diverged client would send. `export`/`restore` carry the trained-but-unconsumed results through
+a checkpoint, so a resumed run aggregates bit-identical values.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..client.batched import BatchedTrainer, TrainedChunk
+from .faults import NAN
 from .scheduler import Task
 from .versions import VersionCache
 
@@ -29,14 +35,38 @@ def _concat_in_order(parts, inverse):
     return jax.tree.map(lambda *leaves: jnp.concatenate(leaves)[inverse], *parts)
 
 
+@jax.jit
+def _poison_rows(tree, loss, rows):
+    """NaN in every entry of the rows where `rows` is True (the injected 'client returns NaN' fault)."""
+
+    def poison(leaf):
+        mask = rows.reshape(rows.shape + (1,) * (leaf.ndim - 1))
+        return jnp.where(mask, jnp.nan, leaf)
+
+    return jax.tree.map(poison, tree), jnp.where(rows, jnp.nan, loss)
+
+
+@jax.jit
+def rows_finite(tree):
+    """Per row (leading axis): True when every entry of every leaf is finite."""
+    flags = [jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1) for leaf in jax.tree.leaves(tree)]
+    return jnp.stack(flags).all(axis=0)
+
+
 class PendingResults:
-    def __init__(self, trainer: BatchedTrainer):
+    """`horizon`, when given, is called at each flush and returns None (train every untrained
+    client) or a predicate on tasks: only those it accepts are trained now, the others stay
+    untrained (the simulator leaves out clients that cannot arrive before the run stops)."""
+
+    def __init__(self, trainer: BatchedTrainer, horizon=None):
         self.trainer = trainer
+        self.horizon = horizon
         self._untrained: list[Task] = []
         self._where: dict[int, tuple[int, int]] = {}  # dispatch id -> (chunk id, row)
         self._chunks: dict[int, TrainedChunk] = {}
         self._chunk_refs: dict[int, int] = {}
         self._next_chunk = 0
+        self._finite: dict[int, jax.Array | np.ndarray] = {}  # chunk id -> per-row finiteness (fetched once)
         self.flush_sizes: list[int] = []
 
     def add(self, task: Task) -> None:
@@ -46,27 +76,63 @@ class PendingResults:
         return dispatch_id in self._where
 
     def flush(self, versions: VersionCache) -> None:
-        """Train every untrained client in one batched call."""
+        """Train every untrained client (that the horizon, if any, accepts) in one batched call."""
         tasks, self._untrained = self._untrained, []
+        needed = self.horizon() if self.horizon is not None else None
+        if needed is not None:
+            self._untrained = [t for t in tasks if not needed(t)]
+            tasks = [t for t in tasks if needed(t)]
         if not tasks:
             return
-        live = sorted({t.start_version for t in tasks})
-        slot = {v: i for i, v in enumerate(live)}
-        chunks = self.trainer.train(
-            [versions.get(v) for v in live],
-            np.array([slot[t.start_version] for t in tasks]),
-            np.array([t.client for t in tasks]),
-            np.array([t.dispatch_id for t in tasks]),
-        )
-        tasks_iter = iter(tasks)
+        stacked, rows = versions.stacked_rows([t.start_version for t in tasks])
+        chunks = self.trainer.train_from(stacked, rows, np.array([t.client for t in tasks]), np.array([t.dispatch_id for t in tasks]))
+        lo = 0
         for chunk in chunks:
-            cid = self._next_chunk
-            self._next_chunk += 1
-            self._chunks[cid] = chunk
-            self._chunk_refs[cid] = chunk.n
-            for row in range(chunk.n):
-                self._where[next(tasks_iter).dispatch_id] = (cid, row)
+            chunk_tasks = tasks[lo : lo + chunk.n]
+            lo += chunk.n
+            poisoned = [t.fault == NAN for t in chunk_tasks]
+            if any(poisoned):
+                rows = np.zeros(len(chunk.loss), bool)
+                rows[: chunk.n] = poisoned
+                params, loss = _poison_rows(chunk.params, chunk.loss, rows)
+                chunk = chunk._replace(params=params, loss=loss)
+            self._add_chunk(chunk, [t.dispatch_id for t in chunk_tasks])
         self.flush_sizes.append(len(tasks))
+
+    def _add_chunk(self, chunk: TrainedChunk, dispatch_ids: list[int]) -> None:
+        cid = self._next_chunk
+        self._next_chunk += 1
+        self._chunks[cid] = chunk
+        self._chunk_refs[cid] = chunk.n
+        for row, did in enumerate(dispatch_ids):
+            self._where[did] = (cid, row)
+
+    def is_finite(self, dispatch_id: int) -> bool:
+        """Whether a trained result is finite everywhere (the chunk's flags come to the host once)."""
+        cid, row = self._where[dispatch_id]
+        flags = self._finite.get(cid)
+        if flags is None:
+            flags = self._finite[cid] = np.asarray(rows_finite(self._chunks[cid].params))
+        return bool(flags[row])
+
+    def untrained_ids(self) -> list[int]:
+        """Dispatch ids waiting for the next flush, in the order they will be trained."""
+        return [t.dispatch_id for t in self._untrained]
+
+    def export(self) -> tuple[list[int], list[int], object]:
+        """(untrained ids, trained ids, (stacked params, losses) of the trained ones or None): what
+        a checkpoint needs to continue exactly. The trained values are device arrays."""
+        trained = sorted(self._where)
+        return self.untrained_ids(), trained, (self.take(trained) if trained else None)
+
+    def restore(self, untrained: list[Task], trained_ids: list[int], trained, flush_sizes: list[int]) -> None:
+        """Load what `export` returned: `untrained` tasks (in order) and the trained results as one chunk."""
+        assert not self._untrained and not self._where, "restore into a fresh PendingResults"
+        self._untrained = list(untrained)
+        if trained_ids:
+            params, loss = trained
+            self._add_chunk(TrainedChunk(params, loss, len(trained_ids)), list(trained_ids))
+        self.flush_sizes = list(flush_sizes)
 
     def take(self, dispatch_ids: list[int]):
         """Stacked (params, loss) of the listed results, in order (ids may repeat, for padding)."""
@@ -91,6 +157,7 @@ class PendingResults:
         self._chunk_refs[cid] -= 1
         if self._chunk_refs[cid] == 0:
             del self._chunk_refs[cid], self._chunks[cid]
+            self._finite.pop(cid, None)
 
     @property
     def num_stored(self) -> int:

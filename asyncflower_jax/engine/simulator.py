@@ -11,11 +11,28 @@ Order of operations (the reference in engine/reference.py follows the same):
   3. aggregate the arrivals (staleness = current version - start version) into a new version;
      with refill "on_aggregation" idle slots are then filled from the new version;
   4. evaluate every `eval_every` versions; stop at max versions / updates / simulated time.
+
+Failures (engine/faults.py): a dropout, an error or a timeout is seen at its event, a result with a
+NaN or infinite entry when its round is aggregated (`reject_nonfinite`); either way it is counted,
+told to the strategy (`on_failures`), never enters the update batch, never counts toward a buffer,
+and its slot is refilled at once from the current version. A non-finite global model, checked at
+every evaluation and checkpoint, stops the run ("diverged"). At the end of any aggregation the loop
+can hand a checkpoint to `on_checkpoint`; `run(resume=...)` continues from it with the same values
+as an uninterrupted run (engine/checkpoint.py).
+
+Availability (engine/availability.py): a dispatch picks among idle clients available at the clock.
+A slot that finds none stays empty; before each arrival is popped (and within a time window) the
+loop fills the empty slots, then moves the clock to each moment an idle client becomes available
+that comes before the next arrival, filling them there (a wait). Empty slots are those below
+`concurrency`, less the arrivals of the round for "on_aggregation" rules (a cohort never has more
+than `concurrency` clients). With nothing in flight and no idle client ever available again, the
+run stops ("unavailable").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,12 +42,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..client.batched import BatchedTrainer, bucket_size, stack_trees
+from .. import config_schema
 from ..errors import ConfigError, require
 from ..strategy.base import REFILL_POLICIES, AsyncStrategy
 from ..strategy.updates import PyTree, UpdateBatch
+from .checkpoint import Snapshot, capture_run, restore_run
+from .availability import AvailabilityModel
+from .faults import FAILURE_KINDS, LOST, NONFINITE, Faults
 from .pending import PendingResults
 from .scheduler import Scheduler, Task
 from .versions import VersionCache
+
+log = logging.getLogger(__name__)
+LOGGED_REJECTIONS = 10  # rejected non-finite updates logged one by one; the rest are only counted
+STALL_FAILURES_PER_SLOT = 100  # this many failures per client slot in a row, with no aggregation, stop the run
+
+
+class RunStalled(RuntimeError):
+    """Client tasks keep failing and nothing is aggregated: the run would never reach its stop condition."""
 
 METRIC_COLUMNS = (
     "version",
@@ -54,6 +83,8 @@ UPDATE_COLUMNS = (  # updates.csv: one row per aggregated client update
     "update_norm",  # L2 norm of D_i = start - trained over all leaves
     "local_loss",  # mean training loss of its local steps
     "num_examples",
+    "dispatch_time",  # simulated time the client was sent out
+    "weight",  # the weight the rule gave it in its aggregation (AsyncStrategy.update_weights; nan: not defined)
 )
 
 
@@ -69,24 +100,32 @@ class SimulationSettings:
     max_time: float | None = None
     eval_every: int = 10
     chunk_size: int = 256
+    faults: Faults | None = None  # injected client faults (None: none)
+    reject_nonfinite: bool = True  # drop updates with a NaN or infinite entry before aggregation
+    checkpoint_every: int | None = None  # versions between checkpoints (None or 0: only on a signal)
+    availability: AvailabilityModel | None = None  # when clients can be dispatched (None: always)
 
     def __post_init__(self):
-        def positive_int(key, value):
-            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key, value, "an integer >= 1")
+        # the rules of config_schema, the one definition of each top-level setting's range
+        values = {key: getattr(self, key) for key in SCHEMA_KEYS}
+        for key, value in values.items():
+            config_schema.check(key, value)
+        config_schema.check_rules(values)
+        if self.checkpoint_every == 0:
+            object.__setattr__(self, "checkpoint_every", None)
+        require(self.faults is None or isinstance(self.faults, Faults), "faults", self.faults, "a Faults block or null")
+        require(
+            self.availability is None or isinstance(self.availability, AvailabilityModel),
+            "availability",
+            self.availability,
+            "an availability model (conf/availability/) or null",
+        )
 
-        positive_int("num_clients", self.num_clients)
-        positive_int("concurrency", self.concurrency)
-        require(self.concurrency <= self.num_clients, "concurrency", self.concurrency, f"<= num_clients ({self.num_clients})")
-        require(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
-        for key in ("max_versions", "max_updates"):
-            if getattr(self, key) is not None:
-                positive_int(key, getattr(self, key))
-        if self.max_time is not None:
-            require(self.max_time > 0, "max_time", self.max_time, "> 0 or null")
-        if self.max_versions is None and self.max_updates is None and self.max_time is None:
-            raise ConfigError("max_versions, max_updates and max_time are all null: set at least one so the run can stop")
-        positive_int("eval_every", self.eval_every)
-        positive_int("chunk_size", self.chunk_size)
+
+SCHEMA_KEYS = (  # SimulationSettings' fields that are top-level settings of config_schema
+    "num_clients", "concurrency", "seed", "max_versions", "max_updates", "max_time", "eval_every", "chunk_size",
+    "reject_nonfinite", "checkpoint_every",
+)
 
 
 def check_strategy(strategy: AsyncStrategy, settings: SimulationSettings) -> None:
@@ -116,11 +155,28 @@ class SimulationResult:
     summary: dict
 
 
+class Interrupted(Exception):
+    """The run was asked to stop (SIGTERM/SIGINT) and stopped at the end of an aggregation, after
+    handing a checkpoint to `on_checkpoint` when it has one."""
+
+    def __init__(self, signum: int, version: int, checkpointed: bool):
+        super().__init__(f"stopped by signal {signum} at version {version}")
+        self.signum, self.version, self.checkpointed = signum, version, checkpointed
+
+
 @jax.jit
-def update_facts(updates: UpdateBatch) -> jnp.ndarray:
-    """Per row of the batch, the L2 norm of D_i = start - trained over all leaves (one device call)."""
+def tree_finite(tree) -> jnp.ndarray:
+    """True when every entry of every leaf is finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def update_norms(updates: UpdateBatch) -> jnp.ndarray:
+    """Per row of the batch, the L2 norm of D_i = start - trained over all leaves."""
     squares = [jnp.sum(jnp.square(d.reshape(d.shape[0], -1)), axis=1) for d in jax.tree.leaves(updates.delta)]
     return jnp.sqrt(sum(squares))
+
+
+_jit_update_norms = jax.jit(update_norms)
 
 
 class Simulator:
@@ -129,11 +185,16 @@ class Simulator:
     Optional callbacks:
       on_eval(row): every metrics row (METRIC_COLUMNS) as it is produced;
       on_updates(rows): the per-update rows (UPDATE_COLUMNS) of the aggregations since the previous
-        call, delivered just before each metrics row (norms and losses stay on the device until then,
-        so there is one transfer per evaluation); None skips computing them;
+        call, delivered just before each metrics row (norms, weights and losses stay on the device
+        until then, so there is one transfer per evaluation); None skips computing them;
       on_progress(stats): after every aggregation, with version, sim_time, client_updates, wall_time,
         mean_staleness (over all updates so far) and test_accuracy (last evaluation). It is called per
-        aggregation, so it must be cheap: throttle inside (see results/progress.py).
+        aggregation, so it must be cheap: throttle inside (see results/progress.py);
+      on_failures(rows): the failed tasks (sim_time, client, dispatch_id, start_version, kind) since
+        the previous call, delivered with the update rows;
+      on_checkpoint(snapshot): every `settings.checkpoint_every` versions and when `interrupt` is set
+        (by a signal handler: the loop then raises Interrupted), a Snapshot to write;
+      on_step(version): at the very end of every round.
 """
 
     def __init__(
@@ -147,6 +208,9 @@ class Simulator:
         on_eval: Callable[[dict], None] | None = None,
         on_updates: Callable[[list[dict]], None] | None = None,
         on_progress: Callable[[dict], None] | None = None,
+        on_failures: Callable[[list[dict]], None] | None = None,
+        on_checkpoint: Callable[[Snapshot], Any] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ):
         check_strategy(strategy, settings)
         self.strategy = strategy
@@ -158,45 +222,189 @@ class Simulator:
         self.on_eval = on_eval
         self.on_updates = on_updates
         self.on_progress = on_progress
+        self.on_failures = on_failures
+        self.on_checkpoint = on_checkpoint
+        self.on_step = on_step
+        self.interrupt: int | None = None  # a signal number: checkpoint and stop after this aggregation
         self.kernel_traces = 0
         # The server state is donated (per-client memories are N x model: never copy them); the
-        # params are not, since the version cache still holds them.
-        self._kernel = jax.jit(self._traced_aggregate, donate_argnums=(1,))
+        # params are not, since the version cache still holds them. A rule that is not jittable
+        # (its state lives in the object) is called as it is, and nothing is compiled.
+        if getattr(strategy, "jittable", True):
+            self._kernel = jax.jit(self._traced_aggregate, donate_argnums=(1,))
+        else:
+            self._kernel = strategy.aggregate
+        # Per-update diagnostics in one device call, from the state before the kernel consumes it
+        # (a rule that is not jittable computes its weights as it is, beside the jitted norms).
+        self._facts = jax.jit(self._traced_facts) if getattr(strategy, "jittable", True) else self._host_facts
 
     def _traced_aggregate(self, params, state, updates):
         self.kernel_traces += 1  # runs only while tracing: counts compilations
         return self.strategy.aggregate(params, state, updates)
 
-    def run(self) -> SimulationResult:
+    def _traced_facts(self, state, updates):
+        """(update norms, the rule's update weights) per row of the batch."""
+        weights = jnp.asarray(self.strategy.update_weights(state, updates), jnp.result_type(float))
+        return update_norms(updates), weights
+
+    def _host_facts(self, state, updates):
+        return _jit_update_norms(updates), jnp.asarray(self.strategy.update_weights(state, updates), jnp.result_type(float))
+
+    def run(self, resume: Snapshot | None = None) -> SimulationResult:
+        """Simulate until a stop condition. With `resume`, a checkpoint this loop wrote (through
+        `on_checkpoint`) for the same configuration, continue from it instead of from version 0."""
         s, sched, strategy = self.settings, self.scheduler, self.strategy
         t0 = time.perf_counter()
-        versions = VersionCache()
-        pending = PendingResults(self.trainer)
+        # live versions: at most one per client in flight, the current and the next (rounded up to a
+        # power of two, so runs of similar concurrency share the compiled programs that read the table)
+        versions = VersionCache(stacked=True, capacity=bucket_size(s.concurrency + 2))
+        pending = PendingResults(self.trainer, horizon=lambda: horizon())
         version, params = 0, self.initial_params
         state = strategy.init(params)
-        versions.put(version, params)
         updates_done, server_round = 0, 1
         window_staleness: list[int] = []
         all_staleness: list[int] = []
         staleness_sum = 0
         history: list[dict] = []
-        # per-update rows since the last metrics row: (host facts, device norms, device losses) per aggregation
-        update_buffer: list[tuple[list[dict], jax.Array, jax.Array]] = []
+        failures = dict.fromkeys(FAILURE_KINDS, 0)
+        round_failures: list[dict] = []  # failures of the current round, told to the strategy
+        failure_buffer: list[dict] = []  # failure rows since the last metrics row (on_failures)
+        last_finite_version = 0  # the newest version found finite (at an evaluation or a checkpoint)
+        stall_limit = max(1000, STALL_FAILURES_PER_SLOT * s.concurrency)
+        failures_in_a_row = 0  # since the last aggregation
+        # per-update rows since the last metrics row: (host facts, device norms, weights, losses) per aggregation
+        update_buffer: list[tuple[list[dict], jax.Array, jax.Array, jax.Array]] = []
+        if resume is None:
+            versions.put(version, params)
+        else:
+            state, loop, all_staleness, history = restore_run(
+                resume, scheduler=sched, versions=versions, pending=pending, params_template=params, state_template=state
+            )
+            version, server_round, updates_done = int(loop["version"]), int(loop["server_round"]), int(loop["updates_done"])
+            staleness_sum, last_finite_version = int(loop["staleness_sum"]), int(loop["last_finite_version"])
+            window_staleness = [int(x) for x in loop["window_staleness"]]
+            failures.update({k: int(n) for k, n in loop["failures"].items()})
+            failures_in_a_row = int(loop["failures_in_a_row"])
+            params = versions.get(version)
+            t0 -= float(loop["wall_time"])
 
-        def fill():
-            while sched.num_in_flight < s.concurrency and sched.idle.count > 0:
+        def horizon():
+            """Which untrained clients a flush trains: near the stop, only those that can still be
+            aggregated (already arrived, finishing by max_time, and among the earliest in flight that
+            the remaining updates need); the rest wait, and are trained if they are needed after all
+            (a rejected or failed update): results never depend on when a client is trained."""
+            inf = float("inf")
+            limit = (inf, inf) if s.max_time is None else (s.max_time, inf)
+            if s.max_updates is not None:
+                per_round = value if kind == "buffer_size" else 1
+                left = max(0, s.max_updates - updates_done - len(arrivals))
+                needed = -(-left // per_round) * per_round
+                if needed < sched.num_in_flight:
+                    limit = min(limit, sched.kth_finish(needed) if needed > 0 else (-inf, -inf))
+            if limit == (inf, inf):
+                return None
+            return lambda t: t.dispatch_id not in sched.in_flight or (t.finish_time, t.dispatch_id) <= limit
+
+        def fill(limit: int | None = None):
+            """Dispatch idle clients from the current version up to `concurrency` (at most `limit`:
+            a failed task replaces only its own slot, also for "on_aggregation" rules)."""
+            while sched.num_in_flight < s.concurrency and sched.num_dispatchable() > 0 and limit != 0:
+                limit = None if limit is None else limit - 1
                 task = sched.dispatch(version)
                 versions.acquire(version)
-                pending.add(task)
+                if task.fault not in LOST:  # lost tasks never train
+                    pending.add(task)
+
+        def wait_for_clients(arrivals: list[Task], bound: float) -> None:
+            """Fill the empty slots now and at each moment an idle client becomes available before
+            the next arrival and before `bound` (availability only)."""
+            if sched.availability is None:
+                return
+            cohort = strategy.refill == "on_aggregation"
+            while True:
+                empty = s.concurrency - sched.num_in_flight - (len(arrivals) if cohort else 0)
+                if empty > 0:
+                    fill(limit=empty)
+                    empty = s.concurrency - sched.num_in_flight - (len(arrivals) if cohort else 0)
+                if empty <= 0:
+                    return
+                wake = sched.next_wake()
+                if not wake < min(sched.next_finish_time(), bound):
+                    return
+                sched.wake(wake)
+
+        def exhausted() -> bool:
+            """Nothing in flight, and no idle client available now or ever again (availability only)."""
+            return (
+                sched.availability is not None and sched.num_in_flight == 0 and sched.num_dispatchable() == 0
+                and sched.next_wake() == float("inf")
+            )
+
+        def lose(task: Task, kind: str) -> None:
+            """A task that brought nothing usable: count it and free its version (the caller refills)."""
+            nonlocal failures_in_a_row
+            failures[kind] += 1
+            failures_in_a_row += 1
+            row = {
+                "sim_time": task.finish_time,
+                "client": task.client,
+                "dispatch_id": task.dispatch_id,
+                "start_version": task.start_version,
+                "kind": kind,
+            }
+            round_failures.append(row)
+            if self.on_failures is not None:
+                failure_buffer.append(row)
+            versions.release(task.start_version)
+            if kind == NONFINITE:
+                pending.release(task.dispatch_id)
+                if failures[NONFINITE] <= LOGGED_REJECTIONS:
+                    log.warning(
+                        "rejected a non-finite update: client %d, dispatch %d, start version %d, arrival t=%.4f%s",
+                        task.client, task.dispatch_id, task.start_version, task.finish_time,
+                        "" if failures[NONFINITE] < LOGGED_REJECTIONS else " (further rejections are only counted)",
+                    )
+            if failures_in_a_row >= stall_limit:
+                raise RunStalled(
+                    f"{failures_in_a_row} client tasks in a row failed and nothing was aggregated (failures so far: {failures}) "
+                    f"at version {version}: the run cannot progress; check faults.* (dropout, failure, nan, timeout against "
+                    "the latency model), availability.drop_on_leave (tasks longer than the clients stay) and, for non-finite "
+                    "updates, client.learning_rate"
+                )
+
+        def reject_nonfinite(arrivals: list[Task]) -> bool:
+            """Drop the arrivals whose results have a NaN or infinite entry (training them first if
+            needed); their slots are refilled at once. True if any was dropped."""
+            if not all(pending.is_trained(t.dispatch_id) for t in arrivals):
+                pending.flush(versions)
+            bad = [t for t in arrivals if not pending.is_finite(t.dispatch_id)]
+            for task in bad:
+                arrivals.remove(task)
+                lose(task, NONFINITE)
+            if bad:
+                fill(limit=len(bad))
+            return bool(bad)
+
+        def healthy() -> bool:
+            """Whether the global model is finite everywhere (one small device-to-host transfer)."""
+            nonlocal last_finite_version
+            if bool(tree_finite(params)):
+                last_finite_version = version
+                return True
+            return False
 
         def flush_updates():
+            if failure_buffer:
+                self.on_failures(list(failure_buffer))
+                failure_buffer.clear()
             if not update_buffer or self.on_updates is None:
                 return
-            facts = jax.device_get([(norms, losses) for _, norms, losses in update_buffer])  # one transfer
+            facts = jax.device_get([device for _, *device in update_buffer])  # one transfer
             rows = []
-            for (host_rows, _, _), (norms, losses) in zip(update_buffer, facts):
+            for (host_rows, *_), (norms, weights, losses) in zip(update_buffer, facts):
                 for i, r in enumerate(host_rows):
                     r["update_norm"] = float(norms[i])
+                    r["weight"] = float(weights[i])
                     r["local_loss"] = float(losses[i])
                     rows.append(r)
             update_buffer.clear()
@@ -219,34 +427,80 @@ class Simulator:
             if self.on_eval is not None:
                 self.on_eval(row)
 
-        record()
-        fill()
+        def snapshot() -> Snapshot:
+            flush_updates()  # the rows written so far belong to the checkpoint's recorder position
+            loop = {
+                "version": version,
+                "server_round": server_round,
+                "updates_done": updates_done,
+                "staleness_sum": staleness_sum,
+                "window_staleness": list(window_staleness),
+                "failures": dict(failures),
+                "last_finite_version": last_finite_version,
+                "failures_in_a_row": failures_in_a_row,
+                "wall_time": time.perf_counter() - t0,
+            }
+            return capture_run(
+                loop=loop, scheduler=sched, versions=versions, pending=pending, state=state, all_staleness=all_staleness, history=history
+            )
+
+        if resume is None:
+            record()
+            fill()
         stop_reason = None
         while stop_reason is None:
             kind, value = strategy.round_delimiter(server_round)
             arrivals: list[Task] = []
             if kind == "buffer_size":
-                while len(arrivals) < value:
-                    if s.max_time is not None and sched.next_finish_time() > s.max_time:
-                        stop_reason = "max_time"
+                while True:  # until `value` finite arrivals (or the time limit)
+                    while len(arrivals) < value:
+                        wait_for_clients(arrivals, float("inf") if s.max_time is None else s.max_time)
+                        if exhausted():
+                            stop_reason = "unavailable"
+                            break
+                        if s.max_time is not None and sched.next_finish_time() > s.max_time:
+                            stop_reason = "max_time"
+                            break
+                        if sched.num_in_flight == 0:
+                            raise RuntimeError(f"round {server_round} waits for {value} arrivals but no client is in flight")
+                        task = sched.pop()
+                        if task.fault in LOST:
+                            lose(task, task.fault)
+                            fill(limit=1)
+                            continue
+                        arrivals.append(task)
+                        if strategy.refill == "on_arrival":
+                            fill()
+                    if stop_reason is not None or not s.reject_nonfinite or not reject_nonfinite(arrivals):
                         break
-                    if sched.num_in_flight == 0:
-                        raise RuntimeError(f"round {server_round} waits for {value} arrivals but no client is in flight")
-                    arrivals.append(sched.pop())
-                    if strategy.refill == "on_arrival":
-                        fill()
             else:
                 end = sched.clock + float(value)
                 if s.max_time is not None and end >= s.max_time:
                     end, stop_reason = s.max_time, "max_time"
-                while sched.next_finish_time() <= end:
-                    arrivals.append(sched.pop())
+                while True:
+                    wait_for_clients(arrivals, end)
+                    if sched.next_finish_time() > end:
+                        break
+                    task = sched.pop()
+                    if task.fault in LOST:
+                        lose(task, task.fault)
+                        fill(limit=1)
+                        continue
+                    arrivals.append(task)
                     if strategy.refill == "on_arrival":
                         fill()
                 sched.advance_to(end)
+                if arrivals and s.reject_nonfinite:
+                    reject_nonfinite(arrivals)
+                if stop_reason is None and exhausted():
+                    stop_reason = "unavailable"  # this window is still aggregated
+            if round_failures:
+                strategy.on_failures(server_round, list(round_failures))
+                round_failures.clear()
             if stop_reason is not None and kind == "buffer_size":
-                break  # an unfilled buffer at the time limit is not aggregated
+                break  # an unfilled buffer at the time limit (or with no client left) is not aggregated
             if arrivals:
+                failures_in_a_row = 0
                 params, state, facts = self._aggregate(params, state, version, arrivals, versions, pending)
                 stale = [version - t.start_version for t in arrivals]
                 window_staleness.extend(stale)
@@ -263,6 +517,7 @@ class Simulator:
                             "start_version": t.start_version,
                             "staleness": st,
                             "num_examples": int(counts[t.client]),
+                            "dispatch_time": t.dispatch_time,
                         }
                         for t, st in zip(arrivals, stale)
                     ]
@@ -279,7 +534,10 @@ class Simulator:
             elif s.max_updates is not None and updates_done >= s.max_updates:
                 stop_reason = "max_updates"
             if arrivals and (version % s.eval_every == 0 or stop_reason is not None):
-                record()
+                if healthy():
+                    record()
+                else:
+                    stop_reason = "diverged"
             if arrivals and self.on_progress is not None:
                 self.on_progress(
                     {
@@ -291,9 +549,22 @@ class Simulator:
                         "test_accuracy": history[-1]["test_accuracy"],
                     }
                 )
-        if history[-1]["version"] != version or history[-1]["sim_time"] != sched.clock:
-            record()
-        flush_updates()  # nothing left in practice: every aggregation is followed by a record before here
+            checkpoint_due = arrivals and s.checkpoint_every is not None and version % s.checkpoint_every == 0
+            if stop_reason is None and self.on_checkpoint is not None and (checkpoint_due or self.interrupt is not None):
+                if healthy():
+                    self.on_checkpoint(snapshot())
+                else:
+                    stop_reason = "diverged"
+            if stop_reason is None and self.interrupt is not None:
+                raise Interrupted(self.interrupt, version, checkpointed=self.on_checkpoint is not None)
+            if self.on_step is not None:
+                self.on_step(version)
+        if stop_reason != "diverged" and (history[-1]["version"] != version or history[-1]["sim_time"] != sched.clock):
+            if healthy():
+                record()
+            else:
+                stop_reason = "diverged"
+        flush_updates()  # rows of a diverged run's last aggregations; otherwise nothing is left here
 
         wall = time.perf_counter() - t0
         summary = {
@@ -312,15 +583,39 @@ class Simulator:
             "training_flushes": len(pending.flush_sizes),
             "mean_train_batch": float(np.mean(pending.flush_sizes)) if pending.flush_sizes else 0.0,
             "kernel_compilations": self.kernel_traces,
+            "failures": dict(failures),
+            "faults_injected": dict(sorted(sched.injected.items())),
+            "dispatched": sched.next_dispatch_id,
+            "in_flight_at_end": sched.num_in_flight,
+            "resumed_from_version": resume.version if resume is not None else None,
         }
+        if sched.availability is not None:
+            summary["availability"] = {"waits": sched.waits, "left_mid_task": sched.left}
+        if stop_reason == "unavailable":
+            summary["availability"]["message"] = (
+                f"no client was in flight and no idle client would ever be available again after simulated time {sched.clock}: "
+                f"the run stopped at version {version} (the availability intervals ended)"
+            )
+            log.warning("run stopped: %s", summary["availability"]["message"])
+        if stop_reason == "diverged":
+            summary["diverged"] = {
+                "version": version,
+                "last_finite_version": last_finite_version,
+                "message": (
+                    f"the global model became non-finite (NaN or infinite) after version {last_finite_version} "
+                    f"and was found so at version {version}; the run stopped there and its metrics end at "
+                    f"the last finite evaluation (version {history[-1]['version']})"
+                ),
+            }
+            log.error("run diverged: %s", summary["diverged"]["message"])
         return SimulationResult(params, state, history, summary)
 
     def _aggregate(self, params, state, version, arrivals, versions, pending):
         ids = [t.dispatch_id for t in arrivals]
         if not all(pending.is_trained(i) for i in ids):
             pending.flush(versions)
-        updates, loss = stack_updates(arrivals, version, pending.take, versions.get, self.trainer.store.counts)
-        facts = (update_facts(updates), loss) if self.on_updates is not None else None  # device arrays, padded rows
+        updates, loss = stack_updates(arrivals, version, pending.take, versions.get, self.trainer.store.counts, versions.gather)
+        facts = (*self._facts(state, updates), loss) if self.on_updates is not None else None  # device arrays, padded rows
         params, state = self._kernel(params, state, updates)
         for task in arrivals:
             pending.release(task.dispatch_id)
@@ -328,19 +623,21 @@ class Simulator:
         return params, state, facts
 
 
-def stack_updates(arrivals: list[Task], version: int, take_results, get_version, counts) -> tuple[UpdateBatch, Any]:
+def stack_updates(arrivals: list[Task], version: int, take_results, get_version, counts, gather_versions=None) -> tuple[UpdateBatch, Any]:
     """Stack arrivals into an UpdateBatch padded (by repeating the first row) to a power-of-two size,
-    with the local training losses `take_results` returned for the same rows."""
+    with the local training losses `take_results` returned for the same rows. The start models come
+    from `gather_versions(list of versions)` (stacked, one call) when given, else `get_version` each."""
     k = len(arrivals)
     rows = list(range(k)) + [0] * (bucket_size(k) - k)
     tasks = [arrivals[r] for r in rows]
     trained, loss = take_results([t.dispatch_id for t in tasks])
     batch = UpdateBatch(
         params=trained,
-        start=stack_trees([get_version(t.start_version) for t in tasks]),
-        staleness=jnp.asarray([version - t.start_version for t in tasks], jnp.int32),
-        num_examples=jnp.asarray([float(counts[t.client]) for t in tasks]),
-        client_id=jnp.asarray([t.client for t in tasks], jnp.int32),
-        mask=jnp.asarray([r < k for r in range(len(rows))]),
+        start=gather_versions([t.start_version for t in tasks]) if gather_versions else stack_trees([get_version(t.start_version) for t in tasks]),
+        # host (numpy) arrays: a jitted kernel takes them as they are, ten times faster than jnp.asarray of a list
+        staleness=np.asarray([version - t.start_version for t in tasks], np.int32),
+        num_examples=np.asarray([counts[t.client] for t in tasks], jnp.result_type(float)),
+        client_id=np.asarray([t.client for t in tasks], np.int32),
+        mask=np.arange(len(rows)) < k,
     )
     return batch, loss

@@ -1,30 +1,128 @@
-"""Live model versions, reference-counted: a version is freed when nobody holds it any more."""
+"""Live model versions, reference-counted: a version is freed when nobody holds it any more.
+
+With `stacked=True` (the simulator's setting) the versions live in one device table with a
+leading slot axis: a new version is written into a free slot in place (the table is donated), a
+freed version's slot is reused, and the table doubles when full (never beyond `capacity`, the
+most versions that can be live at once). Training and aggregation then gather the start
+versions they need by slot in one call, instead of stacking one pytree per version, whose cost
+and compile time grow with the number of live versions (thousands at large concurrency).
+"""
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from ..strategy.updates import PyTree
+
+FIRST_CAPACITY = 16  # slots of a new table at least ...
+FIRST_TABLE_BYTES = 256 << 20  # ... and as many more as fit in this (each new size compiles the kernels that read the table again)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _write_row(table, params, slot):
+    return jax.tree.map(lambda t, p: jax.lax.dynamic_update_index_in_dim(t, p.astype(t.dtype), slot, 0), table, params)
+
+
+@jax.jit
+def _read_row(table, slot):
+    return jax.tree.map(lambda t: jax.lax.dynamic_index_in_dim(t, slot, 0, keepdims=False), table)
+
+
+@jax.jit
+def _read_rows(table, slots):
+    return jax.tree.map(lambda t: t[slots], table)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _grow(table, capacity: int):
+    return jax.tree.map(lambda t: jnp.concatenate([t, jnp.zeros((capacity - t.shape[0], *t.shape[1:]), t.dtype)]), table)
 
 
 class VersionCache:
     """version -> params for every version the server or an unaggregated client still holds."""
 
-    def __init__(self):
-        self._params: dict[int, PyTree] = {}
+    def __init__(self, stacked: bool = False, capacity: int | None = None):
+        self.stacked = stacked
+        self.capacity = capacity  # stacked: the table never grows past this many slots (None: no bound)
+        self._params: dict[int, PyTree] = {}  # unstacked storage
         self._refs: dict[int, int] = {}
+        self._table: PyTree | None = None  # stacked storage: leaves [slots, ...]
+        self._slot: dict[int, int] = {}
+        self._free: list[int] = []
 
     def __len__(self) -> int:
-        return len(self._params)
+        return len(self._refs)
 
     def __contains__(self, version: int) -> bool:
-        return version in self._params
+        return version in self._refs
 
-    def put(self, version: int, params: PyTree) -> None:
-        """Add a new version, held once by its creator (release it when it stops being current)."""
-        assert version not in self._params, f"version {version} already cached"
-        self._params[version] = params
-        self._refs[version] = 1
+    @property
+    def slots(self) -> int:
+        """Slots of the stacked table (0 before the first version, or unstacked)."""
+        return 0 if self._table is None else jax.tree.leaves(self._table)[0].shape[0]
+
+    def _new_slot(self, params: PyTree) -> int:
+        if not self._free:
+            size = self.slots
+            if size == 0:
+                grown = FIRST_CAPACITY
+                if self.capacity is not None:  # bounded: start with what fits the byte budget
+                    model_bytes = max(1, sum(int(np.prod(jnp.shape(p))) * jnp.result_type(p).itemsize for p in jax.tree.leaves(params)))
+                    grown = max(FIRST_CAPACITY, FIRST_TABLE_BYTES // model_bytes)
+            else:
+                grown = 2 * size
+            if self.capacity is not None:
+                grown = max(min(grown, self.capacity), size + 1)
+            if self._table is None:
+                self._table = jax.tree.map(lambda p: jnp.zeros((grown, *jnp.shape(p)), jnp.result_type(p)), params)
+            else:
+                self._table = _grow(self._table, grown)
+            self._free = list(range(grown - 1, size - 1, -1))  # lowest slot first
+        return self._free.pop()
+
+    def stacked_rows(self, versions: list[int]) -> tuple[PyTree, np.ndarray]:
+        """(a pytree with a leading version axis, the row of each listed version in it): what batched
+        training gathers its start versions from. Stacked: the table itself and the slots."""
+        if self.stacked:
+            return self._table, np.asarray([self._slot[v] for v in versions], np.int32)
+        from ..client.batched import bucket_size, stack_trees
+
+        live = sorted(set(versions))
+        row = {v: i for i, v in enumerate(live)}
+        padded = [self._params[v] for v in live] + [self._params[live[0]]] * (bucket_size(len(live)) - len(live))
+        return stack_trees(padded), np.asarray([row[v] for v in versions], np.int32)
+
+    def gather(self, versions: list[int]) -> PyTree:
+        """The listed versions (repeats allowed) stacked on a leading axis, in order."""
+        if self.stacked:
+            return _read_rows(self._table, np.asarray([self._slot[v] for v in versions], np.int32))
+        from ..client.batched import stack_trees
+
+        return stack_trees([self._params[v] for v in versions])
+
+    def put(self, version: int, params: PyTree, refs: int = 1) -> None:
+        """Add a new version, held once by its creator (release it when it stops being current);
+        `refs` > 1 restores a version that clients also hold (from a checkpoint)."""
+        assert version not in self._refs, f"version {version} already cached"
+        if self.stacked:
+            slot = self._new_slot(params)
+            self._table = _write_row(self._table, params, np.int32(slot))
+            self._slot[version] = slot
+        else:
+            self._params[version] = params
+        self._refs[version] = refs
+
+    def refs(self) -> dict[int, int]:
+        """version -> how many holders it has (the server for the current one, one per in-flight client)."""
+        return dict(self._refs)
 
     def get(self, version: int) -> PyTree:
+        if self.stacked:
+            return _read_row(self._table, np.int32(self._slot[version]))
         return self._params[version]
 
     def acquire(self, version: int) -> None:
@@ -33,4 +131,8 @@ class VersionCache:
     def release(self, version: int) -> None:
         self._refs[version] -= 1
         if self._refs[version] == 0:
-            del self._refs[version], self._params[version]
+            del self._refs[version]
+            if self.stacked:
+                self._free.append(self._slot.pop(version))  # the row is overwritten by a later version
+            else:
+                del self._params[version]

@@ -21,6 +21,7 @@ STALENESS_FILE = "staleness.png"
 STALENESS_HISTOGRAM_FILE = "staleness_histogram.png"
 ARRIVALS_FILE = "arrival_rate.png"
 PARTICIPATION_FILE = "participation.png"
+IN_FLIGHT_FILE = "in_flight.png"
 ARRIVAL_BINS = 50  # time bins of the arrival-rate plot (fewer for short runs)
 DPI = 120
 
@@ -160,7 +161,10 @@ def plot_participation(updates: dict[str, np.ndarray], num_clients: int | None, 
     ax = fig.subplots()
     counts = participation_counts(updates["client"], num_clients)
     ranks = np.arange(1, len(counts) + 1)
-    ax.bar(ranks, counts, width=1.0 if len(counts) > 50 else 0.85, color="C4", linewidth=0)
+    if len(counts) > 1000:  # a bar per client takes minutes for 100,000 clients: draw the same outline filled
+        ax.fill_between(ranks, counts, step="mid", color="C4", linewidth=0)
+    else:
+        ax.bar(ranks, counts, width=1.0 if len(counts) > 50 else 0.85, color="C4", linewidth=0)
     mean = float(counts.mean())
     ax.axhline(mean, color="0.25", linestyle="--", linewidth=1, label=f"mean {mean:.2f} per client")
     ax.set_xlabel(f"clients, sorted by participation ({len(counts)} clients, {int((counts == 0).sum())} never aggregated)")
@@ -174,12 +178,80 @@ def plot_participation(updates: dict[str, np.ndarray], num_clients: int | None, 
     return path
 
 
+def in_flight_steps(dispatch_time: np.ndarray, arrival_time: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Clients in flight as a step function of simulated time: (times, counts), counts[i] holding on
+    [times[i], times[i+1]) (and from the last time on). A client is in flight from its dispatch up to
+    its arrival; events at the same time are all applied (an arrival replaced at once counts once).
+    """
+    dispatch, arrival = np.sort(np.asarray(dispatch_time, float)), np.sort(np.asarray(arrival_time, float))
+    times = np.unique(np.concatenate([dispatch, arrival]))
+    counts = np.searchsorted(dispatch, times, side="right") - np.searchsorted(arrival, times, side="right")
+    return times, counts
+
+
+def in_flight_complete_until(dispatch_id: np.ndarray, dispatch_time: np.ndarray) -> float:
+    """Up to which simulated time updates.csv holds every client that was in flight.
+
+    Dispatch ids are issued in time order. A client missing from updates.csv (still in flight when
+    the run stopped, or arrived but never aggregated) has an id at or above the smallest missing
+    one, m, so it left no earlier than client m - 1: before that client's dispatch time the count
+    of in_flight_steps is exact, after it it may be short. Returns -inf when id 0 is missing.
+    """
+    ids = np.sort(np.asarray(dispatch_id, int))
+    gaps = np.flatnonzero(ids != np.arange(len(ids)))
+    m = int(gaps[0]) if len(gaps) else len(ids)
+    if m == 0:
+        return float("-inf")
+    return float(np.asarray(dispatch_time, float)[np.asarray(dispatch_id, int) == m - 1][0])
+
+
+def step_time_average(times: np.ndarray, counts: np.ndarray, until: float) -> float:
+    """Time average over [times[0], until] of the step function counts[i] on [times[i], times[i+1])."""
+    held = np.clip(np.append(np.minimum(times[1:], until), until) - times, 0.0, None)  # time each step holds before `until`
+    return float(np.sum(counts * held) / (until - times[0]))
+
+
+def plot_in_flight(updates: dict[str, np.ndarray], concurrency: int | None, title: str, path: Path) -> Path:
+    """Clients in flight (dispatched, not yet arrived) over simulated time, from updates.csv's
+    dispatch_time and sim_time (arrival), with the configured concurrency for reference.
+
+    Clients still in flight when the run stopped are not in updates.csv (nor are arrivals that
+    were never aggregated), so the count falls off toward the end of the run: the stretch where it
+    may be short (see in_flight_complete_until) is shaded.
+    """
+    fig = new_figure(8, 4.5)
+    ax = fig.subplots()
+    times, counts = in_flight_steps(updates["dispatch_time"], updates["sim_time"])
+    end = float(times[-1])
+    exact_until = max(in_flight_complete_until(updates["dispatch_id"], updates["dispatch_time"]), float(times[0]))
+    if exact_until > times[0]:
+        label = f"clients in flight\n(time average {step_time_average(times, counts, exact_until):.2f})"
+    else:
+        label = "clients in flight"
+    ax.stairs(counts[:-1], times, color="C0", linewidth=1.6, baseline=None, label=label, zorder=3)
+    if concurrency:
+        ax.axhline(concurrency, color="0.35", linestyle=":", linewidth=1.2, label=f"concurrency {concurrency}", zorder=4)
+    if exact_until < end:
+        ax.axvspan(exact_until, end, color="0.5", alpha=0.15, linewidth=0, label="may be short: clients in\nflight at the stop are\nnot in updates.csv")
+    ax.set_xlabel("simulated time")
+    ax.set_ylabel("clients in flight")
+    ax.set_xlim(0, end if end > 0 else 1.0)
+    ax.set_ylim(0, max(int(counts.max()), int(concurrency or 0)) * 1.08 + 0.5)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(f"{title}: in-flight concurrency")
+    fig.savefig(path, bbox_inches="tight")
+    return path
+
+
 def plot_run(run_dir: Path) -> list[Path]:
     """Write the run's PNGs into `run_dir`; returns their paths.
 
     Always the accuracy/loss curves and the staleness plot (from metrics.csv); when the run wrote a
-    non-empty updates.csv also the staleness histogram, the arrival rate over simulated time and the
-    per-client participation. Raises ValueError when metrics.csv is missing or holds no evaluation row.
+    non-empty updates.csv also the staleness histogram, the arrival rate over simulated time, the
+    per-client participation and (when it has dispatch times) the clients in flight over simulated
+    time. Raises ValueError when metrics.csv is missing or holds no evaluation row.
     """
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
@@ -192,10 +264,12 @@ def plot_run(run_dir: Path) -> list[Path]:
     ]
     updates = read_updates(run_dir)
     if num_rows(updates) > 0:
-        num_clients = read_config(run_dir).get("num_clients")
+        config = read_config(run_dir)
         paths += [
             plot_staleness_histogram(updates, title, run_dir / STALENESS_HISTOGRAM_FILE),
             plot_arrivals(updates, title, run_dir / ARRIVALS_FILE),
-            plot_participation(updates, num_clients, title, run_dir / PARTICIPATION_FILE),
+            plot_participation(updates, config.get("num_clients"), title, run_dir / PARTICIPATION_FILE),
         ]
+        if "dispatch_time" in updates:  # runs recorded before updates.csv had it
+            paths.append(plot_in_flight(updates, config.get("concurrency"), title, run_dir / IN_FLIGHT_FILE))
     return paths

@@ -2,6 +2,9 @@
 updates.csv (a row per aggregated client update, flushed with each evaluation) and summary.json.
 
 summary.json is written last and atomically, so a directory that has one is a finished run.
+failures.csv (optional) lists the client tasks that brought nothing usable. `position()` gives
+every table's length in bytes (what a checkpoint stores) and `resume_at=` reopens the tables cut
+back to such a position, so a resumed run continues them without duplicate or missing rows.
 """
 
 from __future__ import annotations
@@ -23,23 +26,74 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 class Recorder:
-    """`columns`: metrics.csv's; `update_columns`: updates.csv's, or None to write no updates.csv."""
+    """`columns`: metrics.csv's; `update_columns`: updates.csv's, or None to write no updates.csv;
+    `failure_columns`: failures.csv's, or None to write none; `resume_at`: a `position()` to continue
+    the tables from (each is cut back to it) instead of starting them afresh."""
 
-    def __init__(self, run_dir: Path, columns: tuple[str, ...], update_columns: tuple[str, ...] | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        columns: tuple[str, ...],
+        update_columns: tuple[str, ...] | None = None,
+        failure_columns: tuple[str, ...] | None = None,
+        resume_at: dict[str, int] | None = None,
+    ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.columns = columns
-        self._metrics = open(self.run_dir / "metrics.csv", "w", newline="")
-        self._writer = csv.DictWriter(self._metrics, fieldnames=columns)
-        self._writer.writeheader()
-        self._metrics.flush()
+        self._resume_at = resume_at
+        self._metrics, self._writer = self._open_table("metrics.csv", columns)
         self.update_columns = update_columns
         self._updates = None
         if update_columns is not None:
-            self._updates = open(self.run_dir / "updates.csv", "w", newline="")
-            self._update_writer = csv.DictWriter(self._updates, fieldnames=update_columns)
-            self._update_writer.writeheader()
-            self._updates.flush()
+            self._updates, self._update_writer = self._open_table("updates.csv", update_columns)
+        self.failure_columns = failure_columns
+        self._failures = None
+        if failure_columns is not None:
+            self._failures, self._failure_writer = self._open_table("failures.csv", failure_columns)
+
+    def _open_table(self, name: str, columns: tuple[str, ...]):
+        """A CSV file and its writer: new with a header, or cut back to `resume_at[name]` bytes."""
+        path = self.run_dir / name
+        if self._resume_at is None:
+            f = open(path, "w", newline="")
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            f.flush()
+            return f, writer
+        offset = self._resume_at.get(name)
+        size = path.stat().st_size if path.is_file() else None
+        if offset is None or size is None or size < offset:
+            raise RuntimeError(
+                f"cannot continue {path}: the checkpoint records {offset} bytes of it, the file has {size}; "
+                "it was changed or removed since the checkpoint"
+            )
+        with open(path, newline="") as f:
+            header = f.readline().rstrip("\r\n")
+        if header != ",".join(columns):
+            raise RuntimeError(f"cannot continue {path}: its columns ({header}) are not this run's ({','.join(columns)})")
+        with open(path, "r+b") as f:
+            f.truncate(offset)
+        f = open(path, "a", newline="")
+        return f, csv.DictWriter(f, fieldnames=columns)
+
+    def position(self) -> dict[str, int]:
+        """Bytes written to each table so far, after flushing them to disk."""
+        out = {}
+        for name, f in (("metrics.csv", self._metrics), ("updates.csv", self._updates), ("failures.csv", self._failures)):
+            if f is not None and not f.closed:
+                f.flush()
+                os.fsync(f.fileno())
+                out[name] = os.fstat(f.fileno()).st_size
+        return out
+
+    def add_failures(self, rows: list[dict]) -> None:
+        """Append failed-task rows to failures.csv and flush."""
+        if self._failures is None:
+            raise RuntimeError("this Recorder writes no failures.csv (failure_columns=None)")
+        cols = self.failure_columns
+        self._failure_writer.writerows({k: row[k] for k in cols} for row in rows)
+        self._failures.flush()
 
     def write_config(self, yaml_text: str) -> None:
         write_atomic(self.run_dir / "config.yaml", yaml_text)
@@ -61,6 +115,6 @@ class Recorder:
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
     def close(self) -> None:
-        for f in (self._metrics, self._updates):
+        for f in (self._metrics, self._updates, self._failures):
             if f is not None and not f.closed:
                 f.close()

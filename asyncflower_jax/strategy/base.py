@@ -4,13 +4,15 @@ The simulator drives a strategy only through `init`, `aggregate` (pure, jit-comp
 pytrees), `round_delimiter` and `refill`. The Flower-facing methods wrap the same kernel so the
 object runs unchanged in a real Flower federation: they convert ArrayRecords to pytrees, keep
 the model versions that are out with clients, and compute each reply's staleness from the
-`start-version` the client echoes back.
+`start-version` the client echoes back. These are synchronous Flower rounds; the asynchronous
+ServerApp (flower/loop.py) drives the simulator's interface instead, with the same reply parsing
+(`reply_to_row`) and batching (`_stack_rows`).
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import jax
@@ -55,6 +57,9 @@ class AsyncStrategy(Strategy, abc.ABC):
     refill: str = "on_arrival"
     #: The config key that sets the buffer size K (named in errors).
     buffer_key: str = "strategy.buffer_size"
+    #: False for a rule whose `aggregate` runs host code and keeps its state in the object (a
+    #: wrapped Flower strategy): the engines then call it directly, without jit or donation.
+    jittable: bool = True
     #: Nodes sampled per round when the strategy runs in a Flower federation (None: all).
     num_train_nodes: int | None = None
     #: Fraction of nodes asked to evaluate in a Flower federation (0: no federated evaluation).
@@ -73,6 +78,24 @@ class AsyncStrategy(Strategy, abc.ABC):
     def aggregate(self, params: PyTree, state: Any, updates: UpdateBatch) -> tuple[PyTree, Any]:
         """Pure, jittable: the new global model and state after one aggregation of `updates`."""
 
+    def update_weights(self, state: Any, updates: UpdateBatch) -> jnp.ndarray:
+        """Pure, jittable, for diagnostics (updates.csv's `weight`): float [K], the weight each row of
+        the batch gets in this aggregation, given the server `state` before it (padding rows are
+        never recorded).
+
+        What "weight" means is the rule's own (its docstring says): the coefficient of the row's
+        model or delta in the aggregate. The default, for rules that do not say, is NaN per row.
+        """
+        return jnp.full(updates.mask.shape, jnp.nan)
+
+    def on_failures(self, server_round: int, failures: list[dict]) -> None:
+        """Host-side notice, once per round that had any, of the client tasks that brought nothing
+        usable: each a dict with `kind` ("dropout", "failed", "timeout" or "nonfinite"), `client`,
+        `dispatch_id`, `start_version` and `sim_time`. They never reach `aggregate` (a buffer counts
+        only successful arrivals) and their slots are refilled at once. The default ignores them.
+        Checkpoints save only the server state, so what this hook keeps must not change `aggregate`.
+        """
+
     def name(self) -> str:
         return type(self).__name__
 
@@ -84,13 +107,14 @@ class AsyncStrategy(Strategy, abc.ABC):
         self._fl_version = 0
         self._fl_sent: dict[int, PyTree] = {}  # versions out with clients
         self._fl_outstanding: dict[int, int] = {}  # version -> messages sent and not yet answered
-        self._fl_kernel = jax.jit(self.aggregate)
+        self._fl_kernel = jax.jit(self.aggregate) if self.jittable else self.aggregate
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Send the current model, tagged with its version, to the sampled nodes."""
         if not hasattr(self, "_fl_params"):
             self._flower_setup(arrays)
         node_ids = list(grid.get_node_ids())
+        self._register_nodes(node_ids)
         if self.num_train_nodes is not None:
             rng = np.random.default_rng(server_round)
             node_ids = list(rng.permutation(node_ids)[: self.num_train_nodes])
@@ -141,6 +165,31 @@ class AsyncStrategy(Strategy, abc.ABC):
         for v in [v for v, n in self._fl_outstanding.items() if n <= 0 and v != self._fl_version]:
             del self._fl_outstanding[v], self._fl_sent[v]
 
+    def set_client_indices(self, indices: Mapping[int, int] | None) -> None:
+        """The client index (0..N-1: `UpdateBatch.client_id`, the row of per-client memories such as
+        CA2FL's and MIFA's) of each Flower node id. With None (the default) nodes get 0, 1, ... in the
+        order `configure_train` first sees them; a reply from a node without an index is a failure."""
+        self._fl_fixed_indices = indices is not None
+        self._fl_clients = {int(node): int(index) for node, index in (indices or {}).items()}
+
+    def _register_nodes(self, node_ids: Iterable[int]) -> None:
+        """Give nodes not seen before the next free client indices (registration order)."""
+        if not hasattr(self, "_fl_clients"):
+            self.set_client_indices(None)
+        if self._fl_fixed_indices:
+            return
+        for node in node_ids:
+            self._fl_clients.setdefault(int(node), len(self._fl_clients))
+
+    def _client_index(self, node_id: int) -> int:
+        index = getattr(self, "_fl_clients", {}).get(int(node_id))
+        if index is None:
+            raise KeyError(f"node {node_id} has no client index")
+        population = getattr(self, "num_clients", None)
+        if population is not None and not 0 <= index < population:
+            raise ValueError(f"node {node_id} has client index {index}, outside [0, strategy.num_clients={population})")
+        return index
+
     def _reply_to_row(self, msg: Message) -> dict:
         content = msg.content
         metrics = next(iter(content.metric_records.values()))
@@ -148,16 +197,8 @@ class AsyncStrategy(Strategy, abc.ABC):
         if start_version not in self._fl_sent:
             raise KeyError(f"unknown start version {start_version}")
         self._fl_outstanding[start_version] -= 1
-        arrays = next(iter(content.array_records.values()))
-        start = self._fl_sent[start_version]
-        params = arrayrecord_to_pytree(arrays, template=start)
-        return {
-            "params": params,
-            "start": start,
-            "start_version": start_version,
-            "num_examples": float(metrics[NUM_EXAMPLES_KEY]),
-            "client_id": int(msg.metadata.src_node_id) % (2**31),
-        }
+        client = self._client_index(msg.metadata.src_node_id)
+        return reply_to_row(msg, self._fl_sent[start_version], start_version, client)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Federated evaluation on a `fraction_evaluate` share of nodes (none by default)."""
@@ -187,7 +228,34 @@ class AsyncStrategy(Strategy, abc.ABC):
         log(INFO, "\t└──> round delimiter (round 1): %s, refill: %s", self.round_delimiter(1), self.refill)
 
 
-def _stack_rows(rows: list[dict], version: int) -> UpdateBatch:
+def reply_to_row(msg: Message, start: PyTree, start_version: int, client_id: int) -> dict:
+    """One row of an UpdateBatch from a client's train reply to a message that carried the model
+    `start` (version `start_version`): the reply's arrays, checked against `start`'s keys and shapes,
+    and its `num-examples`. Raises ValueError for a reply without arrays, with arrays that do not
+    match the model, or without `num-examples` (a failed reply, not a crash)."""
+    content = msg.content
+    if not content.array_records:
+        raise ValueError("the reply holds no arrays")
+    metrics = next((m for m in content.metric_records.values() if NUM_EXAMPLES_KEY in m), None)
+    if metrics is None:
+        raise ValueError(f"the reply has no {NUM_EXAMPLES_KEY!r} metric")
+    params = arrayrecord_to_pytree(next(iter(content.array_records.values())), template=start)
+    return {
+        "params": params,
+        "start": start,
+        "start_version": int(start_version),
+        "num_examples": float(metrics[NUM_EXAMPLES_KEY]),
+        "client_id": int(client_id),
+    }
+
+
+def _stack_rows(rows: list[dict], version: int, pad: bool = False) -> UpdateBatch:
+    """Stack reply rows into an UpdateBatch (staleness = `version` - start version); with `pad`, padded
+    to a power of two by repeating the first row with mask False, as the simulator's batches are (so a
+    kernel compiles for few shapes)."""
+    k = len(rows)
+    if pad:
+        rows = rows + [rows[0]] * ((1 << max(0, k - 1).bit_length()) - k)
     stack = lambda *xs: jnp.stack([jnp.asarray(x) for x in xs])  # noqa: E731
     return UpdateBatch(
         params=jax.tree.map(stack, *[r["params"] for r in rows]),
@@ -195,5 +263,5 @@ def _stack_rows(rows: list[dict], version: int) -> UpdateBatch:
         staleness=jnp.asarray([version - r["start_version"] for r in rows], jnp.int32),
         num_examples=jnp.asarray([r["num_examples"] for r in rows], jnp.float32),
         client_id=jnp.asarray([r["client_id"] for r in rows], jnp.int32),
-        mask=jnp.ones(len(rows), bool),
+        mask=jnp.arange(len(rows)) < k,
     )

@@ -98,6 +98,12 @@ class CA2FL(AsyncStrategy):
 
         return jax.tree.map(combine, total, correction), delta, write
 
+    def update_weights(self, state: CA2FLState, updates: UpdateBatch):
+        """1/K, the coefficient of D_i in u; 0 for a row followed by a later row of the same client in
+        the buffer (its delta cancels out of u: only the last one's D_i - h_i remains)."""
+        k = jnp.maximum(updates.count, 1)
+        return last_occurrence(updates.client_id, updates.mask).astype(jnp.result_type(float)) / k
+
     def aggregate(self, params, state: CA2FLState, updates: UpdateBatch):
         u, delta, write = self.pseudo_gradient(state, updates)
         step, opt_state = self.server_optimizer.update(u, state.opt_state, params)

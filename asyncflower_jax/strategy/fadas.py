@@ -77,6 +77,10 @@ class FADAS(AsyncStrategy):
         tau_max = jnp.max(jnp.where(updates.mask, updates.staleness, 0))
         return jnp.where(tau_max <= self.tau_c, lr, jnp.minimum(lr, 1.0 / jnp.maximum(tau_max, 1).astype(lr.dtype)))
 
+    def update_weights(self, state: FADASState, updates: UpdateBatch):
+        """1/K, the coefficient of D_i in the mean delta D that AMSGrad steps on."""
+        return updates.mask.astype(jnp.result_type(float)) / jnp.maximum(updates.count, 1)
+
     def aggregate(self, params, state: FADASState, updates: UpdateBatch):
         k = jnp.maximum(updates.count, 1)
         mean = jax.tree.map(lambda total: total / k.astype(total.dtype), weighted_sum(updates.mask, updates.delta))

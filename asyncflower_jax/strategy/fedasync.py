@@ -35,8 +35,13 @@ class FedAsync(AsyncStrategy):
     def init(self, params):
         return ()
 
+    def update_weights(self, state, updates: UpdateBatch):
+        """alpha_t = alpha * s(staleness_i), the weight y_i is mixed in with (in a buffer of several
+        updates, the later mixes scale an earlier y_i's share of the model by their 1 - alpha_t)."""
+        return self.alpha * self.staleness(updates.staleness) * updates.mask
+
     def aggregate(self, params, state, updates: UpdateBatch):
-        alphas = self.alpha * self.staleness(updates.staleness) * updates.mask
+        alphas = self.update_weights(state, updates)
 
         def mix(x, row):
             alpha_t, y = row

@@ -33,7 +33,11 @@ class FedAvg(AsyncStrategy):
     def init(self, params):
         return ()
 
-    def aggregate(self, params, state, updates: UpdateBatch):
+    def update_weights(self, state, updates: UpdateBatch):
+        """n_i / sum_j n_j over the cohort: the coefficient of y_i in the new model."""
         weights = updates.num_examples * updates.mask
-        weights = weights / jnp.maximum(jnp.sum(weights), jnp.finfo(weights.dtype).tiny)
+        return weights / jnp.maximum(jnp.sum(weights), jnp.finfo(weights.dtype).tiny)
+
+    def aggregate(self, params, state, updates: UpdateBatch):
+        weights = self.update_weights(state, updates)
         return jax.tree.map(lambda leaf, p: leaf.astype(p.dtype), weighted_sum(weights, updates.params), params), state

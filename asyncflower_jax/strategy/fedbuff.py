@@ -61,18 +61,28 @@ class FedBuff(AsyncStrategy):
     def init(self, params):
         return self.server_optimizer.init(params)
 
-    def pseudo_gradient(self, updates: UpdateBatch):
-        """The normalised, staleness-weighted buffer of deltas."""
+    def _weights_and_norm(self, updates: UpdateBatch):
+        """The staleness weights s(staleness_i) (0 on padding) and the normalisation B is divided by."""
         weights = self.staleness(updates.staleness) * updates.mask
-        total = weighted_sum(weights, updates.delta)
         if self.normalisation == "mean":
             norm = updates.count.astype(weights.dtype)
         elif self.normalisation == "sum":
             norm = jnp.ones((), weights.dtype)
         else:
             norm = jnp.sum(weights)
-        norm = jnp.maximum(norm, jnp.finfo(weights.dtype).tiny)
+        return weights, jnp.maximum(norm, jnp.finfo(weights.dtype).tiny)
+
+    def pseudo_gradient(self, updates: UpdateBatch):
+        """The normalised, staleness-weighted buffer of deltas."""
+        weights, norm = self._weights_and_norm(updates)
+        total = weighted_sum(weights, updates.delta)
         return jax.tree.map(lambda leaf: leaf / norm.astype(leaf.dtype), total)
+
+    def update_weights(self, state, updates: UpdateBatch):
+        """s(staleness_i) / norm, the coefficient of D_i in the pseudo-gradient (norm: K for "mean",
+        1 for "sum", sum_j s(staleness_j) for "weight_sum"); the server optimizer then steps on it."""
+        weights, norm = self._weights_and_norm(updates)
+        return weights / norm
 
     def aggregate(self, params, state, updates: UpdateBatch):
         grad = self.pseudo_gradient(updates)

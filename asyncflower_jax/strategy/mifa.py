@@ -61,6 +61,14 @@ class MIFA(AsyncStrategy):
     def init(self, params):
         return MIFAState(memory=zeros_memory(params, self.num_clients), opt_state=self.server_optimizer.init(params))
 
+    def update_weights(self, state: MIFAState, updates: UpdateBatch):
+        """1/N, the coefficient of D_i (stored as G_i) in the mean over all clients; 0 for a row
+        followed by a later row of the same client in the buffer (overwritten before the mean) and
+        for client ids outside [0, N) (never stored)."""
+        n = self.num_clients
+        stored = last_occurrence(updates.client_id, updates.mask) & (updates.client_id >= 0) & (updates.client_id < n)
+        return stored.astype(jnp.result_type(float)) / n
+
     def aggregate(self, params, state: MIFAState, updates: UpdateBatch):
         write = last_occurrence(updates.client_id, updates.mask)
         memory = write_rows(state.memory, updates.client_id, updates.delta, write)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from asyncflower_jax.engine.availability import Always, TraceAvailability
 from asyncflower_jax.engine.latency import ClientGroups, Constant, Exponential
 from asyncflower_jax.engine.scheduler import IdleClients, Scheduler
 
@@ -171,3 +172,68 @@ def test_profile_drawn_once_per_scheduler():
         sched.dispatch(0)
         sched.pop()
     np.testing.assert_array_equal(sched.profile, profile)
+
+
+# ---- availability ---------------------------------------------------------------------------------
+TRACE = "client,start,end\n0,6,7\n1,2,10\n2,9,10\n3,0,0.5\n4,2.5,3\n"  # only client 3 is available at time 0
+
+
+def trace_scheduler(tmp_path, drop_on_leave=False, seed=0):
+    path = tmp_path / "availability.csv"
+    path.write_text(TRACE)
+    return Scheduler(5, Constant(1.0), seed=seed, availability=TraceAvailability(path=str(path), drop_on_leave=drop_on_leave))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_only_available_client_is_chosen_and_waits_reach_the_next(tmp_path, seed):
+    sched = trace_scheduler(tmp_path, seed=seed)
+    assert sched.num_dispatchable() == 1
+    first = sched.dispatch(0)
+    assert (first.client, first.dispatch_time, first.finish_time, first.fault) == (3, 0.0, 1.0, None)  # it outlasts its interval, and completes
+    assert sched.num_dispatchable() == 0
+    with pytest.raises(RuntimeError, match="no idle and available client"):
+        sched.dispatch(0)
+    assert sched.next_wake() == 2.0  # client 1
+    assert sched.pop() == first and sched.clock == 1.0
+    assert sched.num_dispatchable() == 0 and sched.next_wake() == 2.0  # client 3 is idle again, but gone since 0.5
+    sched.wake(2.0)
+    second = sched.dispatch(1)
+    assert (second.client, second.dispatch_time) == (1, 2.0)
+    assert sched.next_wake() == 2.5
+    sched.wake(2.5)
+    assert sched.dispatch(1).client == 4
+    assert sched.next_wake() == 6.0 and sched.waits == 2
+    sched.advance_to(9.5)  # client 0 came and went; client 2 is there
+    assert sched.num_dispatchable() == 1 and sched.dispatch(2).client == 2
+    assert sched.next_wake() == float("inf")  # nobody idle will ever be available again
+
+
+def test_drop_on_leave_turns_tasks_outlasting_their_interval_into_dropouts_at_the_leave_time(tmp_path):
+    sched = trace_scheduler(tmp_path, drop_on_leave=True)
+    lost = sched.dispatch(0)
+    assert (lost.client, lost.finish_time, lost.fault) == (3, 0.5, "dropout")
+    sched.wake(2.0)
+    kept = sched.dispatch(0)
+    assert (kept.client, kept.finish_time, kept.fault) == (1, 3.0, None)  # 3.0 <= 10: done in time
+    sched.wake(2.5)
+    late = sched.dispatch(0)
+    assert (late.client, late.finish_time, late.fault) == (4, 3.0, "dropout")  # would finish at 3.5, leaves at 3
+    assert sched.left == 2 and sched.injected == {}  # not an injected fault
+
+
+def test_dispatch_picks_the_kth_idle_and_available_client_with_the_usual_draw(tmp_path):
+    path = tmp_path / "availability.csv"
+    path.write_text("client,start,end\n" + "".join(f"{c},{0 if c in (1, 4, 5) else 1},2\n" for c in range(6)))
+    sched = Scheduler(6, Constant(1.0), seed=7, availability=TraceAvailability(path=str(path)))
+    draws = np.random.default_rng([7, 2])  # the schedule stream: k, then the duration's draws
+    k = int(draws.integers(3))
+    assert sched.dispatch(0).client == [1, 4, 5][k]
+
+
+def test_always_available_dispatches_exactly_as_without_a_model():
+    plain = Scheduler(20, Exponential(1.0, 0.5), seed=4)
+    always = Scheduler(20, Exponential(1.0, 0.5), seed=4, availability=Always())
+    assert always.availability is None
+    a = [plain.dispatch(0) for _ in range(8)] + [plain.pop() for _ in range(3)] + [plain.dispatch(1) for _ in range(3)]
+    b = [always.dispatch(0) for _ in range(8)] + [always.pop() for _ in range(3)] + [always.dispatch(1) for _ in range(3)]
+    assert a == b and always.next_wake() == float("inf")

@@ -1,0 +1,185 @@
+"""Client speed traces (FedScale-style device profiles): a CSV file, one line per client.
+
+    # comment lines and blank lines are skipped
+    client,seconds_per_example,bandwidth
+    0,0.0021,1250000
+    1,0.0150,250000
+
+`client` runs over 0 .. N-1, each exactly once (N = num_clients); `seconds_per_example` is the
+client's compute time per training sample and `bandwidth` its link speed in bytes per unit of
+time, both > 0. A task of client c takes examples_c * seconds_per_example_c + 2 * model_bytes /
+bandwidth_c (the model is downloaded, trained, uploaded), times lognormal(0, noise_sigma) noise.
+A malformed file is rejected with the line number of the first bad line.
+
+Client availability traces (FedScale-style on/off behaviour, `availability=trace`) are a second CSV
+file, one line per interval in which a client is available:
+
+    client,start,end
+    0,0,8.5
+    0,20,31
+    1,4.25,inf
+
+A client is available at t when start <= t < end for one of its lines. Every client 0 .. N-1 needs
+at least one line; `start` is finite and `end` > start (`inf`: available from start on). A client's
+lines come in time order (lines of different clients may interleave): an interval never starts
+before the previous one of the same client ends, and one that starts exactly where the previous
+one ends continues it (the two are merged). Anything else is rejected with the line number of the
+first bad line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, require
+from .latency import LatencyModel, NeedsWork
+
+TRACE_COLUMNS = ("client", "seconds_per_example", "bandwidth")
+
+
+def load_trace(path: str | Path, num_clients: int) -> tuple[np.ndarray, np.ndarray]:
+    """(seconds_per_example [N], bandwidth [N]) from a trace file; ConfigError on any defect."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"latency.path={str(path)!r} is invalid: no such file")
+    spe = np.full(num_clients, np.nan)
+    bw = np.full(num_clients, np.nan)
+    seen_line = np.zeros(num_clients, np.int64)
+    header = None
+    with open(path) as f:
+        for number, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = [v.strip() for v in line.split(",")]
+            if header is None:
+                if tuple(fields) != TRACE_COLUMNS:
+                    raise ConfigError(f"{path}:{number}: the header must be {','.join(TRACE_COLUMNS)}, not {line!r}")
+                header = fields
+                continue
+            if len(fields) != len(TRACE_COLUMNS):
+                raise ConfigError(f"{path}:{number}: expected {len(TRACE_COLUMNS)} comma-separated values ({','.join(TRACE_COLUMNS)}), got {len(fields)}: {line!r}")
+            try:
+                client = int(fields[0])
+                speed, bandwidth = float(fields[1]), float(fields[2])
+            except ValueError:
+                raise ConfigError(f"{path}:{number}: not numbers: {line!r}") from None
+            if not 0 <= client < num_clients:
+                raise ConfigError(f"{path}:{number}: client {client} is out of range: num_clients={num_clients} allows 0..{num_clients - 1}")
+            if seen_line[client]:
+                raise ConfigError(f"{path}:{number}: client {client} appears again (first on line {seen_line[client]})")
+            if not (np.isfinite(speed) and speed > 0 and np.isfinite(bandwidth) and bandwidth > 0):
+                raise ConfigError(f"{path}:{number}: seconds_per_example and bandwidth must be finite and > 0: {line!r}")
+            seen_line[client] = number
+            spe[client], bw[client] = speed, bandwidth
+    if header is None:
+        raise ConfigError(f"{path}: empty trace: expected the header {','.join(TRACE_COLUMNS)} and one line per client")
+    missing = np.flatnonzero(seen_line == 0)
+    if len(missing):
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise ConfigError(f"{path}: {len(missing)} of the {num_clients} clients have no line (clients {shown}); every client 0..{num_clients - 1} needs one")
+    return spe, bw
+
+
+@dataclasses.dataclass(frozen=True)
+class Trace(NeedsWork, LatencyModel):
+    """Per-client speed and bandwidth from a trace file (format in this module's docstring)."""
+
+    path: str = ""
+    noise_sigma: float = 0.0
+    examples: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    model_bytes: float | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        require(isinstance(self.path, str) and self.path != "", "latency.path", self.path, "the path of a trace file")
+        require(self.noise_sigma >= 0, "latency.noise_sigma", self.noise_sigma, ">= 0")
+
+    def bind(self, examples_per_task, model_bytes):
+        load_trace(self.path, len(examples_per_task))  # a bad file stops the run before it starts
+        return super().bind(examples_per_task, model_bytes)
+
+    def client_profile(self, rng, num_clients):
+        examples, model_bytes = self._bound()
+        spe, bandwidth = load_trace(self.path, num_clients)
+        return examples * spe + 2.0 * model_bytes / bandwidth
+
+    def sample(self, rng, profile):
+        return profile * rng.lognormal(0.0, self.noise_sigma, len(profile))
+
+
+AVAILABILITY_COLUMNS = ("client", "start", "end")
+
+
+def load_availability_trace(path: str | Path, num_clients: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, ends, offsets) from an availability trace: client c's intervals are
+    starts[offsets[c]:offsets[c + 1]] (and ends), in time order; ConfigError on any defect."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"availability.path={str(path)!r} is invalid: no such file")
+    clients: list[int] = []
+    starts: list[float] = []
+    ends: list[float] = []
+    last_row = np.full(num_clients, -1, np.int64)  # per client: its latest interval's row in the lists
+    last_line = np.zeros(num_clients, np.int64)
+    header = None
+    with open(path) as f:
+        for number, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = [v.strip() for v in line.split(",")]
+            if header is None:
+                if tuple(fields) != AVAILABILITY_COLUMNS:
+                    raise ConfigError(f"{path}:{number}: the header must be {','.join(AVAILABILITY_COLUMNS)}, not {line!r}")
+                header = fields
+                continue
+            if len(fields) != len(AVAILABILITY_COLUMNS):
+                raise ConfigError(
+                    f"{path}:{number}: expected {len(AVAILABILITY_COLUMNS)} comma-separated values ({','.join(AVAILABILITY_COLUMNS)}), got {len(fields)}: {line!r}"
+                )
+            try:
+                client = int(fields[0])
+                start, end = float(fields[1]), float(fields[2])
+            except ValueError:
+                raise ConfigError(f"{path}:{number}: not numbers: {line!r}") from None
+            if not 0 <= client < num_clients:
+                raise ConfigError(f"{path}:{number}: client {client} is out of range: num_clients={num_clients} allows 0..{num_clients - 1}")
+            if not np.isfinite(start) or np.isnan(end):
+                raise ConfigError(f"{path}:{number}: start must be a finite number and end a number or inf: {line!r}")
+            if not end > start:
+                raise ConfigError(f"{path}:{number}: end must be > start (an interval [start, end) of availability): {line!r}")
+            row = last_row[client]
+            if row >= 0:
+                previous = f"its interval [{starts[row]}, {ends[row]}) on line {last_line[client]}"
+                if start < starts[row]:
+                    raise ConfigError(
+                        f"{path}:{number}: client {client}'s intervals are not in time order: [{start}, {end}) starts before {previous}"
+                    )
+                if start < ends[row]:
+                    raise ConfigError(f"{path}:{number}: client {client}'s interval [{start}, {end}) overlaps {previous}")
+                if start == ends[row]:  # continues the previous interval
+                    ends[row] = end
+                    last_line[client] = number
+                    continue
+            last_row[client] = len(clients)
+            last_line[client] = number
+            clients.append(client)
+            starts.append(start)
+            ends.append(end)
+    if header is None:
+        raise ConfigError(f"{path}: empty availability trace: expected the header {','.join(AVAILABILITY_COLUMNS)} and one line per interval")
+    missing = np.flatnonzero(last_row < 0)
+    if len(missing):
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise ConfigError(
+            f"{path}: {len(missing)} of the {num_clients} clients have no interval (clients {shown}); every client 0..{num_clients - 1} "
+            "needs at least one line"
+        )
+    client_ids = np.asarray(clients, np.int64)
+    order = np.argsort(client_ids, kind="stable")  # each client's intervals stay in their (time) order
+    offsets = np.zeros(num_clients + 1, np.int64)
+    np.cumsum(np.bincount(client_ids, minlength=num_clients), out=offsets[1:])
+    return np.asarray(starts, np.float64)[order], np.asarray(ends, np.float64)[order], offsets

@@ -1,0 +1,34 @@
+"""Character-level recurrent model for next-character prediction (LEAF Shakespeare)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+CELLS = ("lstm", "gru")
+
+
+class CharRNN(nn.Module):
+    """Embedding(num_classes, embed) - `layers` x LSTM or GRU(hidden) - dense(num_classes) on the
+    last step: LEAF's Shakespeare model is embed 8, 2 LSTM layers of 256, 80 characters.
+
+    Inputs are character indices [B, T] (stored as floats in the client store; cast here)."""
+
+    num_classes: int
+    embed: int = 8
+    hidden: int = 256
+    layers: int = 2
+    cell: str = "lstm"
+
+    def setup(self):
+        from ..errors import require
+
+        require(self.cell in CELLS, "model.cell", self.cell, f"one of {CELLS}")
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Embed(self.num_classes, self.embed)(x.astype(jnp.int32))
+        for _ in range(self.layers):
+            cell = nn.OptimizedLSTMCell(self.hidden) if self.cell == "lstm" else nn.GRUCell(self.hidden)
+            x = nn.RNN(cell)(x)
+        return nn.Dense(self.num_classes)(x[:, -1])

@@ -1,0 +1,132 @@
+"""Who may write a run directory, and how a failed run is marked.
+
+- A new run never writes into a directory that already holds a run's files (RUN_FILES); only a
+  resumed run continues one (`resume=true`, or `resume=<run dir>`).
+- A run that stops with an error writes `failed.json` (error type, message, traceback), atomically,
+  so a sweep's failed job is told apart from one that is still running or was killed.
+- Hydra resolvers: `af_run_dir` makes `resume=<dir>` the run directory; `af_hydra_subdir` keeps
+  the original `.hydra/` of a resumed run (the resuming command's record goes to `.hydra/resumed/`).
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ..errors import ConfigError
+from .recorder import write_atomic
+
+FAILED_FILE = "failed.json"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS = "checkpoints"
+# What a run writes itself (Hydra's .hydra/ and run.log are written before the run starts).
+RUN_FILES = ("config.yaml", "metrics.csv", "updates.csv", "failures.csv", SUMMARY_FILE, FAILED_FILE, CHECKPOINTS)
+
+
+class RunDirectoryInUse(ConfigError):
+    """The run directory already holds another run (and this run is not resuming it)."""
+
+
+def run_files(run_dir: Path) -> list[str]:
+    """The names in RUN_FILES present in `run_dir`."""
+    run_dir = Path(run_dir)
+    return [name for name in RUN_FILES if (run_dir / name).exists()]
+
+
+def check_fresh(run_dir: Path) -> None:
+    """Refuse to start a new run in a directory that holds another run's files."""
+    present = run_files(run_dir)
+    if present:
+        raise RunDirectoryInUse(
+            f"hydra.run.dir={str(run_dir)!r} is invalid: must not hold another run's files (it has {', '.join(present)}); "
+            "pass resume=true to continue that run, or choose another directory"
+        )
+
+
+def write_failure(run_dir: Path, exc: BaseException) -> Path:
+    """Write `failed.json` (error type, message, traceback) into `run_dir`, atomically."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "error": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    }
+    path = run_dir / FAILED_FILE
+    write_atomic(path, json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def clear_failure(run_dir: Path) -> None:
+    """Remove an earlier attempt's failed.json (a resumed or restarted run is no longer failed)."""
+    (Path(run_dir) / FAILED_FILE).unlink(missing_ok=True)
+
+
+def resume_path(resume) -> str | None:
+    """The run directory named by `resume` (a string that is not a boolean word), else None."""
+    if isinstance(resume, str) and resume.strip().lower() not in ("", "true", "false", "yes", "no", "null", "none"):
+        return resume
+    return None
+
+
+def resume_requested(resume) -> bool:
+    """Whether `resume` asks to continue a run (true, or a directory)."""
+    return resume is True or resume_path(resume) is not None or (isinstance(resume, str) and resume.strip().lower() in ("true", "yes"))
+
+
+def _run_dir(resume, default):
+    return resume_path(resume) or default
+
+
+def _hydra_subdir(resume, output_dir):
+    if resume_requested(resume) and (Path(str(output_dir)) / ".hydra" / "overrides.yaml").is_file():
+        return ".hydra/resumed"
+    return ".hydra"
+
+
+def register_resolvers() -> None:
+    """Register the resolvers conf/config.yaml uses in `hydra.run.dir` and `hydra.output_subdir`."""
+    for name, fn in (("af_run_dir", _run_dir), ("af_hydra_subdir", _hydra_subdir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()
+
+
+# Keys a resumed run may change: they do not affect what is computed (nor the config fingerprint).
+RESUME_MUTABLE_KEYS = ("resume", "progress", "xla_cache_dir", "checkpoint_every", "keep_checkpoints", "trackers", "tracker_project")
+
+
+def _override_key(override: str) -> str:
+    return override.lstrip("~+").split("=", 1)[0].strip()
+
+
+def resumed_config(cfg, run_dir: Path, overrides: list[str]):
+    """The configuration of the run in `run_dir` (its config.yaml) for resuming it, with the
+    RESUME_MUTABLE_KEYS taken from `cfg`. A command-line override (in `overrides`) of any other
+    key must agree with the saved value: a resumed run keeps the configuration it started with.
+    Returns `cfg` unchanged when the directory has no config.yaml (nothing was started there)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return cfg
+    saved = OmegaConf.load(path)
+    current = OmegaConf.to_container(cfg, resolve=True)
+    for override in overrides:
+        key = _override_key(override)
+        if key in RESUME_MUTABLE_KEYS or key.startswith("hydra."):
+            continue
+        new, old = OmegaConf.select(OmegaConf.create(current), key), OmegaConf.select(saved, key)
+        as_plain = lambda v: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v  # noqa: E731
+        if as_plain(new) != as_plain(old):
+            raise ConfigError(
+                f"{key}={as_plain(new)!r} is invalid: must be {as_plain(old)!r} as in {path} "
+                "(a resumed run keeps the configuration it started with)"
+            )
+    for key in RESUME_MUTABLE_KEYS:
+        if key in current:
+            saved[key] = current[key]
+    return saved

@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Run the project in a real Flower federation on this machine: a SuperLink and N SuperNodes on 127.0.0.1.
+
+    python scripts/local_federation.py --nodes 3 -c strategy=fedbuff -c 'overrides="strategy.buffer_size=2"'
+    python scripts/local_federation.py --nodes 3 --serve      # start the federation and keep it up
+
+Each SuperNode holds partition i of N of the dataset (`--node-config "partition-id=i num-partitions=N"`);
+the run config's `num_clients` is set to N. Without --serve the app in this checkout is submitted with
+`flwr run`, the script waits for the ServerApp's summary.json, prints it and stops every process it
+started. With --serve it prints the SuperLink connection and waits for Ctrl-C; submit runs yourself with
+`FLWR_HOME=<workdir>/flwr-home flwr run . asyncflower-local`. The connection is insecure (plaintext, loopback
+only); docs/deployment.md shows how to run with TLS across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from asyncflower_jax.flower.local import CONNECTION, LocalFederation  # noqa: E402
+
+
+def parse_value(text: str):
+    """A run config value from the command line: TOML-like (true/false, numbers, "quoted strings"), else a string."""
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1]
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=3, help="number of SuperNodes = partitions = num_clients (default 3)")
+    parser.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE", help="a run config entry (repeatable)")
+    parser.add_argument("--workdir", type=Path, default=None, help="logs, Flower homes and the run directory (default: a new temporary directory)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the run to finish (default 1800)")
+    parser.add_argument("--serve", action="store_true", help="only start the federation and keep it running until Ctrl-C")
+    args = parser.parse_args(argv)
+    if args.nodes < 1:
+        parser.error(f"--nodes={args.nodes} is invalid: must be an integer >= 1")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="asyncflower-federation-"))
+    run_config = {"num_clients": args.nodes}
+    for entry in args.run_config:
+        key, sep, value = entry.partition("=")
+        if not sep or not key:
+            parser.error(f"--run-config {entry!r} is invalid: must be KEY=VALUE")
+        run_config[key] = parse_value(value)
+    run_config.setdefault("concurrency", args.nodes)
+    run_config.setdefault("federation.run_dir", str(workdir / "run"))
+
+    with LocalFederation(args.nodes, workdir) as fed:
+        print(f"SuperLink on 127.0.0.1:{fed.port}, {args.nodes} SuperNodes; logs in {workdir / 'logs'}", flush=True)
+        if args.serve:
+            print(f"submit runs with: FLWR_HOME={fed.cli_home} {fed.bin_dir / 'flwr'} run {ROOT} {CONNECTION}  (Ctrl-C stops)", flush=True)
+            try:
+                while True:
+                    fed.check_alive()
+                    time.sleep(1.0)
+            except KeyboardInterrupt:
+                return 0
+        run_id = fed.submit(ROOT, run_config)
+        print(f"run {run_id} started; results in {run_config['federation.run_dir']}", flush=True)
+        summary = fed.wait_for_run_dir(Path(run_config["federation.run_dir"]), args.timeout, run_id)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
