@@ -1,0 +1,196 @@
+"""The top-level config schema: it covers conf/config.yaml exactly, its checks, and that the classes
+validating themselves (SimulationSettings, Faults) use the same rules."""
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from asyncflower_jax import config_schema as schema
+from asyncflower_jax.client.batched import EXECUTIONS
+from asyncflower_jax.client.precision import COMPUTE_DTYPES
+from asyncflower_jax.engine.faults import Faults, build_faults
+from asyncflower_jax.engine.simulator import SCHEMA_KEYS, SimulationSettings
+from asyncflower_jax.errors import ConfigError
+from asyncflower_jax.experiment import PRECISIONS
+from asyncflower_jax.results.trackers import LIBRARIES
+from tests.conftest import CONF_DIR, make_config
+
+CONF = Path(CONF_DIR)
+RAW = OmegaConf.load(CONF / "config.yaml")  # as written: interpolations unresolved
+
+
+def test_every_key_of_config_yaml_is_in_the_schema_and_every_schema_key_in_config_yaml():
+    written = {key for key in RAW if key not in ("defaults", "hydra")}
+    assert written == set(schema.FIELDS) | set(schema.BLOCKS)
+    for block, fields in schema.BLOCKS.items():
+        assert set(RAW[block]) == set(fields)
+    composed = set(make_config())
+    assert composed == set(schema.FIELDS) | set(schema.BLOCKS) | set(schema.COMPONENT_GROUPS)
+
+
+def test_every_config_group_is_known_to_the_schema():
+    groups = {p.name for p in CONF.iterdir() if p.is_dir()} - {schema.HYDRA_KEY}  # conf/hydra/: Hydra's own groups (launchers)
+    assert groups == set(schema.COMPONENT_GROUPS) | set(schema.PRESET_GROUPS) | set(schema.INTERNAL_GROUPS)
+    defaults = {next(iter(entry)) for entry in RAW.defaults if not isinstance(entry, str)}
+    assert defaults == set(schema.COMPONENT_GROUPS) | {"task"}
+
+
+def test_schema_defaults_are_config_yaml_defaults():
+    checked = 0
+    for key, field in schema.FIELDS.items():
+        written = OmegaConf.to_container(RAW, resolve=False)[key]
+        if isinstance(written, str) and written.startswith("${"):
+            continue  # an interpolation (xla_cache_dir): its meaning says what it resolves to
+        expected = tuple(field.default) if isinstance(field.default, tuple) else field.default
+        assert (tuple(written) if isinstance(written, list) else written) == expected, key
+        checked += 1
+    assert checked == len(schema.FIELDS) - 1
+    for block, fields in schema.BLOCKS.items():
+        assert {k: f.default for k, f in fields.items()} == dict(RAW[block])
+
+
+def test_allowed_sets_agree_with_the_code_that_uses_them():
+    assert schema.EXECUTIONS == EXECUTIONS
+    assert set(schema.COMPUTE_DTYPES) == set(COMPUTE_DTYPES)
+    assert set(schema.PRECISIONS) == set(PRECISIONS)
+    assert set(schema.TRACKERS) == set(LIBRARIES)
+    assert {f.name: f.default for f in dataclasses.fields(Faults)} == {k: f.default for k, f in schema.FAULTS.items()}
+    settings_fields = {f.name for f in dataclasses.fields(SimulationSettings)}  # settings and components (faults, ...)
+    assert settings_fields & set(schema.FIELDS) == set(SCHEMA_KEYS)  # every setting among them is checked by the schema
+
+
+def test_the_default_config_passes_and_is_normalised():
+    values = schema.validate_config(make_config("max_time=200", "trackers=tensorboard"))
+    assert values["max_time"] == 200.0 and isinstance(values["max_time"], float)
+    assert values["trackers"] == ("tensorboard",)
+    assert values["faults"] == {"dropout": 0.0, "failure": 0.0, "nan": 0.0, "timeout": None}
+
+
+def test_missing_keys_take_their_defaults():
+    cfg = OmegaConf.to_container(make_config(), resolve=True)
+    for key in ("execution", "faults", "reject_nonfinite", "validation_fraction"):
+        del cfg[key]
+    values = schema.validate_config(OmegaConf.create(cfg))
+    assert values["execution"] == "auto" and values["reject_nonfinite"] is True and values["validation_fraction"] == 0.0
+    assert values["faults"]["timeout"] is None
+
+
+def test_an_unlisted_component_group_is_left_to_its_constructor_but_a_plain_mapping_is_not():
+    cfg = OmegaConf.to_container(make_config(), resolve=True)
+    assert "energy" not in schema.COMPONENT_GROUPS
+    schema.validate_config({**cfg, "energy": {"_target_": "some.Model", "rate": 1}})
+    with pytest.raises(ConfigError, match=r"^enrgy=\{'rate': 1\} is invalid: unknown key; did you mean energy\?") as err:
+        schema.validate_config({**cfg, "energy": {"_target_": "x.Y"}, "enrgy": {"rate": 1}})
+    assert schema.SCHEMA_COMMAND in str(err.value)
+    schema.validate_config({**cfg, "hydra": {"run": {"dir": "."}}})  # Hydra's own block
+
+
+@pytest.mark.parametrize(
+    "path, value, expected",
+    [
+        ("num_clients", 1, 1),
+        ("num_clients", np.int64(7), 7),
+        ("max_time", 3, 3.0),
+        ("max_time", None, None),
+        ("validation_fraction", 0, 0.0),
+        ("faults.dropout", 1, 1.0),
+        ("faults.timeout", 0.5, 0.5),
+        ("checkpoint_every", 0, 0),
+        ("resume", "/tmp/run", "/tmp/run"),
+        ("resume", None, None),
+        ("trackers", None, None),
+        ("trackers", ["wandb", "tensorboard"], ("wandb", "tensorboard")),
+        ("compute_dtype", "bfloat16", "bfloat16"),
+    ],
+)
+def test_accepted_values(path, value, expected):
+    checked = schema.check(path, value)
+    assert checked == expected and type(checked) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("num_clients", 0, "num_clients=0 is invalid: must be an integer >= 1"),
+        ("num_clients", True, "num_clients=True is invalid: must be an integer >= 1"),
+        ("num_clients", 2.0, "num_clients=2.0 is invalid: must be an integer >= 1"),
+        ("num_clients", None, "num_clients=None is invalid: must be an integer >= 1"),
+        ("max_time", 0, "max_time=0 is invalid: must be a number > 0 or null"),
+        ("max_time", math.nan, "max_time=nan is invalid"),
+        ("max_time", math.inf, "max_time=inf is invalid"),
+        ("validation_fraction", 1.0, "validation_fraction=1.0 is invalid: must be a number in [0, 1)"),
+        ("faults.dropout", 1.01, "faults.dropout=1.01 is invalid: must be a probability in [0, 1]"),
+        ("faults.nan", False, "faults.nan=False is invalid: must be a probability in [0, 1]"),
+        ("progress", 1, "progress=1 is invalid: must be true or false"),
+        ("precision", "bfloat16", "precision='bfloat16' is invalid: must be one of ('float32', 'float64')"),
+        ("compute_dtype", "float32", "compute_dtype='float32' is invalid: must be one of ('bfloat16', 'float16') or null"),
+        ("xla_cache_dir", 5, "xla_cache_dir=5 is invalid: must be a string or null"),
+        ("resume", 0, "resume=0 is invalid: must be true, false or a run directory"),
+        ("trackers", "tensorbored", "trackers=['tensorbored'] is invalid"),
+        ("trackers", [1], "trackers=[1] is invalid: must be null or a list of names"),
+        ("trackers", ["wandb", "wandb"], "(a name is repeated)"),
+    ],
+)
+def test_rejected_values_name_the_key_the_value_and_what_is_allowed(path, value, message):
+    with pytest.raises(ConfigError) as err:
+        schema.check(path, value)
+    assert str(err.value).startswith(message) if message[0] != "(" else message in str(err.value)
+
+
+def test_unknown_keys_suggest_the_closest_known_one():
+    with pytest.raises(ConfigError, match=r"^num_client=5 is invalid: unknown key; did you mean num_clients\?"):
+        schema.validate_config(make_config("+num_client=5"))
+    with pytest.raises(ConfigError, match=r"^faults.timout=2 is invalid: unknown key; did you mean faults.timeout\?"):
+        build_faults({"timout": 2})
+    with pytest.raises(ConfigError, match=r"^zzz=1 is invalid: unknown key; must be one of the keys \[") as err:
+        schema.validate_config(make_config("+zzz=1"))
+    assert all(repr(key) in str(err.value) for key in [*schema.FIELDS, *schema.BLOCKS, *schema.COMPONENT_GROUPS])
+
+
+def test_cross_key_rules_run_after_the_types():
+    with pytest.raises(ConfigError, match="concurrency=11 is invalid: must be <= num_clients"):
+        schema.validate_config(make_config("num_clients=10", "concurrency=11"))
+    with pytest.raises(ConfigError, match="num_clients='x' is invalid"):  # the type, not the rule, is reported
+        schema.validate_config(make_config("num_clients=x", "concurrency=11"))
+    with pytest.raises(ConfigError, match="set at least one so the run can stop"):
+        schema.validate_config(make_config("max_updates=null"))
+    schema.validate_config(make_config("max_updates=null", "max_time=5"))
+
+
+@pytest.mark.parametrize(
+    "overrides, settings",
+    [
+        (["concurrency=200"], dict(num_clients=100, concurrency=200, max_updates=10)),
+        (["max_updates=null"], dict(num_clients=100, concurrency=10)),
+        (["checkpoint_every=2.5"], dict(num_clients=100, concurrency=10, max_updates=10, checkpoint_every=2.5)),
+        (["seed=-1"], dict(num_clients=100, concurrency=10, max_updates=10, seed=-1)),
+    ],
+)
+def test_simulation_settings_use_the_schemas_rules(overrides, settings):
+    with pytest.raises(ConfigError) as from_config:
+        schema.validate_config(make_config(*overrides))
+    with pytest.raises(ConfigError) as direct:
+        SimulationSettings(**settings)
+    assert str(direct.value) == str(from_config.value)
+
+
+def test_faults_use_the_schemas_rules():
+    with pytest.raises(ConfigError) as from_config:
+        schema.validate_config(make_config("faults.dropout=0.5", "faults.failure=0.5"))
+    with pytest.raises(ConfigError) as direct:
+        Faults(dropout=0.5, failure=0.5)
+    assert str(direct.value) == str(from_config.value)
+    assert Faults(dropout=1 / 4, timeout=2) == Faults(dropout=0.25, timeout=2.0)
+    assert SimulationSettings(num_clients=4, concurrency=2, max_updates=3, checkpoint_every=0).checkpoint_every is None
+
+
+def test_the_printed_table_lists_every_key_and_rule():
+    text = schema.table()
+    for key in [*schema.FIELDS, *(f"faults.{k}" for k in schema.FAULTS), *schema.COMPONENT_GROUPS]:
+        assert f"| `{key}` |" in text
+    for rule in schema.RULES:
+        assert rule.meaning in text

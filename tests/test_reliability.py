@@ -1,0 +1,147 @@
+"""Crash recovery through `python run.py`: a run killed with SIGKILL and resumed ends with the metrics
+of an uninterrupted run; sweeps resume; run directories are never overwritten; failures are marked."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asyncflower_jax.errors import ConfigError
+from asyncflower_jax.experiment import KILL_AT_VERSION_ENV, Experiment
+from asyncflower_jax.results.rundir import RunDirectoryInUse, resumed_config
+from asyncflower_jax.runner import run_job
+from tests.conftest import make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = ("fedasync", "fedbuff", "ca2fl")
+# eval every 2 versions, checkpoint every 3, with faults (their random stream must resume too)
+ARGS = [
+    "num_clients=20", "concurrency=5", "max_updates=60", "client.num_steps=2", "model.hidden=[16]", "eval_every=2",
+    "checkpoint_every=3", "faults.dropout=0.1", "faults.nan=0.05", "progress=false",
+]
+KILL_AT = 8  # checkpoints at 3 and 6 survive; rows and updates of versions 7-8 are written, then cut on resume
+
+
+def run_py(args, results_dir: Path, **extra_env):
+    env = {k: v for k, v in os.environ.items() if k != KILL_AT_VERSION_ENV}
+    env.update(EXPERIMENTS_BASE_DIR=str(results_dir), **extra_env)
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def rows(path: Path, drop=("wall_time",)):
+    with open(path, newline="") as f:
+        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
+
+
+def comparable_summary(run_dir: Path):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    per_process = ("wall_time", "updates_per_second", "kernel_compilations", "resumed_from_version")
+    return {k: v for k, v in summary.items() if k not in per_process}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The three rules run without interruption, in one sweep."""
+    sweep = tmp_path_factory.mktemp("uninterrupted")
+    proc = run_py(["-m", f"strategy={','.join(STRATEGIES)}", *ARGS, f"hydra.sweep.dir={sweep}"], sweep)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dirs = {}
+    for summary in sweep.rglob("summary.json"):
+        dirs[json.loads(summary.read_text())["strategy"].split("(")[0].lower()] = summary.parent
+    assert set(dirs) == set(STRATEGIES)
+    return dirs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sigkill_then_resume_gives_the_uninterrupted_metrics(strategy, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    killed = run_py([f"strategy={strategy}", *ARGS, f"hydra.run.dir={run_dir}"], tmp_path, **{KILL_AT_VERSION_ENV: str(KILL_AT)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (run_dir / "summary.json").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["ckpt-000000003", "ckpt-000000006"]
+    assert int(rows(run_dir / "metrics.csv")[-1]["version"]) == KILL_AT  # written after the last checkpoint
+
+    resumed = run_py([f"resume={run_dir}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert "resuming" in log and "ckpt-000000006" in log
+    full = uninterrupted[strategy]
+    assert rows(run_dir / "metrics.csv") == rows(full / "metrics.csv")
+    for name in ("updates.csv", "failures.csv"):
+        assert (run_dir / name).read_text() == (full / name).read_text()
+    assert comparable_summary(run_dir) == comparable_summary(full)
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from_version"] == 6
+    # the original command's overrides stay where the sweep report reads them; the resuming one's go beside them
+    original = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert original.lower() == (full / ".hydra" / "overrides.yaml").read_text().lower()  # a sweep writes False for false
+    assert f"resume={run_dir}" in (run_dir / ".hydra" / "resumed" / "overrides.yaml").read_text()
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "failed.json").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_where_it_stopped(uninterrupted, tmp_path):
+    """The first job is killed (so is the sweep); re-running the sweep with resume=true continues
+    that job from its checkpoint and runs the one that never started."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "strategy=fedasync,fedbuff", *ARGS, f"hydra.sweep.dir={sweep}"]
+    killed = run_py(args, tmp_path, **{KILL_AT_VERSION_ENV: str(KILL_AT)})
+    assert killed.returncode == -signal.SIGKILL
+    assert not list(sweep.rglob("summary.json"))
+    again = run_py([*args, "resume=true"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    jobs = sorted(p.parent for p in sweep.rglob("summary.json"))
+    assert [p.name.split("_")[0] for p in jobs] == ["0", "1"]  # the same job directories, no new ones
+    assert len([p for p in sweep.iterdir() if p.is_dir()]) == 2
+    for job, strategy in zip(jobs, ("fedasync", "fedbuff")):
+        assert rows(job / "metrics.csv") == rows(uninterrupted[strategy] / "metrics.csv")
+    assert json.loads((jobs[0] / "summary.json").read_text())["resumed_from_version"] == 6
+    assert json.loads((jobs[1] / "summary.json").read_text())["resumed_from_version"] is None
+
+
+def test_a_new_run_never_writes_into_another_runs_directory(tmp_path):
+    cfg = make_config("num_clients=20", "concurrency=5", "max_updates=10", "client.num_steps=2", "model.hidden=[16]", "progress=false")
+    Experiment(cfg).run(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(RunDirectoryInUse, match="pass resume=true"):
+        run_job(cfg, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # untouched, no failed.json
+    # resuming a finished run does nothing and returns its summary
+    assert run_job(make_config("resume=true"), tmp_path)["client_updates"] == 10
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_a_resumed_run_keeps_its_configuration(tmp_path):
+    (tmp_path / "config.yaml").write_text("seed: 0\nstrategy:\n  buffer_size: 5\nprogress: true\n")
+    cfg = make_config("strategy=fedbuff", "strategy.buffer_size=3", "progress=false", "resume=true")
+    with pytest.raises(ConfigError, match=r"strategy.buffer_size=3 is invalid: must be 5 as in .*config.yaml"):
+        resumed_config(cfg, tmp_path, ["strategy.buffer_size=3", "progress=false", "resume=true"])
+    saved = resumed_config(cfg, tmp_path, ["progress=false", "resume=true"])
+    assert saved.strategy.buffer_size == 5 and saved.progress is False and saved.resume is True
+
+
+def test_resuming_a_directory_without_a_run_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="holds no run to resume"):
+        run_job(make_config(f"resume={tmp_path}"), tmp_path)
+    assert not (tmp_path / "metrics.csv").exists()
+    # in a sweep, a job that never started is simply run
+    summary = run_job(make_config("resume=true", "num_clients=20", "concurrency=5", "max_updates=5", "model.hidden=[16]"), tmp_path / "job", multirun=True)
+    assert summary["client_updates"] == 5
+
+
+def test_the_sweep_report_lists_failed_and_diverged_runs_apart(tmp_path):
+    from asyncflower_jax.report import load_run
+    from asyncflower_jax.results.rundir import write_failure
+
+    failed, diverged = tmp_path / "failed", tmp_path / "diverged"
+    write_failure(failed, ConfigError("faults.nan=2 is invalid: must be a probability in [0, 1]"))
+    diverged.mkdir()
+    (diverged / "metrics.csv").write_text("version,test_accuracy\n0,0.1\n")
+    (diverged / "summary.json").write_text(json.dumps({"stop_reason": "diverged", "diverged": {"message": "non-finite after version 4"}}))
+    assert load_run(failed).problem == "failed: ConfigError: faults.nan=2 is invalid: must be a probability in [0, 1]"
+    assert load_run(diverged).problem == "diverged: non-finite after version 4"
