@@ -1,0 +1,200 @@
+"""Partition layout, the partitioners added beside IID/Dirichlet, min-size retries and the summary."""
+
+import numpy as np
+import pytest
+
+from asyncflower_jax.data.partition import (
+    IID,
+    Dirichlet,
+    GroupLabelSubsets,
+    Natural,
+    Partition,
+    PowerLaw,
+    Shards,
+    TwoTierDirichlet,
+    partition_summary,
+)
+from asyncflower_jax.errors import ConfigError
+
+
+def labels_of(n=3000, classes=10, seed=0):
+    return np.random.default_rng(seed).integers(0, classes, size=n)
+
+
+def entropy(labels, part, classes=10):
+    hist = part.label_counts(labels, classes)
+    q = hist / hist.sum(1, keepdims=True)
+    return float(np.mean(-np.where(q > 0, q * np.log(np.where(q > 0, q, 1)), 0).sum(1)))
+
+
+def assert_covers(part, n, exactly=True):
+    everything = np.sort(part.order)
+    assert len(np.unique(everything)) == len(everything)  # no sample twice
+    if exactly:
+        np.testing.assert_array_equal(everything, np.arange(n))
+    assert part.counts.sum() == len(part.order)
+
+
+def test_partition_layout_by_hand():
+    part = Partition.from_owner(np.array([2, 0, -1, 2, 0, 0]), 4)
+    np.testing.assert_array_equal(part.counts, [3, 0, 2, 0])
+    np.testing.assert_array_equal(part.offsets, [0, 3, 3, 5])
+    np.testing.assert_array_equal(part.order, [1, 4, 5, 0, 3])
+    assert len(part) == 4 and list(map(list, part)) == [[1, 4, 5], [], [0, 3], []]
+    np.testing.assert_array_equal(part.owner(6), [2, 0, -1, 2, 0, 0])
+    labels = np.array([1, 0, 1, 1, 2, 0])
+    np.testing.assert_array_equal(part.label_counts(labels, 3), [[2, 0, 1], [0, 0, 0], [0, 2, 0], [0, 0, 0]])
+
+
+ALL = [
+    IID(),
+    Dirichlet(alpha=0.3),
+    Dirichlet(alpha=0.3, balanced=False, min_size=5),
+    Shards(classes_per_client=2),
+    TwoTierDirichlet(fractions=[0.7, 0.3], group_alpha=0.5, client_alpha=1.0),
+    GroupLabelSubsets(fractions=[0.5, 0.5], alpha=0.5),
+    PowerLaw(exponent=1.5, min_size=3),
+    PowerLaw(exponent=1.5, min_size=3, alpha=0.5),
+]
+
+
+@pytest.mark.parametrize("part", ALL, ids=repr)
+@pytest.mark.parametrize("num_clients", [10, 53])
+def test_sizes_sum_to_the_dataset_and_every_sample_is_used_once(part, num_clients):
+    labels = labels_of(n=2003)
+    p = part(labels, num_clients, np.random.default_rng(1))
+    assert len(p) == num_clients
+    assert_covers(p, len(labels))
+    assert p.counts.min() >= 1
+    again = part(labels, num_clients, np.random.default_rng(1))
+    np.testing.assert_array_equal(p.order, again.order)  # deterministic for a seed
+
+
+def test_unbalanced_dirichlet_skew_grows_as_alpha_falls_and_sizes_vary():
+    labels = labels_of()
+    parts = {a: Dirichlet(alpha=a, balanced=False, min_size=1, max_retries=50)(labels, 20, np.random.default_rng(0)) for a in (0.1, 1.0, 100.0)}
+    ent = {a: entropy(labels, p) for a, p in parts.items()}
+    assert ent[0.1] < ent[1.0] < ent[100.0]
+    assert ent[100.0] > 0.95 * np.log(10)
+    assert parts[0.1].counts.std() > parts[100.0].counts.std()  # sizes follow the class shares
+
+
+def test_min_size_retries_then_fails_clearly():
+    labels = labels_of(n=300)
+    with pytest.raises(ConfigError) as err:
+        Dirichlet(alpha=0.01, balanced=False, min_size=10, max_retries=3)(labels, 25, np.random.default_rng(0))
+    message = str(err.value)
+    assert "partition.min_size=10" in message and "after 3 draws" in message and "client" in message
+    # the retry really redraws: a feasible min size is met
+    p = Dirichlet(alpha=1.0, balanced=False, min_size=5, max_retries=50)(labels, 10, np.random.default_rng(0))
+    assert p.counts.min() >= 5
+
+
+def test_shards_give_exactly_k_classes_per_client_and_equal_class_holders():
+    labels = np.repeat(np.arange(10), 100)  # 100 samples of each class
+    p = Shards(classes_per_client=2)(labels, 20, np.random.default_rng(0))
+    hist = p.label_counts(labels, 10)
+    assert ((hist > 0).sum(1) == 2).all()
+    np.testing.assert_array_equal((hist > 0).sum(0), 4)  # 20 clients x 2 classes / 10 classes
+    np.testing.assert_array_equal(hist[hist > 0], 25)  # each class's 100 samples split among its 4 holders
+    assert_covers(p, 1000)
+    with pytest.raises(ConfigError, match="partition.classes_per_client=11"):
+        Shards(classes_per_client=11)(labels, 20, np.random.default_rng(0))
+
+
+def test_shards_with_fewer_slots_than_classes_leave_classes_out():
+    labels = np.repeat(np.arange(10), 10)
+    p = Shards(classes_per_client=2)(labels, 3, np.random.default_rng(0))  # 6 class slots for 10 classes
+    hist = p.label_counts(labels, 10)
+    assert ((hist > 0).sum(1) == 2).all() and (hist.sum(0) > 0).sum() == 6
+    assert p.counts.sum() == 60
+
+
+def two_tier_spread(group_alpha, client_alpha, labels):
+    """(mean L1 distance of a client's label mix from its group's mean, L1 distance between the two groups' means)."""
+    p = TwoTierDirichlet(fractions=[0.5, 0.5], group_alpha=group_alpha, client_alpha=client_alpha)(labels, 40, np.random.default_rng(3))
+    assert p.counts.max() - p.counts.min() <= 1
+    q = p.label_counts(labels, 10) / p.counts[:, None]
+    groups = [q[:20], q[20:]]  # contiguous groups: clients 0..19, then 20..39
+    within = np.mean([np.abs(g - g.mean(0)).sum(1).mean() for g in groups])
+    return within, np.abs(groups[0].mean(0) - groups[1].mean(0)).sum()
+
+
+def test_two_tier_group_alpha_sets_the_skew_between_groups_and_client_alpha_within():
+    labels = labels_of(n=20000)
+    within_mild, between_mild = two_tier_spread(100.0, 100.0, labels)
+    _, between_skewed = two_tier_spread(0.1, 100.0, labels)
+    within_skewed, _ = two_tier_spread(100.0, 0.1, labels)
+    assert between_skewed > 5 * between_mild
+    assert within_skewed > 4 * within_mild
+
+
+def test_group_label_subsets_keep_each_group_to_its_labels():
+    labels = labels_of(n=4000)
+    p = GroupLabelSubsets(fractions=[0.25, 0.75], label_subsets=[[0, 1, 2], [2, 3, 4, 5, 6, 7, 8, 9]], alpha=0.5)(labels, 8, np.random.default_rng(0))
+    hist = p.label_counts(labels, 10)
+    assert hist[:2, 3:].sum() == 0  # clients 0, 1 (group 0): labels 0..2 only
+    assert hist[2:, :2].sum() == 0  # clients 2..7 (group 1): never labels 0, 1
+    assert_covers(p, len(labels))
+    # label 2 is shared: split near-equally between the groups
+    assert abs(hist[:2, 2].sum() - hist[2:, 2].sum()) <= 1
+    default = GroupLabelSubsets(fractions=[0.5, 0.5])(labels, 6, np.random.default_rng(0)).label_counts(labels, 10)
+    assert default[:3, 5:].sum() == 0 and default[3:, :5].sum() == 0  # contiguous blocks 0-4 and 5-9
+    with pytest.raises(ConfigError, match="belong to no group"):
+        GroupLabelSubsets(fractions=[0.5, 0.5], label_subsets=[[0, 1], [2, 3]])(labels, 6, np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="partition.label_subsets"):
+        GroupLabelSubsets(fractions=[0.5, 0.5], label_subsets=[[0, 1]])
+
+
+def test_natural_partition_by_id_and_selection():
+    ids = np.array(["b", "a", "c", "a", "b", "b", "d"])
+    labels = np.zeros(len(ids), int)
+    p = Natural()(labels, 4, np.random.default_rng(0), client_ids=ids)
+    assert list(map(list, p)) == [[1, 3], [0, 4, 5], [2], [6]]  # one client per id, in sorted id order
+    largest = Natural(select="largest")(labels, 2, np.random.default_rng(0), client_ids=ids)
+    assert list(map(list, largest)) == [[1, 3], [0, 4, 5]]
+    first = Natural(select="first", min_size=2)(labels, 2, np.random.default_rng(0), client_ids=ids)
+    assert list(map(list, first)) == [[1, 3], [0, 4, 5]]
+    rand = Natural()(labels, 3, np.random.default_rng(0), client_ids=ids)
+    assert rand.counts.sum() < len(ids) and len(rand) == 3
+    with pytest.raises(ConfigError, match="num_clients=5 is invalid"):
+        Natural()(labels, 5, np.random.default_rng(0), client_ids=ids)
+    with pytest.raises(ConfigError, match="no natural client ids"):
+        Natural()(labels, 2, np.random.default_rng(0))
+
+
+def test_power_law_sizes_have_the_predicted_heavy_tail():
+    labels = labels_of(n=400_000)
+    p = PowerLaw(exponent=1.5, min_size=1)(labels, 20_000, np.random.default_rng(0))
+    assert p.counts.min() >= 1 and p.counts.sum() == len(labels)
+    top = np.sort(p.counts)[::-1][:2000].sum() / p.counts.sum()
+    assert top == pytest.approx(0.1 ** (1 - 1 / 1.5), abs=0.06)  # share of the largest 10 %: 0.464
+    light = PowerLaw(exponent=8.0)(labels, 20_000, np.random.default_rng(0))
+    assert np.sort(light.counts)[::-1][:2000].sum() / light.counts.sum() < top
+
+
+def test_partition_summary_by_hand():
+    labels = np.array([0, 1, 1, 2, 2, 2])
+    part = Partition.from_parts([np.array([0, 1]), np.array([3, 4, 5]), np.array([2])])
+    stats, hist = partition_summary(part, labels, 3)
+    np.testing.assert_array_equal(hist, [[1, 1, 0], [0, 0, 3], [0, 1, 0]])
+    assert stats["num_samples"] == 6 and stats["size_min"] == 1 and stats["size_max"] == 3
+    assert stats["size_mean"] == 2.0 and stats["classes_per_client_mean"] == pytest.approx(4 / 3)
+    assert stats["label_entropy_mean"] == pytest.approx(np.log(2) / 3)
+
+
+@pytest.mark.parametrize(
+    "make, key",
+    [
+        (lambda: Dirichlet(alpha=0.5, min_size=0), "partition.min_size=0"),
+        (lambda: Dirichlet(alpha=0.5, max_retries=0), "partition.max_retries=0"),
+        (lambda: Shards(classes_per_client=0), "partition.classes_per_client=0"),
+        (lambda: TwoTierDirichlet(fractions=[0.5, 0.6]), "partition.fractions=[0.5, 0.6]"),
+        (lambda: TwoTierDirichlet(group_alpha=0), "partition.group_alpha=0"),
+        (lambda: PowerLaw(exponent=-1), "partition.exponent=-1"),
+        (lambda: Natural(select="smallest"), "partition.select='smallest'"),
+    ],
+)
+def test_bad_settings_name_the_key(make, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        make()

@@ -1,0 +1,100 @@
+"""Datasets, partitions, models, local training and latency chosen from the command line: presets
+compose, bad values stop the run with the key, and a synthetic run writes its partition summary."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hydra.utils import instantiate
+
+from asyncflower_jax.errors import ConfigError
+from asyncflower_jax.experiment import Experiment
+from tests.conftest import make_config
+from tests.test_run import finished_runs, run_py
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK_INPUTS = {"fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "tinyimagenet": (64, 64, 3), "femnist": (28, 28, 1), "shakespeare": (80,), "synthetic": (60,)}
+TASK_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "tinyimagenet": 200, "femnist": 62, "shakespeare": 80, "synthetic": 10}
+
+
+@pytest.mark.parametrize("task", sorted(p.stem for p in (ROOT / "conf" / "task").glob("*.yaml")))
+def test_every_task_preset_composes_into_a_model_that_fits_its_data(task):
+    cfg = make_config(f"task={task}")
+    name = cfg.dataset.get("name", "synthetic")
+    module = instantiate(cfg.model, num_classes=TASK_CLASSES[name])
+    x = jax.ShapeDtypeStruct((2, *TASK_INPUTS[name]), jnp.float32)
+    params = jax.eval_shape(module.init, jax.random.key(0), x)
+    assert jax.eval_shape(module.apply, params, x).shape == (2, TASK_CLASSES[name])
+    instantiate(cfg.client)  # the local training settings are valid
+    instantiate(cfg.partition)
+
+
+ORIGINAL_TASKS = {"fashion_mnist_cnn", "cifar10_cnn", "cifar10_resnet8", "cifar10_resnet18", "cifar100_resnet18", "tinyimagenet_resnet18"}
+
+
+def test_the_original_asyncflower_tasks_have_presets():
+    assert ORIGINAL_TASKS <= {p.stem for p in (ROOT / "conf" / "task").glob("*.yaml")}
+
+
+BAD = [
+    (["dataset=synthetic", "dataset.alpha=-1"], "dataset.alpha=-1 is invalid"),
+    (["dataset=synthetic", "num_clients=50", "partition=natural", "dataset.num_clients=20"], "num_clients=50 is invalid: the dataset has 20 natural clients"),
+    (["partition=natural"], "partition='natural' is invalid for this dataset"),
+    (["partition=shards", "partition.classes_per_client=11"], "partition.classes_per_client=11 is invalid"),
+    (["partition=dirichlet", "partition.balanced=false", "partition.alpha=0.01", "partition.min_size=12", "partition.max_retries=2"], "partition.min_size=12 is invalid"),
+    (["partition=power_law", "partition.exponent=0"], "partition.exponent=0 is invalid"),
+    (["partition=two_tier_dirichlet", "partition.fractions=[0.5,0.6]"], "partition.fractions=[0.5, 0.6] is invalid"),
+    (["partition=group_labels", "partition.label_subsets=[[0,1],[2,3]]"], "belong to no group"),
+    (["client.optimizer=lion"], "client.optimizer='lion' is invalid"),
+    (["client.clip_norm=-1"], "client.clip_norm=-1 is invalid"),
+    (["client=adam", "client.momentum=0.9"], "client.momentum=0.9 is invalid"),
+    (["latency=uniform", "latency.low=0"], "latency.low=0 is invalid"),
+    (["latency=work", "latency.bandwidth=0"], "latency.bandwidth=0 is invalid"),
+    (["latency=trace", "latency.path=/nonexistent/devices.csv"], "latency.path='/nonexistent/devices.csv' is invalid: no such file"),
+    (["validation_fraction=1.0"], "validation_fraction=1.0 is invalid"),
+    (["dataset=file", "dataset.path=/nonexistent/train.npz"], "dataset.path='/nonexistent/train.npz' is invalid: no such file"),
+    (["dataset=mnist", "dataset.cache_dir=/nonexistent/cache"], "dataset=mnist is not cached"),
+]
+
+
+@pytest.mark.parametrize("overrides, fragment", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_configuration_is_rejected_at_start_up(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        Experiment(make_config(*overrides))
+    assert fragment in str(err.value)
+
+
+def test_work_latency_follows_each_clients_epochs(tmp_path):
+    exp = Experiment(make_config("latency=work", "latency.speed_sigma=0", "latency.bandwidth_sigma=0", "latency.noise_sigma=0", "client.epochs=1", "partition=power_law"))
+    profile = exp.scheduler().profile
+    model_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(exp.params))
+    np.testing.assert_allclose(profile, exp.store.counts * 0.001 + 2 * model_bytes / 1.0e6)
+    assert len(np.unique(exp.store.counts)) > 5  # power-law sizes: durations really differ
+
+
+def test_local_file_dataset_runs_with_its_client_ids(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 5)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    np.savez(tmp_path / "data.npz", x=x, y=y, user=rng.integers(0, 12, 400))
+    cfg = make_config("dataset=file", f"dataset.path={tmp_path / 'data.npz'}", "dataset.client_id=user", "partition=natural", "num_clients=12", "concurrency=4", "max_updates=40", "model.hidden=[8]", "progress=false", "checkpoint_every=0")
+    exp = Experiment(cfg)
+    assert exp.store.num_clients == 12 and exp.store.counts.sum() == 320
+    result = exp.run(tmp_path / "run")
+    assert result.summary["final_test_accuracy"] > 0.7  # the label is the sign of feature 0
+
+
+@pytest.mark.slow
+def test_synthetic_run_writes_its_partition_summary_and_store_memory(tmp_path):
+    proc = run_py(["dataset=synthetic", "num_clients=20000", "max_updates=50", "validation_fraction=0.2", "record_updates=false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "client store: 20000 clients" in proc.stdout + proc.stderr
+    [run_dir] = finished_runs(tmp_path)
+    stats = json.loads((run_dir / "partition.json").read_text())
+    assert stats["num_clients"] == 20000 and stats["store_over_raw"] < 2.0
+    assert len((run_dir / "partition.csv").read_text().splitlines()) == 20001
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0]
+    assert "client_accuracy_worst" in header
