@@ -1,0 +1,49 @@
+"""scripts/local_federation.py's argument handling (the federation itself: test_deployment.py)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from asyncflower_jax.flower.local import LocalFederation, _toml_value
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "local_federation.py"
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    spec = importlib.util.spec_from_file_location("local_federation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_config_values_from_the_command_line(launcher):
+    assert launcher.parse_value("true") is True and launcher.parse_value("false") is False
+    assert launcher.parse_value("30") == 30 and launcher.parse_value("0.5") == 0.5
+    assert launcher.parse_value('"fedbuff"') == "fedbuff" and launcher.parse_value("fedbuff") == "fedbuff"
+    assert launcher.parse_value('"model.hidden=[32] seed=1"') == "model.hidden=[32] seed=1"
+
+
+@pytest.mark.parametrize("argv, message", [(["--nodes", "0"], "--nodes=0 is invalid"), (["-c", "max_updates"], "must be KEY=VALUE")])
+def test_bad_arguments_are_reported(launcher, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        launcher.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_run_config_values_are_written_as_toml():
+    assert [_toml_value(v) for v in (True, 3, 0.25, 'a "b"')] == ["true", "3", "0.25", '"a \\"b\\""']
+    with pytest.raises(ValueError, match="must be a bool, int, float or str"):
+        _toml_value([1])
+
+
+def test_a_federation_needs_a_node_and_nothing_starts_before_start(tmp_path):
+    from asyncflower_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="nodes=0 is invalid"):
+        LocalFederation(0, tmp_path)
+    federation = LocalFederation(2, tmp_path)
+    assert federation.processes == [] and federation.port is None
+    federation.stop()  # nothing to stop: a no-op
+    assert federation.alive_descendants() == []
