@@ -1,0 +1,411 @@
+"""What the benchmarks share: a workload builder, a data pool for any population, the five latency
+models, a sequential baseline, timing and output helpers.
+
+Every benchmark builds its components directly (not through Hydra), so populations far beyond
+what a real dataset can be partitioned into (N = 1e6) stay possible: clients read overlapping
+windows of one pool of samples, made by tiling scikit-learn's digits with a little noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/x.py` from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from asyncflower_jax.client.batched import BatchedTrainer, bucket_size  # noqa: E402
+from asyncflower_jax.client.local_train import LocalTraining, make_local_train  # noqa: E402
+from asyncflower_jax.client.precision import mixed_precision  # noqa: E402
+from asyncflower_jax.data.store import ClientStore  # noqa: E402
+from asyncflower_jax.engine.evaluation import make_evaluator  # noqa: E402
+from asyncflower_jax.engine.latency import Constant, Exponential, LogNormal, Pareto  # noqa: E402
+from asyncflower_jax.engine.scheduler import Scheduler  # noqa: E402
+from asyncflower_jax.engine.simulator import SimulationSettings, Simulator, stack_updates  # noqa: E402
+from asyncflower_jax.engine.versions import VersionCache  # noqa: E402
+from asyncflower_jax.models.mlp import MLP, init_params  # noqa: E402
+from asyncflower_jax.strategy import FedAsync, FedAvg, FedBuff  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results"
+
+# Task-duration models of the benchmarks, from no spread to a heavy tail; no per-client speed
+# spread, so the per-task spread alone sets how far deferred batching can go.
+LATENCIES = {
+    "identical": lambda: Constant(duration=1.0),
+    "lognormal-0.25": lambda: LogNormal(median=1.0, sigma=0.25, client_sigma=0.0),
+    "pareto-1.5": lambda: Pareto(shape=1.5, minimum=1.0, client_sigma=0.0),
+    "lognormal-1": lambda: LogNormal(median=1.0, sigma=1.0, client_sigma=0.0),
+    "exponential": lambda: Exponential(rate=1.0, client_sigma=0.0),
+}
+
+MODEL_STREAM, TRAIN_STREAM, POOL_STREAM = 4, 5, 6
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def digits_split():
+    """scikit-learn's digits as in conf/dataset/digits.yaml: (x_train, y_train, x_test, y_test)."""
+    from asyncflower_jax.data.dataset import digits
+
+    d = digits()
+    return d.x_train, d.y_train, d.x_test, d.y_test
+
+
+def digits_pool(rows: int, seed: int = 0, noise: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """`rows` training samples: digits' training set repeated in random order, plus Gaussian pixel
+    noise (clipped to [0, 1]) so repeats differ."""
+    x, y, _, _ = digits_split()
+    rng = np.random.default_rng([seed, POOL_STREAM])
+    index = np.concatenate([rng.permutation(len(x)) for _ in range(-(-rows // len(x)))])[:rows]
+    pool = np.clip(x[index] + rng.normal(0.0, noise, (rows, x.shape[1])), 0.0, 1.0).astype(np.float32)
+    return pool, y[index]
+
+
+def overlapping_store(num_clients: int, samples_per_client: int, max_pool_rows: int = 1 << 16, seed: int = 0) -> ClientStore:
+    """N clients of `samples_per_client` samples each. While N x samples fits in `max_pool_rows`
+    every client has its own samples; beyond, client c reads the window starting at
+    c x samples mod (pool - samples), so memory stays bounded whatever N (1e6 clients: 8 MB of
+    offsets and counts, no per-client Python object)."""
+    rows = min(num_clients * samples_per_client, max_pool_rows)
+    x, y = digits_pool(rows, seed)
+    starts = np.arange(num_clients, dtype=np.int64) * samples_per_client
+    offsets = (starts % (rows - samples_per_client + 1)).astype(np.int32)
+    counts = np.full(num_clients, samples_per_client, np.int32)
+    return ClientStore(jnp.asarray(x), jnp.asarray(y), offsets, counts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Workloads
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One simulation of the MLP on (tiled) digits; see `build`."""
+
+    num_clients: int
+    concurrency: int
+    updates: int
+    latency: str = "lognormal-0.25"
+    rule: str = "fedasync"  # fedasync | fedbuff (buffer `buffer_size`) | fedavg (cohorts of `concurrency`)
+    buffer_size: int = 10
+    samples_per_client: int = 16
+    hidden: tuple[int, ...] = (200, 200)
+    num_steps: int = 10
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    seed: int = 0
+    execution: str = "auto"
+    map_batch: int = 1
+    chunk_size: int = 256
+    compute_dtype: str | None = None
+    devices: int | None = None
+    eval_every: int | None = None  # None: evaluate only at the start and the end
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Components:
+    workload: Workload
+    strategy: object
+    params: object
+    trainer: BatchedTrainer
+    latency: object
+    settings: SimulationSettings
+    evaluate: object
+
+    def scheduler(self) -> Scheduler:
+        return Scheduler(self.settings.num_clients, self.latency, self.settings.seed)
+
+
+def make_strategy(w: Workload):
+    if w.rule == "fedasync":
+        return FedAsync()
+    if w.rule == "fedbuff":
+        return FedBuff(buffer_size=w.buffer_size)
+    if w.rule == "fedavg":
+        return FedAvg(cohort_size=w.concurrency)
+    raise ValueError(f"unknown rule {w.rule!r}")
+
+
+_SHARED: dict = {}  # stores and trainers reused between workloads that agree on them (compiled once)
+
+
+def build(w: Workload) -> Components:
+    """The components of workload `w`. Workloads with the same population, data and training
+    settings share one store and one trainer, so each training program is compiled once per process."""
+    store_key = ("store", w.num_clients, w.samples_per_client, w.seed)
+    if store_key not in _SHARED:
+        _SHARED[store_key] = overlapping_store(w.num_clients, w.samples_per_client, seed=w.seed)
+    store = _SHARED[store_key]
+    _, _, x_test, y_test = digits_split()
+    module = MLP(num_classes=10, hidden=tuple(w.hidden))
+    key = jax.random.key(w.seed)
+    params = init_params(module, (x_test.shape[1],), jax.random.fold_in(key, MODEL_STREAM))
+    trainer_key = ("trainer", *store_key, tuple(w.hidden), w.num_steps, w.batch_size, w.learning_rate, w.execution, w.map_batch, w.chunk_size, w.compute_dtype, w.devices)
+    if trainer_key not in _SHARED:
+        training = LocalTraining(num_steps=w.num_steps, batch_size=w.batch_size, learning_rate=w.learning_rate)
+        local_train = make_local_train(mixed_precision(module.apply, w.compute_dtype), training)
+        _SHARED[trainer_key] = BatchedTrainer(
+            local_train,
+            store,
+            jax.random.fold_in(key, TRAIN_STREAM),
+            chunk_size=w.chunk_size,
+            execution=w.execution,
+            map_batch=w.map_batch,
+            devices=w.devices,
+        )
+    settings = SimulationSettings(
+        num_clients=w.num_clients,
+        concurrency=w.concurrency,
+        seed=w.seed,
+        max_updates=w.updates,
+        eval_every=w.eval_every or 10**9,
+    )
+    return Components(w, make_strategy(w), params, _SHARED[trainer_key], LATENCIES[w.latency](), settings, make_evaluator(module.apply, x_test, y_test))
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs
+
+
+def run_simulator(c: Components, warmup: bool = True):
+    """Run the simulator on `c`; with `warmup`, once untimed first (every shape the timed run needs
+    is then compiled: the trainer, the kernel and the gathers keep their compiled programs). The
+    Simulator object is kept on `c`, so later calls reuse its compiled kernel. Returns
+    (SimulationResult, wall seconds of the timed run)."""
+    sim = getattr(c, "_simulator", None)
+    if sim is None:
+        sim = c._simulator = Simulator(c.strategy, c.params, c.trainer, c.scheduler(), c.evaluate, c.settings)
+        if warmup:
+            sim.run()
+    sim.scheduler = c.scheduler()  # a fresh schedule; everything else is rebuilt by run()
+    start = time.perf_counter()
+    result = sim.run()
+    jax.block_until_ready(result.params)
+    return result, time.perf_counter() - start
+
+
+def run_sequential(c: Components, warmup_updates: int = 3):
+    """The sequential baseline: the loop of simulators that train each client alone at its finish
+    event (FLSim's and Flower-style loops), on the engine's own scheduler, version bookkeeping and
+    jitted aggregation kernel, so the difference to the simulator is the training alone. Rules
+    with a buffer (every benchmark rule); stops at `max_updates`. Returns (final params,
+    {"wall", "updates", "versions", "test_accuracy"})."""
+    strategy, trainer, s = c.strategy, c.trainer, c.settings
+    kernel = jax.jit(strategy.aggregate, donate_argnums=(1,))
+    counts = trainer.store.counts
+
+    def loop(max_updates: int):
+        sched = c.scheduler()
+        versions = VersionCache()
+        params, state, version, updates, server_round = c.params, strategy.init(c.params), 0, 0, 1
+        versions.put(0, params)
+
+        def fill():
+            while sched.num_in_flight < s.concurrency and sched.idle.count > 0:
+                sched.dispatch(version)
+                versions.acquire(version)
+
+        fill()
+        while updates < max_updates:
+            kind, k = strategy.round_delimiter(server_round)
+            assert kind == "buffer_size", "the sequential baseline runs buffered rules"
+            arrivals, results = [], {}
+            while len(arrivals) < k:
+                task = sched.pop()
+                results[task.dispatch_id] = trainer.train_one(versions.get(task.start_version), task.client, task.dispatch_id)[0]
+                arrivals.append(task)
+                if strategy.refill == "on_arrival":
+                    fill()
+            take = lambda ids: (_stack([results[i] for i in ids]), None)  # noqa: E731
+            batch, _ = stack_updates(arrivals, version, take, versions.get, counts, versions.gather)
+            params, state = kernel(params, state, batch)
+            for task in arrivals:
+                versions.release(task.start_version)
+            version += 1
+            updates += len(arrivals)
+            versions.put(version, params)
+            versions.release(version - 1)
+            server_round += 1
+            if strategy.refill == "on_aggregation":
+                fill()
+        jax.block_until_ready(params)
+        return params, version, updates
+
+    if warmup_updates:
+        loop(warmup_updates)
+    start = time.perf_counter()
+    params, version, updates = loop(s.max_updates)
+    wall = time.perf_counter() - start
+    return params, {"wall": wall, "updates": updates, "versions": version, "test_accuracy": c.evaluate(params)["test_accuracy"]}
+
+
+def _stack(trees):
+    from asyncflower_jax.client.batched import stack_trees
+
+    return stack_trees(trees)
+
+
+def bare_training(trainer: BatchedTrainer, params, batch_sizes: list[int], num_clients: int, repeats: int = 1, seed: int = 0) -> float:
+    """Wall seconds of training batches of `batch_sizes` clients (all from `params`, random clients
+    and keys) with the trainer's own chunking and execution: no scheduler, no aggregation. Every
+    shape is compiled first. With `repeats` > 1, the median of that many timed passes."""
+    rng = np.random.default_rng([seed, 99])
+    stacked = jax.tree.map(lambda leaf: leaf[None], params)
+    jobs = [(np.zeros(n, np.int32), rng.integers(0, num_clients, n), np.arange(i * 100_000, i * 100_000 + n)) for i, n in enumerate(batch_sizes)]
+    shapes = sorted({min(bucket_size(n), trainer.chunk_size) for n in batch_sizes} | {bucket_size(n % trainer.chunk_size) for n in batch_sizes if n % trainer.chunk_size})
+    for size in shapes:  # compile
+        jax.block_until_ready([c.params for c in trainer.train_from(stacked, np.zeros(size, np.int32), np.zeros(size, np.int64), np.arange(size))])
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = [trainer.train_from(stacked, *job) for job in jobs]
+        jax.block_until_ready([c.params for chunks in out for c in chunks])
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def one_at_a_time(trainer: BatchedTrainer, params, n: int, num_clients: int, repeats: int = 1, seed: int = 0) -> float:
+    """Wall seconds of training n clients by one jitted call each (`train_one`, as the sequential
+    baseline does); median of `repeats` timed passes after a compiling call."""
+    rng = np.random.default_rng([seed, 98])
+    clients = rng.integers(0, num_clients, n)
+    jax.block_until_ready(trainer.train_one(params, 0, 0))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready([trainer.train_one(params, int(c), i)[0] for i, c in enumerate(clients)])
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def max_param_diff(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def deferred_batches(latency: str, num_clients: int, concurrency: int, updates: int, rule: str = "fedasync", buffer_size: int = 10, seed: int = 0) -> list[int]:
+    """The training batches (flush sizes) the simulator makes for a workload, replayed on the host
+    alone: the same scheduler and the same rule ("when an aggregation needs an untrained result,
+    train every untrained client that can still be aggregated before the stop"), no model.
+    tests/benchmarks checks it against the simulator."""
+    strategy = make_strategy(Workload(num_clients, concurrency, updates, latency, rule, buffer_size))
+    sched = Scheduler(num_clients, LATENCIES[latency](), seed)
+    untrained: dict[int, tuple[float, int]] = {}  # dispatch id -> (finish time, dispatch id)
+    sizes: list[int] = []
+    done, server_round = 0, 1
+    inf = float("inf")
+
+    def fill():
+        while sched.num_in_flight < concurrency and sched.idle.count > 0:
+            task = sched.dispatch(0)
+            untrained[task.dispatch_id] = (task.finish_time, task.dispatch_id)
+
+    fill()
+    while done < updates:
+        _, k = strategy.round_delimiter(server_round)
+        arrivals = []
+        while len(arrivals) < k:
+            arrivals.append(sched.pop().dispatch_id)
+            if strategy.refill == "on_arrival":
+                fill()
+        if any(a in untrained for a in arrivals):
+            needed = -(-max(0, updates - done - len(arrivals)) // k) * k
+            limit = (inf, inf) if needed >= sched.num_in_flight else sched.kth_finish(needed) if needed > 0 else (-inf, -inf)
+            now = [d for d, key in untrained.items() if d not in sched.in_flight or key <= limit]
+            sizes.append(len(now))
+            for d in now:
+                del untrained[d]
+        done += len(arrivals)
+        server_round += 1
+        if strategy.refill == "on_aggregation":
+            fill()
+    return sizes
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def machine() -> dict:
+    """Where and with what a benchmark ran."""
+    import importlib.metadata as md
+
+    def version(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
+        "versions": {name: version(name) for name in ("jax", "jaxlib", "flax", "optax", "numpy", "flwr", "asyncflower-jax")},
+    }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    return path
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """A fixed-width text table: columns are (key, header, format)."""
+    cells = [[h for _, h, _ in columns]] + [[("-" if r.get(k) is None else format(r[k], f)) for k, _, f in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def common_arguments(parser, default_name: str):
+    parser.add_argument("--quick", action="store_true", help="small sizes (seconds), for tests")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"directory for {default_name}.json and {default_name}.png")
+    return parser
+
+
+def use_matplotlib():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

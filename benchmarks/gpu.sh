@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The benchmark suite on one GPU machine, in one command, within about 8 minutes; prints a table.
+#
+#   bash benchmarks/gpu.sh [out dir]        (default: benchmarks/results/gpu)
+#
+# Needs JAX with CUDA and the project's dependencies in the `python3` it finds (PYTHON=... to choose
+# another; e.g. PYTHON=.venv/bin/python after `pip install -e .` there); offline, the missing ones
+# can come as wheels in .whl/ (pip download ... -d .whl), installed into /tmp/asyncflower-site. vs_flower is not run here: it
+# is a CPU benchmark, and it installs Flower from PyPI.
+#
+# Each step has a time limit, so the whole stays inside the budget even on a slower card; a step
+# cut off by its limit leaves no JSON, and the summary says so.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-benchmarks/results/gpu}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false            # steps run one after another; take memory as needed
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$OUT/xla-cache}"  # a rerun skips compilation
+start=$(date +%s)
+
+if ! "$PY" -c "import asyncflower_jax.strategy, hydra, flwr, jax" 2>/dev/null && [ -d .whl ]; then
+  # offline: the missing dependencies as wheels, installed beside (not into) that Python
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/asyncflower-site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/asyncflower-site"
+fi
+if ! "$PY" -c "import asyncflower_jax.strategy, hydra, flwr, jax"; then
+  echo "gpu.sh: $PY lacks the project's dependencies: install them (pip install -e .) or put their wheels in .whl/" >&2
+  exit 1
+fi
+"$PY" -c "import jax; d = jax.devices(); print('devices:', d); assert d[0].platform == 'gpu', 'no GPU: this script is for GPU machines'" || exit 1
+
+step() {  # step <name> <seconds> <command...>
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout --signal=TERM "$limit" "$@" 2>&1 | grep -v -E "^(W|I)[0-9]{4} " | tee "$OUT/$name.log" | tail -n 25
+  echo "== $name: exit ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s so far"
+}
+
+# 1. simulator vs sequential baseline, M up to 8192; the latency models whose deferred batches
+#    average >= 4096 at M = 8192 (identical: 8192, Pareto 1.5: 4634) and the one with the smallest (exponential: 138)
+step throughput 170 "$PY" benchmarks/throughput.py --out "$OUT" --repeats 1 --chunk-size 2048 \
+  --concurrency 10 100 1000 8192 --latencies identical pareto-1.5 exponential
+# 2. per-client LEAF CNN against the shared-weights ceiling, M = 128, 512, 1024
+step vectorization 120 "$PY" benchmarks/vectorization.py --out "$OUT" --repeats 3
+# 3. whole simulation / bare training
+step overhead 60 "$PY" benchmarks/overhead.py --out "$OUT" --repeats 1 --chunk-size 2048 --concurrency 100 1000
+# 4. N up to 1e6, M up to 10,000 (one process per point)
+step scale 110 "$PY" benchmarks/scale.py --out "$OUT" --chunk-size 2048 --populations 100 10000 1000000 --concurrency 10 1000 10000
+
+echo
+echo "== summary ($(( $(date +%s) - start )) s)"
+"$PY" benchmarks/summarize.py "$OUT"

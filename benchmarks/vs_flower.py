@@ -1,0 +1,273 @@
+"""The same workload in Flower's own simulation engine (flwr[simulation], Ray) and in this simulator.
+
+    python benchmarks/vs_flower.py            # FedAvg 30 rounds of 10, FedAsync 300 updates with 10 in flight
+    python benchmarks/vs_flower.py --quick    # 3 rounds / 30 updates (checks the set-up works)
+
+Workload: scikit-learn's digits, 100 clients IID, MLP 64-200-200-10, 10 local SGD steps of batch
+32 at lr 0.05; FedAvg with 10 clients per round for 30 rounds, and FedAsync with 10 clients in
+flight for 300 updates. Flower runs it with its stock FedAvg and a FedAsync written against its
+Grid (benchmarks/flower_app.py), one Ray actor per CPU core; the simulator runs the same
+configuration from conf/ (latency `groups`, the default; FedAvg's result does not depend on it).
+
+Flower's simulation engine is installed by this script, not by the project: a virtual
+environment in <cache>/flower-sim-<flwr version>-py<python> (cache: $ASYNCFLOWER_BENCH_CACHE or
+~/.cache/asyncflower-jax) with flwr[simulation] at the flwr version installed here and jax, flax,
+optax, numpy and scikit-learn pinned to the versions installed here (pip constraints from `pip
+freeze`), so both sides train with the same code and library versions.
+
+Reported per rule: steady-state updates/s (Flower: after the first sixth of its rounds/updates;
+simulator: a second run in the same process), whole-run wall time from process start (Flower's
+includes starting Ray; the simulator's is given cold, nothing compiled yet, and with the
+project's persistent compilation cache warm, as every `python run.py` after a machine's first
+gets it), final test accuracy; the ratios, and the targets (>= 5x steady-state, >= 3x shorter
+whole runs, accuracy within 2 points).
+
+Writes <out>/vs_flower.json and vs_flower.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STARTED = time.perf_counter()
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WORKLOADS = {  # simulator overrides for the two rules (beyond COMMON)
+    "fedavg": ["strategy=fedavg", "concurrency=10", "max_versions=30", "max_updates=null", "eval_every=30"],
+    "fedasync": ["strategy=fedasync", "concurrency=10", "max_updates=300", "eval_every=300"],
+}
+QUICK = {"fedavg": ["max_versions=3"], "fedasync": ["max_updates=30", "eval_every=30"]}
+COMMON = [
+    "dataset=digits",
+    "partition=iid",
+    "num_clients=100",
+    "model=mlp",
+    "model.hidden=[200,200]",
+    "client=sgd",
+    "client.num_steps=10",
+    "client.batch_size=32",
+    "client.learning_rate=0.05",
+    "seed=0",
+    "progress=false",
+]
+FLOWER_PACKAGES = ["jax", "jaxlib", "flax", "optax", "numpy", "scikit-learn"]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("ASYNCFLOWER_BENCH_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "asyncflower-jax")
+    return Path(base)
+
+
+def flower_python(reinstall: bool = False, log=print) -> Path:
+    """The Python of the Flower simulation environment, created on first use (needs PyPI)."""
+    import importlib.metadata as md
+
+    version = md.version("flwr")
+    env = cache_dir() / f"flower-sim-{version}-py{sys.version_info.major}{sys.version_info.minor}"
+    python = env / "bin" / "python"
+    stamp = env / ".installed"
+    if stamp.is_file() and python.is_file() and not reinstall:
+        return python
+    log(f"installing flwr[simulation]=={version} into {env} (once)")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(env)], check=True)
+    freeze = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"], check=True, capture_output=True, text=True).stdout
+    pins = [line for line in freeze.splitlines() if "==" in line and not line.startswith(("-", "#"))]
+    (env / "constraints.txt").write_text("\n".join(pins) + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "-c", str(env / "constraints.txt"), f"flwr[simulation]=={version}", *FLOWER_PACKAGES],
+        check=True,
+    )
+    stamp.write_text(json.dumps({"flwr": version, "constraints": len(pins)}) + "\n")
+    return python
+
+
+def run_flower(python: Path, mode: str, quick: bool, actors: int) -> dict:
+    cmd = [str(python), str(HERE / "flower_app.py"), "--mode", mode, "--actors", str(actors)]
+    if quick:
+        cmd += ["--rounds", "3"] if mode == "fedavg" else ["--updates", "30"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0", "JAX_PLATFORMS": "cpu"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - start
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"the Flower run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    out = json.loads(lines[-1][len("RESULT ") :])
+    out["process_wall_s"] = wall
+    return out
+
+
+def ours_worker(mode: str, quick: bool, compile_cache: bool = False) -> dict:
+    """This simulator on the workload, in this (fresh) process: a first run (the whole run a user
+    waits for: building, compiling, simulating) and a second one (steady state). With
+    `compile_cache`, the project's persistent compilation cache (conf: xla_cache_dir) is on, as in
+    `python run.py`: every run after the first one on a machine then skips most compilation."""
+    sys.path.insert(0, str(ROOT))
+    from hydra import compose, initialize_config_dir
+
+    from asyncflower_jax.engine.simulator import Simulator
+    from asyncflower_jax.experiment import Experiment
+
+    imported = time.perf_counter()
+    overrides = COMMON + WORKLOADS[mode] + (QUICK[mode] if quick else [])
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    if compile_cache and cfg.xla_cache_dir:  # as run.py does: compiled programs reused across runs
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(cfg.xla_cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    exp = Experiment(cfg)
+    built = time.perf_counter()
+    sim = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings)
+    first = sim.run()
+    whole = time.perf_counter() - STARTED
+    sim.scheduler = exp.scheduler()
+    start = time.perf_counter()
+    second = sim.run()
+    steady = time.perf_counter() - start
+    return {
+        "mode": mode,
+        "overrides": overrides,
+        "execution": [exp.trainer.execution, exp.trainer.chunk_size],
+        "updates": second.summary["client_updates"],
+        "whole_run_s": whole,
+        "compile_cache": compile_cache,
+        "import_s": imported - STARTED,
+        "build_s": built - imported,
+        "first_run_simulation_s": first.summary["wall_time"],
+        "steady_updates_per_s": second.summary["client_updates"] / steady,
+        "mean_train_batch": second.summary["mean_train_batch"],
+        "final_accuracy": second.summary["final_test_accuracy"],
+        "first_run_final_accuracy": first.summary["final_test_accuracy"],
+    }
+
+
+def run_ours(mode: str, quick: bool, compile_cache: bool = False) -> dict:
+    cmd = [sys.executable, str(Path(__file__)), "--ours", mode] + (["--quick"] if quick else []) + (["--compile-cache"] if compile_cache else [])
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wall = time.perf_counter() - start
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"the simulator run failed ({proc.returncode}):\n{proc.stderr[-5000:]}")
+    out = json.loads(lines[-1][len("RESULT ") :])
+    out["process_wall_s"] = wall
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 FedAvg rounds, 30 FedAsync updates")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--modes", nargs="+", default=["fedavg", "fedasync"], choices=["fedavg", "fedasync"])
+    parser.add_argument("--actors", type=int, default=os.cpu_count() or 1, help="Ray actors for Flower's clients (default: one per core)")
+    parser.add_argument("--reinstall", action="store_true", help="recreate Flower's environment")
+    parser.add_argument("--install-only", action="store_true", help="create Flower's environment and stop")
+    parser.add_argument("--ours", choices=["fedavg", "fedasync"], help=argparse.SUPPRESS)
+    parser.add_argument("--compile-cache", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.ours:
+        print("RESULT " + json.dumps(ours_worker(args.ours, args.quick, args.compile_cache)), flush=True)
+        return {}
+    python = flower_python(args.reinstall)
+    if args.install_only:
+        print(f"Flower's simulation environment: {python}")
+        return {}
+
+    sys.path.insert(0, str(HERE))
+    import common
+
+    out = {"benchmark": "vs_flower", "quick": args.quick, "machine": common.machine(), "flower_python": str(python), "rows": []}
+    for mode in args.modes:
+        flower = run_flower(python, mode, args.quick, args.actors)
+        ours = run_ours(mode, args.quick)  # cold: nothing compiled before (a machine's first run)
+        run_ours(mode, args.quick, compile_cache=True)  # fills the persistent compilation cache, if not yet
+        cached = run_ours(mode, args.quick, compile_cache=True)  # what every later `python run.py` gets
+        row = {
+            "rule": mode,
+            "updates": ours["updates"],
+            "flower_steady_updates_per_s": flower["steady_updates_per_s"],
+            "ours_steady_updates_per_s": ours["steady_updates_per_s"],
+            "steady_ratio": ours["steady_updates_per_s"] / flower["steady_updates_per_s"],
+            "flower_whole_run_s": flower["whole_run_s"],
+            "flower_engine_start_s": flower["engine_start_s"],
+            "ours_whole_run_s": ours["whole_run_s"],
+            "whole_run_ratio": flower["whole_run_s"] / ours["whole_run_s"],
+            "ours_cached_whole_run_s": cached["whole_run_s"],
+            "cached_whole_run_ratio": flower["whole_run_s"] / cached["whole_run_s"],
+            "flower_accuracy": flower["final_accuracy"],
+            "ours_accuracy": ours["final_accuracy"],
+            "accuracy_difference": ours["final_accuracy"] - flower["final_accuracy"],
+            "flower": flower,
+            "ours": ours,
+            "ours_cached": cached,
+        }
+        out["rows"].append(row)
+        print(
+            f"  {mode:>8}: steady {row['ours_steady_updates_per_s']:.0f} vs {row['flower_steady_updates_per_s']:.1f} updates/s ({row['steady_ratio']:.1f}x), "
+            f"whole run {row['ours_whole_run_s']:.1f} s (compile cache warm: {row['ours_cached_whole_run_s']:.1f} s) vs {row['flower_whole_run_s']:.1f} s ({row['whole_run_ratio']:.1f}x, {row['cached_whole_run_ratio']:.1f}x), "
+            f"accuracy {row['ours_accuracy']:.4f} vs {row['flower_accuracy']:.4f}",
+            flush=True,
+        )
+    print("\n# vs Flower's simulation engine (Ray, %d actors): digits, 100 clients IID, MLP 64-200-200-10, 10 SGD steps of 32" % args.actors)
+    print(
+        common.table(
+            out["rows"],
+            [("rule", "rule", "s"), ("updates", "updates", "d"), ("ours_steady_updates_per_s", "ours upd/s", ".0f"), ("flower_steady_updates_per_s", "Flower upd/s", ".1f"),
+             ("steady_ratio", "ratio", ".1f"), ("ours_whole_run_s", "ours run s", ".1f"), ("ours_cached_whole_run_s", "cached s", ".1f"),
+             ("flower_whole_run_s", "Flower run s", ".1f"), ("whole_run_ratio", "ratio", ".1f"), ("cached_whole_run_ratio", "cached ratio", ".1f"),
+             ("ours_accuracy", "ours acc", ".4f"), ("flower_accuracy", "Flower acc", ".4f")],
+        )
+    )
+    out["targets"] = [
+        {"target": ">= 5x Flower's steady-state updates/s", "met": all(r["steady_ratio"] >= 5 for r in out["rows"]), "detail": ", ".join(f"{r['rule']} {r['steady_ratio']:.1f}x" for r in out["rows"])},
+        {
+            "target": ">= 3x shorter whole runs",
+            "met": all(r["whole_run_ratio"] >= 3 for r in out["rows"]),
+            "detail": ", ".join(f"{r['rule']} {r['whole_run_ratio']:.1f}x cold, {r['cached_whole_run_ratio']:.1f}x with the compilation cache" for r in out["rows"]),
+        },
+        {"target": "final accuracy within 2 points of Flower's", "met": all(abs(r["accuracy_difference"]) <= 0.02 for r in out["rows"]), "detail": ", ".join(f"{r['rule']} {100 * r['accuracy_difference']:+.1f}" for r in out["rows"])},
+    ]
+    for t in out["targets"]:
+        print(f"target {t['target']}: {'met' if t['met'] else 'NOT met'} ({t['detail']})" + (" [quick sizes]" if args.quick else ""))
+    out["wall_seconds"] = time.perf_counter() - STARTED
+    common.write_json(args.out / "vs_flower.json", out)
+    plot(out, args.out / "vs_flower.png")
+    print(f"wrote {args.out / 'vs_flower.json'} and vs_flower.png ({out['wall_seconds']:.0f} s)")
+    return out
+
+
+def plot(out: dict, path):
+    sys.path.insert(0, str(HERE))
+    import common
+
+    plt = common.use_matplotlib()
+    rows = out["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    x = range(len(rows))
+    axes[0].bar([i - 0.2 for i in x], [r["ours_steady_updates_per_s"] for r in rows], 0.4, label="this simulator")
+    axes[0].bar([i + 0.2 for i in x], [r["flower_steady_updates_per_s"] for r in rows], 0.4, label="Flower (Ray)")
+    axes[0].set(yscale="log", ylabel="steady-state client updates / s", title="throughput")
+    axes[1].bar([i - 0.2 for i in x], [r["ours_whole_run_s"] for r in rows], 0.4, label="this simulator")
+    axes[1].bar([i + 0.2 for i in x], [r["flower_whole_run_s"] for r in rows], 0.4, label="Flower (Ray)")
+    axes[1].set(ylabel="seconds from process start", title="whole run")
+    for ax in axes:
+        ax.set_xticks(list(x), [r["rule"] for r in rows])
+        ax.legend(fontsize=8)
+    m = out["machine"]
+    fig.suptitle(f"{m['cpu']} ({m['cpu_count']} cores), {m['date'][:10]}{' (quick)' if out['quick'] else ''}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The benchmarks run in their --quick mode and write the JSON they promise; their baselines and
+replays are checked against the engine they measure. (Speed targets are printed by the
+benchmarks, never asserted here.)"""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import common, overhead, scale, throughput, vs_flower
+from asyncflower_jax.engine.reference import run_reference
+
+
+def test_replayed_batches_equal_the_simulators():
+    for latency in ("identical", "exponential"):
+        for rule, m in (("fedasync", 12), ("fedbuff", 12), ("fedavg", 6)):
+            w = common.Workload(40, m, 50, latency=latency, rule=rule, buffer_size=4, hidden=(8,), num_steps=1, batch_size=4)
+            c = common.build(w)
+            result, _ = common.run_simulator(c, warmup=False)
+            flushes = common.deferred_batches(latency, 40, m, 50, rule, 4)
+            assert len(flushes) == result.summary["training_flushes"], (latency, rule)
+            assert np.mean(flushes) == pytest.approx(result.summary["mean_train_batch"]), (latency, rule)
+            assert sum(flushes) <= result.summary["client_updates"] + m  # nothing beyond what can still arrive
+
+
+def test_identical_durations_batch_all_clients_and_spread_batches_fewer():
+    identical = common.deferred_batches("identical", 200, 64, 640)
+    spread = common.deferred_batches("exponential", 200, 64, 640)
+    assert np.mean(identical) > 60  # every client of a cohort finishes together: one flush per M arrivals
+    assert np.mean(spread) < np.mean(identical) / 2
+
+
+def test_sequential_baseline_equals_the_naive_reference_and_the_simulator():
+    with jax.enable_x64(True):
+        w = common.Workload(30, 6, 24, latency="lognormal-1", hidden=(8,), num_steps=2, batch_size=4)
+        c = common.build(w)
+        c.params = jax.tree.map(lambda p: p.astype(np.float64), c.params)
+        seq_params, seq = common.run_sequential(c, warmup_updates=0)
+        ref_params, ref_log = run_reference(c.strategy, c.params, c.trainer, c.latency, c.settings)
+        result, _ = common.run_simulator(c, warmup=False)
+        assert seq["updates"] == sum(len(e["clients"]) for e in ref_log) == 24
+        assert common.max_param_diff(seq_params, ref_params) < 1e-12
+        assert common.max_param_diff(result.params, ref_params) < 1e-9
+
+
+def test_overlapping_store_bounds_memory_and_keeps_windows_inside_the_pool():
+    store = common.overlapping_store(100_000, 16, max_pool_rows=4096)
+    assert store.x.shape[0] == 4096 and len(store.offsets) == 100_000
+    assert int((store.offsets + store.counts).max()) <= 4096
+    small = common.overlapping_store(10, 16)
+    assert list(small.offsets) == list(range(0, 160, 16))  # disjoint while it fits
+
+
+def read(path):
+    data = json.loads(path.read_text())
+    assert data["machine"]["backend"] == jax.default_backend()
+    assert data["machine"]["versions"]["jax"] == jax.__version__
+    return data
+
+
+@pytest.mark.slow
+def test_throughput_quick(tmp_path):
+    throughput.main(["--quick", "--out", str(tmp_path)])
+    data = read(tmp_path / "throughput.json")
+    assert (tmp_path / "throughput.png").stat().st_size > 10_000
+    assert {row["latency"] for row in data["mean_deferred_batch"]} == set(common.LATENCIES)
+    batches = {row["latency"]: row for row in data["mean_deferred_batch"]}
+    assert batches["identical"]["M=32"] > batches["exponential"]["M=32"] >= 1
+    assert {r["execution"] for r in data["execution_choice"]["rows"]} >= {"one per call", "vmap", "map"}
+    rows = data["throughput"]
+    assert {(r["latency"], r["M"]) for r in rows} == {(lat, m) for lat in ("lognormal-0.25", "exponential") for m in (8, 32)}
+    for r in rows:
+        assert r["max_param_diff"] < 1e-5  # the simulator and the sequential baseline computed the same model
+        assert r["sim_accuracy"] == pytest.approx(r["seq_accuracy"], abs=1e-6)
+        assert r["updates"] >= 64 and r["sim_updates_per_s"] > 0 and r["seq_updates_per_s"] > 0
+        assert math.isclose(r["ratio"], r["sim_updates_per_s"] / r["seq_updates_per_s"])
+        assert 1 <= r["mean_batch"] <= r["M"] + 1
+        assert 0 < r["efficiency"]
+    assert {t["target"] for t in data["targets"]} >= {"never slower than the sequential baseline", "engine efficiency >= 0.8"}
+
+
+@pytest.mark.slow
+def test_overhead_quick(tmp_path):
+    overhead.main(["--quick", "--out", str(tmp_path)])
+    data = read(tmp_path / "overhead.json")
+    assert (tmp_path / "overhead.png").is_file()
+    assert {r["rule"] for r in data["rows"]} == {"fedasync", "fedbuff", "fedavg"}
+    for r in data["rows"]:
+        assert r["sim_wall"] > 0 and r["bare_wall"] > 0
+        assert r["overhead"] == pytest.approx(r["sim_wall"] / r["bare_wall"])
+        assert r["trained"] >= r["updates"] - (r["M"] if r["rule"] == "fedavg" else 0)
+        if r["rule"] == "fedavg":
+            assert r["mean_batch"] == r["M"]  # a whole cohort per training call
+
+
+@pytest.mark.slow
+def test_scale_quick(tmp_path):
+    scale.main(["--quick", "--out", str(tmp_path)])
+    data = read(tmp_path / "scale.json")
+    assert (tmp_path / "scale.png").is_file()
+    rows = data["rows"]
+    assert all("error" not in r for r in rows), rows
+    assert {(r["N"], r["M"]) for r in rows} == {(100, 10), (100, 100), (10_000, 10), (10_000, 100)}
+    for r in rows:
+        assert r["updates"] >= 200 and r["updates_per_s"] > 0
+        assert 100 < r["peak_rss_mb"] < 8000
+        assert r["same_result_twice"]
+    events = {(r["N"], r["M"]): r["us_per_event"] for r in data["host_events"]}
+    assert set(events) == {(100, 10), (100_000, 10), (100_000, 1000)}
+    assert all(0 < us < 1000 for us in events.values())
+
+
+@pytest.mark.slow
+def test_vs_flower_quick_installs_flower_and_runs_both(tmp_path):
+    """Creates Flower's simulation environment (from PyPI, once per cache) and runs the tiny workload."""
+    vs_flower.main(["--quick", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "vs_flower.json").read_text())
+    assert [r["rule"] for r in data["rows"]] == ["fedavg", "fedasync"]
+    for r in data["rows"]:
+        assert r["flower"]["updates"] == r["ours"]["updates"] == 30
+        assert r["flower"]["flwr"] == data["machine"]["versions"]["flwr"]
+        assert 0 < r["flower_steady_updates_per_s"] and 0 < r["ours_steady_updates_per_s"]
+        assert 0 < r["flower_whole_run_s"] and 0 < r["ours_whole_run_s"]
+        assert 0 <= r["flower_accuracy"] <= 1 and 0 <= r["ours_accuracy"] <= 1
+        assert r["ours"]["final_accuracy"] == r["ours"]["first_run_final_accuracy"]  # the simulator is deterministic
+
+
+@pytest.mark.slow
+def test_vectorization_quick(tmp_path):
+    from benchmarks import vectorization
+
+    vectorization.main(["--quick", "--out", str(tmp_path), "--repeats", "1"])
+    data = read(tmp_path / "vectorization.json")
+    rows = [r for r in data["rows"] if "error" not in r]
+    assert {r["M"] for r in rows} == {4, 8}
+    variants = {r["variant"] for r in rows}
+    assert {"shared", "shared-bf16", "vmap-all", "vmap-chunk-2", "map-vmap-2", "vmap-chunk-2-bf16", "chunk-donated-2"} <= variants
+    for r in rows:
+        assert r["samples_per_s"] > 0
+        assert r["of_ceiling"] == pytest.approx(1.0) if r["variant"].startswith("shared") else r["of_ceiling"] > 0
+
+
+def test_summary_reads_what_the_benchmarks_write(tmp_path):
+    from benchmarks import summarize
+
+    common.write_json(
+        tmp_path / "overhead.json",
+        {"machine": common.machine(), "quick": True, "rows": [{"rule": "fedasync", "latency": "exponential", "M": 10, "overhead": 1.1, "efficiency": 0.9, "host_us_per_update": 80}],
+         "targets": [{"target": "whole simulation <= 1.25x bare training", "met": True, "detail": "max 1.10"}]},
+    )
+    text = "\n".join(summarize.lines(tmp_path))
+    assert "overhead 1.10" in text and "target: whole simulation <= 1.25x bare training: met" in text
+    assert "(no throughput.json)" in text

@@ -1,0 +1,108 @@
+"""How a chunk of clients runs (vmap, lax.map, lax.map of vmapped groups) changes no result, and
+mixed precision keeps float32 master weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from asyncflower_jax.client.batched import CPU_CHUNK, BatchedTrainer, resolve_execution
+from asyncflower_jax.client.local_train import LocalTraining, make_local_train
+from asyncflower_jax.client.precision import mixed_precision
+from asyncflower_jax.data.store import ClientStore
+from asyncflower_jax.engine.reference import run_reference
+from asyncflower_jax.errors import ConfigError
+from asyncflower_jax.experiment import Experiment
+from tests.conftest import make_config
+from tests.engine.test_simulator import SMALL, max_abs_diff, simulate
+
+
+def mlp(params, x):
+    return jnp.tanh(x @ params["w1"]) @ params["w2"] + params["b"]
+
+
+def setup(dtype=jnp.float64):
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(60, 5)), rng.integers(0, 3, 60).astype(np.int32)
+    store = ClientStore.from_partition(x, y, [np.arange(i * 10, (i + 1) * 10) for i in range(6)], dtype=dtype)
+    versions = [
+        {"w1": jnp.asarray(rng.normal(size=(5, 4)), dtype), "w2": jnp.asarray(rng.normal(size=(4, 3)), dtype), "b": jnp.zeros(3, dtype)}
+        for _ in range(2)
+    ]
+    return store, versions
+
+
+@pytest.mark.parametrize("execution, map_batch", [("vmap", 1), ("map", 1), ("map", 2), ("map", 3)])
+def test_every_execution_equals_one_at_a_time(execution, map_batch):
+    with jax.enable_x64(True):
+        store, versions = setup()
+        train = make_local_train(mlp, LocalTraining(num_steps=3, batch_size=4, learning_rate=0.3))
+        trainer = BatchedTrainer(train, store, jax.random.key(7), chunk_size=4, execution=execution, map_batch=map_batch)
+        assert trainer.execution == execution
+        version_idx, clients, ids = np.array([1, 0, 1, 1, 0, 0]), np.array([5, 2, 0, 3, 1, 4]), np.arange(100, 106)
+        chunks = trainer.train(versions, version_idx, clients, ids)
+        assert [c.n for c in chunks] == [4, 2]
+        rows = [(c, r) for c in chunks for r in range(c.n)]
+        for i, (chunk, r) in enumerate(rows):
+            alone, loss = trainer.train_one(versions[version_idx[i]], int(clients[i]), int(ids[i]))
+            got = jax.tree.map(lambda leaf: leaf[r], chunk.params)
+            assert max_abs_diff(got, alone) < 1e-12
+            assert float(chunk.loss[r]) == pytest.approx(float(loss), abs=1e-12)
+
+
+def test_auto_is_small_vmap_chunks_on_cpu_and_configured_chunks_on_accelerators():
+    assert resolve_execution("auto", 256, "cpu") == ("vmap", CPU_CHUNK)
+    assert resolve_execution("auto", 2, "cpu") == ("vmap", 2)
+    assert resolve_execution("auto", 256, "gpu") == ("vmap", 256)
+    assert resolve_execution("auto", 512, "tpu") == ("vmap", 512)
+    assert resolve_execution("map", 256, "cpu") == ("map", 256)
+    assert resolve_execution("vmap", 64, "cpu") == ("vmap", 64)
+    with pytest.raises(ConfigError, match="execution='scan' is invalid"):
+        resolve_execution("scan")
+
+
+@pytest.mark.parametrize("overrides, message", [(["execution=loop"], "execution='loop' is invalid"), (["map_batch=0"], "map_batch=0 is invalid"), (["devices=9"], "devices=9 is invalid"), (["compute_dtype=int8"], "compute_dtype='int8' is invalid")])
+def test_bad_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        Experiment(make_config(*SMALL, *overrides))
+
+
+@pytest.mark.parametrize("execution", ["vmap", "map"])
+def test_simulation_with_either_execution_matches_the_reference(execution):
+    with jax.enable_x64(True):
+        exp = Experiment(make_config(*SMALL, "strategy=fedbuff", "strategy.buffer_size=3", "max_versions=30", "max_updates=null", "precision=float64", "latency=lognormal", f"execution={execution}"))
+        result, _ = simulate(exp)
+        ref_params, _ = run_reference(exp.strategy, exp.params, exp.trainer, exp.latency, exp.settings)
+        assert result.summary["mean_train_batch"] > 1
+        assert max_abs_diff(result.params, ref_params) < 1e-9
+
+
+def test_mixed_precision_computes_in_bfloat16_and_keeps_float32_weights():
+    store, versions = setup(jnp.float32)
+    settings = LocalTraining(num_steps=5, batch_size=8, learning_rate=0.1)
+    full = jax.jit(make_local_train(mlp, settings))
+    low = jax.jit(make_local_train(mixed_precision(mlp, "bfloat16"), settings))
+    args = (versions[0], store.x, store.y, 0, 10, jax.random.key(0))
+    a, loss_a = full(*args)
+    b, loss_b = low(*args)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(b))  # master weights stay float32
+    assert 0 < max_abs_diff(a, b) < 0.05  # bfloat16 rounding: close, not equal
+    assert float(loss_b) == pytest.approx(float(loss_a), rel=0.05)
+    # The products really run in bfloat16: the compiled program has bf16 dot products.
+    hlo = low.lower(*args).as_text()
+    assert "bf16" in hlo
+    assert mixed_precision(mlp, None) is mlp
+
+
+@pytest.mark.parametrize("distinct, length", [(3, 40), (40, 40), (70, 150)])
+def test_stack_trees_of_long_lists_with_repeats_equals_numpy(distinct, length):
+    from asyncflower_jax.client.batched import stack_trees
+
+    trees = [{"w": jnp.full((2, 3), float(i)), "b": jnp.arange(3.0) + i} for i in range(distinct)]
+    picks = np.random.default_rng(distinct).integers(0, distinct, length)
+    picks[:distinct] = np.arange(distinct)  # every tree at least once
+    listed = [trees[i] for i in picks]
+    got = stack_trees(listed)
+    assert got["w"].shape == (length, 2, 3)
+    np.testing.assert_array_equal(np.asarray(got["w"])[:, 0, 0], picks.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(got["b"]), np.stack([np.asarray(t["b"]) for t in listed]))

@@ -1,0 +1,196 @@
+"""Training sharded over several devices gives the one-device results.
+
+XLA_FLAGS=--xla_force_host_platform_device_count=4 makes the CPU show four devices; it must be
+set before JAX starts, so each check runs in a fresh Python process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    import numpy as np
+    from asyncflower_jax.engine.reference import run_reference
+    from asyncflower_jax.engine.simulator import Simulator
+    from asyncflower_jax.experiment import Experiment
+    from tests.conftest import make_config
+
+    assert len(jax.devices()) == 4, jax.devices()
+    jax.config.update("jax_enable_x64", True)
+    SMALL = ["num_clients=40", "concurrency=8", "eval_every=5", "client.num_steps=3", "client.batch_size=8",
+             "model.hidden=[32]", "precision=float64", "latency=lognormal", "max_updates=null", "max_versions=25"]
+
+    def leaves(tree):
+        return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+
+    def run(*overrides):
+        exp = Experiment(make_config(*SMALL, *overrides))
+        sim = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings)
+        result = sim.run()
+        placed = {d.id for leaf in jax.tree.leaves(result.params) for d in leaf.devices()}
+        return exp, result, placed
+
+    out = {}
+    for rule in (["strategy=fedasync"], ["strategy=fedbuff", "strategy.buffer_size=3"]):
+        for execution in ("vmap", "map"):
+            name = rule[0].split("=")[1] + "/" + execution
+            one_exp, one, _ = run(*rule, f"execution={execution}", "devices=1")
+            four_exp, four, placed = run(*rule, f"execution={execution}", "devices=4", "chunk_size=4")
+            ref, _ = run_reference(one_exp.strategy, one_exp.params, one_exp.trainer, one_exp.latency, one_exp.settings)
+            out[name] = {
+                "devices": [one_exp.trainer.num_devices, four_exp.trainer.num_devices],
+                "mean_train_batch": four.summary["mean_train_batch"],
+                "params_vs_one_device": max(float(np.max(np.abs(a - b))) for a, b in zip(leaves(four.params), leaves(one.params))),
+                "params_vs_reference": max(float(np.max(np.abs(a - b))) for a, b in zip(leaves(four.params), leaves(ref))),
+                "accuracy": [[r["test_accuracy"] for r in one.history], [r["test_accuracy"] for r in four.history]],
+                "result_devices": sorted(placed),
+            }
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+def run_on_four_devices(script: str) -> dict:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+@pytest.mark.slow
+def test_four_devices_equal_one_device_and_the_reference():
+    out = run_on_four_devices(SCRIPT)
+    assert set(out) == {"fedasync/vmap", "fedasync/map", "fedbuff/vmap", "fedbuff/map"}
+    for name, r in out.items():
+        assert r["devices"] == [1, 4], name
+        assert r["mean_train_batch"] > 1, name  # chunks really spanned several devices
+        assert r["params_vs_one_device"] < 1e-9, (name, r)
+        assert r["params_vs_reference"] < 1e-9, (name, r)
+        assert r["accuracy"][0] == pytest.approx(r["accuracy"][1], abs=1e-12), name
+        assert r["result_devices"] == [0], name  # the model stays on the first device
+
+
+TRAINER_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from asyncflower_jax.client.batched import BatchedTrainer
+    from asyncflower_jax.client.local_train import LocalTraining, make_local_train
+    from asyncflower_jax.data.store import ClientStore
+
+    jax.config.update("jax_enable_x64", True)
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(48, 3)), rng.integers(0, 4, 48).astype(np.int32)
+    store = ClientStore.from_partition(x, y, [np.arange(i * 8, (i + 1) * 8) for i in range(6)], dtype=jnp.float64)
+    linear = lambda p, xb: xb @ p["w"] + p["b"]
+    train = make_local_train(linear, LocalTraining(num_steps=4, batch_size=3, learning_rate=0.2))
+    versions = [{"w": jnp.asarray(rng.normal(size=(3, 4))), "b": jnp.asarray(rng.normal(size=4))} for _ in range(3)]
+    version_idx = np.array([0, 2, 1, 2, 0, 1, 1])
+    clients = np.array([4, 0, 1, 3, 2, 5, 0])
+    ids = np.arange(20, 27)
+    out = {}
+    for execution in ("vmap", "map"):
+        trainer = BatchedTrainer(train, store, jax.random.key(3), chunk_size=16, execution=execution, devices=4)
+        chunks = trainer.train(versions, version_idx, clients, ids)
+        worst = 0.0
+        for i in range(len(clients)):
+            alone, _ = trainer.train_one(versions[version_idx[i]], int(clients[i]), int(ids[i]))
+            row = jax.tree.map(lambda leaf: leaf[i], chunks[0].params)
+            worst = max(worst, max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(row), jax.tree.leaves(alone))))
+        out[execution] = {"rows": int(chunks[0].loss.shape[0]), "n": chunks[0].n, "max_diff": worst,
+                          "devices": sorted(d.id for d in chunks[0].loss.devices())}
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+def test_sharded_chunk_pads_to_the_devices_and_equals_one_at_a_time():
+    out = run_on_four_devices(TRAINER_SCRIPT)
+    for execution in ("vmap", "map"):
+        r = out[execution]
+        assert r["n"] == 7 and r["rows"] == 8  # 7 clients padded to a multiple of 4 devices
+        assert r["max_diff"] < 1e-12, (execution, r)
+        assert r["devices"] == [0]
+
+
+MULTIHOST_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    process_id, port = int(sys.argv[1]), sys.argv[2]
+    from asyncflower_jax import distributed
+    if process_id >= 0:
+        assert distributed.initialize({"coordinator_address": f"127.0.0.1:{port}", "num_processes": 2, "process_id": process_id})
+    import jax
+    import numpy as np
+    from asyncflower_jax.engine.simulator import Simulator
+    from asyncflower_jax.experiment import Experiment
+    from tests.conftest import make_config
+
+    jax.config.update("jax_enable_x64", True)
+    overrides = ["num_clients=40", "concurrency=8", "eval_every=5", "client.num_steps=3", "client.batch_size=8", "model.hidden=[32]",
+                 "precision=float64", "latency=lognormal", "max_updates=null", "max_versions=20", "strategy=fedbuff", "strategy.buffer_size=3"]
+    exp = Experiment(make_config(*overrides))
+    result = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings).run()
+    print("RESULT " + json.dumps({
+        "process": jax.process_index(), "processes": jax.process_count(), "devices": exp.trainer.num_devices,
+        "leaves": [np.asarray(leaf).ravel()[:50].tolist() for leaf in jax.tree.leaves(result.params)],
+        "accuracy": [r["test_accuracy"] for r in result.history], "mean_train_batch": result.summary["mean_train_batch"],
+    }))
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_train_together_and_equal_one_process():
+    """Multi-host on one machine: two processes joined by jax.distributed (gloo on CPU), each with one
+    device; every chunk of clients is split between them, and both get the one-process result."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", MULTIHOST_SCRIPT, str(i), port], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in (0, 1, -1)  # -1: a plain single-process run
+    ]
+    outs = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-4000:]
+        outs.append(json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[len("RESULT ") :]))
+    first, second, single = outs
+    assert (first["process"], second["process"]) == (0, 1)
+    assert first["processes"] == second["processes"] == 2 and single["processes"] == 1
+    assert first["devices"] == second["devices"] == 2 and single["devices"] == 1
+    assert first["mean_train_batch"] > 1
+    for out in (first, second):
+        for a, b in zip(out["leaves"], single["leaves"]):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+        assert out["accuracy"] == single["accuracy"]
+
+
+def test_distributed_settings_are_checked_before_starting_anything():
+    from asyncflower_jax import distributed
+    from asyncflower_jax.errors import ConfigError
+
+    assert distributed.initialize(None) is False
+    assert distributed.initialize(False) is False
+    with pytest.raises(ConfigError, match="unknown: \\['hosts'\\]"):
+        distributed.initialize({"hosts": 2})
+    with pytest.raises(ConfigError, match="distributed=3 is invalid"):
+        distributed.initialize(3)
+    assert distributed.is_writer()  # a single process writes its run directory

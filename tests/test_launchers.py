@@ -1,0 +1,73 @@
+"""Sweeps through Hydra's launchers (conf/hydra/launcher/): joblib jobs in parallel, submitit's local
+executor, and the sbatch scripts the Slurm configs make (checked without a cluster)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["max_updates=20", "num_clients=20", "concurrency=4", "client.num_steps=2", "model.hidden=[16]", "progress=false", "eval_every=5"]
+
+
+def sweep(tmp_path, launcher: str, *extra: str) -> list[dict]:
+    env = {**os.environ, "EXPERIMENTS_BASE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "run.py", "-m", f"hydra/launcher={launcher}", *extra, "seed=0,1", *TINY]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = sorted(tmp_path.glob("multirun/*/*/summary.json"))
+    return [json.loads(p.read_text()) for p in summaries]
+
+
+@pytest.mark.slow
+def test_joblib_runs_a_two_job_sweep_in_parallel_processes(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    runs = sweep(tmp_path, "parallel", "hydra.launcher.n_jobs=2")
+    assert sorted(r["seed"] for r in runs) == [0, 1]
+    assert all(r["client_updates"] == 20 and r["stop_reason"] == "max_updates" for r in runs)
+    assert runs[0]["final_test_accuracy"] != runs[1]["final_test_accuracy"] or runs[0]["sim_time"] != runs[1]["sim_time"]
+
+
+@pytest.mark.slow
+def test_submitit_local_executor_runs_a_two_job_sweep(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    runs = sweep(tmp_path, "local_submitit")
+    assert sorted(r["seed"] for r in runs) == [0, 1]
+    assert all(r["client_updates"] == 20 for r in runs)
+    logs = list(tmp_path.glob("multirun/*/.submitit/*/*_log.out"))
+    assert len(logs) == 2  # each job went through submitit's executor
+
+
+@pytest.mark.parametrize(
+    "launcher, expected",
+    [
+        ("slurm_cpu", ["#SBATCH --partition=cpu-long", "#SBATCH --cpus-per-task=8", "#SBATCH --time=120", "#SBATCH --mem=16GB"]),
+        ("slurm_gpu", ["#SBATCH --partition=gpu-a100", "#SBATCH --gpus-per-node=1", "#SBATCH --mem=64GB", "export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9"]),
+    ],
+)
+def test_slurm_configs_make_the_sbatch_script(tmp_path, monkeypatch, launcher, expected):
+    """What hydra-submitit-launcher's SlurmLauncher hands to submitit, rendered as the sbatch file."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    import submitit
+
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", staticmethod(lambda: 1))  # no srun here: pretend to be on a cluster
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    partition = expected[0].split("=")[1]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}", f"hydra.launcher.partition={partition}", f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+    cfg.hydra.job.name = "run"
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert params.pop("_target_").endswith("SlurmLauncher")
+    # as SlurmLauncher.launch builds its executor (hydra_submitit_launcher/submitit_launcher.py)
+    executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"), slurm_max_num_timeout=params.pop("max_num_timeout"))
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    text = executor._executor._make_submission_file_text("python run.py", "uid")
+    for line in expected:
+        assert line in text, (line, text)
