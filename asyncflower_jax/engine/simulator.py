@@ -372,6 +372,18 @@ class Simulator:
                     "updates, client.learning_rate"
                 )
 
+        def receive(arrivals: list[Task]) -> None:
+            """Pop the next event: a lost task is counted and its slot refilled at once; an arrival
+            joins `arrivals` (and, refilling on arrival, is replaced from the current version)."""
+            task = sched.pop()
+            if task.fault in LOST:
+                lose(task, task.fault)
+                fill(limit=1)
+                return
+            arrivals.append(task)
+            if strategy.refill == "on_arrival":
+                fill()
+
         def reject_nonfinite(arrivals: list[Task]) -> bool:
             """Drop the arrivals whose results have a NaN or infinite entry (training them first if
             needed); their slots are refilled at once. True if any was dropped."""
@@ -463,14 +475,7 @@ class Simulator:
                             break
                         if sched.num_in_flight == 0:
                             raise RuntimeError(f"round {server_round} waits for {value} arrivals but no client is in flight")
-                        task = sched.pop()
-                        if task.fault in LOST:
-                            lose(task, task.fault)
-                            fill(limit=1)
-                            continue
-                        arrivals.append(task)
-                        if strategy.refill == "on_arrival":
-                            fill()
+                        receive(arrivals)
                     if stop_reason is not None or not s.reject_nonfinite or not reject_nonfinite(arrivals):
                         break
             else:
@@ -481,14 +486,7 @@ class Simulator:
                     wait_for_clients(arrivals, end)
                     if sched.next_finish_time() > end:
                         break
-                    task = sched.pop()
-                    if task.fault in LOST:
-                        lose(task, task.fault)
-                        fill(limit=1)
-                        continue
-                    arrivals.append(task)
-                    if strategy.refill == "on_arrival":
-                        fill()
+                    receive(arrivals)
                 sched.advance_to(end)
                 if arrivals and s.reject_nonfinite:
                     reject_nonfinite(arrivals)

@@ -40,14 +40,11 @@ from .latency import LatencyModel, NeedsWork
 TRACE_COLUMNS = ("client", "seconds_per_example", "bandwidth")
 
 
-def load_trace(path: str | Path, num_clients: int) -> tuple[np.ndarray, np.ndarray]:
-    """(seconds_per_example [N], bandwidth [N]) from a trace file; ConfigError on any defect."""
-    path = Path(path).expanduser()
+def csv_rows(path: Path, key: str, columns: tuple[str, ...], what: str, per: str):
+    """(line number, line, fields) of every data line of a comma-separated trace file whose header
+    must be `columns` (blank lines and # comments skipped); ConfigError naming `key` or the line."""
     if not path.is_file():
-        raise ConfigError(f"latency.path={str(path)!r} is invalid: no such file")
-    spe = np.full(num_clients, np.nan)
-    bw = np.full(num_clients, np.nan)
-    seen_line = np.zeros(num_clients, np.int64)
+        raise ConfigError(f"{key}={str(path)!r} is invalid: no such file")
     header = None
     with open(path) as f:
         for number, raw in enumerate(f, start=1):
@@ -56,27 +53,37 @@ def load_trace(path: str | Path, num_clients: int) -> tuple[np.ndarray, np.ndarr
                 continue
             fields = [v.strip() for v in line.split(",")]
             if header is None:
-                if tuple(fields) != TRACE_COLUMNS:
-                    raise ConfigError(f"{path}:{number}: the header must be {','.join(TRACE_COLUMNS)}, not {line!r}")
+                if tuple(fields) != columns:
+                    raise ConfigError(f"{path}:{number}: the header must be {','.join(columns)}, not {line!r}")
                 header = fields
                 continue
-            if len(fields) != len(TRACE_COLUMNS):
-                raise ConfigError(f"{path}:{number}: expected {len(TRACE_COLUMNS)} comma-separated values ({','.join(TRACE_COLUMNS)}), got {len(fields)}: {line!r}")
-            try:
-                client = int(fields[0])
-                speed, bandwidth = float(fields[1]), float(fields[2])
-            except ValueError:
-                raise ConfigError(f"{path}:{number}: not numbers: {line!r}") from None
-            if not 0 <= client < num_clients:
-                raise ConfigError(f"{path}:{number}: client {client} is out of range: num_clients={num_clients} allows 0..{num_clients - 1}")
-            if seen_line[client]:
-                raise ConfigError(f"{path}:{number}: client {client} appears again (first on line {seen_line[client]})")
-            if not (np.isfinite(speed) and speed > 0 and np.isfinite(bandwidth) and bandwidth > 0):
-                raise ConfigError(f"{path}:{number}: seconds_per_example and bandwidth must be finite and > 0: {line!r}")
-            seen_line[client] = number
-            spe[client], bw[client] = speed, bandwidth
+            if len(fields) != len(columns):
+                raise ConfigError(f"{path}:{number}: expected {len(columns)} comma-separated values ({','.join(columns)}), got {len(fields)}: {line!r}")
+            yield number, line, fields
     if header is None:
-        raise ConfigError(f"{path}: empty trace: expected the header {','.join(TRACE_COLUMNS)} and one line per client")
+        raise ConfigError(f"{path}: empty {what}: expected the header {','.join(columns)} and one line per {per}")
+
+
+def load_trace(path: str | Path, num_clients: int) -> tuple[np.ndarray, np.ndarray]:
+    """(seconds_per_example [N], bandwidth [N]) from a trace file; ConfigError on any defect."""
+    spe = np.full(num_clients, np.nan)
+    bw = np.full(num_clients, np.nan)
+    seen_line = np.zeros(num_clients, np.int64)
+    path = Path(path).expanduser()
+    for number, line, fields in csv_rows(path, "latency.path", TRACE_COLUMNS, "trace", "client"):
+        try:
+            client = int(fields[0])
+            speed, bandwidth = float(fields[1]), float(fields[2])
+        except ValueError:
+            raise ConfigError(f"{path}:{number}: not numbers: {line!r}") from None
+        if not 0 <= client < num_clients:
+            raise ConfigError(f"{path}:{number}: client {client} is out of range: num_clients={num_clients} allows 0..{num_clients - 1}")
+        if seen_line[client]:
+            raise ConfigError(f"{path}:{number}: client {client} appears again (first on line {seen_line[client]})")
+        if not (np.isfinite(speed) and speed > 0 and np.isfinite(bandwidth) and bandwidth > 0):
+            raise ConfigError(f"{path}:{number}: seconds_per_example and bandwidth must be finite and > 0: {line!r}")
+        seen_line[client] = number
+        spe[client], bw[client] = speed, bandwidth
     missing = np.flatnonzero(seen_line == 0)
     if len(missing):
         shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
@@ -116,61 +123,42 @@ AVAILABILITY_COLUMNS = ("client", "start", "end")
 def load_availability_trace(path: str | Path, num_clients: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(starts, ends, offsets) from an availability trace: client c's intervals are
     starts[offsets[c]:offsets[c + 1]] (and ends), in time order; ConfigError on any defect."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"availability.path={str(path)!r} is invalid: no such file")
     clients: list[int] = []
     starts: list[float] = []
     ends: list[float] = []
     last_row = np.full(num_clients, -1, np.int64)  # per client: its latest interval's row in the lists
     last_line = np.zeros(num_clients, np.int64)
-    header = None
-    with open(path) as f:
-        for number, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            fields = [v.strip() for v in line.split(",")]
-            if header is None:
-                if tuple(fields) != AVAILABILITY_COLUMNS:
-                    raise ConfigError(f"{path}:{number}: the header must be {','.join(AVAILABILITY_COLUMNS)}, not {line!r}")
-                header = fields
-                continue
-            if len(fields) != len(AVAILABILITY_COLUMNS):
+    path = Path(path).expanduser()
+    for number, line, fields in csv_rows(path, "availability.path", AVAILABILITY_COLUMNS, "availability trace", "interval"):
+        try:
+            client = int(fields[0])
+            start, end = float(fields[1]), float(fields[2])
+        except ValueError:
+            raise ConfigError(f"{path}:{number}: not numbers: {line!r}") from None
+        if not 0 <= client < num_clients:
+            raise ConfigError(f"{path}:{number}: client {client} is out of range: num_clients={num_clients} allows 0..{num_clients - 1}")
+        if not np.isfinite(start) or np.isnan(end):
+            raise ConfigError(f"{path}:{number}: start must be a finite number and end a number or inf: {line!r}")
+        if not end > start:
+            raise ConfigError(f"{path}:{number}: end must be > start (an interval [start, end) of availability): {line!r}")
+        row = last_row[client]
+        if row >= 0:
+            previous = f"its interval [{starts[row]}, {ends[row]}) on line {last_line[client]}"
+            if start < starts[row]:
                 raise ConfigError(
-                    f"{path}:{number}: expected {len(AVAILABILITY_COLUMNS)} comma-separated values ({','.join(AVAILABILITY_COLUMNS)}), got {len(fields)}: {line!r}"
+                    f"{path}:{number}: client {client}'s intervals are not in time order: [{start}, {end}) starts before {previous}"
                 )
-            try:
-                client = int(fields[0])
-                start, end = float(fields[1]), float(fields[2])
-            except ValueError:
-                raise ConfigError(f"{path}:{number}: not numbers: {line!r}") from None
-            if not 0 <= client < num_clients:
-                raise ConfigError(f"{path}:{number}: client {client} is out of range: num_clients={num_clients} allows 0..{num_clients - 1}")
-            if not np.isfinite(start) or np.isnan(end):
-                raise ConfigError(f"{path}:{number}: start must be a finite number and end a number or inf: {line!r}")
-            if not end > start:
-                raise ConfigError(f"{path}:{number}: end must be > start (an interval [start, end) of availability): {line!r}")
-            row = last_row[client]
-            if row >= 0:
-                previous = f"its interval [{starts[row]}, {ends[row]}) on line {last_line[client]}"
-                if start < starts[row]:
-                    raise ConfigError(
-                        f"{path}:{number}: client {client}'s intervals are not in time order: [{start}, {end}) starts before {previous}"
-                    )
-                if start < ends[row]:
-                    raise ConfigError(f"{path}:{number}: client {client}'s interval [{start}, {end}) overlaps {previous}")
-                if start == ends[row]:  # continues the previous interval
-                    ends[row] = end
-                    last_line[client] = number
-                    continue
-            last_row[client] = len(clients)
-            last_line[client] = number
-            clients.append(client)
-            starts.append(start)
-            ends.append(end)
-    if header is None:
-        raise ConfigError(f"{path}: empty availability trace: expected the header {','.join(AVAILABILITY_COLUMNS)} and one line per interval")
+            if start < ends[row]:
+                raise ConfigError(f"{path}:{number}: client {client}'s interval [{start}, {end}) overlaps {previous}")
+            if start == ends[row]:  # continues the previous interval
+                ends[row] = end
+                last_line[client] = number
+                continue
+        last_row[client] = len(clients)
+        last_line[client] = number
+        clients.append(client)
+        starts.append(start)
+        ends.append(end)
     missing = np.flatnonzero(last_row < 0)
     if len(missing):
         shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")

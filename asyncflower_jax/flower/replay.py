@@ -23,14 +23,13 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from ..engine.scheduler import Scheduler, Task
+from .in_process_grid import InProcessGrid
 from .protocol import CONFIG, DISPATCH_ID_KEY, NUM_PARTITIONS_KEY, PARTITION_ID_KEY, START_VERSION_KEY
 
 
-class ReplayGrid(Grid):
+class ReplayGrid(InProcessGrid):
     """See the module docstring. `arrivals` lists the scheduler's tasks in the order their replies were handed out."""
 
     def __init__(self, client_app, run_config: Mapping, scheduler: Scheduler, node_base: int = 1000, run_id: int = 1):
@@ -44,7 +43,7 @@ class ReplayGrid(Grid):
             self.node_base + c: Context(run_id, self.node_base + c, {PARTITION_ID_KEY: c, NUM_PARTITIONS_KEY: n}, RecordDict(), dict(run_config))
             for c in range(n)
         }
-        self._run = Run.create_empty(run_id)
+        super().__init__(run_id)
         self._chosen: dict[int, Task] = {}  # client -> task dispatched by `choose`, awaiting its message
         self._out: dict[int, Message] = {}  # dispatch id -> train message
         self._ready: list[Message] = []  # replies handed out at the next pull (identification)
@@ -59,16 +58,6 @@ class ReplayGrid(Grid):
         return task.client
 
     # ---- Grid -------------------------------------------------------------------------------------
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
-
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 

@@ -38,12 +38,12 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flower_strategies
 from flwr.supercore.logger import FLOWER_LOGGER
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from ..errors import ConfigError, require
 from ..strategy.base import NUM_EXAMPLES_KEY, AsyncStrategy
 from ..strategy.updates import UpdateBatch
+from .in_process_grid import InProcessGrid
 from .records import arrayrecord_to_pytree, pytree_to_arrayrecord
 
 log = logging.getLogger(__name__)
@@ -179,23 +179,13 @@ class FlowerStrategy(AsyncStrategy):
         self._live.summary()
 
 
-class _CohortGrid(Grid):
+class _CohortGrid(InProcessGrid):
     """The nodes `configure_train` sees: the cohort's client ids. It delivers no message; the
     simulator trains the clients itself."""
 
     def __init__(self, node_ids: list[int]):
         self._node_ids = list(node_ids)
-        self._run = Run.create_empty(0)
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+        super().__init__()
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self._node_ids)
