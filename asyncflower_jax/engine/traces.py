@@ -40,9 +40,10 @@ from .latency import LatencyModel, NeedsWork
 TRACE_COLUMNS = ("client", "seconds_per_example", "bandwidth")
 
 
-def csv_rows(path: Path, key: str, columns: tuple[str, ...], what: str, per: str):
-    """(line number, line, fields) of every data line of a comma-separated trace file whose header
-    must be `columns` (blank lines and # comments skipped); ConfigError naming `key` or the line."""
+def csv_rows(path: Path, key: str, columns: tuple[str, ...], what: str, per: str, num_clients: int):
+    """(line number, line, client, value, value) of every data line of a comma-separated trace file
+    whose header must be `columns` (a client id in [0, num_clients), then two numbers; blank lines and
+    # comments skipped); ConfigError naming `key` or the line."""
     if not path.is_file():
         raise ConfigError(f"{key}={str(path)!r} is invalid: no such file")
     header = None
@@ -59,7 +60,13 @@ def csv_rows(path: Path, key: str, columns: tuple[str, ...], what: str, per: str
                 continue
             if len(fields) != len(columns):
                 raise ConfigError(f"{path}:{number}: expected {len(columns)} comma-separated values ({','.join(columns)}), got {len(fields)}: {line!r}")
-            yield number, line, fields
+            try:
+                client, first, second = int(fields[0]), float(fields[1]), float(fields[2])
+            except ValueError:
+                raise ConfigError(f"{path}:{number}: not numbers: {line!r}") from None
+            if not 0 <= client < num_clients:
+                raise ConfigError(f"{path}:{number}: client {client} is out of range: num_clients={num_clients} allows 0..{num_clients - 1}")
+            yield number, line, client, first, second
     if header is None:
         raise ConfigError(f"{path}: empty {what}: expected the header {','.join(columns)} and one line per {per}")
 
@@ -70,14 +77,7 @@ def load_trace(path: str | Path, num_clients: int) -> tuple[np.ndarray, np.ndarr
     bw = np.full(num_clients, np.nan)
     seen_line = np.zeros(num_clients, np.int64)
     path = Path(path).expanduser()
-    for number, line, fields in csv_rows(path, "latency.path", TRACE_COLUMNS, "trace", "client"):
-        try:
-            client = int(fields[0])
-            speed, bandwidth = float(fields[1]), float(fields[2])
-        except ValueError:
-            raise ConfigError(f"{path}:{number}: not numbers: {line!r}") from None
-        if not 0 <= client < num_clients:
-            raise ConfigError(f"{path}:{number}: client {client} is out of range: num_clients={num_clients} allows 0..{num_clients - 1}")
+    for number, line, client, speed, bandwidth in csv_rows(path, "latency.path", TRACE_COLUMNS, "trace", "client", num_clients):
         if seen_line[client]:
             raise ConfigError(f"{path}:{number}: client {client} appears again (first on line {seen_line[client]})")
         if not (np.isfinite(speed) and speed > 0 and np.isfinite(bandwidth) and bandwidth > 0):
@@ -129,14 +129,7 @@ def load_availability_trace(path: str | Path, num_clients: int) -> tuple[np.ndar
     last_row = np.full(num_clients, -1, np.int64)  # per client: its latest interval's row in the lists
     last_line = np.zeros(num_clients, np.int64)
     path = Path(path).expanduser()
-    for number, line, fields in csv_rows(path, "availability.path", AVAILABILITY_COLUMNS, "availability trace", "interval"):
-        try:
-            client = int(fields[0])
-            start, end = float(fields[1]), float(fields[2])
-        except ValueError:
-            raise ConfigError(f"{path}:{number}: not numbers: {line!r}") from None
-        if not 0 <= client < num_clients:
-            raise ConfigError(f"{path}:{number}: client {client} is out of range: num_clients={num_clients} allows 0..{num_clients - 1}")
+    for number, line, client, start, end in csv_rows(path, "availability.path", AVAILABILITY_COLUMNS, "availability trace", "interval", num_clients):
         if not np.isfinite(start) or np.isnan(end):
             raise ConfigError(f"{path}:{number}: start must be a finite number and end a number or inf: {line!r}")
         if not end > start:
