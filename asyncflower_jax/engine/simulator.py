@@ -15,7 +15,12 @@ Order of operations (the reference in engine/reference.py follows the same):
 Failures (engine/faults.py): a dropout, an error or a timeout is seen at its event, a result with a
 NaN or infinite entry when its round is aggregated (`reject_nonfinite`); either way it is counted,
 told to the strategy (`on_failures`), never enters the update batch, never counts toward a buffer,
-and its slot is refilled at once from the current version. A non-finite global model, checked at
+and its slot is refilled at once from the current version. The non-finite check is optimistic
+when no NaN fault is injected: the loop aggregates without waiting for the training results to
+reach the host, the kernel records whether every aggregated row was finite, and that flag is read
+at every evaluation and checkpoint (before anything is reported) and whenever it is ready; if an
+aggregated row was not finite, the run starts over with the check at every flush (the exact
+order above), reporting only what it had not reported yet, so results never depend on the mode. A non-finite global model, checked at
 every evaluation and checkpoint, stops the run ("diverged"). At the end of any aggregation the loop
 can hand a checkpoint to `on_checkpoint`; `run(resume=...)` continues from it with the same values
 as an uninterrupted run (engine/checkpoint.py).
@@ -31,6 +36,7 @@ run stops ("unavailable").
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -49,7 +55,7 @@ from ..strategy.updates import PyTree, UpdateBatch
 from .checkpoint import Snapshot, capture_run, restore_run
 from .availability import AvailabilityModel
 from .faults import FAILURE_KINDS, LOST, NONFINITE, Faults
-from .pending import PendingResults
+from .pending import PendingResults, rows_finite
 from .scheduler import Scheduler, Task
 from .versions import VersionCache
 
@@ -164,6 +170,16 @@ class Interrupted(Exception):
         self.signum, self.version, self.checkpointed = signum, version, checkpointed
 
 
+class _NonFiniteAggregated(Exception):
+    """The optimistic non-finite check found an aggregated row that was not finite: the run must be
+    repeated with the check at every flush. `reported` is the newest version whose rows were
+    handed to the callbacks, `reached` the newest version the loop had reached."""
+
+    def __init__(self, reported: int, reached: int):
+        super().__init__(f"a non-finite update was aggregated after version {reported}")
+        self.reported, self.reached = reported, reached
+
+
 @jax.jit
 def tree_finite(tree) -> jnp.ndarray:
     """True when every entry of every leaf is finite."""
@@ -233,14 +249,16 @@ class Simulator:
         if getattr(strategy, "jittable", True):
             self._kernel = jax.jit(self._traced_aggregate, donate_argnums=(1,))
         else:
-            self._kernel = strategy.aggregate
+            self._kernel = lambda params, state, updates, ok: (*strategy.aggregate(params, state, updates), ok)
         # Per-update diagnostics in one device call, from the state before the kernel consumes it
         # (a rule that is not jittable computes its weights as it is, beside the jitted norms).
         self._facts = jax.jit(self._traced_facts) if getattr(strategy, "jittable", True) else self._host_facts
 
-    def _traced_aggregate(self, params, state, updates):
+    def _traced_aggregate(self, params, state, updates, ok):
+        """The rule's aggregation, and `ok` and-ed with "every row of the batch is finite"."""
         self.kernel_traces += 1  # runs only while tracing: counts compilations
-        return self.strategy.aggregate(params, state, updates)
+        params, state = self.strategy.aggregate(params, state, updates)
+        return params, state, ok & jnp.all(rows_finite(updates.params) | ~updates.mask)
 
     def _traced_facts(self, state, updates):
         """(update norms, the rule's update weights) per row of the batch."""
@@ -250,11 +268,35 @@ class Simulator:
     def _host_facts(self, state, updates):
         return _jit_update_norms(updates), jnp.asarray(self.strategy.update_weights(state, updates), jnp.result_type(float))
 
+    def optimistic_check(self) -> bool:
+        """Whether non-finite updates are checked optimistically (see the module docstring): for a
+        jittable rule, unless the check is off or NaN results are injected (they would force a rerun)."""
+        s = self.settings
+        return s.reject_nonfinite and getattr(self.strategy, "jittable", True) and (s.faults is None or s.faults.nan == 0)
+
     def run(self, resume: Snapshot | None = None) -> SimulationResult:
         """Simulate until a stop condition. With `resume`, a checkpoint this loop wrote (through
         `on_checkpoint`) for the same configuration, continue from it instead of from version 0."""
-        s, sched, strategy = self.settings, self.scheduler, self.strategy
         t0 = time.perf_counter()
+        if not self.optimistic_check():
+            return self._run(resume, t0, optimistic=False)
+        start = copy.deepcopy(self.scheduler)
+        try:
+            return self._run(resume, t0, optimistic=True)
+        except _NonFiniteAggregated as seen:
+            log.warning(
+                "a non-finite client update was aggregated after version %d: repeating the run with the non-finite "
+                "check at every training flush (results reported so far stay valid)", seen.reported,
+            )
+            self.scheduler = start
+            return self._run(resume, t0, optimistic=False, replay=seen)
+
+    def _run(self, resume: Snapshot | None, t0: float, optimistic: bool, replay: _NonFiniteAggregated | None = None) -> SimulationResult:
+        """The loop. `optimistic`: check non-finite updates optimistically (raises _NonFiniteAggregated
+        when one was aggregated); `replay`: a rerun after that, which hands the callbacks nothing
+        they already had (rows up to `replay.reported`, progress and steps up to `replay.reached`)."""
+        s, sched, strategy = self.settings, self.scheduler, self.strategy
+        check_each_flush = s.reject_nonfinite and not optimistic
         # live versions: at most one per client in flight, the current and the next (rounded up to a
         # power of two, so runs of similar concurrency share the compiled programs that read the table)
         versions = VersionCache(stacked=True, capacity=bucket_size(s.concurrency + 2))
@@ -270,10 +312,13 @@ class Simulator:
         round_failures: list[dict] = []  # failures of the current round, told to the strategy
         failure_buffer: list[dict] = []  # failure rows since the last metrics row (on_failures)
         last_finite_version = 0  # the newest version found finite (at an evaluation or a checkpoint)
+        last_verified = 0  # the newest version up to which every aggregated row was checked finite
         stall_limit = max(1000, STALL_FAILURES_PER_SLOT * s.concurrency)
         failures_in_a_row = 0  # since the last aggregation
         # per-update rows since the last metrics row: (host facts, device norms, weights, losses) per aggregation
         update_buffer: list[tuple[list[dict], jax.Array, jax.Array, jax.Array]] = []
+        all_finite = jnp.asarray(True)  # every aggregated row so far was finite (the kernel keeps it)
+        probe = None  # an earlier all_finite, read (without waiting) once it is ready
         if resume is None:
             versions.put(version, params)
         else:
@@ -287,6 +332,7 @@ class Simulator:
             failures_in_a_row = int(loop["failures_in_a_row"])
             params = versions.get(version)
             t0 -= float(loop["wall_time"])
+            last_verified = version
 
         def horizon():
             """Which untrained clients a flush trains: near the stop, only those that can still be
@@ -353,7 +399,7 @@ class Simulator:
                 "kind": kind,
             }
             round_failures.append(row)
-            if self.on_failures is not None:
+            if self.on_failures is not None and not reported(version + 1):  # (reported: every failure before that version's rows)
                 failure_buffer.append(row)
             versions.release(task.start_version)
             if kind == NONFINITE:
@@ -397,10 +443,23 @@ class Simulator:
                 fill(limit=len(bad))
             return bool(bad)
 
+        def reported(at_version: int) -> bool:
+            """Whether a rerun already handed the rows up to this version to the callbacks."""
+            return replay is not None and at_version <= replay.reported
+
+        def verify(flag) -> None:
+            """Optimistic check: raise if an aggregated row was not finite (a host read of `flag`)."""
+            if optimistic and not bool(flag):
+                raise _NonFiniteAggregated(last_verified, version)
+
         def healthy() -> bool:
-            """Whether the global model is finite everywhere (one small device-to-host transfer)."""
-            nonlocal last_finite_version
-            if bool(tree_finite(params)):
+            """Whether the global model is finite everywhere (one small device-to-host transfer, with
+            the optimistic check's flag: nothing is reported before it is verified)."""
+            nonlocal last_finite_version, last_verified
+            finite, verified = jax.device_get((tree_finite(params), all_finite))
+            verify(verified)
+            last_verified = version
+            if bool(finite):
                 last_finite_version = version
                 return True
             return False
@@ -436,7 +495,7 @@ class Simulator:
             }
             window_staleness.clear()
             history.append(row)
-            if self.on_eval is not None:
+            if self.on_eval is not None and not reported(version):
                 self.on_eval(row)
 
         def snapshot() -> Snapshot:
@@ -476,7 +535,7 @@ class Simulator:
                         if sched.num_in_flight == 0:
                             raise RuntimeError(f"round {server_round} waits for {value} arrivals but no client is in flight")
                         receive(arrivals)
-                    if stop_reason is not None or not s.reject_nonfinite or not reject_nonfinite(arrivals):
+                    if stop_reason is not None or not check_each_flush or not reject_nonfinite(arrivals):
                         break
             else:
                 end = sched.clock + float(value)
@@ -488,7 +547,7 @@ class Simulator:
                         break
                     receive(arrivals)
                 sched.advance_to(end)
-                if arrivals and s.reject_nonfinite:
+                if arrivals and check_each_flush:
                     reject_nonfinite(arrivals)
                 if stop_reason is None and exhausted():
                     stop_reason = "unavailable"  # this window is still aggregated
@@ -499,12 +558,18 @@ class Simulator:
                 break  # an unfilled buffer at the time limit (or with no client left) is not aggregated
             if arrivals:
                 failures_in_a_row = 0
-                params, state, facts = self._aggregate(params, state, version, arrivals, versions, pending)
+                params, state, all_finite, facts = self._aggregate(params, state, all_finite, version, arrivals, versions, pending)
+                if optimistic:  # read an earlier flag once it is on the host anyway: a bad row is found early
+                    if probe is None:
+                        probe = all_finite
+                    elif probe.is_ready():
+                        verify(probe)
+                        probe = None
                 stale = [version - t.start_version for t in arrivals]
                 window_staleness.extend(stale)
                 all_staleness.extend(stale)
                 staleness_sum += sum(stale)
-                if facts is not None:
+                if facts is not None and not reported(version + 1):
                     counts = self.trainer.store.counts
                     host_rows = [
                         {
@@ -536,7 +601,7 @@ class Simulator:
                     record()
                 else:
                     stop_reason = "diverged"
-            if arrivals and self.on_progress is not None:
+            if arrivals and self.on_progress is not None and not (replay is not None and version <= replay.reached):
                 self.on_progress(
                     {
                         "version": version,
@@ -550,18 +615,20 @@ class Simulator:
             checkpoint_due = arrivals and s.checkpoint_every is not None and version % s.checkpoint_every == 0
             if stop_reason is None and self.on_checkpoint is not None and (checkpoint_due or self.interrupt is not None):
                 if healthy():
-                    self.on_checkpoint(snapshot())
+                    if self.interrupt is not None or not reported(version):
+                        self.on_checkpoint(snapshot())
                 else:
                     stop_reason = "diverged"
             if stop_reason is None and self.interrupt is not None:
                 raise Interrupted(self.interrupt, version, checkpointed=self.on_checkpoint is not None)
-            if self.on_step is not None:
+            if self.on_step is not None and not (replay is not None and version <= replay.reached):
                 self.on_step(version)
         if stop_reason != "diverged" and (history[-1]["version"] != version or history[-1]["sim_time"] != sched.clock):
             if healthy():
                 record()
             else:
                 stop_reason = "diverged"
+        verify(all_finite)  # (a run that ends without a new evaluation)
         flush_updates()  # rows of a diverged run's last aggregations; otherwise nothing is left here
 
         wall = time.perf_counter() - t0
@@ -608,17 +675,17 @@ class Simulator:
             log.error("run diverged: %s", summary["diverged"]["message"])
         return SimulationResult(params, state, history, summary)
 
-    def _aggregate(self, params, state, version, arrivals, versions, pending):
+    def _aggregate(self, params, state, all_finite, version, arrivals, versions, pending):
         ids = [t.dispatch_id for t in arrivals]
         if not all(pending.is_trained(i) for i in ids):
             pending.flush(versions)
         updates, loss = stack_updates(arrivals, version, pending.take, versions.get, self.trainer.store.counts, versions.gather)
         facts = (*self._facts(state, updates), loss) if self.on_updates is not None else None  # device arrays, padded rows
-        params, state = self._kernel(params, state, updates)
+        params, state, all_finite = self._kernel(params, state, updates, all_finite)
         for task in arrivals:
             pending.release(task.dispatch_id)
             versions.release(task.start_version)
-        return params, state, facts
+        return params, state, all_finite, facts
 
 
 def stack_updates(arrivals: list[Task], version: int, take_results, get_version, counts, gather_versions=None) -> tuple[UpdateBatch, Any]:

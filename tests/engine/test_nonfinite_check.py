@@ -1,0 +1,100 @@
+"""The optimistic non-finite check: the loop aggregates without waiting for each flush's results to
+reach the host; when an aggregated row turns out non-finite, the run is repeated with the check at
+every flush and the callbacks receive exactly what the exact order gives them, each thing once."""
+
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+from asyncflower_jax.engine.simulator import Simulator
+from asyncflower_jax.experiment import Experiment
+from tests.conftest import make_config
+
+SMALL = ("num_clients=40", "concurrency=8", "client.num_steps=3", "client.batch_size=8", "model.hidden=[32]", "seed=2")
+RULES = {
+    "fedasync": ("strategy=fedasync",),
+    "fedbuff": ("strategy=fedbuff", "strategy.buffer_size=3"),
+    "fedbuff_window": ("strategy=fedbuff", "strategy.round_duration=0.7"),
+}
+
+
+def simulate(exp: Experiment, optimistic: bool):
+    """Run with the check forced optimistic (or at every flush); return the result and everything
+    the callbacks received."""
+    seen = {"evals": [], "updates": [], "failures": [], "checkpoints": [], "progress": [], "steps": []}
+    sim = Simulator(
+        exp.strategy,
+        exp.params,
+        exp.trainer,
+        exp.scheduler(),
+        exp.evaluate,
+        exp.settings,
+        on_eval=lambda row: seen["evals"].append({k: v for k, v in row.items() if k != "wall_time"}),
+        on_updates=seen["updates"].extend,
+        on_failures=seen["failures"].extend,
+        on_checkpoint=lambda snapshot: seen["checkpoints"].append(snapshot.version),
+        on_progress=lambda stats: seen["progress"].append(stats["version"]),
+        on_step=seen["steps"].append,
+    )
+    sim.optimistic_check = lambda: optimistic
+    return sim.run(), seen
+
+
+def same_params(a, b) -> bool:
+    return all(np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("eval_every", [5, 1000])
+def test_a_non_finite_update_found_late_gives_the_exact_run_reported_once(rule, eval_every, caplog):
+    cfg = make_config(
+        *SMALL, *RULES[rule], "max_updates=120", f"eval_every={eval_every}", "checkpoint_every=7", "faults.nan=0.05", "faults.dropout=0.1"
+    )
+    exact, exact_seen = simulate(Experiment(cfg), optimistic=False)
+    with caplog.at_level(logging.WARNING, logger="asyncflower_jax.engine.simulator"):
+        optimistic, seen = simulate(Experiment(cfg), optimistic=True)
+    assert exact.summary["failures"]["nonfinite"] > 0  # the exact run did reject NaN results ...
+    assert "repeating the run with the non-finite check at every training flush" in caplog.text  # ... the optimistic one had to repeat
+    for key in ("evals", "updates", "failures", "checkpoints"):
+        assert seen[key] == exact_seen[key], key
+    for key in ("progress", "steps"):  # cosmetic callbacks: each version at most once, in order, to the end
+        assert seen[key] == sorted(set(seen[key])) and seen[key][-1] == exact_seen[key][-1], key
+    drop = ("wall_time", "updates_per_second")
+    assert {k: v for k, v in optimistic.summary.items() if k not in drop} == {k: v for k, v in exact.summary.items() if k not in drop}
+    assert same_params(optimistic.params, exact.params)
+
+
+@pytest.mark.parametrize("rule", ["fedasync", "fedbuff_window"])
+def test_without_non_finite_updates_the_optimistic_run_is_the_exact_run(rule, caplog):
+    cfg = make_config(*SMALL, *RULES[rule], "max_updates=80", "eval_every=4", "checkpoint_every=5", "faults.dropout=0.1")
+    exact, exact_seen = simulate(Experiment(cfg), optimistic=False)
+    with caplog.at_level(logging.WARNING, logger="asyncflower_jax.engine.simulator"):
+        optimistic, seen = simulate(Experiment(cfg), optimistic=True)
+    assert "repeating the run" not in caplog.text
+    assert seen == exact_seen
+    assert same_params(optimistic.params, exact.params)
+
+
+def test_the_check_is_optimistic_unless_nan_results_are_injected_or_the_check_is_off():
+    def optimistic(*overrides):
+        exp = Experiment(make_config(*SMALL, "strategy=fedasync", "max_updates=10", *overrides))
+        return Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings).optimistic_check()
+
+    assert optimistic()
+    assert optimistic("faults.dropout=0.3")
+    assert not optimistic("faults.nan=0.01")  # certain to be repeated: checked at every flush from the start
+    assert not optimistic("reject_nonfinite=false")  # nothing to check
+
+
+def test_a_run_whose_model_diverges_from_a_huge_learning_rate_is_the_exact_run():
+    """Non-finite updates that nobody injected (training blew up) are found the same way."""
+    cfg = make_config(*SMALL, "strategy=fedasync", "max_updates=60", "eval_every=10", "client.learning_rate=1e12")
+    exact, exact_seen = simulate(Experiment(cfg), optimistic=False)
+    optimistic, seen = simulate(Experiment(cfg), optimistic=True)
+    assert exact.summary["failures"]["nonfinite"] > 0
+    for key in ("evals", "updates", "failures"):
+        assert seen[key] == exact_seen[key], key
+    assert optimistic.summary["stop_reason"] == exact.summary["stop_reason"]
+    assert same_params(optimistic.params, exact.params)
