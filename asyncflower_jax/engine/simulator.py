@@ -57,7 +57,7 @@ from .availability import AvailabilityModel
 from .faults import FAILURE_KINDS, LOST, NONFINITE, Faults
 from .pending import PendingResults, rows_finite
 from .scheduler import Scheduler, Task
-from .versions import VersionCache
+from .versions import VersionCache, write_row
 
 log = logging.getLogger(__name__)
 LOGGED_REJECTIONS = 10  # rejected non-finite updates logged one by one; the rest are only counted
@@ -243,30 +243,29 @@ class Simulator:
         self.on_step = on_step
         self.interrupt: int | None = None  # a signal number: checkpoint and stop after this aggregation
         self.kernel_traces = 0
-        # The server state is donated (per-client memories are N x model: never copy them); the
-        # params are not, since the version cache still holds them. A rule that is not jittable
-        # (its state lives in the object) is called as it is, and nothing is compiled.
+        # One device call per aggregation (dispatches cost the host tens of microseconds each, and the
+        # host is the bottleneck once training is batched): gather the start versions from the
+        # version table, the per-update facts, the rule's kernel, and the new version written into
+        # the table. The server state and the table are donated (per-client memories are N x model:
+        # never copy them). A rule that is not jittable (its state lives in the object) is called as
+        # it is, beside jitted norms, and nothing of it is compiled.
         if getattr(strategy, "jittable", True):
-            self._kernel = jax.jit(self._traced_aggregate, donate_argnums=(1,))
-        else:
-            self._kernel = lambda params, state, updates, ok: (*strategy.aggregate(params, state, updates), ok)
-        # Per-update diagnostics in one device call, from the state before the kernel consumes it
-        # (a rule that is not jittable computes its weights as it is, beside the jitted norms).
-        self._facts = jax.jit(self._traced_facts) if getattr(strategy, "jittable", True) else self._host_facts
+            self._step = jax.jit(self._traced_step, donate_argnums=(1, 3), static_argnames=("with_facts",))
 
-    def _traced_aggregate(self, params, state, updates, ok):
-        """The rule's aggregation, and `ok` and-ed with "every row of the batch is finite"."""
+    def _traced_step(self, params, state, all_finite, table, trained, loss, slots, staleness, num_examples, client_id, mask, slot, with_facts):
+        """(params, state, all_finite, table, facts) after aggregating the batch whose start models are
+        the table rows `slots`; `all_finite` and-ed with "every aggregated row is finite"; facts
+        (update norms, the rule's weights, losses) per row when `with_facts`, else None."""
         self.kernel_traces += 1  # runs only while tracing: counts compilations
+        start = jax.tree.map(lambda t, p: t[slots].astype(p.dtype), table, params)
+        updates = UpdateBatch(trained, start, staleness, num_examples, client_id, mask)
+        facts = (update_norms(updates), self._weights(state, updates), loss) if with_facts else None  # from the state before the kernel
         params, state = self.strategy.aggregate(params, state, updates)
-        return params, state, ok & jnp.all(rows_finite(updates.params) | ~updates.mask)
+        all_finite = all_finite & jnp.all(rows_finite(trained) | ~mask)
+        return params, state, all_finite, write_row(table, params, slot), facts
 
-    def _traced_facts(self, state, updates):
-        """(update norms, the rule's update weights) per row of the batch."""
-        weights = jnp.asarray(self.strategy.update_weights(state, updates), jnp.result_type(float))
-        return update_norms(updates), weights
-
-    def _host_facts(self, state, updates):
-        return _jit_update_norms(updates), jnp.asarray(self.strategy.update_weights(state, updates), jnp.result_type(float))
+    def _weights(self, state, updates):
+        return jnp.asarray(self.strategy.update_weights(state, updates), jnp.result_type(float))
 
     def optimistic_check(self) -> bool:
         """Whether non-finite updates are checked optimistically (see the module docstring): for a
@@ -587,7 +586,6 @@ class Simulator:
                     update_buffer.append((host_rows, *facts))
                 version += 1
                 updates_done += len(arrivals)
-                versions.put(version, params)
                 versions.release(version - 1)
             server_round += 1
             if strategy.refill == "on_aggregation":
@@ -676,16 +674,46 @@ class Simulator:
         return SimulationResult(params, state, history, summary)
 
     def _aggregate(self, params, state, all_finite, version, arrivals, versions, pending):
-        ids = [t.dispatch_id for t in arrivals]
-        if not all(pending.is_trained(i) for i in ids):
+        """Aggregate the arrivals into version + 1 (put into `versions`, held once); returns (params,
+        state, all_finite, facts: device arrays of padded rows, or None without `on_updates`)."""
+        if not all(pending.is_trained(t.dispatch_id) for t in arrivals):
             pending.flush(versions)
-        updates, loss = stack_updates(arrivals, version, pending.take, versions.get, self.trainer.store.counts, versions.gather)
-        facts = (*self._facts(state, updates), loss) if self.on_updates is not None else None  # device arrays, padded rows
-        params, state, all_finite = self._kernel(params, state, updates, all_finite)
+        with_facts = self.on_updates is not None
+        if getattr(self.strategy, "jittable", True):
+            k = len(arrivals)
+            tasks = arrivals + [arrivals[0]] * (bucket_size(k) - k)  # padding repeats the first row
+            trained, loss = pending.take([t.dispatch_id for t in tasks])
+            counts = self.trainer.store.counts
+            host = (
+                versions.slots_of([t.start_version for t in tasks]),
+                np.asarray([version - t.start_version for t in tasks], np.int32),
+                np.asarray([counts[t.client] for t in tasks], jnp.result_type(float)),
+                np.asarray([t.client for t in tasks], np.int32),
+                np.arange(len(tasks)) < k,
+            )
+            step = lambda table, slot: self._step(params, state, all_finite, table, trained, loss, *host, slot, with_facts=with_facts)  # noqa: E731
+            new_params, new_state, all_finite, facts = versions.put_by(version + 1, lambda table, slot: _table_last(step(table, slot)))
+        else:  # the rule's own code on the host; its rows are checked here
+            updates, loss = stack_updates(arrivals, version, pending.take, versions.get, self.trainer.store.counts, versions.gather)
+            facts = (_jit_update_norms(updates), self._weights(state, updates), loss) if with_facts else None
+            new_params, new_state = self.strategy.aggregate(params, state, updates)
+            all_finite = all_finite & _jit_rows_ok(updates.params, updates.mask)
+            versions.put(version + 1, new_params)
         for task in arrivals:
             pending.release(task.dispatch_id)
             versions.release(task.start_version)
-        return params, state, all_finite, facts
+        return new_params, new_state, all_finite, facts
+
+
+def _table_last(out):
+    """(table, the rest) from the aggregation step's (params, state, all_finite, table, facts)."""
+    params, state, all_finite, table, facts = out
+    return table, (params, state, all_finite, facts)
+
+
+@jax.jit
+def _jit_rows_ok(trained, mask):
+    return jnp.all(rows_finite(trained) | ~mask)
 
 
 def stack_updates(arrivals: list[Task], version: int, take_results, get_version, counts, gather_versions=None) -> tuple[UpdateBatch, Any]:

@@ -11,6 +11,7 @@ and compile time grow with the number of live versions (thousands at large concu
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +23,12 @@ FIRST_CAPACITY = 16  # slots of a new table at least ...
 FIRST_TABLE_BYTES = 256 << 20  # ... and as many more as fit in this (each new size compiles the kernels that read the table again)
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _write_row(table, params, slot):
+def write_row(table, params, slot):
+    """The table with `params` in row `slot` (traceable: the simulator's aggregation step uses it)."""
     return jax.tree.map(lambda t, p: jax.lax.dynamic_update_index_in_dim(t, p.astype(t.dtype), slot, 0), table, params)
+
+
+_write_row = jax.jit(write_row, donate_argnums=(0,))
 
 
 @jax.jit
@@ -88,7 +92,7 @@ class VersionCache:
         """(a pytree with a leading version axis, the row of each listed version in it): what batched
         training gathers its start versions from. Stacked: the table itself and the slots."""
         if self.stacked:
-            return self._table, np.asarray([self._slot[v] for v in versions], np.int32)
+            return self._table, self.slots_of(versions)
         from ..client.batched import bucket_size, stack_trees
 
         live = sorted(set(versions))
@@ -99,10 +103,30 @@ class VersionCache:
     def gather(self, versions: list[int]) -> PyTree:
         """The listed versions (repeats allowed) stacked on a leading axis, in order."""
         if self.stacked:
-            return _read_rows(self._table, np.asarray([self._slot[v] for v in versions], np.int32))
+            return _read_rows(self._table, self.slots_of(versions))
         from ..client.batched import stack_trees
 
         return stack_trees([self._params[v] for v in versions])
+
+    def slots_of(self, versions: list[int]) -> np.ndarray:
+        """Stacked: the table row of each listed version (repeats allowed)."""
+        return np.asarray([self._slot[v] for v in versions], np.int32)
+
+    def put_by(self, version: int, write) -> Any:
+        """Stacked: add a new version (held once, like `put`) that `write(table, slot)` writes into
+        the table itself, in the same device call as whatever else it computes: it returns (the new
+        table, anything else), and the latter is returned. The table passed may be donated."""
+        assert self.stacked and self._table is not None and version not in self._refs
+        slot = self._new_slot(None)
+        self._table, out = write(self._table, np.int32(slot))
+        self._slot[version] = slot
+        self._refs[version] = 1
+        return out
+
+    @property
+    def table(self) -> PyTree:
+        """Stacked: the table itself (leaves [slots, ...])."""
+        return self._table
 
     def put(self, version: int, params: PyTree, refs: int = 1) -> None:
         """Add a new version, held once by its creator (release it when it stops being current);
