@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from asyncflower_jax.client.batched import BatchedTrainer, bucket_size  # noqa: E402
+from asyncflower_jax.client.batched import BatchedTrainer  # noqa: E402
 from asyncflower_jax.client.local_train import LocalTraining, make_local_train  # noqa: E402
 from asyncflower_jax.client.precision import mixed_precision  # noqa: E402
 from asyncflower_jax.data.store import ClientStore  # noqa: E402
@@ -269,7 +269,7 @@ def bare_training(trainer: BatchedTrainer, params, batch_sizes: list[int], num_c
     rng = np.random.default_rng([seed, 99])
     stacked = jax.tree.map(lambda leaf: leaf[None], params)
     jobs = [(np.zeros(n, np.int32), rng.integers(0, num_clients, n), np.arange(i * 100_000, i * 100_000 + n)) for i, n in enumerate(batch_sizes)]
-    shapes = sorted({min(bucket_size(n), trainer.chunk_size) for n in batch_sizes} | {bucket_size(n % trainer.chunk_size) for n in batch_sizes if n % trainer.chunk_size})
+    shapes = sorted({size for n in batch_sizes for size in trainer.chunk_sizes(n)})
     for size in shapes:  # compile
         jax.block_until_ready([c.params for c in trainer.train_from(stacked, np.zeros(size, np.int32), np.zeros(size, np.int64), np.arange(size))])
     times = []

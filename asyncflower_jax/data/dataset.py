@@ -8,10 +8,13 @@ sample in `client_ids` (and `test_client_ids` for its test samples); `partition=
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import require
+from .split import stratified_split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +50,19 @@ def digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     Pixels are scaled to [0, 1] and flattened to 64 features; the test split is stratified and
     fixed by `split_seed`, so runs with different seeds are scored on the same test set.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     require(0 < test_fraction < 1, "dataset.test_fraction", test_fraction, "in (0, 1)")
-    bunch = load_digits()
-    x = (bunch.data / 16.0).astype(np.float32)
-    y = bunch.target.astype(np.int32)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_fraction, random_state=split_seed, stratify=y)
-    return Dataset(x_train, y_train, x_test, y_test, num_classes=10, name="digits")
+    table = np.loadtxt(_digits_file(), delimiter=",")  # 64 pixels (0-16) and the label per row
+    x = (table[:, :-1] / 16.0).astype(np.float32)
+    y = table[:, -1].astype(np.int32)
+    train, test = stratified_split(y, test_fraction, split_seed)
+    return Dataset(x[train], y[train], x[test], y[test], num_classes=10, name="digits")
+
+
+def _digits_file() -> Path:
+    """The digits table inside the installed scikit-learn, found without importing it (what
+    `sklearn.datasets.load_digits` reads)."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError("dataset=digits reads scikit-learn's digits.csv.gz: install scikit-learn (a dependency of this package)")
+    return path

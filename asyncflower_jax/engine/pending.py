@@ -13,8 +13,6 @@ a checkpoint, so a resumed run aggregates bit-identical values.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,8 +29,15 @@ def _gather_rows(tree, loss, rows):
 
 
 @jax.jit
-def _concat_in_order(parts, inverse):
-    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves)[inverse], *parts)
+def _merge_rows(tree, loss, chunk, chunk_loss, rows, chosen):
+    """Rows where `chosen` is True replaced by `chunk`'s rows `rows` (compiled per chunk size and
+    batch size only, however many chunks a batch draws from)."""
+
+    def merge(out, leaf):
+        mask = chosen.reshape(chosen.shape + (1,) * (out.ndim - 1))
+        return jnp.where(mask, leaf[rows], out)
+
+    return jax.tree.map(merge, tree, chunk), jnp.where(chosen, chunk_loss[rows], loss)
 
 
 @jax.jit
@@ -136,20 +141,16 @@ class PendingResults:
 
     def take(self, dispatch_ids: list[int]):
         """Stacked (params, loss) of the listed results, in order (ids may repeat, for padding)."""
-        by_chunk: dict[int, list[int]] = defaultdict(list)
-        order: dict[int, list[int]] = defaultdict(list)
-        for pos, did in enumerate(dispatch_ids):
-            cid, row = self._where[did]
-            by_chunk[cid].append(row)
-            order[cid].append(pos)
-        parts, positions = [], []
-        for cid, rows in by_chunk.items():
+        where = [self._where[did] for did in dispatch_ids]
+        rows = np.asarray([row for _, row in where], np.int32)
+        owner = np.asarray([cid for cid, _ in where])
+        first = self._chunks[where[0][0]]
+        params, loss = _gather_rows(first.params, first.loss, np.where(owner == where[0][0], rows, 0).astype(np.int32))
+        for cid in dict.fromkeys(owner[owner != where[0][0]].tolist()):  # the other chunks, in order of first use
+            chosen = owner == cid
             chunk = self._chunks[cid]
-            parts.append(_gather_rows(chunk.params, chunk.loss, np.asarray(rows, np.int32)))
-            positions.extend(order[cid])
-        if len(parts) == 1:
-            return parts[0]
-        return _concat_in_order(parts, np.argsort(positions).astype(np.int32))
+            params, loss = _merge_rows(params, loss, chunk.params, chunk.loss, np.where(chosen, rows, 0).astype(np.int32), chosen)
+        return params, loss
 
     def release(self, dispatch_id: int) -> None:
         """Forget a consumed result; its chunk is freed once all of its rows are consumed."""

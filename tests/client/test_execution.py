@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asyncflower_jax.client.batched import CPU_CHUNK, BatchedTrainer, resolve_execution
+from asyncflower_jax.client.batched import CPU_CHUNK, BatchedTrainer, chunk_plan, resolve_execution
 from asyncflower_jax.client.local_train import LocalTraining, make_local_train
 from asyncflower_jax.client.precision import mixed_precision
 from asyncflower_jax.data.store import ClientStore
@@ -59,6 +59,32 @@ def test_auto_is_small_vmap_chunks_on_cpu_and_configured_chunks_on_accelerators(
     assert resolve_execution("vmap", 64, "cpu") == ("vmap", 64)
     with pytest.raises(ConfigError, match="execution='scan' is invalid"):
         resolve_execution("scan")
+
+
+def test_chunk_plans_pad_the_last_chunk_or_cut_into_powers_of_four():
+    assert chunk_plan(37, 16, pad=True) == [(16, 16), (16, 16), (5, 8)]
+    assert chunk_plan(37, 16, pad=False) == [(16, 16), (16, 16), (4, 4), (1, 1)]
+    assert chunk_plan(11, 16, pad=False) == [(4, 4), (4, 4), (1, 1), (1, 1), (1, 1)]
+    assert chunk_plan(7, 3, pad=False) == [(3, 3), (3, 3), (1, 1)]
+    assert chunk_plan(300, 256, pad=False) == [(256, 256), (16, 16), (16, 16), (4, 4), (4, 4), (4, 4)]
+    assert chunk_plan(3, 256, pad=True) == [(3, 4)]
+    for n in range(1, 80):  # every client exactly once, no padding, at most 3 compiled sizes
+        plan = chunk_plan(n, 16, pad=False)
+        assert sum(k for k, _ in plan) == n and all(k == size for k, size in plan) and {size for _, size in plan} <= {16, 4, 1}
+
+
+def test_auto_on_the_cpu_trains_every_client_as_one_at_a_time_without_padding():
+    with jax.enable_x64(True):
+        store, versions = setup()
+        train = make_local_train(mlp, LocalTraining(num_steps=3, batch_size=4, learning_rate=0.3))
+        trainer = BatchedTrainer(train, store, jax.random.key(7), chunk_size=4, execution="auto")
+        version_idx, clients, ids = np.array([1, 0, 1, 1, 0, 0]), np.array([5, 2, 0, 3, 1, 4]), np.arange(100, 106)
+        chunks = trainer.train(versions, version_idx, clients, ids)
+        assert [(c.n, c.loss.shape[0]) for c in chunks] == [(4, 4), (1, 1), (1, 1)] == [(n, size) for n, size in chunk_plan(6, 4, pad=False)]
+        rows = [(c, r) for c in chunks for r in range(c.n)]
+        for i, (chunk, r) in enumerate(rows):
+            alone, _ = trainer.train_one(versions[version_idx[i]], int(clients[i]), int(ids[i]))
+            assert max_abs_diff(jax.tree.map(lambda leaf: leaf[r], chunk.params), alone) < 1e-12
 
 
 @pytest.mark.parametrize("overrides, message", [(["execution=loop"], "execution='loop' is invalid"), (["map_batch=0"], "map_batch=0 is invalid"), (["devices=9"], "devices=9 is invalid"), (["compute_dtype=int8"], "compute_dtype='int8' is invalid")])
