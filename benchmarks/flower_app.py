@@ -46,7 +46,7 @@ WORKLOAD = {
     "num_steps": 10,
     "batch_size": 32,
     "learning_rate": 0.05,
-    "seed": 0,
+    "seed": int(os.environ.get("ASYNCFLOWER_BENCH_SEED", "0")),  # vs_flower.py --seeds (read by every Ray worker too)
     "fedavg_clients_per_round": 10,
     "fedavg_rounds": 30,
     "fedasync_in_flight": 10,

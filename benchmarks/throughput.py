@@ -92,6 +92,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--map-batch", type=int, default=1)
     parser.add_argument("--skip-execution", action="store_true", help="skip part 2 (the execution comparison)")
+    parser.add_argument("--updates-per-client", type=int, help="updates per point: max(min_updates, this x M) (default 2); longer runs weigh the end of a run less")
     parser.add_argument("--repeats", type=int, help="timed runs of each engine, interleaved; the fastest counts (default 3; quick 1)")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
@@ -100,6 +101,8 @@ def main(argv=None) -> dict:
         p["concurrency"] = args.concurrency
     if args.latencies:
         p["timed_latencies"] = args.latencies
+    if args.updates_per_client:
+        p["updates_per_client"] = args.updates_per_client
 
     def updates_of(m: int) -> int:
         return max(p["min_updates"], p["updates_per_client"] * m)
@@ -145,6 +148,7 @@ def main(argv=None) -> dict:
                 "execution": c.trainer.execution,
                 "mean_batch": float(np.mean(flushes)),
                 "flushes": len(flushes),
+                "trained_per_update": sum(flushes) / updates,  # > 1: clients trained, still in flight at the end
                 "sim_wall": sim_wall,
                 "sim_walls": sim_walls,
                 "seq_walls": seq_walls,
@@ -159,7 +163,7 @@ def main(argv=None) -> dict:
                 "seq_accuracy": seq["test_accuracy"],
             }
             rows.append(row)
-            print(f"  {latency:>15} M={m:<5} simulator {row['sim_updates_per_s']:9.0f}/s  sequential {row['seq_updates_per_s']:7.0f}/s  ratio {row['ratio']:7.2f}  efficiency {row['efficiency']:.2f}  batch {row['mean_batch']:.1f}", flush=True)
+            print(f"  {latency:>15} M={m:<5} simulator {row['sim_updates_per_s']:9.0f}/s  sequential {row['seq_updates_per_s']:7.0f}/s  ratio {row['ratio']:7.2f}  efficiency {row['efficiency']:.2f}  batch {row['mean_batch']:.1f}  trained/update {row['trained_per_update']:.2f}", flush=True)
     out["throughput"] = rows
     print("\n# throughput: simulator vs sequential baseline (FedAsync, tiled-digits MLP 64-200-200-10, 10 steps of 32)")
     print(
@@ -167,7 +171,7 @@ def main(argv=None) -> dict:
             rows,
             [("latency", "latency", "s"), ("M", "M", "d"), ("updates", "updates", "d"), ("execution", "exec", "s"), ("mean_batch", "mean batch", ".1f"),
              ("sim_updates_per_s", "sim upd/s", ".0f"), ("seq_updates_per_s", "seq upd/s", ".0f"), ("ratio", "ratio", ".2f"),
-             ("efficiency", "efficiency", ".2f"), ("max_param_diff", "max |diff|", ".1e")],
+             ("efficiency", "efficiency", ".2f"), ("trained_per_update", "trained/upd", ".2f"), ("max_param_diff", "max |diff|", ".1e")],
         )
     )
     out["targets"] = targets(rows, common.jax.default_backend())

@@ -20,8 +20,8 @@ when no NaN fault is injected: the loop aggregates without waiting for the train
 reach the host, the kernel records whether every aggregated row was finite, and that flag is read
 at every evaluation and checkpoint (before anything is reported) and whenever it is ready; if an
 aggregated row was not finite, the run starts over with the check at every flush (the exact
-order above), reporting only what it had not reported yet, so results never depend on the mode. A non-finite global model, checked at
-every evaluation and checkpoint, stops the run ("diverged"). At the end of any aggregation the loop
+order above), reporting only what it had not reported yet, so results never depend on the mode.
+A non-finite global model, checked at every evaluation and checkpoint, stops the run ("diverged"). At the end of any aggregation the loop
 can hand a checkpoint to `on_checkpoint`; `run(resume=...)` continues from it with the same values
 as an uninterrupted run (engine/checkpoint.py).
 
@@ -243,12 +243,12 @@ class Simulator:
         self.on_step = on_step
         self.interrupt: int | None = None  # a signal number: checkpoint and stop after this aggregation
         self.kernel_traces = 0
-        # One device call per aggregation (dispatches cost the host tens of microseconds each, and the
-        # host is the bottleneck once training is batched): gather the start versions from the
-        # version table, the per-update facts, the rule's kernel, and the new version written into
-        # the table. The server state and the table are donated (per-client memories are N x model:
-        # never copy them). A rule that is not jittable (its state lives in the object) is called as
-        # it is, beside jitted norms, and nothing of it is compiled.
+        # Few device calls per aggregation (dispatches cost the host tens of microseconds each, and the
+        # host is the bottleneck once training is batched): after taking the trained rows, one step
+        # gathers the start versions from the version table, computes the per-update facts, runs
+        # the rule's kernel and writes the new version into the table. The server state and the
+        # table are donated (per-client memories are N x model: never copy them). A rule that is
+        # not jittable (its state lives in the object) is called as it is, beside jitted norms.
         if getattr(strategy, "jittable", True):
             self._step = jax.jit(self._traced_step, donate_argnums=(1, 3), static_argnames=("with_facts",))
 

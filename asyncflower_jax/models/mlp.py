@@ -32,7 +32,9 @@ def init_params(module: nn.Module, input_shape: tuple[int, ...], key, dtype=jnp.
     import jax
 
     dummy = jnp.zeros((1, *input_shape), dtype)
-    # one compilation, not one per operation; it runs once, so it is compiled fast, not optimized
-    init = jax.jit(module.init).lower(key, dummy).compile(compiler_options=RUN_ONCE_COMPILE_OPTIONS.get(jax.default_backend(), {}))
-    params = init(key, dummy)
+    if isinstance(key, jax.core.Tracer):  # inside a transformation (eval_shape, jit): it compiles the whole
+        params = module.init(key, dummy)
+    else:  # one compilation, not one per operation; it runs once, so it is compiled fast, not optimized
+        options = RUN_ONCE_COMPILE_OPTIONS.get(jax.default_backend(), {})
+        params = jax.jit(module.init).lower(key, dummy).compile(compiler_options=options)(key, dummy)
     return jax.tree.map(lambda p: p.astype(dtype), params)

@@ -77,3 +77,23 @@ def test_a_bounded_table_starts_with_what_fits_the_byte_budget(monkeypatch):
     small = VersionCache(stacked=True, capacity=12)
     small.put(0, model(0.0))
     assert small.slots == 12  # never beyond the capacity
+
+
+def test_a_version_written_by_the_caller_takes_a_free_slot_and_reads_back():
+    cache = VersionCache(stacked=True)
+    cache.put(0, model(0.0))
+    cache.acquire(0)
+    cache.put(1, model(1.0))
+    cache.release(0)
+    cache.release(0)  # version 0's slot is free again
+    seen = {}
+
+    def write(table, slot):  # what the simulator's aggregation step does, with something else computed beside
+        seen["slot"] = int(slot)
+        return module.write_row(table, model(2.0), slot), "beside"
+
+    assert cache.put_by(2, write) == "beside"
+    assert seen["slot"] == 0 and cache.refs() == {1: 1, 2: 1}
+    np.testing.assert_array_equal(cache.get(2)["w"], np.full((3, 2), 2.0))
+    np.testing.assert_array_equal(cache.get(1)["b"], -np.ones(2))
+    np.testing.assert_array_equal(cache.slots_of([2, 1, 2]), [0, 1, 0])
