@@ -11,12 +11,15 @@ How a chunk runs (`execution`), chosen per backend by measurement (benchmarks/th
   "map":  `lax.map` over the chunk's clients inside the same jitted call: each client's steps run
           as unbatched matrix products, one after another, with one dispatch per chunk; with
           `map_batch` b > 1, b clients at a time are vmapped inside the loop;
-  "auto": on the CPU "vmap" in chunks of at most CPU_CHUNK clients, and a batch is cut into
-          chunks of 16, 4 and 1 clients, never padded (measured on a 2-core CPU with the digits
-          MLP: chunks of 16 trained about 20 % more clients per second than one client per call,
-          chunks of 4 about 10 %, chunks of 64 or more fewer; a padded row costs a whole client's
-          training there); on GPUs and TPUs "vmap" in chunks of `chunk_size`, the last one padded
-          to a power of two (a padded row costs little there; fewer calls matter more).
+  "auto": on the CPU, chunks of at most CPU_CHUNK clients, a batch cut into chunks of 16, 4
+          and 1 clients, never padded (a padded row costs a whole client's training there), run
+          by "vmap" unless local training has a convolution, then by "map" (measured on a 2-core
+          CPU: for the digits MLP, vmapped chunks of 16 trained about 20 % more clients per second
+          than one client per call, chunks of 4 about 10 %; for LEAF's CNN, vmapped per-client
+          convolutions took 1.5x (chunks of 4) to 5x (chunks of 16) as long per client as one
+          client per call, while "map" matched it); on GPUs and TPUs "vmap" in chunks of
+          `chunk_size`, the last one padded to a power of two (a padded row costs little there;
+          fewer calls matter more).
 With several devices (`devices`), the chunk's client axis is split over them (client/sharding.py).
 None of these choices changes any client's result beyond float rounding (tests/client).
 """
@@ -122,6 +125,19 @@ def stack_trees(trees: list[PyTree]) -> PyTree:
     return _take_rows(stacked, index)
 
 
+def has_convolution(jaxpr) -> bool:
+    """Whether a jaxpr (or any jaxpr inside it: scan bodies, gradients) convolves."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            return True
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr holds its Jaxpr
+                if hasattr(inner, "eqns") and has_convolution(inner):
+                    return True
+    return False
+
+
 class TrainedChunk(NamedTuple):
     """Results of one chunk: `params` with a leading client axis, rows [:n] real, the rest padding."""
 
@@ -151,6 +167,7 @@ class BatchedTrainer:
         self.base_key = base_key
         self.execution, self.chunk_size = resolve_execution(execution, int(chunk_size))
         self.pad = not (execution == "auto" and jax.default_backend() == "cpu")  # see chunk_plan
+        self._choose_by_model = not self.pad  # CPU auto: vmap or map, chosen at the first chunk (`_settle`)
         require(isinstance(map_batch, int) and not isinstance(map_batch, bool) and map_batch >= 1, "map_batch", map_batch, "an integer >= 1")
         self.map_batch = map_batch
         self.chunk_traces = 0
@@ -166,6 +183,14 @@ class BatchedTrainer:
     @property
     def num_devices(self) -> int:
         return 1 if self.mesh is None else self.mesh.size
+
+    def _settle(self, stacked: PyTree) -> None:
+        """CPU `auto`: "map" if local training has a convolution, else "vmap" (see the module docstring)."""
+        if self._choose_by_model:
+            self._choose_by_model = False
+            one = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), stacked)
+            jaxpr = jax.make_jaxpr(self._one)(one, self.store.x, self.store.y, np.int32(0), np.int32(1), np.uint32(0))
+            self.execution = "map" if has_convolution(jaxpr.jaxpr) else "vmap"
 
     def _client_key(self, dispatch_id):
         return jax.random.fold_in(self.base_key, dispatch_id)
@@ -197,6 +222,7 @@ class BatchedTrainer:
         """Train every listed client; client i starts from row version_idx[i] of `stacked` (a pytree
         with a leading version axis, e.g. the simulator's version table)."""
         version_idx = np.asarray(version_idx)
+        self._settle(stacked)
         x, y = self.store.x, self.store.y
         if self.mesh is not None:  # only the rows in use travel to every device
             used, version_idx = np.unique(version_idx, return_inverse=True)

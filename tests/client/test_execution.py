@@ -87,6 +87,34 @@ def test_auto_on_the_cpu_trains_every_client_as_one_at_a_time_without_padding():
             assert max_abs_diff(jax.tree.map(lambda leaf: leaf[r], chunk.params), alone) < 1e-12
 
 
+def test_auto_on_the_cpu_maps_models_with_convolutions_and_vmaps_the_others():
+    import flax.linen as nn
+
+    class TinyConv(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(2, (3, 3))(x.reshape((x.shape[0], 4, 4, 1))))
+            return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+    with jax.enable_x64(True):
+        store, _ = setup()
+        x = jnp.asarray(np.random.default_rng(3).normal(size=(60, 16)))
+        store = ClientStore(x, store.y, store.offsets, store.counts)
+        for module, expected in [(TinyConv(), "map"), (None, "vmap")]:
+            if module is None:
+                apply, params = mlp, {"w1": jnp.ones((16, 4)), "w2": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+            else:
+                apply, params = module.apply, module.init(jax.random.key(0), x[:1])
+            train = make_local_train(apply, LocalTraining(num_steps=2, batch_size=4, learning_rate=0.1))
+            trainer = BatchedTrainer(train, store, jax.random.key(7), chunk_size=4, execution="auto")
+            chunks = trainer.train([params], np.zeros(5, np.int32), np.array([0, 1, 2, 3, 4]), np.arange(5))
+            assert trainer.execution == expected
+            rows = [(c, r) for c in chunks for r in range(c.n)]
+            for i, (chunk, r) in enumerate(rows):
+                alone, _ = trainer.train_one(params, i, i)
+                assert max_abs_diff(jax.tree.map(lambda leaf: leaf[r], chunk.params), alone) < 1e-12
+
+
 @pytest.mark.parametrize("overrides, message", [(["execution=loop"], "execution='loop' is invalid"), (["map_batch=0"], "map_batch=0 is invalid"), (["devices=9"], "devices=9 is invalid"), (["compute_dtype=int8"], "compute_dtype='int8' is invalid")])
 def test_bad_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
