@@ -13,11 +13,13 @@ a checkpoint, so a resumed run aggregates bit-identical values.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..client.batched import BatchedTrainer, TrainedChunk
+from ..client.batched import BatchedTrainer, TrainedChunk, bucket_size
 from .faults import NAN
 from .scheduler import Task
 from .versions import VersionCache
@@ -28,16 +30,13 @@ def _gather_rows(tree, loss, rows):
     return jax.tree.map(lambda leaf: leaf[rows], tree), loss[rows]
 
 
-@jax.jit
-def _merge_rows(tree, loss, chunk, chunk_loss, rows, chosen):
-    """Rows where `chosen` is True replaced by `chunk`'s rows `rows` (compiled per chunk size and
-    batch size only, however many chunks a batch draws from)."""
-
-    def merge(out, leaf):
-        mask = chosen.reshape(chosen.shape + (1,) * (out.ndim - 1))
-        return jnp.where(mask, leaf[rows], out)
-
-    return jax.tree.map(merge, tree, chunk), jnp.where(chosen, chunk_loss[rows], loss)
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _scatter_rows(tree, loss, chunk, chunk_loss, rows, positions):
+    """`tree`'s rows `positions` set to `chunk`'s rows `rows`, in place (positions out of range are
+    padding, dropped). Compiled per chunk size, count bucket and batch size, however many chunks a
+    batch draws from, and it moves only the rows it sets."""
+    put = lambda out, leaf: out.at[positions].set(leaf[rows], mode="drop")  # noqa: E731
+    return jax.tree.map(put, tree, chunk), put(loss, chunk_loss)
 
 
 @jax.jit
@@ -147,9 +146,12 @@ class PendingResults:
         first = self._chunks[where[0][0]]
         params, loss = _gather_rows(first.params, first.loss, np.where(owner == where[0][0], rows, 0).astype(np.int32))
         for cid in dict.fromkeys(owner[owner != where[0][0]].tolist()):  # the other chunks, in order of first use
-            chosen = owner == cid
+            chosen = np.flatnonzero(owner == cid)
+            size = bucket_size(len(chosen))
+            positions = np.full(size, len(dispatch_ids), np.int32)  # padding: out of range, dropped
+            positions[: len(chosen)] = chosen
             chunk = self._chunks[cid]
-            params, loss = _merge_rows(params, loss, chunk.params, chunk.loss, np.where(chosen, rows, 0).astype(np.int32), chosen)
+            params, loss = _scatter_rows(params, loss, chunk.params, chunk.loss, np.resize(rows[chosen], size).astype(np.int32), positions)
         return params, loss
 
     def release(self, dispatch_id: int) -> None:
