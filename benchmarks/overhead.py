@@ -5,7 +5,8 @@
 
 For each rule (FedAsync, FedBuff K=10, synchronous FedAvg), concurrency M and latency model, the
 simulator runs a whole simulation (scheduler, deferred batched training, aggregation kernels,
-evaluation every 10 versions); then the same training batches (the simulator's own flush sizes,
+evaluation every 10 versions, or --eval-every: each evaluation waits for the device, so frequent
+evaluation of a rule that makes a version per update costs the most); then the same training batches (the simulator's own flush sizes,
 replayed) are trained bare, with the same trainer: no scheduler, no aggregation, no evaluation.
 The overhead is simulation wall / bare wall (target <= 1.25), the engine efficiency its inverse
 scaled to the updates aggregated (target >= 0.8), and the host cost per update
@@ -52,10 +53,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--rules", nargs="+", choices=["fedasync", "fedbuff", "fedavg"])
     parser.add_argument("--execution", default="auto")
     parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--eval-every", type=int, help="versions between evaluations (default 10); each evaluation waits for the device")
     parser.add_argument("--repeats", type=int, help="interleaved timed runs; the fastest counts (default 3; quick 1)")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
-    for key in ("concurrency", "latencies", "rules"):
+    for key in ("concurrency", "latencies", "rules", "eval_every"):
         if getattr(args, key):
             p[key] = getattr(args, key)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -96,7 +98,7 @@ def main(argv=None) -> dict:
                 rows.append(row)
                 print(f"  {rule:>8} {latency:>15} M={m:<5} simulation {sim:6.2f} s  bare {bare:6.2f} s  overhead {row['overhead']:.2f}  efficiency {row['efficiency']:.2f}  batch {row['mean_batch']:.1f}", flush=True)
     out["rows"] = rows
-    print("\n# overhead: whole simulation / bare training of the same batches (tiled-digits MLP 64-200-200-10, 10 steps of 32, eval every 10 versions)")
+    print(f"\n# overhead: whole simulation / bare training of the same batches (tiled-digits MLP 64-200-200-10, 10 steps of 32, eval every {p['eval_every']} versions)")
     print(
         common.table(
             rows,
