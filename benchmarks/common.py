@@ -32,6 +32,7 @@ from asyncflower_jax.client.precision import mixed_precision  # noqa: E402
 from asyncflower_jax.data.store import ClientStore  # noqa: E402
 from asyncflower_jax.engine.evaluation import make_evaluator  # noqa: E402
 from asyncflower_jax.engine.latency import Constant, Exponential, LogNormal, Pareto  # noqa: E402
+from asyncflower_jax.engine.pending import training_limit  # noqa: E402
 from asyncflower_jax.engine.scheduler import Scheduler  # noqa: E402
 from asyncflower_jax.engine.simulator import SimulationSettings, Simulator, stack_updates  # noqa: E402
 from asyncflower_jax.engine.versions import VersionCache  # noqa: E402
@@ -302,14 +303,13 @@ def max_param_diff(a, b) -> float:
 def deferred_batches(latency: str, num_clients: int, concurrency: int, updates: int, rule: str = "fedasync", buffer_size: int = 10, seed: int = 0) -> list[int]:
     """The training batches (flush sizes) the simulator makes for a workload, replayed on the host
     alone: the same scheduler and the same rule ("when an aggregation needs an untrained result,
-    train every untrained client that can still be aggregated before the stop"), no model.
+    train every untrained client that `training_limit` accepts"), no model.
     tests/benchmarks checks it against the simulator."""
     strategy = make_strategy(Workload(num_clients, concurrency, updates, latency, rule, buffer_size))
     sched = Scheduler(num_clients, LATENCIES[latency](), seed)
     untrained: dict[int, tuple[float, int]] = {}  # dispatch id -> (finish time, dispatch id)
     sizes: list[int] = []
     done, server_round = 0, 1
-    inf = float("inf")
 
     def fill():
         while sched.num_in_flight < concurrency and sched.idle.count > 0:
@@ -326,7 +326,7 @@ def deferred_batches(latency: str, num_clients: int, concurrency: int, updates: 
                 fill()
         if any(a in untrained for a in arrivals):
             needed = -(-max(0, updates - done - len(arrivals)) // k) * k
-            limit = (inf, inf) if needed >= sched.num_in_flight else sched.kth_finish(needed) if needed > 0 else (-inf, -inf)
+            limit = training_limit(sched, needed, done + len(arrivals))
             now = [d for d, key in untrained.items() if d not in sched.in_flight or key <= limit]
             sizes.append(len(now))
             for d in now:

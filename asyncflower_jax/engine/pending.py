@@ -57,6 +57,22 @@ def rows_finite(tree):
     return jnp.stack(flags).all(axis=0)
 
 
+def training_limit(sched, needed: int, seen: int) -> tuple[float, float]:
+    """The latest (finish time, dispatch id) worth training now when `needed` more updates end the
+    run and `seen` are done or arrived: none in flight if none is needed; at most the `needed`
+    earliest in flight (later ones can never be aggregated); and only those finishing by the run's
+    expected end, the remaining updates at the mean rate so far (a client finishing later would
+    most likely still be in flight at the stop: trained for nothing). Any limit is exact: a client
+    left out is trained by a later flush if it is needed after all."""
+    inf = float("inf")
+    if needed <= 0:
+        return (-inf, -inf)
+    limit = sched.kth_finish(needed) if needed < sched.num_in_flight else (inf, inf)
+    if seen > 0 and sched.clock > 0:
+        limit = min(limit, (sched.clock + needed * sched.clock / seen, inf))
+    return limit
+
+
 class PendingResults:
     """`horizon`, when given, is called at each flush and returns None (train every untrained
     client) or a predicate on tasks: only those it accepts are trained now, the others stay

@@ -55,7 +55,7 @@ from ..strategy.updates import PyTree, UpdateBatch
 from .checkpoint import Snapshot, capture_run, restore_run
 from .availability import AvailabilityModel
 from .faults import FAILURE_KINDS, LOST, NONFINITE, Faults
-from .pending import PendingResults, rows_finite
+from .pending import PendingResults, rows_finite, training_limit
 from .scheduler import Scheduler, Task
 from .versions import VersionCache, write_row
 
@@ -334,18 +334,16 @@ class Simulator:
             last_verified = version
 
         def horizon():
-            """Which untrained clients a flush trains: near the stop, only those that can still be
-            aggregated (already arrived, finishing by max_time, and among the earliest in flight that
-            the remaining updates need); the rest wait, and are trained if they are needed after all
-            (a rejected or failed update): results never depend on when a client is trained."""
+            """Which untrained clients a flush trains: those that can still be aggregated (already
+            arrived, finishing by max_time, and, with max_updates, by `training_limit`); the rest
+            wait, and are trained if they are needed after all: results never depend on when a
+            client is trained."""
             inf = float("inf")
             limit = (inf, inf) if s.max_time is None else (s.max_time, inf)
             if s.max_updates is not None:
                 per_round = value if kind == "buffer_size" else 1
                 left = max(0, s.max_updates - updates_done - len(arrivals))
-                needed = -(-left // per_round) * per_round
-                if needed < sched.num_in_flight:
-                    limit = min(limit, sched.kth_finish(needed) if needed > 0 else (-inf, -inf))
+                limit = min(limit, training_limit(sched, -(-left // per_round) * per_round, updates_done + len(arrivals)))
             if limit == (inf, inf):
                 return None
             return lambda t: t.dispatch_id not in sched.in_flight or (t.finish_time, t.dispatch_id) <= limit
