@@ -253,16 +253,17 @@ class Simulator:
             self._step = jax.jit(self._traced_step, donate_argnums=(1, 3), static_argnames=("with_facts",))
 
     def _traced_step(self, params, state, all_finite, table, trained, loss, slots, staleness, num_examples, client_id, mask, slot, with_facts):
-        """(params, state, all_finite, table, facts) after aggregating the batch whose start models are
-        the table rows `slots`; `all_finite` and-ed with "every aggregated row is finite"; facts
-        (update norms, the rule's weights, losses) per row when `with_facts`, else None."""
+        """(table with the new version in row `slot`, (params, state, all_finite, facts)) after
+        aggregating the batch whose start models are the table rows `slots`; `all_finite` and-ed
+        with "every aggregated row is finite"; facts (update norms, the rule's weights, losses)
+        per row when `with_facts`, else None. The table comes first, as `VersionCache.put_by` wants it."""
         self.kernel_traces += 1  # runs only while tracing: counts compilations
         start = jax.tree.map(lambda t, p: t[slots].astype(p.dtype), table, params)
         updates = UpdateBatch(trained, start, staleness, num_examples, client_id, mask)
         facts = (update_norms(updates), self._weights(state, updates), loss) if with_facts else None  # from the state before the kernel
         params, state = self.strategy.aggregate(params, state, updates)
-        all_finite = all_finite & jnp.all(rows_finite(trained) | ~mask)
-        return params, state, all_finite, write_row(table, params, slot), facts
+        all_finite = all_finite & rows_ok(trained, mask)
+        return write_row(table, params, slot), (params, state, all_finite, facts)
 
     def _weights(self, state, updates):
         return jnp.asarray(self.strategy.update_weights(state, updates), jnp.result_type(float))
@@ -678,19 +679,12 @@ class Simulator:
             pending.flush(versions)
         with_facts = self.on_updates is not None
         if getattr(self.strategy, "jittable", True):
-            k = len(arrivals)
-            tasks = arrivals + [arrivals[0]] * (bucket_size(k) - k)  # padding repeats the first row
+            tasks, columns = padded_columns(arrivals, version, self.trainer.store.counts)
             trained, loss = pending.take([t.dispatch_id for t in tasks])
-            counts = self.trainer.store.counts
-            host = (
-                versions.slots_of([t.start_version for t in tasks]),
-                np.asarray([version - t.start_version for t in tasks], np.int32),
-                np.asarray([counts[t.client] for t in tasks], jnp.result_type(float)),
-                np.asarray([t.client for t in tasks], np.int32),
-                np.arange(len(tasks)) < k,
+            slots = versions.slots_of([t.start_version for t in tasks])
+            new_params, new_state, all_finite, facts = versions.put_by(
+                version + 1, lambda table, slot: self._step(params, state, all_finite, table, trained, loss, slots, *columns, slot, with_facts=with_facts)
             )
-            step = lambda table, slot: self._step(params, state, all_finite, table, trained, loss, *host, slot, with_facts=with_facts)  # noqa: E731
-            new_params, new_state, all_finite, facts = versions.put_by(version + 1, lambda table, slot: _table_last(step(table, slot)))
         else:  # the rule's own code on the host; its rows are checked here
             updates, loss = stack_updates(arrivals, version, pending.take, versions.get, self.trainer.store.counts, versions.gather)
             facts = (_jit_update_norms(updates), self._weights(state, updates), loss) if with_facts else None
@@ -703,32 +697,34 @@ class Simulator:
         return new_params, new_state, all_finite, facts
 
 
-def _table_last(out):
-    """(table, the rest) from the aggregation step's (params, state, all_finite, table, facts)."""
-    params, state, all_finite, table, facts = out
-    return table, (params, state, all_finite, facts)
-
-
-@jax.jit
-def _jit_rows_ok(trained, mask):
+def rows_ok(trained, mask) -> jnp.ndarray:
+    """True when every real (unmasked) row of a batch of trained models is finite."""
     return jnp.all(rows_finite(trained) | ~mask)
+
+
+_jit_rows_ok = jax.jit(rows_ok)
+
+
+def padded_columns(arrivals: list[Task], version: int, counts) -> tuple[list[Task], tuple[np.ndarray, ...]]:
+    """The arrivals padded (by repeating the first) to a power-of-two count, and the UpdateBatch
+    columns (staleness, num_examples, client_id, mask) of those rows as host (numpy) arrays: a
+    jitted kernel takes them as they are, ten times faster than jnp.asarray of a list."""
+    k = len(arrivals)
+    tasks = arrivals + [arrivals[0]] * (bucket_size(k) - k)
+    return tasks, (
+        np.asarray([version - t.start_version for t in tasks], np.int32),
+        np.asarray([counts[t.client] for t in tasks], jnp.result_type(float)),
+        np.asarray([t.client for t in tasks], np.int32),
+        np.arange(len(tasks)) < k,
+    )
 
 
 def stack_updates(arrivals: list[Task], version: int, take_results, get_version, counts, gather_versions=None) -> tuple[UpdateBatch, Any]:
     """Stack arrivals into an UpdateBatch padded (by repeating the first row) to a power-of-two size,
     with the local training losses `take_results` returned for the same rows. The start models come
     from `gather_versions(list of versions)` (stacked, one call) when given, else `get_version` each."""
-    k = len(arrivals)
-    rows = list(range(k)) + [0] * (bucket_size(k) - k)
-    tasks = [arrivals[r] for r in rows]
+    tasks, columns = padded_columns(arrivals, version, counts)
     trained, loss = take_results([t.dispatch_id for t in tasks])
-    batch = UpdateBatch(
-        params=trained,
-        start=gather_versions([t.start_version for t in tasks]) if gather_versions else stack_trees([get_version(t.start_version) for t in tasks]),
-        # host (numpy) arrays: a jitted kernel takes them as they are, ten times faster than jnp.asarray of a list
-        staleness=np.asarray([version - t.start_version for t in tasks], np.int32),
-        num_examples=np.asarray([counts[t.client] for t in tasks], jnp.result_type(float)),
-        client_id=np.asarray([t.client for t in tasks], np.int32),
-        mask=np.arange(len(rows)) < k,
-    )
-    return batch, loss
+    starts = [t.start_version for t in tasks]
+    start = gather_versions(starts) if gather_versions else stack_trees([get_version(v) for v in starts])
+    return UpdateBatch(trained, start, *columns), loss

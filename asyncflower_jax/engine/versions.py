@@ -112,32 +112,27 @@ class VersionCache:
         """Stacked: the table row of each listed version (repeats allowed)."""
         return np.asarray([self._slot[v] for v in versions], np.int32)
 
-    def put_by(self, version: int, write) -> Any:
-        """Stacked: add a new version (held once, like `put`) that `write(table, slot)` writes into
-        the table itself, in the same device call as whatever else it computes: it returns (the new
-        table, anything else), and the latter is returned. The table passed may be donated."""
-        assert self.stacked and self._table is not None and version not in self._refs
-        slot = self._new_slot(None)
+    def put_by(self, version: int, write, template: PyTree | None = None, refs: int = 1) -> Any:
+        """Stacked: add a new version (held `refs` times, like `put`) that `write(table, slot)`
+        writes into the table itself, in the same device call as whatever else it computes: it
+        returns (the new table, anything else), and the latter is returned. The table passed may
+        be donated. `template` (a model) shapes the table if there is none yet."""
+        assert self.stacked and (self._table is not None or template is not None), "put_by on an empty table needs a template"
+        assert version not in self._refs, f"version {version} already cached"
+        slot = self._new_slot(template)
         self._table, out = write(self._table, np.int32(slot))
         self._slot[version] = slot
-        self._refs[version] = 1
+        self._refs[version] = refs
         return out
-
-    @property
-    def table(self) -> PyTree:
-        """Stacked: the table itself (leaves [slots, ...])."""
-        return self._table
 
     def put(self, version: int, params: PyTree, refs: int = 1) -> None:
         """Add a new version, held once by its creator (release it when it stops being current);
         `refs` > 1 restores a version that clients also hold (from a checkpoint)."""
-        assert version not in self._refs, f"version {version} already cached"
         if self.stacked:
-            slot = self._new_slot(params)
-            self._table = _write_row(self._table, params, np.int32(slot))
-            self._slot[version] = slot
-        else:
-            self._params[version] = params
+            self.put_by(version, lambda table, slot: (_write_row(table, params, slot), None), template=params, refs=refs)
+            return
+        assert version not in self._refs, f"version {version} already cached"
+        self._params[version] = params
         self._refs[version] = refs
 
     def refs(self) -> dict[int, int]:
