@@ -396,6 +396,35 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def finish(out: dict, directory: Path, name: str, plot, started: float, note: str = "") -> dict:
+    """The end of every benchmark: print its targets (each line followed by `note`), then write
+    <name>.json (with the wall time since `started`) and <name>.png (`plot(out, path)`)."""
+    for t in out["targets"]:
+        print(f"target {t['target']}: {'met' if t['met'] else 'NOT met'} ({t['detail']})" + note)
+    out["wall_seconds"] = time.perf_counter() - started
+    write_json(directory / f"{name}.json", out)
+    plot(out, directory / f"{name}.png")
+    print(f"wrote {directory / f'{name}.json'} and {name}.png ({out['wall_seconds']:.0f} s)")
+    return out
+
+
+def save_figure(fig, path, title: str | None = None) -> None:
+    """Lay out, write (110 dpi) and close a benchmark's figure, with `title` above it if given."""
+    import matplotlib.pyplot as plt
+
+    if title is not None:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_title(out: dict) -> str:
+    """The device, backend and date of a result, as a figure title."""
+    m = out["machine"]
+    return f"{m['device_kind']} ({m['backend']}), {m['date'][:10]}{' (quick)' if out['quick'] else ''}"
+
+
 def common_arguments(parser, default_name: str):
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds), for tests")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"directory for {default_name}.json and {default_name}.png")

@@ -18,7 +18,6 @@ Writes <out>/overhead.json and overhead.png.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import numpy as np
@@ -112,13 +111,7 @@ def main(argv=None) -> dict:
         {"target": "whole simulation <= 1.25x bare training", "met": worst["overhead"] <= 1.25, "detail": f"max {worst['overhead']:.2f} ({worst['rule']}, {worst['latency']}, M={worst['M']})"},
         {"target": "engine efficiency >= 0.8", "met": min(r["efficiency"] for r in rows) >= 0.8, "detail": f"min {min(r['efficiency'] for r in rows):.2f}"},
     ]
-    for t in out["targets"]:
-        print(f"target {t['target']}: {'met' if t['met'] else 'NOT met'} ({t['detail']})")
-    out["wall_seconds"] = time.perf_counter() - started
-    common.write_json(args.out / "overhead.json", out)
-    plot(out, args.out / "overhead.png")
-    print(f"wrote {args.out / 'overhead.json'} and overhead.png ({out['wall_seconds']:.0f} s)")
-    return out
+    return common.finish(out, args.out, "overhead", plot, started)
 
 
 def plot(out: dict, path):
@@ -134,9 +127,7 @@ def plot(out: dict, path):
     m = out["machine"]
     ax.set_title(f"engine overhead, {m['device_kind']} ({m['backend']}), {m['date'][:10]}{' (quick)' if out['quick'] else ''}", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 
 try:
     from . import common
@@ -160,13 +159,7 @@ def main(argv=None) -> dict:
                 "detail": f"{target['total_s']:.1f} s (setup + first run), {target['peak_rss_mb']:.0f} MB",
             }
         )
-    for t in out["targets"]:
-        print(f"target {t['target']}: {'met' if t['met'] else 'NOT met'} ({t['detail']})")
-    out["wall_seconds"] = time.perf_counter() - started
-    common.write_json(args.out / "scale.json", out)
-    plot(out, args.out / "scale.png")
-    print(f"wrote {args.out / 'scale.json'} and scale.png ({out['wall_seconds']:.0f} s)")
-    return out
+    return common.finish(out, args.out, "scale", plot, started)
 
 
 def plot(out: dict, path):
@@ -186,11 +179,7 @@ def plot(out: dict, path):
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    m = out["machine"]
-    fig.suptitle(f"{m['device_kind']} ({m['backend']}), {m['date'][:10]}{' (quick)' if out['quick'] else ''}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, common.machine_title(out))
 
 
 if __name__ == "__main__":

@@ -175,13 +175,7 @@ def main(argv=None) -> dict:
         )
     )
     out["targets"] = targets(rows, common.jax.default_backend())
-    for t in out["targets"]:
-        print(f"target {t['target']}: {'met' if t['met'] else 'NOT met'} ({t['detail']})")
-    out["wall_seconds"] = time.perf_counter() - started
-    common.write_json(args.out / "throughput.json", out)
-    plot(out, args.out / "throughput.png")
-    print(f"wrote {args.out / 'throughput.json'} and throughput.png ({out['wall_seconds']:.0f} s)")
-    return out
+    return common.finish(out, args.out, "throughput", plot, started)
 
 
 def _flush_sizes(c) -> list[int]:
@@ -235,11 +229,7 @@ def plot(out: dict, path):
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    m = out["machine"]
-    fig.suptitle(f"{m['device_kind']} ({m['backend']}), {m['date'][:10]}{' (quick)' if out['quick'] else ''}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, common.machine_title(out))
 
 
 if __name__ == "__main__":

@@ -177,13 +177,7 @@ def main(argv=None) -> dict:
             "detail": ", ".join(f"M={m}: {r['variant']} {r['of_ceiling']:.2f}" for m, r in sorted(best.items())),
         }
     ]
-    for t in out["targets"]:
-        print(f"target {t['target']}: {'met' if t['met'] else 'NOT met'} ({t['detail']})")
-    out["wall_seconds"] = time.perf_counter() - started
-    common.write_json(args.out / "vectorization.json", out)
-    plot(out, args.out / "vectorization.png")
-    print(f"wrote {args.out / 'vectorization.json'} and vectorization.png ({out['wall_seconds']:.0f} s)")
-    return out
+    return common.finish(out, args.out, "vectorization", plot, started)
 
 
 def plot(out: dict, path):
@@ -201,9 +195,7 @@ def plot(out: dict, path):
     m = out["machine"]
     ax.set_title(f"per-client CNN training, {m['device_kind']} ({m['backend']}), {m['date'][:10]}{' (quick)' if out['quick'] else ''}", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 if __name__ == "__main__":

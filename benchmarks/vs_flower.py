@@ -244,13 +244,7 @@ def main(argv=None) -> dict:
         },
         {"target": "final accuracy within 2 points of Flower's (mean over seeds)", "met": all(abs(r["accuracy_difference"]) <= 0.02 for r in out["rows"]), "detail": ", ".join(f"{r['rule']} {100 * r['accuracy_difference']:+.1f}" for r in out["rows"])},
     ]
-    for t in out["targets"]:
-        print(f"target {t['target']}: {'met' if t['met'] else 'NOT met'} ({t['detail']})" + (" [quick sizes]" if args.quick else ""))
-    out["wall_seconds"] = time.perf_counter() - STARTED
-    common.write_json(args.out / "vs_flower.json", out)
-    plot(out, args.out / "vs_flower.png")
-    print(f"wrote {args.out / 'vs_flower.json'} and vs_flower.png ({out['wall_seconds']:.0f} s)")
-    return out
+    return common.finish(out, args.out, "vs_flower", plot, STARTED, note=" [quick sizes]" if args.quick else "")
 
 
 def plot(out: dict, path):
@@ -271,10 +265,7 @@ def plot(out: dict, path):
         ax.set_xticks(list(x), [r["rule"] for r in rows])
         ax.legend(fontsize=8)
     m = out["machine"]
-    fig.suptitle(f"{m['cpu']} ({m['cpu_count']} cores), {m['date'][:10]}{' (quick)' if out['quick'] else ''}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, f"{m['cpu']} ({m['cpu_count']} cores), {m['date'][:10]}{' (quick)' if out['quick'] else ''}")
 
 
 if __name__ == "__main__":
