@@ -57,19 +57,30 @@ def rows_finite(tree):
     return jnp.stack(flags).all(axis=0)
 
 
+RATE_SAMPLES = 64  # arrivals before the observed arrival rate is trusted on its own
+
+
 def training_limit(sched, needed: int, seen: int) -> tuple[float, float]:
     """The latest (finish time, dispatch id) worth training now when `needed` more updates end the
     run and `seen` are done or arrived: none in flight if none is needed; at most the `needed`
     earliest in flight (later ones can never be aggregated); and only those finishing by the run's
-    expected end, the remaining updates at the mean rate so far (a client finishing later would
-    most likely still be in flight at the stop: trained for nothing). Any limit is exact: a client
-    left out is trained by a later flush if it is needed after all."""
+    expected end, the remaining updates at the arrival rate so far (a client finishing later would
+    most likely still be in flight at the stop: trained for nothing). Until RATE_SAMPLES arrivals
+    are seen that rate rests on too few of them (from the first one alone it can be several times
+    too low, and the first flush, often the largest, would train clients the run never needs), so
+    the rate of the next RATE_SAMPLES finishes in flight counts too, when it is higher. Any limit is
+    exact: a client left out is trained by a later flush if it is needed after all."""
     inf = float("inf")
     if needed <= 0:
         return (-inf, -inf)
     limit = sched.kth_finish(needed) if needed < sched.num_in_flight else (inf, inf)
-    if seen > 0 and sched.clock > 0:
-        limit = min(limit, (sched.clock + needed * sched.clock / seen, inf))
+    rate = seen / sched.clock if seen > 0 and sched.clock > 0 else 0.0
+    if seen < RATE_SAMPLES and sched.num_in_flight > 0:
+        k = min(RATE_SAMPLES, sched.num_in_flight)
+        ahead = sched.kth_finish(k)[0] - sched.clock
+        rate = max(rate, k / ahead) if ahead > 0 else inf
+    if rate > 0:
+        limit = min(limit, (sched.clock + needed / rate, inf))
     return limit
 
 
@@ -100,8 +111,9 @@ class PendingResults:
         tasks, self._untrained = self._untrained, []
         needed = self.horizon() if self.horizon is not None else None
         if needed is not None:
-            self._untrained = [t for t in tasks if not needed(t)]
-            tasks = [t for t in tasks if needed(t)]
+            now = [needed(t) for t in tasks]
+            self._untrained = [t for t, n in zip(tasks, now) if not n]
+            tasks = [t for t, n in zip(tasks, now) if n]
         if not tasks:
             return
         stacked, rows = versions.stacked_rows([t.start_version for t in tasks])

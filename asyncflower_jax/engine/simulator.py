@@ -299,7 +299,7 @@ class Simulator:
         check_each_flush = s.reject_nonfinite and not optimistic
         # live versions: at most one per client in flight, the current and the next (rounded up to a
         # power of two, so runs of similar concurrency share the compiled programs that read the table)
-        versions = VersionCache(stacked=True, capacity=bucket_size(s.concurrency + 2))
+        versions = VersionCache(stacked=True, capacity=s.concurrency + 2)
         pending = PendingResults(self.trainer, horizon=lambda: horizon())
         version, params = 0, self.initial_params
         state = strategy.init(params)

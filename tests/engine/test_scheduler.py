@@ -5,7 +5,7 @@ import pytest
 
 from asyncflower_jax.engine.availability import Always, TraceAvailability
 from asyncflower_jax.engine.latency import ClientGroups, Constant, Exponential
-from asyncflower_jax.engine.scheduler import IdleClients, Scheduler
+from asyncflower_jax.engine.scheduler import KTH_BY_HEAP, IdleClients, Scheduler
 
 
 # ---- IdleClients ----------------------------------------------------------------------------------
@@ -237,3 +237,18 @@ def test_always_available_dispatches_exactly_as_without_a_model():
     a = [plain.dispatch(0) for _ in range(8)] + [plain.pop() for _ in range(3)] + [plain.dispatch(1) for _ in range(3)]
     b = [always.dispatch(0) for _ in range(8)] + [always.pop() for _ in range(3)] + [always.dispatch(1) for _ in range(3)]
     assert a == b and always.next_wake() == float("inf")
+
+
+@pytest.mark.parametrize("latency", [Constant(duration=1.0), Exponential(rate=1.0, client_sigma=0.0)], ids=["ties", "exponential"])
+def test_kth_finish_by_heap_and_by_partition_equal_sorting_the_in_flight_tasks(latency):
+    sched = Scheduler(3000, latency, seed=5)
+    for _ in range(600):  # two dispatch times: with constant durations, finish times tie in blocks of 600
+        sched.dispatch(0)
+    sched.advance_to(0.5)
+    for _ in range(600):
+        sched.dispatch(0)
+    for _ in range(100):
+        sched.pop()
+    ordered = sorted((t.finish_time, t.dispatch_id) for t in sched.in_flight.values())
+    for k in (1, 2, KTH_BY_HEAP, KTH_BY_HEAP + 1, 499, 500, 501, 777, len(ordered)):
+        assert sched.kth_finish(k) == ordered[k - 1], k
