@@ -20,7 +20,7 @@ import numpy as np
 from ..strategy.updates import PyTree
 
 FIRST_CAPACITY = 16  # slots of a new table at least ...
-FIRST_TABLE_BYTES = 256 << 20  # ... and as many more as fit in this (each new size compiles the kernels that read the table again)
+FIRST_TABLE_BYTES = 2 << 30  # ... and as many more as fit in this: growing copies the table and compiles the programs that read it again
 
 
 def write_row(table, params, slot):
