@@ -39,8 +39,8 @@ step() {  # step <name> <seconds> <command...>
 }
 
 # 1. simulator vs sequential baseline, M up to 8192; the latency models whose deferred batches
-#    average >= 4096 at M = 8192 (identical: 8192, Pareto 1.5: 4634) and the one with the smallest (exponential: 138)
-step throughput 170 "$PY" benchmarks/throughput.py --out "$OUT" --repeats 1 --chunk-size 2048 \
+#    average >= 4096 at M = 8192 with 2M updates (identical: 8192, Pareto 1.5: 4266) and the one with the smallest (exponential: 112)
+step throughput 170 "$PY" benchmarks/throughput.py --out "$OUT" --repeats 1 --chunk-size 2048 --updates-per-client 2 \
   --concurrency 10 100 1000 8192 --latencies identical pareto-1.5 exponential
 # 2. per-client LEAF CNN against the shared-weights ceiling, M = 128, 512, 1024
 step vectorization 120 "$PY" benchmarks/vectorization.py --out "$OUT" --repeats 3

@@ -35,7 +35,7 @@ FULL = {
     "concurrency": [10, 100, 1000, 8192],
     "timed_latencies": ["lognormal-0.25", "exponential"],
     "min_updates": 2000,
-    "updates_per_client": 2,
+    "updates_per_client": 4,
     "execution_batch": 1024,
     "execution_variants": [("one", 1), ("vmap", 2), ("vmap", 4), ("vmap", 16), ("vmap", 64), ("vmap", 256), ("vmap", 1024), ("map", 1), ("map", 4), ("map", 16)],
 }
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--map-batch", type=int, default=1)
     parser.add_argument("--skip-execution", action="store_true", help="skip part 2 (the execution comparison)")
-    parser.add_argument("--updates-per-client", type=int, help="updates per point: max(min_updates, this x M) (default 2); longer runs weigh the end of a run less")
+    parser.add_argument("--updates-per-client", type=int, help="updates per point: max(min_updates, this x M) (default 4; quick 2); longer runs weigh the start and the end of a run less")
     parser.add_argument("--repeats", type=int, help="timed runs of each engine, interleaved; the fastest counts (default 3; quick 1)")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
