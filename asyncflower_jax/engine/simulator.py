@@ -297,8 +297,7 @@ class Simulator:
         they already had (rows up to `replay.reported`, progress and steps up to `replay.reached`)."""
         s, sched, strategy = self.settings, self.scheduler, self.strategy
         check_each_flush = s.reject_nonfinite and not optimistic
-        # live versions: at most one per client in flight, the current and the next (rounded up to a
-        # power of two, so runs of similar concurrency share the compiled programs that read the table)
+        # live versions: at most one per client in flight, the current and the next
         versions = VersionCache(stacked=True, capacity=s.concurrency + 2)
         pending = PendingResults(self.trainer, horizon=lambda: horizon())
         version, params = 0, self.initial_params
