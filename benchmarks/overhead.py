@@ -124,8 +124,7 @@ def plot(out: dict, path):
     ax.axhline(1.0, color="black", lw=0.6)
     ax.set_xticks(range(len(rows)), labels, fontsize=6)
     ax.set_ylabel("simulation wall / bare training wall")
-    m = out["machine"]
-    ax.set_title(f"engine overhead, {m['device_kind']} ({m['backend']}), {m['date'][:10]}{' (quick)' if out['quick'] else ''}", fontsize=9)
+    ax.set_title(f"engine overhead, {common.machine_title(out)}", fontsize=9)
     ax.legend(fontsize=7)
     common.save_figure(fig, path)
 

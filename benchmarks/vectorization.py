@@ -192,8 +192,7 @@ def plot(out: dict, path):
         ax.bar([j + i * width for j in range(len(variants))], [values.get(v, 0) for v in variants], width, label=f"M={m}")
     ax.set_xticks([j + width * (len(ms) - 1) / 2 for j in range(len(variants))], variants, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("samples / s")
-    m = out["machine"]
-    ax.set_title(f"per-client CNN training, {m['device_kind']} ({m['backend']}), {m['date'][:10]}{' (quick)' if out['quick'] else ''}", fontsize=9)
+    ax.set_title(f"per-client CNN training, {common.machine_title(out)}", fontsize=9)
     ax.legend(fontsize=7)
     common.save_figure(fig, path)
 

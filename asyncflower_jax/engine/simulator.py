@@ -21,9 +21,10 @@ reach the host, the kernel records whether every aggregated row was finite, and 
 at every evaluation and checkpoint (before anything is reported) and whenever it is ready; if an
 aggregated row was not finite, the run starts over with the check at every flush (the exact
 order above), reporting only what it had not reported yet, so results never depend on the mode.
-A non-finite global model, checked at every evaluation and checkpoint, stops the run ("diverged"). At the end of any aggregation the loop
-can hand a checkpoint to `on_checkpoint`; `run(resume=...)` continues from it with the same values
-as an uninterrupted run (engine/checkpoint.py).
+A non-finite global model, checked at every evaluation and checkpoint, stops the run ("diverged").
+At the end of any aggregation the loop can hand a checkpoint to `on_checkpoint`;
+`run(resume=...)` continues from it with the same values as an uninterrupted run
+(engine/checkpoint.py).
 
 Availability (engine/availability.py): a dispatch picks among idle clients available at the clock.
 A slot that finds none stays empty; before each arrival is popped (and within a time window) the
