@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..compilation import jit
 from ..data.store import ClientStore
 from ..errors import require
 from ..strategy.updates import PyTree
@@ -77,17 +78,17 @@ def bucket_size(n: int, cap: int | None = None) -> int:
 STACK_BLOCK = 32  # trees stacked by one compiled call; longer lists are written block by block
 
 
-@jax.jit
+@jit
 def _stack(trees: list[PyTree]) -> PyTree:
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
+@functools.partial(jit, donate_argnums=(0,))
 def _write_block(buffer: PyTree, block: PyTree, offset) -> PyTree:
     return jax.tree.map(lambda b, x: jax.lax.dynamic_update_slice_in_dim(b, x, offset, 0), buffer, block)
 
 
-@jax.jit
+@jit
 def _take_rows(tree: PyTree, rows) -> PyTree:
     return jax.tree.map(lambda leaf: leaf[rows], tree)
 
@@ -171,11 +172,11 @@ class BatchedTrainer:
         require(isinstance(map_batch, int) and not isinstance(map_batch, bool) and map_batch >= 1, "map_batch", map_batch, "an integer >= 1")
         self.map_batch = map_batch
         self.chunk_traces = 0
-        self._train_one = jax.jit(self._one)
+        self._train_one = jit(self._one)
         selected = select_devices(devices)
         self.mesh = ClientMesh(selected) if len(selected) > 1 else None
         if self.mesh is None:
-            self._train_chunk = jax.jit(self._chunk)
+            self._train_chunk = jit(self._chunk)
         else:
             self._train_chunk = self.mesh.shard_map(self._chunk, num_replicated=3, num_sharded=4)
             self._x, self._y = self.mesh.replicate((store.x, store.y))

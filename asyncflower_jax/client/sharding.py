@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ..compilation import jit
 from ..errors import require
 
 AXIS = "clients"
@@ -48,7 +49,7 @@ class ClientMesh:
         self.replicated = NamedSharding(self.mesh, P())
         self.multiprocess = len({d.process_index for d in self.devices}) > 1
         self.home = jax.local_devices()[0]  # where results go back to
-        self._replicate_all = jax.jit(lambda tree: tree, out_shardings=self.replicated)
+        self._replicate_all = jit(lambda tree: tree, out_shardings=self.replicated)
 
     def padded_size(self, n: int) -> int:
         """The smallest multiple of the mesh size >= n."""
@@ -84,4 +85,4 @@ class ClientMesh:
         the first `num_replicated` arguments are whole on every device, the last `num_sharded` split
         along their first axis."""
         in_specs = (P(),) * num_replicated + (P(AXIS),) * num_sharded
-        return jax.jit(jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=P(AXIS)))
+        return jit(jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=P(AXIS)))

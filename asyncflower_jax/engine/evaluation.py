@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ..compilation import jit
+
 DISTRIBUTED_COLUMNS = ("client_accuracy_mean", "client_accuracy_p10", "client_accuracy_worst")
 
 
@@ -38,7 +40,7 @@ def make_evaluator(apply_fn, x_test, y_test, batch_size: int = 1024):
     xs, ys, masks = _batched(x_test, y_test, batch_size)
     n = len(y_test)
 
-    @jax.jit
+    @jit
     def metrics(params, xs, ys, masks):
         def one(batch):
             xb, yb, mb = batch
@@ -73,7 +75,7 @@ def make_distributed_evaluator(apply_fn, store, batch_size: int = 4096):
     has_split = counts > 0
     num_clients = len(counts)
 
-    @jax.jit
+    @jit
     def per_client(params, xs, ys, masks, owners):
         def one(total, batch):
             xb, yb, mb, ob = batch

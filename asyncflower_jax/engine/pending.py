@@ -20,17 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..client.batched import BatchedTrainer, TrainedChunk, bucket_size
+from ..compilation import jit
 from .faults import NAN
 from .scheduler import Task
 from .versions import VersionCache
 
 
-@jax.jit
+@jit
 def _gather_rows(tree, loss, rows):
     return jax.tree.map(lambda leaf: leaf[rows], tree), loss[rows]
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1))
+@functools.partial(jit, donate_argnums=(0, 1))
 def _scatter_rows(tree, loss, chunk, chunk_loss, rows, positions):
     """`tree`'s rows `positions` set to `chunk`'s rows `rows`, in place (positions out of range are
     padding, dropped). Compiled per chunk size, count bucket and batch size, however many chunks a
@@ -39,7 +40,7 @@ def _scatter_rows(tree, loss, chunk, chunk_loss, rows, positions):
     return jax.tree.map(put, tree, chunk), put(loss, chunk_loss)
 
 
-@jax.jit
+@jit
 def _poison_rows(tree, loss, rows):
     """NaN in every entry of the rows where `rows` is True (the injected 'client returns NaN' fault)."""
 
@@ -50,11 +51,14 @@ def _poison_rows(tree, loss, rows):
     return jax.tree.map(poison, tree), jnp.where(rows, jnp.nan, loss)
 
 
-@jax.jit
 def rows_finite(tree):
-    """Per row (leading axis): True when every entry of every leaf is finite."""
+    """Per row (leading axis): True when every entry of every leaf is finite (traceable: the
+    simulator's aggregation step uses it)."""
     flags = [jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1) for leaf in jax.tree.leaves(tree)]
     return jnp.stack(flags).all(axis=0)
+
+
+_jit_rows_finite = jit(rows_finite)
 
 
 RATE_SAMPLES = 64  # arrivals before the observed arrival rate is trusted on its own
@@ -144,7 +148,7 @@ class PendingResults:
         cid, row = self._where[dispatch_id]
         flags = self._finite.get(cid)
         if flags is None:
-            flags = self._finite[cid] = np.asarray(rows_finite(self._chunks[cid].params))
+            flags = self._finite[cid] = np.asarray(_jit_rows_finite(self._chunks[cid].params))
         return bool(flags[row])
 
     def untrained_ids(self) -> list[int]:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..client.batched import BatchedTrainer, stack_trees
+from ..compilation import jit
 from ..strategy.base import AsyncStrategy
 from ..strategy.updates import PyTree
 from .availability import AvailabilityPlan
@@ -52,7 +53,7 @@ def run_reference(
     in_flight: list[dict] = []  # each: id, client, start_version, finish
     trained: dict[int, PyTree] = {}
     models = {0: params}
-    kernel = jax.jit(strategy.aggregate) if getattr(strategy, "jittable", True) else strategy.aggregate
+    kernel = jit(strategy.aggregate) if getattr(strategy, "jittable", True) else strategy.aggregate
     state = strategy.init(params)
     clock, version, next_id, updates_done, server_round = 0.0, 0, 0, 0, 1
     log: list[dict] = []

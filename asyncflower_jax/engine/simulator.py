@@ -48,8 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..client.batched import BatchedTrainer, bucket_size, stack_trees
 from .. import config_schema
+from ..client.batched import BatchedTrainer, bucket_size, stack_trees
+from ..compilation import jit
 from ..errors import ConfigError, require
 from ..strategy.base import REFILL_POLICIES, AsyncStrategy
 from ..strategy.updates import PyTree, UpdateBatch
@@ -181,7 +182,7 @@ class _NonFiniteAggregated(Exception):
         self.reported, self.reached = reported, reached
 
 
-@jax.jit
+@jit
 def tree_finite(tree) -> jnp.ndarray:
     """True when every entry of every leaf is finite."""
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
@@ -193,7 +194,7 @@ def update_norms(updates: UpdateBatch) -> jnp.ndarray:
     return jnp.sqrt(sum(squares))
 
 
-_jit_update_norms = jax.jit(update_norms)
+_jit_update_norms = jit(update_norms)
 
 
 class Simulator:
@@ -251,7 +252,7 @@ class Simulator:
         # table are donated (per-client memories are N x model: never copy them). A rule that is
         # not jittable (its state lives in the object) is called as it is, beside jitted norms.
         if getattr(strategy, "jittable", True):
-            self._step = jax.jit(self._traced_step, donate_argnums=(1, 3), static_argnames=("with_facts",))
+            self._step = jit(self._traced_step, donate_argnums=(1, 3), static_argnames=("with_facts",))
 
     def _traced_step(self, params, state, all_finite, table, trained, loss, slots, staleness, num_examples, client_id, mask, slot, with_facts):
         """(table with the new version in row `slot`, (params, state, all_finite, facts)) after
@@ -702,7 +703,7 @@ def rows_ok(trained, mask) -> jnp.ndarray:
     return jnp.all(rows_finite(trained) | ~mask)
 
 
-_jit_rows_ok = jax.jit(rows_ok)
+_jit_rows_ok = jit(rows_ok)
 
 
 def padded_columns(arrivals: list[Task], version: int, counts) -> tuple[list[Task], tuple[np.ndarray, ...]]:

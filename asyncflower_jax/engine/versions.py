@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..compilation import jit
 from ..strategy.updates import PyTree
 
 FIRST_CAPACITY = 16  # slots of a new table at least ...
@@ -28,20 +29,20 @@ def write_row(table, params, slot):
     return jax.tree.map(lambda t, p: jax.lax.dynamic_update_index_in_dim(t, p.astype(t.dtype), slot, 0), table, params)
 
 
-_write_row = jax.jit(write_row, donate_argnums=(0,))
+_write_row = jit(write_row, donate_argnums=(0,))
 
 
-@jax.jit
+@jit
 def _read_row(table, slot):
     return jax.tree.map(lambda t: jax.lax.dynamic_index_in_dim(t, slot, 0, keepdims=False), table)
 
 
-@jax.jit
+@jit
 def _read_rows(table, slots):
     return jax.tree.map(lambda t: t[slots], table)
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
+@functools.partial(jit, static_argnums=(1,))
 def _grow(table, capacity: int):
     return jax.tree.map(lambda t: jnp.concatenate([t, jnp.zeros((capacity - t.shape[0], *t.shape[1:]), t.dtype)]), table)
 

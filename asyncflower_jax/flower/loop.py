@@ -41,6 +41,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from ..compilation import jit
 from ..engine.faults import DROPOUT, FAILED, FAILURE_KINDS, NONFINITE, TIMEOUT
 from ..engine.simulator import check_strategy, tree_finite, update_norms
 from ..engine.versions import VersionCache
@@ -185,9 +186,9 @@ class AsyncServerLoop:
         self.clock, self.sleep = clock, sleep
         self.kernel_traces = 0
         jittable = getattr(strategy, "jittable", True)
-        self._kernel = jax.jit(self._traced_aggregate) if jittable else strategy.aggregate
-        self._weights = jax.jit(strategy.update_weights) if jittable else strategy.update_weights
-        self._norms = jax.jit(update_norms)
+        self._kernel = jit(self._traced_aggregate) if jittable else strategy.aggregate
+        self._weights = jit(strategy.update_weights) if jittable else strategy.update_weights
+        self._norms = jit(update_norms)
 
     def _traced_aggregate(self, params, state, updates):
         self.kernel_traces += 1  # runs only while tracing: counts compilations

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from ..compilation import jit
 from ..errors import require
 from ..flower.records import arrayrecord_to_pytree, pytree_to_arrayrecord
 from .updates import PyTree, UpdateBatch
@@ -107,7 +108,7 @@ class AsyncStrategy(Strategy, abc.ABC):
         self._fl_version = 0
         self._fl_sent: dict[int, PyTree] = {}  # versions out with clients
         self._fl_outstanding: dict[int, int] = {}  # version -> messages sent and not yet answered
-        self._fl_kernel = jax.jit(self.aggregate) if self.jittable else self.aggregate
+        self._fl_kernel = jit(self.aggregate) if self.jittable else self.aggregate
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Send the current model, tagged with its version, to the sampled nodes."""

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from asyncflower_jax.errors import ConfigError
-from asyncflower_jax.strategy import FedAsync, FedAvg, FedBuff, UpdateBatch
+from asyncflower_jax.strategy import FedAsync, FedAvg, FedBuff
 from asyncflower_jax.strategy.staleness import Constant, Hinge, Polynomial
 
 from .zoo_helpers import assert_tree_close, make_batch, to_jax, tree
