@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 from asyncflower_jax.client.batched import BatchedTrainer  # noqa: E402
 from asyncflower_jax.client.local_train import LocalTraining, make_local_train  # noqa: E402
 from asyncflower_jax.client.precision import mixed_precision  # noqa: E402
+from asyncflower_jax.compilation import jit  # noqa: E402
 from asyncflower_jax.data.store import ClientStore  # noqa: E402
 from asyncflower_jax.engine.evaluation import make_evaluator  # noqa: E402
 from asyncflower_jax.engine.latency import Constant, Exponential, LogNormal, Pareto  # noqa: E402
@@ -209,7 +210,7 @@ def run_sequential(c: Components, warmup_updates: int = 3):
     with a buffer (every benchmark rule); stops at `max_updates`. Returns (final params,
     {"wall", "updates", "versions", "test_accuracy"})."""
     strategy, trainer, s = c.strategy, c.trainer, c.settings
-    kernel = jax.jit(strategy.aggregate, donate_argnums=(1,))
+    kernel = jit(strategy.aggregate, donate_argnums=(1,))  # compiled as the engine's programs are
     counts = trainer.store.counts
 
     def loop(max_updates: int):

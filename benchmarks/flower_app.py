@@ -67,6 +67,7 @@ def setup() -> dict:
     import jax.numpy as jnp
 
     from asyncflower_jax.client.local_train import LocalTraining, make_local_train
+    from asyncflower_jax.compilation import jit  # the simulator's compiler options: the same programs on both sides
     from asyncflower_jax.data.dataset import digits
     from asyncflower_jax.data.partition import IID
     from asyncflower_jax.data.store import ClientStore
@@ -79,14 +80,14 @@ def setup() -> dict:
     module = MLP(num_classes=10, hidden=tuple(w["hidden"]))
     key = jax.random.key(w["seed"])
     params = init_params(module, data.input_shape, jax.random.fold_in(key, MODEL_STREAM))
-    train = jax.jit(make_local_train(module.apply, LocalTraining(num_steps=w["num_steps"], batch_size=w["batch_size"], learning_rate=w["learning_rate"])))
+    train = jit(make_local_train(module.apply, LocalTraining(num_steps=w["num_steps"], batch_size=w["batch_size"], learning_rate=w["learning_rate"])))
 
-    @jax.jit
+    @jit
     def accuracy(p):
         return jnp.mean(jnp.argmax(module.apply(p, data.x_test), -1) == data.y_test)
 
     _setup.update(
-        jax=jax, store=store, params=params, treedef=jax.tree.structure(params), train=train, accuracy=accuracy, train_key=jax.random.fold_in(key, TRAIN_STREAM)
+        jax=jax, jit=jit, store=store, params=params, treedef=jax.tree.structure(params), train=train, accuracy=accuracy, train_key=jax.random.fold_in(key, TRAIN_STREAM)
     )
     return _setup
 
@@ -159,7 +160,7 @@ def fedasync_main(grid: Grid, context: Context) -> None:
         in_flight[mid] = (node, version)
         next_id += 1
 
-    mix = jax.jit(lambda x, y, weight: jax.tree.map(lambda a, b: (1 - weight) * a + weight * b, x, y))
+    mix = s["jit"](lambda x, y, weight: jax.tree.map(lambda a, b: (1 - weight) * a + weight * b, x, y))
     TIMES.append(time.perf_counter())
     for _ in range(w["fedasync_in_flight"]):
         dispatch()

@@ -39,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 from asyncflower_jax.client.batched import BatchedTrainer  # noqa: E402
 from asyncflower_jax.client.local_train import LocalTraining, make_local_train  # noqa: E402
 from asyncflower_jax.client.precision import mixed_precision  # noqa: E402
+from asyncflower_jax.compilation import jit  # noqa: E402
 from asyncflower_jax.data.store import ClientStore  # noqa: E402
 
 FULL = {"concurrency": [128, 512, 1024], "steps": 5, "batch": 32, "widths": (32, 64, 2048), "classes": 62, "samples_per_client": 64, "pool": 16384,
@@ -99,13 +100,13 @@ def donated_chunks(p, store, module, params, m, chunk, repeats):
     local_train = make_local_train(module.apply, training)
     base = jax.random.key(1)
 
-    @functools.partial(jax.jit, donate_argnums=(0,))
+    @functools.partial(jit, donate_argnums=(0,))
     def train(start, x, y, offsets, counts, ids):
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(ids)
         trained, loss = jax.vmap(local_train, in_axes=(0, None, None, 0, 0, 0))(start, x, y, offsets, counts, keys)
         return trained, loss
 
-    broadcast = jax.jit(lambda tree: jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (chunk, *leaf.shape)), tree))
+    broadcast = jit(lambda tree: jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (chunk, *leaf.shape)), tree))
 
     def run():
         out = []
@@ -120,7 +121,7 @@ def donated_chunks(p, store, module, params, m, chunk, repeats):
 def shared(p, store, module, params, m, compute_dtype, repeats):
     """One model, batches of M x B: the same arithmetic with shared weights (the ceiling)."""
     training = LocalTraining(num_steps=p["steps"], batch_size=m * p["batch"], learning_rate=0.01)
-    train = jax.jit(make_local_train(mixed_precision(module.apply, compute_dtype), training))
+    train = jit(make_local_train(mixed_precision(module.apply, compute_dtype), training))
     n = np.int32(store.x.shape[0])
     return time_call(lambda: train(params, store.x, store.y, np.int32(0), n, jax.random.key(2))[0], repeats)
 
