@@ -31,7 +31,7 @@ from asyncflower_jax.client.local_train import LocalTraining, make_local_train  
 from asyncflower_jax.client.precision import mixed_precision  # noqa: E402
 from asyncflower_jax.compilation import jit  # noqa: E402
 from asyncflower_jax.data.store import ClientStore  # noqa: E402
-from asyncflower_jax.engine.evaluation import make_evaluator  # noqa: E402
+from asyncflower_jax.engine.evaluation import make_evaluator, read_metrics  # noqa: E402
 from asyncflower_jax.engine.latency import Constant, Exponential, LogNormal, Pareto  # noqa: E402
 from asyncflower_jax.engine.pending import training_limit  # noqa: E402
 from asyncflower_jax.engine.scheduler import Scheduler  # noqa: E402
@@ -255,7 +255,7 @@ def run_sequential(c: Components, warmup_updates: int = 3):
     start = time.perf_counter()
     params, version, updates = loop(s.max_updates)
     wall = time.perf_counter() - start
-    return params, {"wall": wall, "updates": updates, "versions": version, "test_accuracy": c.evaluate(params)["test_accuracy"]}
+    return params, {"wall": wall, "updates": updates, "versions": version, "test_accuracy": read_metrics(c.evaluate(params))["test_accuracy"]}
 
 
 def _stack(trees):

@@ -19,12 +19,14 @@ from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("fedasync", "fedbuff", "ca2fl")
-# eval every 2 versions, checkpoint every 3, with faults (their random stream must resume too)
+# eval every version, checkpoint every 3, with faults (their random stream must resume too)
 ARGS = [
-    "num_clients=20", "concurrency=5", "max_updates=60", "client.num_steps=2", "model.hidden=[16]", "eval_every=2",
+    "num_clients=20", "concurrency=5", "max_updates=60", "client.num_steps=2", "model.hidden=[16]", "eval_every=1",
     "checkpoint_every=3", "faults.dropout=0.1", "faults.nan=0.05", "progress=false",
 ]
-KILL_AT = 8  # checkpoints at 3 and 6 survive; rows and updates of versions 7-8 are written, then cut on resume
+# checkpoints at 3 and 6 survive; the rows of version 7 (an evaluation is read at the next one:
+# at version 8) are written, then cut on resume
+KILL_AT = 8
 
 
 def run_py(args, results_dir: Path, **extra_env):
@@ -65,7 +67,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_metrics(strategy, uninterru
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (run_dir / "summary.json").exists()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["ckpt-000000003", "ckpt-000000006"]
-    assert int(rows(run_dir / "metrics.csv")[-1]["version"]) == KILL_AT  # written after the last checkpoint
+    assert int(rows(run_dir / "metrics.csv")[-1]["version"]) == KILL_AT - 1  # written after the last checkpoint
 
     resumed = run_py([f"resume={run_dir}"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

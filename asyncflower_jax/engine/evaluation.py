@@ -2,7 +2,9 @@
 client's validation split.
 
 Both run as one jitted call over fixed-size batches (`jax.lax.map`), so memory stays bounded for
-large test sets and large models; padded rows are masked out of every sum.
+large test sets and large models; padded rows are masked out of every sum. An evaluator's scores
+may stay on the device (JAX scalars) until `read_metrics` reads them: the simulator reads each
+evaluation at the next one, so evaluating never makes the host wait for queued training.
 """
 
 from __future__ import annotations
@@ -34,8 +36,14 @@ def _per_sample(apply_fn, params, xb, yb):
     return optax.softmax_cross_entropy_with_integer_labels(logits, yb), (jnp.argmax(logits, -1) == yb)
 
 
+def read_metrics(scores: dict) -> dict[str, float]:
+    """An evaluation's scores as host floats (one transfer for those still on the device)."""
+    return {name: float(value) for name, value in jax.device_get(scores).items()}
+
+
 def make_evaluator(apply_fn, x_test, y_test, batch_size: int = 1024):
-    """Returns evaluate(params) -> {"test_loss", "test_accuracy"} (one jitted call, host floats)."""
+    """Returns evaluate(params) -> {"test_loss", "test_accuracy"} as JAX scalars (one jitted call
+    that does not wait for the device; `read_metrics` reads them)."""
     batch_size = int(min(batch_size, max(len(y_test), 1)))
     xs, ys, masks = _batched(x_test, y_test, batch_size)
     n = len(y_test)
@@ -50,9 +58,9 @@ def make_evaluator(apply_fn, x_test, y_test, batch_size: int = 1024):
         losses, corrects = jax.lax.map(one, (xs, ys, masks))
         return jnp.sum(losses) / n, jnp.sum(corrects) / n
 
-    def evaluate(params) -> dict[str, float]:
+    def evaluate(params) -> dict[str, jax.Array]:
         loss, acc = metrics(params, xs, ys, masks)
-        return {"test_loss": float(loss), "test_accuracy": float(acc)}
+        return {"test_loss": loss, "test_accuracy": acc}
 
     return evaluate
 

@@ -11,6 +11,9 @@ Order of operations (the reference in engine/reference.py follows the same):
   3. aggregate the arrivals (staleness = current version - start version) into a new version;
      with refill "on_aggregation" idle slots are then filled from the new version;
   4. evaluate every `eval_every` versions; stop at max versions / updates / simulated time.
+An evaluation is read at the next one (or at a checkpoint, or the end): its scores, its rows and
+its finite checks reach the host and the callbacks then, so the host never waits for the device
+there; the last evaluation of a run is read at once.
 
 Failures (engine/faults.py): a dropout, an error or a timeout is seen at its event, a result with a
 NaN or infinite entry when its round is aggregated (`reject_nonfinite`); either way it is counted,
@@ -21,7 +24,8 @@ reach the host, the kernel records whether every aggregated row was finite, and 
 at every evaluation and checkpoint (before anything is reported) and whenever it is ready; if an
 aggregated row was not finite, the run starts over with the check at every flush (the exact
 order above), reporting only what it had not reported yet, so results never depend on the mode.
-A non-finite global model, checked at every evaluation and checkpoint, stops the run ("diverged").
+A non-finite global model, checked at every evaluation and checkpoint, stops the run ("diverged"),
+at the evaluation that reads the check (the next one).
 At the end of any aggregation the loop can hand a checkpoint to `on_checkpoint`;
 `run(resume=...)` continues from it with the same values as an uninterrupted run
 (engine/checkpoint.py).
@@ -55,6 +59,7 @@ from ..errors import ConfigError, require
 from ..strategy.base import REFILL_POLICIES, AsyncStrategy
 from ..strategy.updates import PyTree, UpdateBatch
 from .checkpoint import Snapshot, capture_run, restore_run
+from .evaluation import read_metrics
 from .availability import AvailabilityModel
 from .faults import FAILURE_KINDS, LOST, NONFINITE, Faults
 from .pending import PendingResults, rows_finite, training_limit
@@ -200,8 +205,12 @@ _jit_update_norms = jit(update_norms)
 class Simulator:
     """Runs one simulation.
 
+    `evaluate(params)` returns the scores of a model as floats or JAX scalars (engine/evaluation.py:
+    JAX scalars are read at the next evaluation, so evaluating does not wait for the device).
+
     Optional callbacks:
-      on_eval(row): every metrics row (METRIC_COLUMNS) as it is produced;
+      on_eval(row): every metrics row (METRIC_COLUMNS), when its evaluation is read (at the next
+        evaluation, a checkpoint or the end of the run);
       on_updates(rows): the per-update rows (UPDATE_COLUMNS) of the aggregations since the previous
         call, delivered just before each metrics row (norms, weights and losses stay on the device
         until then, so there is one transfer per evaluation); None skips computing them;
@@ -320,6 +329,8 @@ class Simulator:
         update_buffer: list[tuple[list[dict], jax.Array, jax.Array, jax.Array]] = []
         all_finite = jnp.asarray(True)  # every aggregated row so far was finite (the kernel keeps it)
         probe = None  # an earlier all_finite, read (without waiting) once it is ready
+        evaluating = None  # an evaluation started and not read yet (start_evaluation)
+        diverged_at = None  # the version whose model was found non-finite
         if resume is None:
             versions.put(version, params)
         else:
@@ -454,34 +465,36 @@ class Simulator:
         def healthy() -> bool:
             """Whether the global model is finite everywhere (one small device-to-host transfer, with
             the optimistic check's flag: nothing is reported before it is verified)."""
-            nonlocal last_finite_version, last_verified
+            nonlocal last_finite_version, last_verified, diverged_at
             finite, verified = jax.device_get((tree_finite(params), all_finite))
             verify(verified)
             last_verified = version
             if bool(finite):
                 last_finite_version = version
                 return True
+            diverged_at = version
             return False
 
-        def flush_updates():
-            if failure_buffer:
-                self.on_failures(list(failure_buffer))
-                failure_buffer.clear()
-            if not update_buffer or self.on_updates is None:
+        def flush_updates(failures_upto: int | None = None, updates_upto: int | None = None):
+            """Report the buffered failure and update rows (the first `..._upto` of each; all by default)."""
+            failed, failure_buffer[:failures_upto] = failure_buffer[:failures_upto], []
+            if failed:
+                self.on_failures(failed)
+            entries, update_buffer[:updates_upto] = update_buffer[:updates_upto], []
+            if not entries or self.on_updates is None:
                 return
-            facts = jax.device_get([device for _, *device in update_buffer])  # one transfer
+            facts = jax.device_get([device for _, *device in entries])  # one transfer
             rows = []
-            for (host_rows, *_), (norms, weights, losses) in zip(update_buffer, facts):
+            for (host_rows, *_), (norms, weights, losses) in zip(entries, facts):
                 for i, r in enumerate(host_rows):
                     r["update_norm"] = float(norms[i])
                     r["weight"] = float(weights[i])
                     r["local_loss"] = float(losses[i])
                     rows.append(r)
-            update_buffer.clear()
             self.on_updates(rows)
 
-        def record():
-            flush_updates()
+        def metrics_row() -> dict:
+            """The metrics row of the current version, without the evaluation's scores."""
             row = {
                 "version": version,
                 "server_round": server_round - 1,
@@ -490,12 +503,49 @@ class Simulator:
                 "client_updates": updates_done,
                 "mean_staleness": float(np.mean(window_staleness)) if window_staleness else 0.0,
                 "max_staleness": int(np.max(window_staleness)) if window_staleness else 0,
-                **self.evaluate(params),
             }
             window_staleness.clear()
+            return row
+
+        def report(row: dict) -> None:
             history.append(row)
-            if self.on_eval is not None and not reported(version):
+            if self.on_eval is not None and not reported(row["version"]):
                 self.on_eval(row)
+
+        def record():
+            """Evaluate the current version now (the model was found finite) and report its row."""
+            flush_updates()
+            row = metrics_row()
+            report({**row, **read_metrics(self.evaluate(params))})
+
+        def start_evaluation() -> None:
+            """Evaluate the current version without waiting for the device: its scores, the finite
+            checks and its rows are read at the next evaluation (`finish_evaluation`), by when they
+            are long computed. A read here would wait for every queued training and aggregation
+            and leave the device idle while the host catches up (about 1 ms per evaluation on a
+            2-core CPU)."""
+            nonlocal evaluating
+            row = metrics_row()
+            evaluating = (row, self.evaluate(params), tree_finite(params), all_finite, len(failure_buffer), len(update_buffer))
+
+        def finish_evaluation() -> bool:
+            """Read the evaluation `start_evaluation` left and report it with the rows before it;
+            False if that version's model was not finite (the run diverged: nothing is reported)."""
+            nonlocal evaluating, last_finite_version, last_verified, diverged_at
+            if evaluating is None:
+                return True
+            row, scores, finite, verified, failures_upto, updates_upto = evaluating
+            evaluating = None
+            finite, verified, scores = jax.device_get((finite, verified, scores))
+            verify(verified)
+            last_verified = row["version"]
+            if not bool(finite):
+                diverged_at = row["version"]
+                return False
+            last_finite_version = row["version"]
+            flush_updates(failures_upto, updates_upto)
+            report({**row, **read_metrics(scores)})
+            return True
 
         def snapshot() -> Snapshot:
             flush_updates()  # the rows written so far belong to the checkpoint's recorder position
@@ -518,109 +568,125 @@ class Simulator:
             record()
             fill()
         stop_reason = None
-        while stop_reason is None:
-            kind, value = strategy.round_delimiter(server_round)
-            arrivals: list[Task] = []
-            if kind == "buffer_size":
-                while True:  # until `value` finite arrivals (or the time limit)
-                    while len(arrivals) < value:
-                        wait_for_clients(arrivals, float("inf") if s.max_time is None else s.max_time)
-                        if exhausted():
-                            stop_reason = "unavailable"
+        try:
+            while stop_reason is None:
+                kind, value = strategy.round_delimiter(server_round)
+                arrivals: list[Task] = []
+                if kind == "buffer_size":
+                    while True:  # until `value` finite arrivals (or the time limit)
+                        while len(arrivals) < value:
+                            wait_for_clients(arrivals, float("inf") if s.max_time is None else s.max_time)
+                            if exhausted():
+                                stop_reason = "unavailable"
+                                break
+                            if s.max_time is not None and sched.next_finish_time() > s.max_time:
+                                stop_reason = "max_time"
+                                break
+                            if sched.num_in_flight == 0:
+                                raise RuntimeError(f"round {server_round} waits for {value} arrivals but no client is in flight")
+                            receive(arrivals)
+                        if stop_reason is not None or not check_each_flush or not reject_nonfinite(arrivals):
                             break
-                        if s.max_time is not None and sched.next_finish_time() > s.max_time:
-                            stop_reason = "max_time"
+                else:
+                    end = sched.clock + float(value)
+                    if s.max_time is not None and end >= s.max_time:
+                        end, stop_reason = s.max_time, "max_time"
+                    while True:
+                        wait_for_clients(arrivals, end)
+                        if sched.next_finish_time() > end:
                             break
-                        if sched.num_in_flight == 0:
-                            raise RuntimeError(f"round {server_round} waits for {value} arrivals but no client is in flight")
                         receive(arrivals)
-                    if stop_reason is not None or not check_each_flush or not reject_nonfinite(arrivals):
-                        break
-            else:
-                end = sched.clock + float(value)
-                if s.max_time is not None and end >= s.max_time:
-                    end, stop_reason = s.max_time, "max_time"
-                while True:
-                    wait_for_clients(arrivals, end)
-                    if sched.next_finish_time() > end:
-                        break
-                    receive(arrivals)
-                sched.advance_to(end)
-                if arrivals and check_each_flush:
-                    reject_nonfinite(arrivals)
-                if stop_reason is None and exhausted():
-                    stop_reason = "unavailable"  # this window is still aggregated
-            if round_failures:
-                strategy.on_failures(server_round, list(round_failures))
-                round_failures.clear()
-            if stop_reason is not None and kind == "buffer_size":
-                break  # an unfilled buffer at the time limit (or with no client left) is not aggregated
-            if arrivals:
-                failures_in_a_row = 0
-                params, state, all_finite, facts = self._aggregate(params, state, all_finite, version, arrivals, versions, pending)
-                if optimistic:  # read an earlier flag once it is on the host anyway: a bad row is found early
-                    if probe is None:
-                        probe = all_finite
-                    elif probe.is_ready():
-                        verify(probe)
-                        probe = None
-                stale = [version - t.start_version for t in arrivals]
-                window_staleness.extend(stale)
-                all_staleness.extend(stale)
-                staleness_sum += sum(stale)
-                if facts is not None and not reported(version + 1):
-                    counts = self.trainer.store.counts
-                    host_rows = [
+                    sched.advance_to(end)
+                    if arrivals and check_each_flush:
+                        reject_nonfinite(arrivals)
+                    if stop_reason is None and exhausted():
+                        stop_reason = "unavailable"  # this window is still aggregated
+                if round_failures:
+                    strategy.on_failures(server_round, list(round_failures))
+                    round_failures.clear()
+                if stop_reason is not None and kind == "buffer_size":
+                    break  # an unfilled buffer at the time limit (or with no client left) is not aggregated
+                if arrivals:
+                    failures_in_a_row = 0
+                    params, state, all_finite, facts = self._aggregate(params, state, all_finite, version, arrivals, versions, pending)
+                    if optimistic:  # read an earlier flag once it is on the host anyway: a bad row is found early
+                        if probe is None:
+                            probe = all_finite
+                        elif probe.is_ready():
+                            verify(probe)
+                            probe = None
+                    stale = [version - t.start_version for t in arrivals]
+                    window_staleness.extend(stale)
+                    all_staleness.extend(stale)
+                    staleness_sum += sum(stale)
+                    if facts is not None and not reported(version + 1):
+                        counts = self.trainer.store.counts
+                        host_rows = [
+                            {
+                                "version": version + 1,
+                                "sim_time": t.finish_time,
+                                "client": t.client,
+                                "dispatch_id": t.dispatch_id,
+                                "start_version": t.start_version,
+                                "staleness": st,
+                                "num_examples": int(counts[t.client]),
+                                "dispatch_time": t.dispatch_time,
+                            }
+                            for t, st in zip(arrivals, stale)
+                        ]
+                        update_buffer.append((host_rows, *facts))
+                    version += 1
+                    updates_done += len(arrivals)
+                    versions.release(version - 1)
+                server_round += 1
+                if strategy.refill == "on_aggregation":
+                    fill()
+                if s.max_versions is not None and version >= s.max_versions:
+                    stop_reason = "max_versions"
+                elif s.max_updates is not None and updates_done >= s.max_updates:
+                    stop_reason = "max_updates"
+                if arrivals and (version % s.eval_every == 0 or stop_reason is not None):
+                    if not finish_evaluation():
+                        stop_reason = "diverged"
+                    elif stop_reason is None:
+                        start_evaluation()
+                    elif healthy():  # the last evaluation is read at once
+                        record()
+                    else:
+                        stop_reason = "diverged"
+                if arrivals and self.on_progress is not None and not (replay is not None and version <= replay.reached):
+                    self.on_progress(
                         {
-                            "version": version + 1,
-                            "sim_time": t.finish_time,
-                            "client": t.client,
-                            "dispatch_id": t.dispatch_id,
-                            "start_version": t.start_version,
-                            "staleness": st,
-                            "num_examples": int(counts[t.client]),
-                            "dispatch_time": t.dispatch_time,
+                            "version": version,
+                            "sim_time": sched.clock,
+                            "client_updates": updates_done,
+                            "wall_time": time.perf_counter() - t0,
+                            "mean_staleness": staleness_sum / updates_done,
+                            "test_accuracy": history[-1]["test_accuracy"],
                         }
-                        for t, st in zip(arrivals, stale)
-                    ]
-                    update_buffer.append((host_rows, *facts))
-                version += 1
-                updates_done += len(arrivals)
-                versions.release(version - 1)
-            server_round += 1
-            if strategy.refill == "on_aggregation":
-                fill()
-            if s.max_versions is not None and version >= s.max_versions:
-                stop_reason = "max_versions"
-            elif s.max_updates is not None and updates_done >= s.max_updates:
-                stop_reason = "max_updates"
-            if arrivals and (version % s.eval_every == 0 or stop_reason is not None):
-                if healthy():
-                    record()
-                else:
+                    )
+                checkpoint_due = arrivals and s.checkpoint_every is not None and version % s.checkpoint_every == 0
+                if stop_reason is None and self.on_checkpoint is not None and (checkpoint_due or self.interrupt is not None):
+                    if finish_evaluation() and healthy():
+                        if self.interrupt is not None or not reported(version):
+                            self.on_checkpoint(snapshot())
+                    else:
+                        stop_reason = "diverged"
+                if stop_reason is None and self.interrupt is not None:
+                    if finish_evaluation():  # every row so far is reported before the run stops
+                        raise Interrupted(self.interrupt, version, checkpointed=self.on_checkpoint is not None)
                     stop_reason = "diverged"
-            if arrivals and self.on_progress is not None and not (replay is not None and version <= replay.reached):
-                self.on_progress(
-                    {
-                        "version": version,
-                        "sim_time": sched.clock,
-                        "client_updates": updates_done,
-                        "wall_time": time.perf_counter() - t0,
-                        "mean_staleness": staleness_sum / updates_done,
-                        "test_accuracy": history[-1]["test_accuracy"],
-                    }
-                )
-            checkpoint_due = arrivals and s.checkpoint_every is not None and version % s.checkpoint_every == 0
-            if stop_reason is None and self.on_checkpoint is not None and (checkpoint_due or self.interrupt is not None):
-                if healthy():
-                    if self.interrupt is not None or not reported(version):
-                        self.on_checkpoint(snapshot())
-                else:
-                    stop_reason = "diverged"
-            if stop_reason is None and self.interrupt is not None:
-                raise Interrupted(self.interrupt, version, checkpointed=self.on_checkpoint is not None)
-            if self.on_step is not None and not (replay is not None and version <= replay.reached):
-                self.on_step(version)
+                if self.on_step is not None and not (replay is not None and version <= replay.reached):
+                    self.on_step(version)
+        except Exception as error:
+            if evaluating is not None and not isinstance(error, _NonFiniteAggregated):
+                try:  # report the evaluation started before the error, as an unfinished run would have
+                    finish_evaluation()
+                except Exception:  # (the original error is the one to raise)
+                    pass
+            raise
+        if stop_reason != "diverged" and not finish_evaluation():  # (a loop that ended without an evaluation)
+            stop_reason = "diverged"
         if stop_reason != "diverged" and (history[-1]["version"] != version or history[-1]["sim_time"] != sched.clock):
             if healthy():
                 record()
@@ -664,10 +730,12 @@ class Simulator:
             summary["diverged"] = {
                 "version": version,
                 "last_finite_version": last_finite_version,
+                "found_at_version": diverged_at,
                 "message": (
                     f"the global model became non-finite (NaN or infinite) after version {last_finite_version} "
-                    f"and was found so at version {version}; the run stopped there and its metrics end at "
-                    f"the last finite evaluation (version {history[-1]['version']})"
+                    f"and was found so at version {diverged_at}"
+                    + (f" (read at version {version}, where the run stopped)" if diverged_at != version else "; the run stopped there")
+                    + f" and its metrics end at the last finite evaluation (version {history[-1]['version']})"
                 ),
             }
             log.error("run diverged: %s", summary["diverged"]["message"])

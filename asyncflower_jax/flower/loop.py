@@ -42,6 +42,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from ..compilation import jit
+from ..engine.evaluation import read_metrics
 from ..engine.faults import DROPOUT, FAILED, FAILURE_KINDS, NONFINITE, TIMEOUT
 from ..engine.simulator import check_strategy, tree_finite, update_norms
 from ..engine.versions import VersionCache
@@ -414,7 +415,7 @@ class AsyncServerLoop:
         updates_done = 0
 
         def record():
-            scores = self.evaluate(self._params) if self.evaluate is not None else {"test_loss": float("nan"), "test_accuracy": float("nan")}
+            scores = read_metrics(self.evaluate(self._params)) if self.evaluate is not None else {"test_loss": float("nan"), "test_accuracy": float("nan")}
             row = {
                 "version": self._version,
                 "server_round": self._round - 1,

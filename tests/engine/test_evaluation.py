@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from asyncflower_jax.data.store import ClientStore
-from asyncflower_jax.engine.evaluation import make_distributed_evaluator, make_evaluator
+from asyncflower_jax.engine.evaluation import make_distributed_evaluator, make_evaluator, read_metrics
 
 
 def linear(params, x):
@@ -27,7 +27,8 @@ def data(n=37, seed=0):
 @pytest.mark.parametrize("batch_size", [1, 8, 37, 1000])
 def test_centralized_metrics_do_not_depend_on_the_batch_size(batch_size):
     params, x, y = data()
-    out = make_evaluator(linear, x, y, batch_size=batch_size)({k: jnp.asarray(v, jnp.float32) for k, v in params.items()})
+    out = read_metrics(make_evaluator(linear, x, y, batch_size=batch_size)({k: jnp.asarray(v, jnp.float32) for k, v in params.items()}))
+    assert all(type(v) is float for v in out.values())
     logits = x.astype(np.float64) @ params["w"] + params["b"]
     assert out["test_accuracy"] == pytest.approx(np.mean(logits.argmax(1) == y), abs=1e-7)
     assert out["test_loss"] == pytest.approx(softmax_ce(logits, y).mean(), rel=1e-5)

@@ -141,7 +141,8 @@ def test_a_non_finite_model_stops_the_run_with_a_message_and_a_last_good_checkpo
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stop_reason"] == "diverged" and summary["versions"] < 400
     diverged = summary["diverged"]
-    assert "non-finite" in diverged["message"] and diverged["last_finite_version"] < diverged["version"]
+    assert "non-finite" in diverged["message"] and diverged["last_finite_version"] < diverged["found_at_version"] <= diverged["version"]
+    assert f"found so at version {diverged['found_at_version']}" in diverged["message"]
     metrics = read_csv(tmp_path / "metrics.csv")
     assert all(math.isfinite(float(r["test_accuracy"])) for r in metrics)  # no NaN curve
     assert int(metrics[-1]["version"]) <= diverged["last_finite_version"]

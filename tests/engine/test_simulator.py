@@ -107,3 +107,48 @@ def test_stops_at_max_time_without_passing_it():
     assert result.summary["stop_reason"] == "max_time"
     assert result.summary["sim_time"] <= 5.0
     assert result.history[-1]["version"] == result.summary["versions"]  # final model evaluated
+
+
+def run_logged(exp: Experiment, fail_at: int | None = None):
+    """Run with callbacks that log (kind, payload) in the order they are called; on_step raises at
+    version `fail_at`."""
+    events = []
+
+    def step(version):
+        events.append(("step", version))
+        if version == fail_at:
+            raise RuntimeError(f"stopped at version {version}")
+
+    sim = Simulator(
+        exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings,
+        on_eval=lambda row: events.append(("eval", row["version"])),
+        on_updates=lambda rows: events.append(("updates", [r["version"] for r in rows])),
+        on_step=step,
+    )
+    return sim, events
+
+
+@pytest.mark.parametrize("rule", ["fedasync", "fedbuff"])
+def test_an_evaluation_is_read_at_the_next_one_with_exactly_the_update_rows_before_it(rule):
+    sim, events = run_logged(Experiment(make_config(*SMALL, *RULES[rule], "max_updates=60", "eval_every=4")))
+    result = sim.run()
+    evals = [v for kind, v in events if kind == "eval"]
+    assert evals == [row["version"] for row in result.history] == [0, 4, 8, 12, 16] + list(range(20, result.summary["versions"], 4)) + [result.summary["versions"]]
+    delivered = []
+    for i, (kind, payload) in enumerate(events):
+        if kind == "updates":
+            delivered += payload
+        elif kind == "eval":  # every update row up to its version, none after
+            assert set(delivered) == set(range(1, payload + 1))
+            steps_before = [v for k, v in events[:i] if k == "step"]
+            if 0 < payload < result.summary["versions"]:  # read at the next evaluation, not when it was made
+                assert steps_before[-1] == payload + 3
+    assert len(delivered) == result.summary["client_updates"]
+
+
+def test_an_error_after_an_evaluation_started_still_reports_it():
+    sim, events = run_logged(Experiment(make_config(*SMALL, "strategy=fedasync", "max_updates=60", "eval_every=5")), fail_at=7)
+    with pytest.raises(RuntimeError, match="stopped at version 7"):
+        sim.run()
+    assert [v for kind, v in events if kind == "eval"] == [0, 5]
+    assert sorted(v for kind, rows in events if kind == "updates" for v in rows) == [1, 2, 3, 4, 5]
