@@ -465,14 +465,18 @@ class Simulator:
         def healthy() -> bool:
             """Whether the global model is finite everywhere (one small device-to-host transfer, with
             the optimistic check's flag: nothing is reported before it is verified)."""
+            return accept_checks(version, *jax.device_get((tree_finite(params), all_finite)))
+
+        def accept_checks(at_version: int, finite, verified) -> bool:
+            """Take the host reads of a model's finite check (at `at_version`) and of the optimistic
+            check's flag; whether the model was finite."""
             nonlocal last_finite_version, last_verified, diverged_at
-            finite, verified = jax.device_get((tree_finite(params), all_finite))
             verify(verified)
-            last_verified = version
+            last_verified = at_version
             if bool(finite):
-                last_finite_version = version
+                last_finite_version = at_version
                 return True
-            diverged_at = version
+            diverged_at = at_version
             return False
 
         def flush_updates(failures_upto: int | None = None, updates_upto: int | None = None):
@@ -512,12 +516,6 @@ class Simulator:
             if self.on_eval is not None and not reported(row["version"]):
                 self.on_eval(row)
 
-        def record():
-            """Evaluate the current version now (the model was found finite) and report its row."""
-            flush_updates()
-            row = metrics_row()
-            report({**row, **read_metrics(self.evaluate(params))})
-
         def start_evaluation() -> None:
             """Evaluate the current version without waiting for the device: its scores, the finite
             checks and its rows are read at the next evaluation (`finish_evaluation`), by when they
@@ -531,18 +529,14 @@ class Simulator:
         def finish_evaluation() -> bool:
             """Read the evaluation `start_evaluation` left and report it with the rows before it;
             False if that version's model was not finite (the run diverged: nothing is reported)."""
-            nonlocal evaluating, last_finite_version, last_verified, diverged_at
+            nonlocal evaluating
             if evaluating is None:
                 return True
             row, scores, finite, verified, failures_upto, updates_upto = evaluating
             evaluating = None
             finite, verified, scores = jax.device_get((finite, verified, scores))
-            verify(verified)
-            last_verified = row["version"]
-            if not bool(finite):
-                diverged_at = row["version"]
+            if not accept_checks(row["version"], finite, verified):
                 return False
-            last_finite_version = row["version"]
             flush_updates(failures_upto, updates_upto)
             report({**row, **read_metrics(scores)})
             return True
@@ -565,7 +559,7 @@ class Simulator:
             )
 
         if resume is None:
-            record()
+            report({**metrics_row(), **read_metrics(self.evaluate(params))})
             fill()
         stop_reason = None
         try:
@@ -648,12 +642,10 @@ class Simulator:
                 if arrivals and (version % s.eval_every == 0 or stop_reason is not None):
                     if not finish_evaluation():
                         stop_reason = "diverged"
-                    elif stop_reason is None:
-                        start_evaluation()
-                    elif healthy():  # the last evaluation is read at once
-                        record()
                     else:
-                        stop_reason = "diverged"
+                        start_evaluation()
+                        if stop_reason is not None and not finish_evaluation():  # the last evaluation is read at once
+                            stop_reason = "diverged"
                 if arrivals and self.on_progress is not None and not (replay is not None and version <= replay.reached):
                     self.on_progress(
                         {
@@ -688,9 +680,8 @@ class Simulator:
         if stop_reason != "diverged" and not finish_evaluation():  # (a loop that ended without an evaluation)
             stop_reason = "diverged"
         if stop_reason != "diverged" and (history[-1]["version"] != version or history[-1]["sim_time"] != sched.clock):
-            if healthy():
-                record()
-            else:
+            start_evaluation()
+            if not finish_evaluation():
                 stop_reason = "diverged"
         verify(all_finite)  # (a run that ends without a new evaluation)
         flush_updates()  # rows of a diverged run's last aggregations; otherwise nothing is left here
