@@ -397,6 +397,12 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def write_partial(out: dict, directory: Path, name: str) -> None:
+    """The rows measured so far, as <name>.partial.json: a run cut off by a time limit keeps them
+    (finish() removes the file once <name>.json is written)."""
+    write_json(Path(directory) / f"{name}.partial.json", out)
+
+
 def finish(out: dict, directory: Path, name: str, plot, started: float, note: str = "") -> dict:
     """The end of every benchmark: print its targets (each line followed by `note`), then write
     <name>.json (with the wall time since `started`) and <name>.png (`plot(out, path)`)."""
@@ -404,6 +410,7 @@ def finish(out: dict, directory: Path, name: str, plot, started: float, note: st
         print(f"target {t['target']}: {'met' if t['met'] else 'NOT met'} ({t['detail']})" + note)
     out["wall_seconds"] = time.perf_counter() - started
     write_json(directory / f"{name}.json", out)
+    (Path(directory) / f"{name}.partial.json").unlink(missing_ok=True)
     plot(out, directory / f"{name}.png")
     print(f"wrote {directory / f'{name}.json'} and {name}.png ({out['wall_seconds']:.0f} s)")
     return out

@@ -9,7 +9,7 @@
 # is a CPU benchmark, and it installs Flower from PyPI.
 #
 # Each step has a time limit, so the whole stays inside the budget even on a slower card; a step
-# cut off by its limit leaves no JSON, and the summary says so.
+# cut off by its limit keeps the rows it measured (<name>.partial.json), and the summary says so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results/gpu}"
@@ -21,8 +21,9 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$OUT/xla-cache}" 
 start=$(date +%s)
 
 if ! "$PY" -c "import asyncflower_jax.strategy, hydra, flwr, jax" 2>/dev/null && [ -d .whl ]; then
-  # offline: the missing dependencies as wheels, installed beside (not into) that Python
-  "$PY" -m pip install -q --no-index --no-deps --target /tmp/asyncflower-site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/asyncflower-site"
+  # offline: the missing dependencies as wheels, installed beside (not into) that Python, ahead of
+  # its own packages (the versions the project was tested with)
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/asyncflower-site .whl/*.whl && export PYTHONPATH="/tmp/asyncflower-site:$PYTHONPATH"
 fi
 if ! "$PY" -c "import asyncflower_jax.strategy, hydra, flwr, jax"; then
   echo "gpu.sh: $PY lacks the project's dependencies: install them (pip install -e .) or put their wheels in .whl/" >&2
@@ -40,14 +41,14 @@ step() {  # step <name> <seconds> <command...>
 
 # 1. simulator vs sequential baseline, M up to 8192; the latency models whose deferred batches
 #    average >= 4096 at M = 8192 with 2M updates (identical: 8192, Pareto 1.5: 4266) and the one with the smallest (exponential: 112)
-step throughput 170 "$PY" benchmarks/throughput.py --out "$OUT" --repeats 1 --chunk-size 2048 --updates-per-client 2 \
+step throughput 180 "$PY" benchmarks/throughput.py --out "$OUT" --repeats 1 --chunk-size 2048 --updates-per-client 2 \
   --concurrency 10 100 1000 8192 --latencies identical pareto-1.5 exponential
 # 2. per-client LEAF CNN against the shared-weights ceiling, M = 128, 512, 1024
-step vectorization 120 "$PY" benchmarks/vectorization.py --out "$OUT" --repeats 3
+step vectorization 150 "$PY" benchmarks/vectorization.py --out "$OUT" --repeats 3
 # 3. whole simulation / bare training
-step overhead 60 "$PY" benchmarks/overhead.py --out "$OUT" --repeats 1 --chunk-size 2048 --concurrency 100 1000
-# 4. N up to 1e6, M up to 10,000 (one process per point)
-step scale 110 "$PY" benchmarks/scale.py --out "$OUT" --chunk-size 2048 --populations 100 10000 1000000 --concurrency 10 1000 10000
+step overhead 50 "$PY" benchmarks/overhead.py --out "$OUT" --repeats 1 --chunk-size 2048 --concurrency 100 1000
+# 4. N = 1e4 and 1e6, M = 1000 and 10,000 (one process per point; the small sizes are the CPU's)
+step scale 70 "$PY" benchmarks/scale.py --out "$OUT" --chunk-size 2048 --populations 10000 1000000 --concurrency 1000 10000
 
 echo
 echo "== summary ($(( $(date +%s) - start )) s)"

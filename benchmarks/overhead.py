@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     repeats = args.repeats or (1 if args.quick else 3)
     out = {"benchmark": "overhead", "quick": args.quick, "machine": common.machine(), "parameters": {**p, "execution": args.execution, "chunk_size": args.chunk_size, "repeats": repeats}}
     started = time.perf_counter()
-    rows = []
+    rows = out["rows"] = []
     for rule in p["rules"]:
         for latency in p["latencies"]:
             for m in p["concurrency"]:
@@ -95,8 +95,8 @@ def main(argv=None) -> dict:
                     "final_accuracy": result.summary["final_test_accuracy"],
                 }
                 rows.append(row)
+                common.write_partial(out, args.out, "overhead")
                 print(f"  {rule:>8} {latency:>15} M={m:<5} simulation {sim:6.2f} s  bare {bare:6.2f} s  overhead {row['overhead']:.2f}  efficiency {row['efficiency']:.2f}  batch {row['mean_batch']:.1f}", flush=True)
-    out["rows"] = rows
     print(f"\n# overhead: whole simulation / bare training of the same batches (tiled-digits MLP 64-200-200-10, 10 steps of 32, eval every {p['eval_every']} versions)")
     print(
         common.table(

@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
 
     out = {"benchmark": "scale", "quick": args.quick, "machine": common.machine(), "parameters": {**p, "execution": args.execution, "chunk_size": args.chunk_size}}
     started = time.perf_counter()
-    rows = []
+    rows = out["rows"] = []
     for n in p["populations"]:
         for m in p["concurrency"]:
             if m > n:
@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
                 row = json.loads(lines[-1][len("RESULT ") :])
                 print(f"  N={n:<8} M={m:<6} {row['updates_per_s']:8.0f} updates/s  first run {row['first_run_s']:6.1f} s  peak {row['peak_rss_mb']:7.0f} MB  batch {row['mean_batch']:.1f}", flush=True)
             rows.append(row)
-    out["rows"] = rows
+            common.write_partial(out, args.out, "scale")
     print(f"\n# scale: FedAsync, {p['updates']} updates, latency {p['latency']}, tiled-digits MLP 64-200-200-10 (one process per row)")
     ok = [r for r in rows if "error" not in r]
     print(

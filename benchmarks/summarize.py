@@ -11,8 +11,12 @@ from pathlib import Path
 
 
 def load(directory: Path, name: str) -> dict | None:
+    """<name>.json, else the rows of a run cut off before its end (<name>.partial.json, marked)."""
     path = directory / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if path.is_file():
+        return json.loads(path.read_text())
+    partial = directory / f"{name}.partial.json"
+    return {**json.loads(partial.read_text()), "cut_off": True} if partial.is_file() else None
 
 
 def lines(directory: Path) -> list[str]:
@@ -25,6 +29,8 @@ def lines(directory: Path) -> list[str]:
             continue
         machine = machine or data["machine"]
         quick = " [quick sizes]" if data.get("quick") else ""
+        if data.get("cut_off"):
+            out.append(f"{name:<14} (cut off before its end: the rows measured until then)")
         if name == "throughput":
             for r in data["throughput"]:
                 out.append(

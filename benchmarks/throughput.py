@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
         out["execution_choice"] = {"auto": list(auto), "rows": choice, "best": max(choice, key=lambda r: r["updates_per_s"])}
         print(common.table(choice, [("execution", "execution", "s"), ("chunk_size", "chunk", "d"), ("map_batch", "map batch", "d"), ("updates_per_s", "updates/s", ".0f")]))
 
-    rows = []
+    rows = out["throughput"] = []
     for latency in p["timed_latencies"]:
         for m in p["concurrency"]:
             w = common.Workload(population(p), m, updates_of(m), latency=latency, execution=args.execution, chunk_size=args.chunk_size, map_batch=args.map_batch)
@@ -163,8 +163,8 @@ def main(argv=None) -> dict:
                 "seq_accuracy": seq["test_accuracy"],
             }
             rows.append(row)
+            common.write_partial(out, args.out, "throughput")
             print(f"  {latency:>15} M={m:<5} simulator {row['sim_updates_per_s']:9.0f}/s  sequential {row['seq_updates_per_s']:7.0f}/s  ratio {row['ratio']:7.2f}  efficiency {row['efficiency']:.2f}  batch {row['mean_batch']:.1f}  trained/update {row['trained_per_update']:.2f}", flush=True)
-    out["throughput"] = rows
     print("\n# throughput: simulator vs sequential baseline (FedAsync, tiled-digits MLP 64-200-200-10, 10 steps of 32)")
     print(
         common.table(

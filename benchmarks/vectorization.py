@@ -162,6 +162,7 @@ def main(argv=None) -> dict:
             if "samples_per_s" in row and reference:
                 row["of_ceiling"] = row["samples_per_s"] / reference
             out["rows"].append(row)
+            common.write_partial(out, args.out, "vectorization")
             print(f"  M={m:<5} {name:>20}: " + (f"{row['samples_per_s']:12.0f} samples/s  {row.get('of_ceiling', float('nan')):.2f} of the ceiling" if "error" not in row else row["error"][:120]), flush=True)
     ok = [r for r in out["rows"] if "error" not in r]
     print(f"\n# per-client LEAF CNN{' (narrow, quick)' if args.quick else ''}: samples/s, {p['steps']} steps of batch {p['batch']} per client")

@@ -79,6 +79,7 @@ def test_throughput_quick(tmp_path):
         assert 1 <= r["mean_batch"] <= r["M"] + 1
         assert 0 < r["efficiency"]
     assert {t["target"] for t in data["targets"]} >= {"never slower than the sequential baseline", "engine efficiency >= 0.8"}
+    assert not (tmp_path / "throughput.partial.json").exists()  # written after each row, removed at the end
 
 
 @pytest.mark.slow
@@ -154,3 +155,15 @@ def test_summary_reads_what_the_benchmarks_write(tmp_path):
     text = "\n".join(summarize.lines(tmp_path))
     assert "overhead 1.10" in text and "target: whole simulation <= 1.25x bare training: met" in text
     assert "(no throughput.json)" in text
+
+
+def test_summary_reads_the_rows_of_a_run_cut_off_and_says_so(tmp_path):
+    from benchmarks import summarize
+
+    out = {"machine": common.machine(), "quick": False, "rows": []}
+    out["rows"].append({"rule": "fedbuff", "latency": "identical", "M": 100, "overhead": 1.2, "efficiency": 0.85, "host_us_per_update": 40})
+    common.write_partial(out, tmp_path, "overhead")
+    text = "\n".join(summarize.lines(tmp_path))
+    assert "overhead       (cut off before its end" in text and "M=100    overhead 1.20  efficiency 0.85" in text
+    common.write_json(tmp_path / "overhead.json", {**out, "targets": []})
+    assert "cut off" not in "\n".join(summarize.lines(tmp_path))  # a finished run's JSON wins
