@@ -131,10 +131,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--concurrency", type=int, nargs="+")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 variants")
+    parser.add_argument("--variants", nargs="+", metavar="NAME", help="run only these variants (e.g. shared vmap-chunk-64); the ceilings 'shared' and 'shared-bf16' are always run")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
     if args.concurrency:
         p["concurrency"] = args.concurrency
+    known = {"shared", "shared-bf16", "vmap-all"} | {f"vmap-chunk-{c}" for c in p["chunks"]} | {f"map-vmap-{c}" for c in p["map_batches"]}
+    known |= {f"vmap-chunk-{c}-bf16" for c in p["bf16_chunks"]} | {f"chunk-donated-{c}" for c in p["donated_chunks"]}
+    if args.variants and set(args.variants) - known:
+        parser.error(f"--variants: unknown {sorted(set(args.variants) - known)}; choose from {sorted(known)}")
     out = {"benchmark": "vectorization", "quick": args.quick, "machine": common.machine(), "parameters": {**p, "repeats": args.repeats}, "rows": []}
     started = time.perf_counter()
     for m in p["concurrency"]:
@@ -149,6 +154,8 @@ def main(argv=None) -> dict:
         if not args.no_bf16:
             variants += [(f"vmap-chunk-{c}-bf16", functools.partial(per_client, p, store, module, params, m, "vmap", c, 1, "bfloat16", args.repeats)) for c in p["bf16_chunks"] if c < m]
         variants += [(f"chunk-donated-{c}", functools.partial(donated_chunks, p, store, module, params, m, c, args.repeats)) for c in p["donated_chunks"] if c < m]
+        if args.variants:
+            variants = [(name, fn) for name, fn in variants if name.startswith("shared") or name in args.variants]
         ceiling = {}
         for name, fn in variants:
             try:

@@ -167,3 +167,13 @@ def test_summary_reads_the_rows_of_a_run_cut_off_and_says_so(tmp_path):
     assert "overhead       (cut off before its end" in text and "M=100    overhead 1.20  efficiency 0.85" in text
     common.write_json(tmp_path / "overhead.json", {**out, "targets": []})
     assert "cut off" not in "\n".join(summarize.lines(tmp_path))  # a finished run's JSON wins
+
+
+def test_vectorization_runs_only_the_variants_named_beside_the_ceiling(tmp_path):
+    from benchmarks import vectorization
+
+    with pytest.raises(SystemExit):  # an unknown name is refused before anything runs
+        vectorization.main(["--quick", "--out", str(tmp_path), "--variants", "vmap-chunk-3"])
+    vectorization.main(["--quick", "--out", str(tmp_path), "--repeats", "1", "--concurrency", "4", "--no-bf16", "--variants", "vmap-chunk-2"])
+    data = read(tmp_path / "vectorization.json")
+    assert [r["variant"] for r in data["rows"]] == ["shared", "vmap-chunk-2"]
