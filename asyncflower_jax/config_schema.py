@@ -35,6 +35,7 @@ from .errors import ConfigError
 PRECISIONS = ("float32", "float64")  # experiment.PRECISIONS maps them to dtypes
 EXECUTIONS = ("auto", "vmap", "map")  # client.batched.EXECUTIONS
 COMPUTE_DTYPES = ("bfloat16", "float16")  # client.precision.COMPUTE_DTYPES
+MATMUL_PRECISIONS = ("default", "high", "highest")  # jax_default_matmul_precision
 TRACKERS = ("tensorboard", "wandb")  # results.trackers builds them
 
 SCHEMA_COMMAND = "python -m asyncflower_jax.config_schema"
@@ -180,6 +181,12 @@ FIELDS: dict[str, Field] = {
         Field(
             "compute_dtype", str, None, "local training's forward/backward in this dtype with float32 weights (null: as precision)",
             choices=COMPUTE_DTYPES, nullable=True,
+        ),
+        Field(
+            "matmul_precision", str, None,
+            "float32 matrix products and convolutions: highest (full float32), high or default (JAX's: TF32 on recent NVIDIA GPUs, "
+            "where batched and one-client training then differ by about 1e-3) (null: default)",
+            choices=MATMUL_PRECISIONS, nullable=True,
         ),
         Field("progress", bool, True, "live progress display in a terminal"),
         Field("record_updates", bool, True, "write updates.csv (one row per aggregated client update)"),

@@ -67,6 +67,12 @@ def build(node: DictConfig, group: str, **kwargs):
         raise ConfigError(message if message.startswith(f"{group}.") else f"{group}: {message}") from None
 
 
+def apply_matmul_precision(precision: str | None) -> None:
+    """Set JAX's precision of float32 matrix products for this process (None: JAX's default). Set
+    at every run, so a run in the same process as an earlier one never inherits its setting."""
+    jax.config.update("jax_default_matmul_precision", None if precision in (None, "default") else precision)
+
+
 class Experiment:
     """All components of one run, built from a config; `run()` executes it."""
 
@@ -74,6 +80,7 @@ class Experiment:
         validate_config(cfg)  # the top level against config_schema, before anything is built
         if cfg.precision == "float64":
             jax.config.update("jax_enable_x64", True)
+        apply_matmul_precision(cfg.get("matmul_precision"))
         dtype = PRECISIONS[cfg.precision]
         self.cfg = cfg
         self.settings = SimulationSettings(

@@ -5,6 +5,7 @@ import dataclasses
 import math
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -194,3 +195,19 @@ def test_the_printed_table_lists_every_key_and_rule():
         assert f"| `{key}` |" in text
     for rule in schema.RULES:
         assert rule.meaning in text
+
+
+def test_matmul_precision_is_checked_and_reaches_jax_at_every_run():
+    from asyncflower_jax.experiment import Experiment
+
+    assert schema.check("matmul_precision", "highest") == "highest" and schema.check("matmul_precision", None) is None
+    with pytest.raises(ConfigError, match=r"matmul_precision='tf32' is invalid: must be one of \('default', 'high', 'highest'\) or null"):
+        schema.check("matmul_precision", "tf32")
+    small = ("num_clients=10", "concurrency=2", "max_updates=4")
+    try:
+        Experiment(make_config(*small, "matmul_precision=highest"))
+        assert jax.config.jax_default_matmul_precision == "highest"
+        Experiment(make_config(*small))  # a later run in the same process does not inherit it
+        assert jax.config.jax_default_matmul_precision is None
+    finally:
+        jax.config.update("jax_default_matmul_precision", None)

@@ -26,10 +26,11 @@ from flwr.clientapp import ClientApp
 from ..client.batched import BatchedTrainer
 from ..client.local_train import make_local_train
 from ..client.precision import mixed_precision
+from ..config_schema import check
 from ..data.federated import build_clients
 from ..data.store import ClientStore
 from ..errors import ConfigError
-from ..experiment import PARTITION_STREAM, PRECISIONS, TRAIN_STREAM, build
+from ..experiment import PARTITION_STREAM, PRECISIONS, TRAIN_STREAM, apply_matmul_precision, build
 from ..models.mlp import init_params
 from ..strategy.updates import PyTree
 from .protocol import (
@@ -89,6 +90,8 @@ def client_setup(run_config: Mapping, partition_id: int, num_partitions: int, st
         raise ConfigError(f"precision={cfg.precision!r} is invalid: must be one of {tuple(PRECISIONS)}")
     if cfg.precision == "float64" and not jax.config.jax_enable_x64:
         jax.config.update("jax_enable_x64", True)
+    check("matmul_precision", cfg.get("matmul_precision"))
+    apply_matmul_precision(cfg.get("matmul_precision"))
     if cfg.get("xla_cache_dir") and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(cfg.xla_cache_dir))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
