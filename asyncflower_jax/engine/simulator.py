@@ -21,9 +21,10 @@ told to the strategy (`on_failures`), never enters the update batch, never count
 and its slot is refilled at once from the current version. The non-finite check is optimistic
 when no NaN fault is injected: the loop aggregates without waiting for the training results to
 reach the host, the kernel records whether every aggregated row was finite, and that flag is read
-at every evaluation and checkpoint (before anything is reported) and whenever it is ready; if an
-aggregated row was not finite, the run starts over with the check at every flush (the exact
-order above), reporting only what it had not reported yet, so results never depend on the mode.
+at every evaluation and checkpoint (before anything is reported) and every PROBE_EVERY versions
+once it is ready; if an aggregated row was not finite, the run starts over with the check at every
+flush (the exact order above), reporting only what it had not reported yet, so results never
+depend on the mode.
 A non-finite global model, checked at every evaluation and checkpoint, stops the run ("diverged"),
 at the evaluation that reads the check (the next one).
 At the end of any aggregation the loop can hand a checkpoint to `on_checkpoint`;
@@ -271,9 +272,7 @@ class Simulator:
         norms, the rule's weights, losses) per row when `with_facts`, else None. The table comes
         first, as `VersionCache.put_by` wants it."""
         self.kernel_traces += 1  # runs only while tracing: counts compilations
-        k = (columns.shape[0] - 1) // 5
-        slots, staleness, num_examples, client_id, mask = (columns[i * k : (i + 1) * k] for i in range(5))
-        num_examples, mask, slot = num_examples.astype(jnp.result_type(float)), mask.astype(bool), columns[5 * k]
+        slots, staleness, num_examples, client_id, mask, slot = split_step_columns(columns)
         start = jax.tree.map(lambda t, p: t[slots].astype(p.dtype), table, params)
         updates = UpdateBatch(trained, start, staleness, num_examples, client_id, mask)
         facts = (update_norms(updates), self._weights(state, updates), loss) if with_facts else None  # from the state before the kernel
@@ -791,6 +790,14 @@ def step_columns(slots, staleness, num_examples, client_id, mask, slot) -> np.nd
     aggregation instead of six, each of which costs a GPU tens of microseconds. Sample counts are
     whole numbers, so they make the round trip through int32 exactly."""
     return np.concatenate([slots, staleness, num_examples, client_id, mask, [slot]]).astype(np.int32)
+
+
+def split_step_columns(columns):
+    """`step_columns` undone inside the step (traceable): (slots, staleness, num_examples as
+    floats, client_id, mask as booleans, slot)."""
+    k = (columns.shape[0] - 1) // 5
+    slots, staleness, num_examples, client_id, mask = (columns[i * k : (i + 1) * k] for i in range(5))
+    return slots, staleness, num_examples.astype(jnp.result_type(float)), client_id, mask.astype(bool), columns[5 * k]
 
 
 def stack_updates(arrivals: list[Task], version: int, take_results, get_version, counts, gather_versions=None) -> tuple[UpdateBatch, Any]:
