@@ -86,12 +86,10 @@ def client_setup(run_config: Mapping, partition_id: int, num_partitions: int, st
         raise ConfigError(
             f"node config {NUM_PARTITIONS_KEY}={num_partitions} is invalid: must equal the run's num_clients ({cfg.num_clients})"
         )
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"precision={cfg.precision!r} is invalid: must be one of {tuple(PRECISIONS)}")
+    check("precision", cfg.precision)
     if cfg.precision == "float64" and not jax.config.jax_enable_x64:
         jax.config.update("jax_enable_x64", True)
-    check("matmul_precision", cfg.get("matmul_precision"))
-    apply_matmul_precision(cfg.get("matmul_precision"))
+    apply_matmul_precision(check("matmul_precision", cfg.get("matmul_precision")))
     if cfg.get("xla_cache_dir") and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(cfg.xla_cache_dir))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
