@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import time
 
 import numpy as np
@@ -126,6 +127,19 @@ def shared(p, store, module, params, m, compute_dtype, repeats):
     return time_call(lambda: train(params, store.x, store.y, np.int32(0), n, jax.random.key(2))[0], repeats)
 
 
+def variants_of(p: dict, m, bf16: bool = True) -> list[tuple]:
+    """The variants run at concurrency m, in order: (name, function, its arguments between
+    (p, store, module, params, m) and repeats)."""
+    found = [("shared", shared, (None,))] + ([("shared-bf16", shared, ("bfloat16",))] if bf16 else [])
+    found.append(("vmap-all", per_client, ("vmap", m, 1, None)))
+    found += [(f"vmap-chunk-{c}", per_client, ("vmap", c, 1, None)) for c in p["chunks"] if c < m]
+    found += [(f"map-vmap-{c}", per_client, ("map", m, c, None)) for c in p["map_batches"] if c < m]
+    if bf16:
+        found += [(f"vmap-chunk-{c}-bf16", per_client, ("vmap", c, 1, "bfloat16")) for c in p["bf16_chunks"] if c < m]
+    found += [(f"chunk-donated-{c}", donated_chunks, (c,)) for c in p["donated_chunks"] if c < m]
+    return found
+
+
 def main(argv=None) -> dict:
     parser = common.common_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), "vectorization")
     parser.add_argument("--concurrency", type=int, nargs="+")
@@ -136,8 +150,7 @@ def main(argv=None) -> dict:
     p = dict(QUICK if args.quick else FULL)
     if args.concurrency:
         p["concurrency"] = args.concurrency
-    known = {"shared", "shared-bf16", "vmap-all"} | {f"vmap-chunk-{c}" for c in p["chunks"]} | {f"map-vmap-{c}" for c in p["map_batches"]}
-    known |= {f"vmap-chunk-{c}-bf16" for c in p["bf16_chunks"]} | {f"chunk-donated-{c}" for c in p["donated_chunks"]}
+    known = {name for name, _, _ in variants_of(p, math.inf)}
     if args.variants and set(args.variants) - known:
         parser.error(f"--variants: unknown {sorted(set(args.variants) - known)}; choose from {sorted(known)}")
     out = {"benchmark": "vectorization", "quick": args.quick, "machine": common.machine(), "parameters": {**p, "repeats": args.repeats}, "rows": []}
@@ -145,21 +158,12 @@ def main(argv=None) -> dict:
     for m in p["concurrency"]:
         store, module, params = setup(p, m)
         samples = m * p["steps"] * p["batch"]
-        variants = [("shared", lambda: shared(p, store, module, params, m, None, args.repeats))]
-        if not args.no_bf16:
-            variants.append(("shared-bf16", lambda: shared(p, store, module, params, m, "bfloat16", args.repeats)))
-        variants.append(("vmap-all", lambda: per_client(p, store, module, params, m, "vmap", m, 1, None, args.repeats)))
-        variants += [(f"vmap-chunk-{c}", functools.partial(per_client, p, store, module, params, m, "vmap", c, 1, None, args.repeats)) for c in p["chunks"] if c < m]
-        variants += [(f"map-vmap-{c}", functools.partial(per_client, p, store, module, params, m, "map", m, c, None, args.repeats)) for c in p["map_batches"] if c < m]
-        if not args.no_bf16:
-            variants += [(f"vmap-chunk-{c}-bf16", functools.partial(per_client, p, store, module, params, m, "vmap", c, 1, "bfloat16", args.repeats)) for c in p["bf16_chunks"] if c < m]
-        variants += [(f"chunk-donated-{c}", functools.partial(donated_chunks, p, store, module, params, m, c, args.repeats)) for c in p["donated_chunks"] if c < m]
-        if args.variants:
-            variants = [(name, fn) for name, fn in variants if name.startswith("shared") or name in args.variants]
         ceiling = {}
-        for name, fn in variants:
+        for name, fn, extra in variants_of(p, m, bf16=not args.no_bf16):
+            if args.variants and not (name.startswith("shared") or name in args.variants):
+                continue
             try:
-                wall = fn()
+                wall = fn(p, store, module, params, m, *extra, args.repeats)
                 row = {"M": m, "variant": name, "wall": wall, "samples_per_s": samples / wall}
             except Exception as exc:  # e.g. out of device memory for the widest vmap
                 row = {"M": m, "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
