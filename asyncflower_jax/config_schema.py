@@ -166,6 +166,11 @@ FIELDS: dict[str, Field] = {
             "share of every client's samples held out; the global model is also scored on them", low=0, high=1, high_open=True,
         ),
         Field("chunk_size", int, 256, "clients per vmapped training call (results do not depend on it)", low=1),
+        Field(
+            "aggregations_per_call", int, None,
+            "aggregations applied together in one device call, planned on the host between training flushes "
+            "(null: 1 on a CPU, 1024 on a GPU/TPU)", low=1, nullable=True,
+        ),
         Field("execution", str, "auto", "how a chunk of clients trains: vmap, map (lax.map) or auto (by backend)", choices=EXECUTIONS),
         Field("map_batch", int, 1, "with execution=map: clients vmapped together inside the loop", low=1),
         Field(

@@ -46,6 +46,10 @@ step() {  # step <name> <seconds> <command...>
 #    execution comparison is skipped (a 1024-client batch: vmap in one call is fastest on a GPU)
 step throughput 160 "$PY" benchmarks/throughput.py --out "$OUT" --repeats 1 --chunk-size 2048 --updates-per-client 2 --skip-execution \
   --concurrency 100 8192 --latencies identical pareto-1.5
+# 1b. the same simulator applying one aggregation per device call (aggregations_per_call=1; the
+#    GPU default queues up to 1024 per call), against the same baseline, at M = 100 and 1000
+step throughput-one-per-call 60 "$PY" benchmarks/throughput.py --out "$OUT/one-per-call" --repeats 1 --chunk-size 2048 --updates-per-client 2 \
+  --skip-execution --concurrency 100 1000 --latencies identical --aggregations-per-call 1
 # 2. per-client LEAF CNN against the shared-weights ceiling, M = 128, 512, 1024: the two best
 #    variants of that run (about 9 s each, compilation included)
 step vectorization 120 "$PY" benchmarks/vectorization.py --out "$OUT" --repeats 2 --variants vmap-chunk-64 vmap-chunk-128-bf16

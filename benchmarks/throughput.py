@@ -91,6 +91,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--execution", default="auto", help="the simulator's execution: auto | vmap | map")
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--map-batch", type=int, default=1)
+    parser.add_argument("--aggregations-per-call", type=int, help="the simulator's aggregations per device call (default: by backend, 1 on a CPU)")
     parser.add_argument("--skip-execution", action="store_true", help="skip part 2 (the execution comparison)")
     parser.add_argument("--updates-per-client", type=int, help="updates per point: max(min_updates, this x M) (default 4; quick 2); longer runs weigh the start and the end of a run less")
     parser.add_argument("--repeats", type=int, help="timed runs of each engine, interleaved; the fastest counts (default 3; quick 1)")
@@ -107,7 +108,7 @@ def main(argv=None) -> dict:
     def updates_of(m: int) -> int:
         return max(p["min_updates"], p["updates_per_client"] * m)
 
-    out = {"benchmark": "throughput", "quick": args.quick, "machine": common.machine(), "parameters": {**p, "execution": args.execution, "chunk_size": args.chunk_size, "repeats": args.repeats}}
+    out = {"benchmark": "throughput", "quick": args.quick, "machine": common.machine(), "parameters": {**p, "execution": args.execution, "chunk_size": args.chunk_size, "repeats": args.repeats, "aggregations_per_call": args.aggregations_per_call}}
     started = time.perf_counter()
 
     print(f"# deferred training batches (FedAsync, mean clients per flush), N = {population(p)}, updates = max({p['min_updates']}, {p['updates_per_client']}M)")
@@ -125,7 +126,8 @@ def main(argv=None) -> dict:
     rows = out["throughput"] = []
     for latency in p["timed_latencies"]:
         for m in p["concurrency"]:
-            w = common.Workload(population(p), m, updates_of(m), latency=latency, execution=args.execution, chunk_size=args.chunk_size, map_batch=args.map_batch)
+            w = common.Workload(population(p), m, updates_of(m), latency=latency, execution=args.execution, chunk_size=args.chunk_size, map_batch=args.map_batch,
+                                aggregations_per_call=args.aggregations_per_call)
             c = common.build(w)
             flushes = _flush_sizes(c)
             sim_walls, seq_walls, bare_walls = [], [], []
@@ -146,6 +148,7 @@ def main(argv=None) -> dict:
                 "N": w.num_clients,
                 "updates": updates,
                 "execution": c.trainer.execution,
+                "aggregations_per_call": c._simulator.per_call,
                 "mean_batch": float(np.mean(flushes)),
                 "flushes": len(flushes),
                 "trained_per_update": sum(flushes) / updates,  # > 1: clients trained, still in flight at the end
@@ -169,7 +172,7 @@ def main(argv=None) -> dict:
     print(
         common.table(
             rows,
-            [("latency", "latency", "s"), ("M", "M", "d"), ("updates", "updates", "d"), ("execution", "exec", "s"), ("mean_batch", "mean batch", ".1f"),
+            [("latency", "latency", "s"), ("M", "M", "d"), ("updates", "updates", "d"), ("execution", "exec", "s"), ("aggregations_per_call", "aggr/call", "d"), ("mean_batch", "mean batch", ".1f"),
              ("sim_updates_per_s", "sim upd/s", ".0f"), ("seq_updates_per_s", "seq upd/s", ".0f"), ("ratio", "ratio", ".2f"),
              ("efficiency", "efficiency", ".2f"), ("trained_per_update", "trained/upd", ".2f"), ("max_param_diff", "max |diff|", ".1e")],
         )

@@ -64,6 +64,7 @@ from .evaluation import read_metrics
 from .availability import AvailabilityModel
 from .faults import FAILURE_KINDS, LOST, NONFINITE, Faults
 from .pending import PendingResults, rows_finite, training_limit
+from .queued_steps import QueuedSteps, StepFacts
 from .scheduler import Scheduler, Task
 from .versions import VersionCache, write_row
 
@@ -119,6 +120,7 @@ class SimulationSettings:
     reject_nonfinite: bool = True  # drop updates with a NaN or infinite entry before aggregation
     checkpoint_every: int | None = None  # versions between checkpoints (None or 0: only on a signal)
     availability: AvailabilityModel | None = None  # when clients can be dispatched (None: always)
+    aggregations_per_call: int | None = None  # aggregations applied in one device call (None: by backend, see engine/queued_steps.py)
 
     def __post_init__(self):
         # the rules of config_schema, the one definition of each top-level setting's range
@@ -139,8 +141,19 @@ class SimulationSettings:
 
 SCHEMA_KEYS = (  # SimulationSettings' fields that are top-level settings of config_schema
     "num_clients", "concurrency", "seed", "max_versions", "max_updates", "max_time", "eval_every", "chunk_size",
-    "reject_nonfinite", "checkpoint_every",
+    "reject_nonfinite", "checkpoint_every", "aggregations_per_call",
 )
+AGGREGATIONS_PER_CALL = {"cpu": 1}  # by backend; others: ACCELERATOR_AGGREGATIONS_PER_CALL (BENCHMARKS.md)
+ACCELERATOR_AGGREGATIONS_PER_CALL = 1024
+QUEUED_ROWS_BYTES = 256 << 20  # the trained rows one call of queued aggregations gathers stay under this
+
+
+def aggregations_per_call(setting: int | None) -> int:
+    """The setting, or (None) the backend's default: on a CPU one at a time (a call costs little
+    there), on a GPU or TPU up to ACCELERATOR_AGGREGATIONS_PER_CALL."""
+    if setting is not None:
+        return setting
+    return AGGREGATIONS_PER_CALL.get(jax.default_backend(), ACCELERATOR_AGGREGATIONS_PER_CALL)
 
 
 def check_strategy(strategy: AsyncStrategy, settings: SimulationSettings) -> None:
@@ -262,8 +275,13 @@ class Simulator:
         # the rule's kernel and writes the new version into the table. The server state and the
         # table are donated (per-client memories are N x model: never copy them). A rule that is
         # not jittable (its state lives in the object) is called as it is, beside jitted norms.
+        # With more than one aggregation per call, the loop queues the steps (their rows, slots and
+        # columns are all known on the host) and applies them in one scanned call at the next
+        # training flush, evaluation or checkpoint (engine/queued_steps.py).
+        self.per_call = aggregations_per_call(settings.aggregations_per_call) if getattr(strategy, "jittable", True) else 1
         if getattr(strategy, "jittable", True):
             self._step = jit(self._traced_step, donate_argnums=(1, 3), static_argnames=("with_facts",))
+            self._steps = jit(self._traced_steps, donate_argnums=(1, 3), static_argnames=("with_facts",))
 
     def _traced_step(self, params, state, all_finite, table, trained, loss, columns, with_facts):
         """(table with the new version in row `slot`, (params, state, all_finite, facts)) after
@@ -279,6 +297,21 @@ class Simulator:
         params, state = self.strategy.aggregate(params, state, updates)
         all_finite = all_finite & rows_ok(trained, mask)
         return write_row(table, params, slot), (params, state, all_finite, facts)
+
+    def _traced_steps(self, params, state, all_finite, table, trained, loss, columns, with_facts):
+        """`_traced_step` applied for each row of `columns` in turn ([steps, ...]; `trained` and
+        `loss` hold the steps' rows one after the other); the facts come with a leading step axis."""
+        steps = columns.shape[0]
+        by_step = lambda x: x.reshape(steps, x.shape[0] // steps, *x.shape[1:])  # noqa: E731
+
+        def step(carry, rows):
+            params, state, all_finite, table = carry
+            table, (params, state, all_finite, facts) = self._traced_step(params, state, all_finite, table, *rows, with_facts=with_facts)
+            return (params, state, all_finite, table), facts
+
+        carry, facts = jax.lax.scan(step, (params, state, all_finite, table), (jax.tree.map(by_step, trained), by_step(loss), columns))
+        params, state, all_finite, table = carry
+        return table, (params, state, all_finite, facts)
 
     def _weights(self, state, updates):
         return jnp.asarray(self.strategy.update_weights(state, updates), jnp.result_type(float))
@@ -330,7 +363,13 @@ class Simulator:
         stall_limit = max(1000, STALL_FAILURES_PER_SLOT * s.concurrency)
         failures_in_a_row = 0  # since the last aggregation
         # per-update rows since the last metrics row: (host facts, device norms, weights, losses) per aggregation
-        update_buffer: list[tuple[list[dict], jax.Array, jax.Array, jax.Array]] = []
+        update_buffer: list[tuple[list[dict], StepFacts]] = []
+        # aggregations planned and not applied yet (None: each is applied at once); params, state
+        # and all_finite are those of the last applied one until `settle`
+        queue = None
+        if self.per_call > 1:
+            model_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(self.initial_params))
+            queue = QueuedSteps(self.per_call, row_budget=max(1, QUEUED_ROWS_BYTES // max(1, model_bytes)))
         all_finite = jnp.asarray(True)  # every aggregated row so far was finite (the kernel keeps it)
         probe = None  # an earlier all_finite, read (without waiting) once it is ready
         evaluating = None  # an evaluation started and not read yet (start_evaluation)
@@ -364,6 +403,17 @@ class Simulator:
             if limit == (inf, inf):
                 return None
             return lambda t: t.dispatch_id not in sched.in_flight or (t.finish_time, t.dispatch_id) <= limit
+
+        def settle() -> None:
+            """Apply the queued aggregations: params, state and all_finite are then the current ones."""
+            nonlocal params, state, all_finite
+            if queue:
+                params, state, all_finite = self._apply_queued(params, state, all_finite, queue, versions, pending)
+
+        def train() -> None:
+            """Train the untrained clients (from versions that the queued aggregations write)."""
+            settle()
+            pending.flush(versions)
 
         def fill(limit: int | None = None):
             """Dispatch idle clients from the current version up to `concurrency` (at most `limit`:
@@ -448,7 +498,7 @@ class Simulator:
             """Drop the arrivals whose results have a NaN or infinite entry (training them first if
             needed); their slots are refilled at once. True if any was dropped."""
             if not all(pending.is_trained(t.dispatch_id) for t in arrivals):
-                pending.flush(versions)
+                train()
             bad = [t for t in arrivals if not pending.is_finite(t.dispatch_id)]
             for task in bad:
                 arrivals.remove(task)
@@ -469,6 +519,7 @@ class Simulator:
         def healthy() -> bool:
             """Whether the global model is finite everywhere (one small device-to-host transfer, with
             the optimistic check's flag: nothing is reported before it is verified)."""
+            settle()
             return accept_checks(version, *jax.device_get((tree_finite(params), all_finite)))
 
         def accept_checks(at_version: int, finite, verified) -> bool:
@@ -491,9 +542,10 @@ class Simulator:
             entries, update_buffer[:updates_upto] = update_buffer[:updates_upto], []
             if not entries or self.on_updates is None:
                 return
-            facts = jax.device_get([device for _, *device in entries])  # one transfer
+            facts = jax.device_get([source.arrays for _, source in entries])  # one transfer
             rows = []
-            for (host_rows, *_), (norms, weights, losses) in zip(entries, facts):
+            for (host_rows, source), fetched in zip(entries, facts):
+                norms, weights, losses = source.rows(fetched)
                 for i, r in enumerate(host_rows):
                     r["update_norm"] = float(norms[i])
                     r["weight"] = float(weights[i])
@@ -527,6 +579,7 @@ class Simulator:
             and leave the device idle while the host catches up (about 1 ms per evaluation on a
             2-core CPU)."""
             nonlocal evaluating
+            settle()
             row = metrics_row()
             evaluating = (row, self.evaluate(params), tree_finite(params), all_finite, len(failure_buffer), len(update_buffer))
 
@@ -546,6 +599,7 @@ class Simulator:
             return True
 
         def snapshot() -> Snapshot:
+            settle()
             flush_updates()  # the rows written so far belong to the checkpoint's recorder position
             loop = {
                 "version": version,
@@ -606,7 +660,11 @@ class Simulator:
                     break  # an unfilled buffer at the time limit (or with no client left) is not aggregated
                 if arrivals:
                     failures_in_a_row = 0
-                    params, state, all_finite, facts = self._aggregate(params, state, all_finite, version, arrivals, versions, pending)
+                    if not all(pending.is_trained(t.dispatch_id) for t in arrivals):
+                        train()
+                    params, state, all_finite, facts = self._aggregate(params, state, all_finite, version, arrivals, versions, pending, queue)
+                    if queue is not None and queue.full:
+                        settle()
                     if optimistic:  # read an earlier flag once it is ready, every PROBE_EVERY aggregations: a bad row is found early
                         if probe is None:
                             if version % PROBE_EVERY == 0:
@@ -633,7 +691,7 @@ class Simulator:
                             }
                             for t, st in zip(arrivals, stale)
                         ]
-                        update_buffer.append((host_rows, *facts))
+                        update_buffer.append((host_rows, facts))
                     version += 1
                     updates_done += len(arrivals)
                     versions.release(version - 1)
@@ -682,6 +740,7 @@ class Simulator:
                 except Exception:  # (the original error is the one to raise)
                     pass
             raise
+        settle()
         if stop_reason != "diverged" and not finish_evaluation():  # (a loop that ended without an evaluation)
             stop_reason = "diverged"
         if stop_reason != "diverged" and (history[-1]["version"] != version or history[-1]["sim_time"] != sched.clock):
@@ -737,12 +796,21 @@ class Simulator:
             log.error("run diverged: %s", summary["diverged"]["message"])
         return SimulationResult(params, state, history, summary)
 
-    def _aggregate(self, params, state, all_finite, version, arrivals, versions, pending):
-        """Aggregate the arrivals into version + 1 (put into `versions`, held once); returns (params,
-        state, all_finite, facts: device arrays of padded rows, or None without `on_updates`)."""
-        if not all(pending.is_trained(t.dispatch_id) for t in arrivals):
-            pending.flush(versions)
+    def _aggregate(self, params, state, all_finite, version, arrivals, versions, pending, queue):
+        """Aggregate the trained arrivals into version + 1 (put into `versions`, held once); returns
+        (params, state, all_finite, facts: StepFacts of padded rows, or None without `on_updates`).
+        With a `queue` the aggregation is only planned (its version's slot reserved): the values
+        returned are those passed in until `_apply_queued` runs it."""
         with_facts = self.on_updates is not None
+        if queue is not None:
+            tasks, columns = padded_columns(arrivals, version, self.trainer.store.counts)
+            slots = versions.slots_of([t.start_version for t in tasks])
+            slot = versions.reserve(version + 1)
+            facts = StepFacts() if with_facts else None
+            queue.add([t.dispatch_id for t in tasks], step_columns(slots, *columns, slot), facts)
+            for task in arrivals:  # (their results are released when the step has run)
+                versions.release(task.start_version)
+            return params, state, all_finite, facts
         if getattr(self.strategy, "jittable", True):
             tasks, columns = padded_columns(arrivals, version, self.trainer.store.counts)
             trained, loss = pending.take([t.dispatch_id for t in tasks])
@@ -759,7 +827,25 @@ class Simulator:
         for task in arrivals:
             pending.release(task.dispatch_id)
             versions.release(task.start_version)
-        return new_params, new_state, all_finite, facts
+        return new_params, new_state, all_finite, (StepFacts(facts) if facts is not None else None)
+
+    def _apply_queued(self, params, state, all_finite, queue, versions, pending):
+        """Run the queued aggregations on the device, a call per `queue.calls()`; returns the last
+        one's (params, state, all_finite) and fills each step's facts."""
+        with_facts = self.on_updates is not None
+        for call in queue.calls():
+            ids = [did for step in call for did in step.ids]
+            trained, loss = pending.take(ids)
+            columns = np.stack([step.columns for step in call])
+            versions.table, (params, state, all_finite, facts) = self._steps(
+                params, state, all_finite, versions.table, trained, loss, columns, with_facts=with_facts
+            )
+            for k, step in enumerate(call):
+                if step.facts is not None:
+                    step.facts.arrays, step.facts.index = facts, k
+            for did in dict.fromkeys(ids):
+                pending.release(did)
+        return params, state, all_finite
 
 
 def rows_ok(trained, mask) -> jnp.ndarray:

@@ -113,6 +113,26 @@ class VersionCache:
         """Stacked: the table row of each listed version (repeats allowed)."""
         return np.asarray([self._slot[v] for v in versions], np.int32)
 
+    @property
+    def table(self) -> PyTree | None:
+        """Stacked: the device table (leaves [slots, ...]); set it to a table with rows written."""
+        return self._table
+
+    @table.setter
+    def table(self, table: PyTree) -> None:
+        self._table = table
+
+    def reserve(self, version: int, refs: int = 1) -> int:
+        """Stacked: add a new version (held `refs` times) whose row the caller writes later, and
+        return its slot. Until the row is in `table`, only device code that runs after that write
+        may read it (the simulator's queued aggregation steps write their rows in order)."""
+        assert self.stacked and self._table is not None, "reserve needs a table"
+        assert version not in self._refs, f"version {version} already cached"
+        slot = self._new_slot(None)
+        self._slot[version] = slot
+        self._refs[version] = refs
+        return slot
+
     def put_by(self, version: int, write, template: PyTree | None = None, refs: int = 1) -> Any:
         """Stacked: add a new version (held `refs` times, like `put`) that `write(table, slot)`
         writes into the table itself, in the same device call as whatever else it computes: it

@@ -97,3 +97,19 @@ def test_a_version_written_by_the_caller_takes_a_free_slot_and_reads_back():
     np.testing.assert_array_equal(cache.get(2)["w"], np.full((3, 2), 2.0))
     np.testing.assert_array_equal(cache.get(1)["b"], -np.ones(2))
     np.testing.assert_array_equal(cache.slots_of([2, 1, 2]), [0, 1, 0])
+
+
+def test_a_reserved_version_takes_a_slot_the_table_grows_for_and_the_caller_writes():
+    cache = VersionCache(stacked=True, capacity=2)
+    cache.put(0, model(0.0))
+    cache.acquire(0)
+    first, second = cache.reserve(1), cache.reserve(2)  # the second slot does not exist yet: the table grows
+    assert (first, second) == (1, 2) and cache.slots == 3 and cache.refs() == {0: 2, 1: 1, 2: 1}
+    table = cache.table
+    for version, slot in ((1, first), (2, second)):  # what the simulator's queued steps do, later, in order
+        table = module.write_row(table, model(float(version)), slot)
+    cache.table = table
+    np.testing.assert_array_equal(cache.get(0)["w"], np.zeros((3, 2)))
+    np.testing.assert_array_equal(cache.get(2)["b"], np.full(2, -2.0))
+    cache.release(1)
+    assert cache.reserve(3) == 1  # a freed slot is reused

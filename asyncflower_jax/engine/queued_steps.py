@@ -1,0 +1,80 @@
+"""Aggregations planned on the host and applied on the device many at a time.
+
+Between two training flushes every arrival's result is already trained, so the loop can plan a
+run of aggregations (the rows each takes, its start versions' slots, the slot its new version is
+written to) without waiting for any of them. The device then applies them in order, in one
+scanned program per call, instead of one call (and one host-to-device transfer) per version: on
+a GPU each call costs the host tens to hundreds of microseconds, more than a small model's
+aggregation. The steps are the same ones, in the same order, so the versions are those of
+aggregating one at a time (up to floating-point rounding: the step is compiled inside a loop).
+
+A call's steps share one padded batch width, and a call's length is a power of two (at most
+`most_steps`, and at most `row_budget` trained rows in all), so few programs are compiled: a
+queue of 13 steps of width 1 runs as calls of 8, 4 and 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class StepFacts:
+    """Per-row facts of one aggregation (update norms, the rule's weights, local losses): device
+    arrays with a leading step axis, of which this aggregation is row `index` (index None: the
+    arrays are this aggregation's alone). `arrays` is None until its call has run."""
+
+    arrays: tuple | None = None
+    index: int | None = None
+
+    def rows(self, fetched: tuple) -> tuple:
+        """This aggregation's rows of `fetched` (the host copies of `arrays`)."""
+        return fetched if self.index is None else tuple(a[self.index] for a in fetched)
+
+
+@dataclasses.dataclass
+class QueuedStep:
+    ids: list[int]  # the dispatch ids of its rows, padding included
+    columns: np.ndarray  # simulator.step_columns
+    facts: StepFacts | None  # filled when it runs (None: facts are not wanted)
+
+
+class QueuedSteps:
+    """The planned aggregations, oldest first, and how they are cut into device calls."""
+
+    def __init__(self, most_steps: int, row_budget: int):
+        if most_steps < 1 or row_budget < 1:
+            raise ValueError(f"most_steps ({most_steps}) and row_budget ({row_budget}) must be >= 1")
+        self.most_steps = most_steps
+        self.row_budget = row_budget
+        self.steps: list[QueuedStep] = []
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def full(self) -> bool:
+        return len(self.steps) >= self.most_steps
+
+    def add(self, ids: list[int], columns: np.ndarray, facts: StepFacts | None) -> None:
+        self.steps.append(QueuedStep(ids, columns, facts))
+
+    def calls(self) -> Iterator[list[QueuedStep]]:
+        """The queue as consecutive device calls (and empties it): runs of one batch width, each
+        cut into power-of-two lengths of at most `most_steps` steps and `row_budget` rows."""
+        steps, self.steps = self.steps, []
+        i = 0
+        while i < len(steps):
+            width = len(steps[i].ids)
+            j = i
+            while j < len(steps) and len(steps[j].ids) == width:
+                j += 1
+            cap = max(1, min(self.most_steps, self.row_budget // width))
+            while i < j:
+                n = min(j - i, cap)
+                k = 1 << (n.bit_length() - 1)
+                yield steps[i : i + k]
+                i += k

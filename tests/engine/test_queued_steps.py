@@ -1,0 +1,93 @@
+"""Queued aggregations: how the queue is cut into device calls, and runs that apply many
+aggregations per call giving what one call per aggregation gives."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from asyncflower_jax.engine import simulator as simulator_module
+from asyncflower_jax.engine.queued_steps import QueuedSteps, StepFacts
+from asyncflower_jax.engine.simulator import Simulator
+from asyncflower_jax.experiment import Experiment
+from tests.conftest import make_config
+from tests.engine import test_checkpoint, test_nonfinite_check
+from tests.engine.test_simulator import RULES, SMALL, max_abs_diff
+
+
+def queue_of(widths, most_steps=8, row_budget=1000) -> QueuedSteps:
+    queue = QueuedSteps(most_steps, row_budget)
+    for i, width in enumerate(widths):
+        queue.add([i] * width, np.zeros(5 * width + 1, np.int32), None)
+    return queue
+
+
+def test_a_queue_runs_as_power_of_two_calls_of_one_width_in_order():
+    queue = queue_of([1] * 13 + [4] * 3 + [1] * 2)
+    calls = list(queue.calls())
+    assert [len(c) for c in calls] == [8, 4, 1, 2, 1, 2]
+    assert [s.ids[0] for c in calls for s in c] == list(range(18))  # every step once, in order
+    assert [len(c[0].ids) for c in calls] == [1, 1, 1, 4, 4, 1]
+    assert len(queue) == 0 and list(queue.calls()) == []
+
+
+def test_a_call_gathers_at_most_the_row_budget():
+    calls = list(queue_of([4] * 5, row_budget=8).calls())
+    assert [len(c) for c in calls] == [2, 2, 1]
+    assert [len(c) for c in queue_of([16] * 2, row_budget=8).calls()] == [1, 1]  # one step is always allowed
+    assert queue_of([1] * 8).full and not queue_of([1] * 7).full
+
+
+def test_step_facts_pick_their_row_of_a_call():
+    fetched = (np.arange(6).reshape(3, 2), np.ones((3, 2)), np.zeros((3, 2)))
+    np.testing.assert_array_equal(StepFacts(fetched, 2).rows(fetched)[0], [4, 5])
+    assert StepFacts(fetched).rows(fetched) is fetched
+
+
+def test_bad_limits_are_refused():
+    with pytest.raises(ValueError, match="most_steps"):
+        QueuedSteps(0, 10)
+
+
+def run(exp: Experiment, per_call: int):
+    exp.settings = dataclasses.replace(exp.settings, aggregations_per_call=per_call)
+    evals, updates = [], []
+    sim = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings,
+                    on_eval=evals.append, on_updates=updates.extend)
+    calls = []
+    steps = sim._steps
+    sim._steps = lambda *args, **kwargs: calls.append(len(args[6])) or steps(*args, **kwargs)  # (args[6]: one column row per step)
+    return sim.run(), evals, updates, calls
+
+
+@pytest.mark.parametrize("rule", ["fedasync", "fedbuff_window"])
+def test_many_aggregations_per_call_give_the_run_of_one_per_call(rule):
+    cfg = make_config(*SMALL, *RULES[rule], "max_updates=90", "eval_every=9", "latency=lognormal")
+    one, one_evals, one_updates, no_calls = run(Experiment(cfg), 1)
+    many, evals, updates, calls = run(Experiment(cfg), 8)
+    assert no_calls == [] and sum(calls) == many.summary["versions"] == one.summary["versions"]
+    assert max(calls) > 1  # queued for real (a time window's batches change width often: fewer steps per call)
+    if rule == "fedasync":
+        assert len(calls) < many.summary["versions"] / 2
+    assert max_abs_diff(one.params, many.params) < 1e-6
+    drop = ("wall_time", "test_loss", "test_accuracy")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in evals] == [{k: v for k, v in r.items() if k not in drop} for r in one_evals]
+    assert [r["test_accuracy"] for r in evals] == pytest.approx([r["test_accuracy"] for r in one_evals], abs=1e-6)
+    facts = ("update_norm", "weight", "local_loss")
+    assert [{k: v for k, v in r.items() if k not in facts} for r in updates] == [{k: v for k, v in r.items() if k not in facts} for r in one_updates]
+    for key in facts:
+        np.testing.assert_allclose([r[key] for r in updates], [r[key] for r in one_updates], rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture
+def queued(monkeypatch):
+    """Runs on this CPU apply up to 4 aggregations per device call."""
+    monkeypatch.setitem(simulator_module.AGGREGATIONS_PER_CALL, "cpu", 4)
+
+
+def test_resume_with_queued_aggregations_is_identical_to_an_uninterrupted_run(queued):
+    test_checkpoint.test_resume_from_every_checkpoint_is_identical_to_an_uninterrupted_run("ca2fl")
+
+
+def test_a_non_finite_update_found_late_with_queued_aggregations_gives_the_exact_run(queued, caplog):
+    test_nonfinite_check.test_a_non_finite_update_found_late_gives_the_exact_run_reported_once("fedbuff_window", 5, caplog)
