@@ -39,24 +39,25 @@ step() {  # step <name> <seconds> <command...>
   echo "== $name: exit ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s so far"
 }
 
-# Sized from a run on an H200 (BENCHMARKS.md), where an update cost the simulator and the sequential
-# baseline about 1 ms each: the full CPU grids do not fit in 8 minutes there.
+# Sized from runs on an H200 (BENCHMARKS.md), where a sequential update costs about 1.2 ms: the full
+# CPU grids do not fit in 8 minutes there. The steps took 141, 37, > 120, > 50 and 54 s with limits
+# of 160, 60, 120, 50 and 100; the limits now give the two cut-off steps more room.
 # 1. simulator vs sequential baseline at M = 100 and 8192, under the latency models whose deferred
 #    batches average >= 4096 at M = 8192 with 2M updates (identical: 8192, Pareto 1.5: 4266); the
 #    execution comparison is skipped (a 1024-client batch: vmap in one call is fastest on a GPU)
-step throughput 160 "$PY" benchmarks/throughput.py --out "$OUT" --repeats 1 --chunk-size 2048 --updates-per-client 2 --skip-execution \
+step throughput 150 "$PY" benchmarks/throughput.py --out "$OUT" --repeats 1 --chunk-size 2048 --updates-per-client 2 --skip-execution \
   --concurrency 100 8192 --latencies identical pareto-1.5
 # 1b. the same simulator applying one aggregation per device call (aggregations_per_call=1; the
 #    GPU default queues up to 1024 per call), against the same baseline, at M = 100 and 1000
-step throughput-one-per-call 60 "$PY" benchmarks/throughput.py --out "$OUT/one-per-call" --repeats 1 --chunk-size 2048 --updates-per-client 2 \
+step throughput-one-per-call 45 "$PY" benchmarks/throughput.py --out "$OUT/one-per-call" --repeats 1 --chunk-size 2048 --updates-per-client 2 \
   --skip-execution --concurrency 100 1000 --latencies identical --aggregations-per-call 1
 # 2. per-client LEAF CNN against the shared-weights ceiling, M = 128, 512, 1024: the two best
 #    variants of that run (about 9 s each, compilation included)
-step vectorization 120 "$PY" benchmarks/vectorization.py --out "$OUT" --repeats 2 --variants vmap-chunk-64 vmap-chunk-128-bf16
+step vectorization 140 "$PY" benchmarks/vectorization.py --out "$OUT" --repeats 2 --variants vmap-chunk-64 vmap-chunk-128-bf16
 # 3. whole simulation / bare training (FedAsync, exponential durations: the smallest batches)
-step overhead 50 "$PY" benchmarks/overhead.py --out "$OUT" --repeats 1 --chunk-size 2048 --rules fedasync --latencies exponential --concurrency 100 1000
+step overhead 70 "$PY" benchmarks/overhead.py --out "$OUT" --repeats 1 --chunk-size 2048 --rules fedasync --latencies exponential --concurrency 100 1000
 # 4. N = 1e6 at M = 1000 and 10,000 (one process per point; the small sizes are the CPU's)
-step scale 100 "$PY" benchmarks/scale.py --out "$OUT" --chunk-size 2048 --populations 1000000 --concurrency 1000 10000
+step scale 65 "$PY" benchmarks/scale.py --out "$OUT" --chunk-size 2048 --populations 1000000 --concurrency 1000 10000
 
 echo
 echo "== summary ($(( $(date +%s) - start )) s)"
