@@ -802,24 +802,26 @@ class Simulator:
         With a `queue` the aggregation is only planned (its version's slot reserved): the values
         returned are those passed in until `_apply_queued` runs it."""
         with_facts = self.on_updates is not None
+        counts = self.trainer.store.counts
         if queue is not None:
-            tasks, columns = padded_columns(arrivals, version, self.trainer.store.counts)
-            slots = versions.slots_of([t.start_version for t in tasks])
-            slot = versions.reserve(version + 1)
+            tasks = padded(arrivals)
+            columns = step_columns(tasks, len(arrivals), version, counts, versions.slot_of, versions.reserve(version + 1))
             facts = StepFacts() if with_facts else None
-            queue.add([t.dispatch_id for t in tasks], step_columns(slots, *columns, slot), facts)
+            queue.add([t.dispatch_id for t in tasks], columns, facts)
             for task in arrivals:  # (their results are released when the step has run)
                 versions.release(task.start_version)
             return params, state, all_finite, facts
         if getattr(self.strategy, "jittable", True):
-            tasks, columns = padded_columns(arrivals, version, self.trainer.store.counts)
+            tasks = padded(arrivals)
             trained, loss = pending.take([t.dispatch_id for t in tasks])
-            slots = versions.slots_of([t.start_version for t in tasks])
-            new_params, new_state, all_finite, facts = versions.put_by(
-                version + 1, lambda table, slot: self._step(params, state, all_finite, table, trained, loss, step_columns(slots, *columns, slot), with_facts=with_facts)
-            )
+
+            def step(table, slot):
+                columns = step_columns(tasks, len(arrivals), version, counts, versions.slot_of, slot)
+                return self._step(params, state, all_finite, table, trained, loss, columns, with_facts=with_facts)
+
+            new_params, new_state, all_finite, facts = versions.put_by(version + 1, step)
         else:  # the rule's own code on the host; its rows are checked here
-            updates, loss = stack_updates(arrivals, version, pending.take, versions.get, self.trainer.store.counts, versions.gather)
+            updates, loss = stack_updates(arrivals, version, pending.take, versions.get, counts, versions.gather)
             facts = (_jit_update_norms(updates), self._weights(state, updates), loss) if with_facts else None
             new_params, new_state = self.strategy.aggregate(params, state, updates)
             all_finite = all_finite & _jit_rows_ok(updates.params, updates.mask)
@@ -856,26 +858,38 @@ def rows_ok(trained, mask) -> jnp.ndarray:
 _jit_rows_ok = jit(rows_ok)
 
 
+def padded(arrivals: list[Task]) -> list[Task]:
+    """The arrivals padded (by repeating the first) to a power-of-two count: few shapes compile."""
+    return arrivals + [arrivals[0]] * (bucket_size(len(arrivals)) - len(arrivals))
+
+
 def padded_columns(arrivals: list[Task], version: int, counts) -> tuple[list[Task], tuple[np.ndarray, ...]]:
-    """The arrivals padded (by repeating the first) to a power-of-two count, and the UpdateBatch
-    columns (staleness, num_examples, client_id, mask) of those rows as host (numpy) arrays: a
-    jitted kernel takes them as they are, ten times faster than jnp.asarray of a list."""
-    k = len(arrivals)
-    tasks = arrivals + [arrivals[0]] * (bucket_size(k) - k)
+    """The `padded` arrivals and the UpdateBatch columns (staleness, num_examples, client_id, mask)
+    of those rows as host (numpy) arrays: a jitted kernel takes them as they are, ten times faster
+    than jnp.asarray of a list."""
+    tasks = padded(arrivals)
     return tasks, (
         np.asarray([version - t.start_version for t in tasks], np.int32),
         np.asarray([counts[t.client] for t in tasks], jax.dtypes.canonicalize_dtype(np.float64)),  # (jnp.result_type(float), 15x cheaper per update)
         np.asarray([t.client for t in tasks], np.int32),
-        np.arange(len(tasks)) < k,
+        np.arange(len(tasks)) < len(arrivals),
     )
 
 
-def step_columns(slots, staleness, num_examples, client_id, mask, slot) -> np.ndarray:
-    """The aggregation step's host inputs in one int32 array (slots, staleness, num_examples,
-    client_id and mask of each row, then the new version's slot): one host-to-device transfer per
-    aggregation instead of six, each of which costs a GPU tens of microseconds. Sample counts are
-    whole numbers, so they make the round trip through int32 exactly."""
-    return np.concatenate([slots, staleness, num_examples, client_id, mask, [slot]]).astype(np.int32)
+def step_columns(tasks: list[Task], real: int, version: int, counts, slot_of, slot: int) -> np.ndarray:
+    """The aggregation step's host inputs for the `padded` rows `tasks` (the first `real` of them
+    real) in one int32 array: per row the table slot of its start version (`slot_of`), its
+    staleness, sample count, client id and mask, then the new version's slot. One host-to-device
+    transfer per aggregation instead of six (each costs a GPU tens of microseconds), built in one
+    pass (on a GPU the host loop sets the pace). Sample counts are whole numbers, so they make the
+    round trip through int32 exactly."""
+    values = [slot_of(t.start_version) for t in tasks]
+    values += [version - t.start_version for t in tasks]
+    values += [int(counts[t.client]) for t in tasks]
+    values += [t.client for t in tasks]
+    values += [1] * real + [0] * (len(tasks) - real)
+    values.append(slot)
+    return np.array(values, np.int32)
 
 
 def split_step_columns(columns):

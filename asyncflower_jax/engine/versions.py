@@ -109,6 +109,10 @@ class VersionCache:
 
         return stack_trees([self._params[v] for v in versions])
 
+    def slot_of(self, version: int) -> int:
+        """Stacked: the table row of a version."""
+        return self._slot[version]
+
     def slots_of(self, versions: list[int]) -> np.ndarray:
         """Stacked: the table row of each listed version (repeats allowed)."""
         return np.asarray([self._slot[v] for v in versions], np.int32)
