@@ -8,7 +8,8 @@ import pytest
 
 from asyncflower_jax.engine import simulator as simulator_module
 from asyncflower_jax.engine.queued_steps import QueuedSteps, StepFacts
-from asyncflower_jax.engine.simulator import Simulator
+from asyncflower_jax.engine.simulator import SimulationSettings, Simulator
+from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.experiment import Experiment
 from tests.conftest import make_config
 from tests.engine import test_checkpoint, test_nonfinite_check
@@ -91,3 +92,16 @@ def test_resume_with_queued_aggregations_is_identical_to_an_uninterrupted_run(qu
 
 def test_a_non_finite_update_found_late_with_queued_aggregations_gives_the_exact_run(queued, caplog):
     test_nonfinite_check.test_a_non_finite_update_found_late_gives_the_exact_run_reported_once("fedbuff_window", 5, caplog)
+
+
+def test_the_default_is_one_per_call_on_a_cpu_and_queued_on_accelerators(monkeypatch):
+    assert simulator_module.aggregations_per_call(None) == 1  # (these tests run on the CPU)
+    assert simulator_module.aggregations_per_call(16) == 16
+    monkeypatch.setattr(simulator_module.jax, "default_backend", lambda: "gpu")
+    assert simulator_module.aggregations_per_call(None) == simulator_module.ACCELERATOR_AGGREGATIONS_PER_CALL == 1024
+    assert simulator_module.aggregations_per_call(1) == 1
+
+
+def test_a_bad_setting_is_refused_with_its_name():
+    with pytest.raises(ConfigError, match="aggregations_per_call=0 is invalid: must be an integer >= 1"):
+        SimulationSettings(num_clients=4, concurrency=2, max_updates=5, aggregations_per_call=0)
