@@ -11,6 +11,10 @@ Order of operations (the reference in engine/reference.py follows the same):
   3. aggregate the arrivals (staleness = current version - start version) into a new version;
      with refill "on_aggregation" idle slots are then filled from the new version;
   4. evaluate every `eval_every` versions; stop at max versions / updates / simulated time.
+With `aggregations_per_call` > 1 (the default on GPUs and TPUs) step 3 is planned on the host and
+queued, and the queue is applied on the device in one scanned call per run of steps before the
+next training flush, evaluation or checkpoint, at the end, or when that many are queued
+(engine/queued_steps.py): the same steps in the same order.
 An evaluation is read at the next one (or at a checkpoint, or the end): its scores, its rows and
 its finite checks reach the host and the callbacks then, so the host never waits for the device
 there; the last evaluation of a run is read at once.
@@ -362,7 +366,7 @@ class Simulator:
         last_verified = 0  # the newest version up to which every aggregated row was checked finite
         stall_limit = max(1000, STALL_FAILURES_PER_SLOT * s.concurrency)
         failures_in_a_row = 0  # since the last aggregation
-        # per-update rows since the last metrics row: (host facts, device norms, weights, losses) per aggregation
+        # per-update rows since the last metrics row: (host facts, device facts: norms, weights, losses) per aggregation
         update_buffer: list[tuple[list[dict], StepFacts]] = []
         # aggregations planned and not applied yet (None: each is applied at once); params, state
         # and all_finite are those of the last applied one until `settle`
