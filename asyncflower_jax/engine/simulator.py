@@ -414,10 +414,12 @@ class Simulator:
             if queue:
                 params, state, all_finite = self._apply_queued(params, state, all_finite, queue, versions, pending)
 
-        def train() -> None:
-            """Train the untrained clients (from versions that the queued aggregations write)."""
-            settle()
-            pending.flush(versions)
+        def train(arrivals: list[Task]) -> None:
+            """If any of the arrivals is untrained, train the untrained clients (from versions that
+            the queued aggregations write first)."""
+            if not all(pending.is_trained(t.dispatch_id) for t in arrivals):
+                settle()
+                pending.flush(versions)
 
         def fill(limit: int | None = None):
             """Dispatch idle clients from the current version up to `concurrency` (at most `limit`:
@@ -501,8 +503,7 @@ class Simulator:
         def reject_nonfinite(arrivals: list[Task]) -> bool:
             """Drop the arrivals whose results have a NaN or infinite entry (training them first if
             needed); their slots are refilled at once. True if any was dropped."""
-            if not all(pending.is_trained(t.dispatch_id) for t in arrivals):
-                train()
+            train(arrivals)
             bad = [t for t in arrivals if not pending.is_finite(t.dispatch_id)]
             for task in bad:
                 arrivals.remove(task)
@@ -664,8 +665,7 @@ class Simulator:
                     break  # an unfilled buffer at the time limit (or with no client left) is not aggregated
                 if arrivals:
                     failures_in_a_row = 0
-                    if not all(pending.is_trained(t.dispatch_id) for t in arrivals):
-                        train()
+                    train(arrivals)
                     params, state, all_finite, facts = self._aggregate(params, state, all_finite, version, arrivals, versions, pending, queue)
                     if queue is not None and queue.full:
                         settle()

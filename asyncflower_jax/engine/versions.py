@@ -126,13 +126,14 @@ class VersionCache:
     def table(self, table: PyTree) -> None:
         self._table = table
 
-    def reserve(self, version: int, refs: int = 1) -> int:
+    def reserve(self, version: int, refs: int = 1, template: PyTree | None = None) -> int:
         """Stacked: add a new version (held `refs` times) whose row the caller writes later, and
         return its slot. Until the row is in `table`, only device code that runs after that write
-        may read it (the simulator's queued aggregation steps write their rows in order)."""
-        assert self.stacked and self._table is not None, "reserve needs a table"
+        may read it (the simulator's queued aggregation steps write their rows in order).
+        `template` (a model) shapes the table if there is none yet."""
+        assert self.stacked and (self._table is not None or template is not None), "reserve on an empty table needs a template"
         assert version not in self._refs, f"version {version} already cached"
-        slot = self._new_slot(None)
+        slot = self._new_slot(template)
         self._slot[version] = slot
         self._refs[version] = refs
         return slot
@@ -142,12 +143,8 @@ class VersionCache:
         writes into the table itself, in the same device call as whatever else it computes: it
         returns (the new table, anything else), and the latter is returned. The table passed may
         be donated. `template` (a model) shapes the table if there is none yet."""
-        assert self.stacked and (self._table is not None or template is not None), "put_by on an empty table needs a template"
-        assert version not in self._refs, f"version {version} already cached"
-        slot = self._new_slot(template)
+        slot = self.reserve(version, refs, template)
         self._table, out = write(self._table, np.int32(slot))
-        self._slot[version] = slot
-        self._refs[version] = refs
         return out
 
     def put(self, version: int, params: PyTree, refs: int = 1) -> None:
