@@ -41,7 +41,7 @@ from .engine.scheduler import Scheduler
 from .engine.simulator import METRIC_COLUMNS, UPDATE_COLUMNS, Interrupted, SimulationResult, SimulationSettings, Simulator, check_strategy
 from .errors import ConfigError
 from .models.mlp import init_params
-from .results.plots import plot_run
+from .results.plots import plot_finished_run
 from .results.progress import make_progress
 from .results.recorder import Recorder
 from .results.rundir import RESUME_MUTABLE_KEYS, SUMMARY_FILE, check_fresh, clear_failure, resume_requested, run_files
@@ -246,13 +246,11 @@ class Experiment:
                     latest if latest is not None else "none (set checkpoint_every to keep checkpoints of finite models)",
                 )
             if recorder:
-                recorder.write_summary(result.summary)
+                recorder.close()
+                plot_finished_run(run_dir)
+                recorder.write_summary(result.summary)  # last: a run directory with a summary is complete
                 if "diverged" not in result.summary:  # finished: the checkpoints have served their purpose
                     shutil.rmtree(checkpoints.directory, ignore_errors=True)
-                try:
-                    plot_run(run_dir)
-                except Exception as exc:  # a finished run stays finished if a plot fails
-                    log.warning("could not plot %s: %s", run_dir, exc)
             return result
         finally:
             if recorder:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .results.plots import new_figure
+from .results.plots import new_figure, save_figure
 from .results.recorder import write_atomic
 from .results.runs import find_run_dirs, num_rows, read_config, read_metrics, read_overrides, read_summary, run_seed
 
@@ -267,8 +267,7 @@ def plot_overlay(groups: Sequence[tuple[str, Sequence[Run]]], x_column: str, x_l
     ax.grid(alpha=0.3)
     ax.set_title(f"Test accuracy vs {x_label}\nmean over seeds, band: min–max")
     fig.legend(loc="outside lower center", ncols=ncols, fontsize="small")
-    fig.savefig(path, bbox_inches="tight")  # grows the image rather than clipping an unusually wide legend
-    return path
+    return save_figure(fig, path)  # (tight: grows the image rather than clipping an unusually wide legend)
 
 
 # ---------------------------------------------------------------- output

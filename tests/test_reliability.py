@@ -118,6 +118,21 @@ def test_a_new_run_never_writes_into_another_runs_directory(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
+def test_a_finished_runs_summary_is_written_after_its_plots(tmp_path, monkeypatch):
+    """summary.json marks a complete run directory: a run stopped while plotting is resumed, not taken as done."""
+    from asyncflower_jax.results import plots
+
+    seen = []
+    original = plots.plot_run
+    monkeypatch.setattr(plots, "plot_run", lambda run_dir: seen.append(sorted(p.name for p in run_dir.iterdir())) or original(run_dir))
+    cfg = make_config("num_clients=10", "concurrency=3", "max_updates=6", "eval_every=2", "client.num_steps=2", "model.hidden=[16]", "progress=false")
+    Experiment(cfg).run(tmp_path)
+    assert len(seen) == 1 and "summary.json" not in seen[0] and "metrics.csv" in seen[0]
+    assert (tmp_path / "summary.json").is_file() and (tmp_path / plots.CURVES_FILE).is_file()
+    with open(tmp_path / "metrics.csv") as f:
+        assert len(f.read().splitlines()) == 1 + 4  # the header and versions 0, 2, 4, 6: complete when plotted
+
+
 def test_a_resumed_run_keeps_its_configuration(tmp_path):
     (tmp_path / "config.yaml").write_text("seed: 0\nstrategy:\n  buffer_size: 5\nprogress: true\n")
     cfg = make_config("strategy=fedbuff", "strategy.buffer_size=3", "progress=false", "resume=true")

@@ -4,8 +4,8 @@ The run config (flower/run_config.py) is the project's Hydra config: the ServerA
 strategy, initial model and test set as `python run.py` with the same keys (through `Experiment`),
 then runs `AsyncServerLoop` against the SuperNodes and writes a run directory like the
 simulator's: config.yaml, metrics.csv (`sim_time` is wall-clock seconds since the first
-dispatch), updates.csv, failures.csv, summary.json (last, atomically; failed.json if the run
-fails), the plots and run.log.
+dispatch), updates.csv, failures.csv, the plots, run.log and summary.json (last, atomically: a
+launcher may stop the federation once it is there; failed.json if the run fails).
 """
 
 from __future__ import annotations
@@ -98,20 +98,18 @@ def run_federation(
         )
         result = loop.run()
         result.summary.update({"strategy": repr(exp.strategy), "seed": cfg.seed, "federation": deployment, "run_dir": str(run_dir)})
-        recorder.write_summary(result.summary)
+        recorder.close()
+        if plot:
+            from ..results.plots import plot_finished_run
+
+            plot_finished_run(run_dir)
+        recorder.write_summary(result.summary)  # last: the run is complete once it is there
         log.info(
             "done: %s | %d versions, %d updates, %.1f s | staleness mean %.2f max %d | test accuracy %.4f -> %.4f | %s",
             result.summary["stop_reason"], result.summary["versions"], result.summary["client_updates"], result.summary["wall_time"],
             result.summary["mean_staleness"], result.summary["max_staleness"], result.summary["initial_test_accuracy"],
             result.summary["final_test_accuracy"], run_dir,
         )
-        if plot:
-            try:
-                from ..results.plots import plot_run
-
-                plot_run(run_dir)
-            except Exception as exc:  # a finished run stays finished if a plot fails
-                log.warning("could not plot %s: %s", run_dir, exc)
         return result
     except BaseException as exc:
         log.error("the federation failed: %s: %s", type(exc).__name__, exc)

@@ -7,6 +7,8 @@ works headless and never changes the backend or leaks figures in the calling pro
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .runs import num_rows, read_config, read_metrics, read_summary, read_updates, run_seed, strategy_name
+
+log = logging.getLogger(__name__)
 
 CURVES_FILE = "accuracy_loss.png"
 STALENESS_FILE = "staleness.png"
@@ -38,6 +42,19 @@ def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def save_figure(fig: Figure, path: Path, **kwargs) -> Path:
+    """Write `fig` as a PNG through a temporary file and a rename: a run stopped while plotting
+    leaves no truncated image. Sized to fit the content (`bbox_inches="tight"`) unless told."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png", **{"bbox_inches": "tight", **kwargs})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def line_style(n_points: int) -> dict:
@@ -71,8 +88,7 @@ def plot_curves(metrics: dict[str, np.ndarray], title: str, path: Path) -> Path:
             ax.set_ylabel(y_label)
             ax.grid(alpha=0.3)
     fig.suptitle(f"{title}: test metrics", fontsize="x-large")
-    fig.savefig(path, bbox_inches="tight")  # grows the image rather than clipping anything
-    return path
+    return save_figure(fig, path)
 
 
 def plot_staleness(metrics: dict[str, np.ndarray], title: str, path: Path) -> Path:
@@ -91,8 +107,7 @@ def plot_staleness(metrics: dict[str, np.ndarray], title: str, path: Path) -> Pa
     ax.grid(alpha=0.3)
     ax.legend(title="per evaluation\nwindow", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"{title}: staleness of aggregated updates")
-    fig.savefig(path, bbox_inches="tight")  # grows the image rather than clipping anything
-    return path
+    return save_figure(fig, path)
 
 
 def plot_staleness_histogram(updates: dict[str, np.ndarray], title: str, path: Path) -> Path:
@@ -114,8 +129,7 @@ def plot_staleness_histogram(updates: dict[str, np.ndarray], title: str, path: P
     ax.grid(alpha=0.3, axis="y")
     ax.legend(loc="upper right")
     ax.set_title(f"{title}: staleness of {len(staleness)} aggregated updates")
-    fig.savefig(path, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)
 
 
 def arrival_rate(sim_time: np.ndarray, bins: int = ARRIVAL_BINS) -> tuple[np.ndarray, np.ndarray, float]:
@@ -144,8 +158,7 @@ def plot_arrivals(updates: dict[str, np.ndarray], title: str, path: Path) -> Pat
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"{title}: client update arrivals")
-    fig.savefig(path, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)
 
 
 def participation_counts(clients: np.ndarray, num_clients: int | None = None) -> np.ndarray:
@@ -174,8 +187,7 @@ def plot_participation(updates: dict[str, np.ndarray], num_clients: int | None, 
     ax.grid(alpha=0.3, axis="y")
     ax.legend(loc="upper right")
     ax.set_title(f"{title}: participation per client")
-    fig.savefig(path, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)
 
 
 def in_flight_steps(dispatch_time: np.ndarray, arrival_time: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -241,8 +253,7 @@ def plot_in_flight(updates: dict[str, np.ndarray], concurrency: int | None, titl
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"{title}: in-flight concurrency")
-    fig.savefig(path, bbox_inches="tight")
-    return path
+    return save_figure(fig, path)
 
 
 def plot_run(run_dir: Path) -> list[Path]:
@@ -273,3 +284,13 @@ def plot_run(run_dir: Path) -> list[Path]:
         if "dispatch_time" in updates:  # runs recorded before updates.csv had it
             paths.append(plot_in_flight(updates, config.get("concurrency"), title, run_dir / IN_FLIGHT_FILE))
     return paths
+
+
+def plot_finished_run(run_dir: Path) -> list[Path]:
+    """`plot_run` for a run that just ended: a plot that fails is logged, not raised (the run's
+    results stand without it)."""
+    try:
+        return plot_run(run_dir)
+    except Exception as exc:
+        log.warning("could not plot %s: %s", run_dir, exc)
+        return []

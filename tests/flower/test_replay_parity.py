@@ -15,6 +15,7 @@ from asyncflower_jax.flower import client_app
 from asyncflower_jax.flower.replay import ReplayGrid
 from asyncflower_jax.flower.run_config import compose_config
 from asyncflower_jax.flower.server_app import run_federation
+from asyncflower_jax.results import plots
 
 SMALL = "client.num_steps=3 client.batch_size=8 model.hidden=[16] latency=lognormal"
 RULES = {"fedasync": "", "fedbuff": " strategy.buffer_size=3"}
@@ -32,7 +33,7 @@ def max_abs_diff(a, b) -> float:
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
-def test_replayed_federation_equals_the_simulation(rule, tmp_path):
+def test_replayed_federation_equals_the_simulation(rule, tmp_path, monkeypatch):
     run_config = {
         "strategy": rule,
         "num_clients": 6,
@@ -50,7 +51,13 @@ def test_replayed_federation_equals_the_simulation(rule, tmp_path):
     simulated = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings, on_updates=sim_rows.extend).run()
 
     grid = ReplayGrid(client_app.app, run_config, Experiment(cfg).scheduler())
-    federated = run_federation(grid, run_config, choose=grid.choose, plot=False)
+    plotted = []  # whether summary.json was there when the plots were drawn (fedbuff's run plots)
+    original = plots.plot_run
+    monkeypatch.setattr(plots, "plot_run", lambda run_dir: plotted.append((run_dir / "summary.json").exists()) or original(run_dir))
+    federated = run_federation(grid, run_config, choose=grid.choose, plot=rule == "fedbuff")
+    if rule == "fedbuff":  # the summary comes last: a launcher that stops the federation once it is there cuts no plot short
+        assert plotted == [False] and (tmp_path / "run" / "summary.json").is_file()
+        assert (tmp_path / "run" / plots.CURVES_FILE).stat().st_size > 10_000 and not (tmp_path / "run" / "failed.json").exists()
 
     assert federated.summary["failures"] == dict.fromkeys(("dropout", "failed", "timeout", "nonfinite"), 0)
     for key in ("versions", "client_updates", "mean_staleness", "max_staleness"):

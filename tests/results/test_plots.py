@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from asyncflower_jax.results.plots import CURVES_FILE, STALENESS_FILE, plot_run, run_title, windows_with_updates
+from matplotlib.figure import Figure
+
+from asyncflower_jax.results.plots import CURVES_FILE, STALENESS_FILE, plot_finished_run, plot_run, run_title, windows_with_updates
 from asyncflower_jax.results.runs import find_run_dirs, read_metrics, strategy_name
 
 from .fake_runs import CURVES, assert_png, write_run, write_sweep
@@ -28,6 +30,26 @@ def test_plot_run_without_rows_is_a_clear_error(tmp_path):
     run = write_run(tmp_path / "empty", "fedbuff", 0, [], finished=False)
     with pytest.raises(ValueError, match="no evaluation rows"):
         plot_run(run)
+
+
+def test_a_plot_stopped_while_it_is_written_leaves_no_file(tmp_path, monkeypatch):
+    run = write_run(tmp_path / "run", "fedasync", 0, CURVES["fedasync", 0])
+
+    def write_half_and_stop(fig, path, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG\r\n")
+        raise KeyboardInterrupt  # (a launcher stopping the process)
+
+    monkeypatch.setattr(Figure, "savefig", write_half_and_stop)
+    with pytest.raises(KeyboardInterrupt):
+        plot_run(run)
+    assert sorted(p.name for p in run.iterdir() if p.suffix == ".png" or p.name.endswith(".tmp")) == []
+
+
+def test_a_finished_runs_plot_that_fails_is_logged_not_raised(tmp_path, caplog):
+    run = write_run(tmp_path / "empty", "fedbuff", 0, [], finished=False)
+    assert plot_finished_run(run) == []
+    assert "could not plot" in caplog.text and "no evaluation rows" in caplog.text
 
 
 def test_title_names_the_strategy_class_and_the_seed(tmp_path):
