@@ -2,7 +2,9 @@
 
 A model is a frozen dataclass with two methods: `client_profile(rng, n)` draws the per-client
 parameter once per run, and `sample(rng, profile)` draws one duration per entry of `profile`
-(the profiles of the clients being dispatched).
+(the profiles of the clients being dispatched). `sample_one(rng, p)` is `sample` of one profile
+as a float, the same draw: the scheduler calls it once per dispatch, and the models below write
+it with scalar draws (a numpy call on a one-entry array costs microseconds, the host loop's pace).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ class LatencyModel:
     def sample(self, rng: np.random.Generator, profile: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def sample_one(self, rng: np.random.Generator, profile: float) -> float:
+        """`sample(rng, [profile])[0]`, the same value from the same draws."""
+        return float(self.sample(rng, np.array([profile], np.float64))[0])
+
 
 @dataclasses.dataclass(frozen=True)
 class Constant(LatencyModel):
@@ -38,6 +44,9 @@ class Constant(LatencyModel):
 
     def sample(self, rng, profile):
         return np.full(len(profile), self.duration)
+
+    def sample_one(self, rng, profile):
+        return float(self.duration)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +64,10 @@ class Exponential(LatencyModel):
         return self.rate * rng.lognormal(0.0, self.client_sigma, num_clients)
 
     def sample(self, rng, profile):
-        return rng.exponential(1.0 / profile)
+        return rng.standard_exponential(len(profile)) * (1.0 / profile)  # rng.exponential(1 / profile), 4x cheaper
+
+    def sample_one(self, rng, profile):
+        return float(rng.standard_exponential() * (1.0 / profile))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +88,9 @@ class LogNormal(LatencyModel):
 
     def sample(self, rng, profile):
         return profile * rng.lognormal(0.0, self.sigma, len(profile))
+
+    def sample_one(self, rng, profile):
+        return float(profile * rng.lognormal(0.0, self.sigma))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +114,9 @@ class Pareto(LatencyModel):
 
     def sample(self, rng, profile):
         return profile * (1.0 + rng.pareto(self.shape, len(profile)))  # numpy's pareto is Lomax: shift by 1
+
+    def sample_one(self, rng, profile):
+        return float(profile * (1.0 + rng.pareto(self.shape)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +144,10 @@ class ClientGroups(LatencyModel):
         return np.asarray(self.rates)[self.client_groups(rng, num_clients)]
 
     def sample(self, rng, profile):
-        return rng.exponential(1.0 / profile)
+        return rng.standard_exponential(len(profile)) * (1.0 / profile)  # rng.exponential(1 / profile), 4x cheaper
+
+    def sample_one(self, rng, profile):
+        return float(rng.standard_exponential() * (1.0 / profile))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,10 +170,14 @@ class Uniform(LatencyModel):
     def sample(self, rng, profile):
         return profile * rng.uniform(self.low, self.high, len(profile))
 
+    def sample_one(self, rng, profile):
+        return float(profile * rng.uniform(self.low, self.high))
+
 
 class NeedsWork:
     """Mixin of latency models whose durations follow each client's local work and the model size:
-    the experiment calls `bind(examples_per_task, model_bytes)` before the run."""
+    the experiment calls `bind(examples_per_task, model_bytes)` before the run. A task takes its
+    client's duration (the profile) times lognormal(0, `noise_sigma`)."""
 
     def bind(self, examples_per_task: np.ndarray, model_bytes: float):
         return dataclasses.replace(self, examples=np.asarray(examples_per_task, np.float64), model_bytes=float(model_bytes))
@@ -161,6 +186,12 @@ class NeedsWork:
         if self.examples is None or self.model_bytes is None:
             raise RuntimeError(f"{type(self).__name__} needs bind(examples_per_task, model_bytes) before use")
         return self.examples, self.model_bytes
+
+    def sample(self, rng, profile):  # the client's duration times per-task noise
+        return profile * rng.lognormal(0.0, self.noise_sigma, len(profile))
+
+    def sample_one(self, rng, profile):
+        return float(profile * rng.lognormal(0.0, self.noise_sigma))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +228,3 @@ class WorkProportional(NeedsWork, LatencyModel):
         duration = examples * self.seconds_per_example / speed + 2.0 * model_bytes / bandwidth
         require(bool(np.all(duration > 0)), "latency.seconds_per_example", self.seconds_per_example, "such that every task takes some time")
         return duration
-
-    def sample(self, rng, profile):
-        return profile * rng.lognormal(0.0, self.noise_sigma, len(profile))

@@ -193,7 +193,7 @@ class Scheduler:
             raise RuntimeError("no idle client to dispatch" if self.availability is None else "no idle and available client to dispatch")
         client = self.idle.kth(int(self.rng.integers(self.idle.count)))
         self.idle.take(client)
-        duration = float(self.latency.sample(self.rng, self.profile[client : client + 1])[0])
+        duration = self.latency.sample_one(self.rng, self.profile[client])
         fault = None
         if self.faults is not None:
             fault, duration = self.faults.draw(self.fault_rng, duration)

@@ -113,9 +113,6 @@ class Trace(NeedsWork, LatencyModel):
         spe, bandwidth = load_trace(self.path, num_clients)
         return examples * spe + 2.0 * model_bytes / bandwidth
 
-    def sample(self, rng, profile):
-        return profile * rng.lognormal(0.0, self.noise_sigma, len(profile))
-
 
 AVAILABILITY_COLUMNS = ("client", "start", "end")
 

@@ -179,3 +179,40 @@ def test_client_groups_sample_means_per_group():
 def test_bad_values_raise_config_error_naming_the_key(make, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         make()
+
+
+def sample_one_models(tmp_path):
+    """Every latency model, bound where it needs work and model size, with spread client profiles."""
+    from asyncflower_jax.engine.latency import Uniform, WorkProportional
+    from asyncflower_jax.engine.traces import Trace
+
+    trace = tmp_path / "trace.csv"
+    trace.write_text("client,seconds_per_example,bandwidth\n" + "".join(f"{c},{0.01 * (c + 1)},{100.0 * (c + 2)}\n" for c in range(9)))
+    work = (np.arange(9) + 1) * 10.0
+    return ALL_MODELS + [
+        Uniform(0.5, 2.0, client_sigma=0.4),
+        WorkProportional(noise_sigma=0.3).bind(work, 1e5),
+        Trace(path=str(trace), noise_sigma=0.2).bind(work, 1e3),
+    ]
+
+
+def test_sample_one_draws_what_sample_draws_for_one_client(tmp_path):
+    """The scheduler draws one duration per dispatch with sample_one; the naive reference with
+    sample of a one-client profile: the same values, bit for bit, from the same stream."""
+    for model in sample_one_models(tmp_path):
+        profile = model.client_profile(np.random.default_rng(1), 9)
+        clients = np.random.default_rng(2).integers(9, size=300)
+        a, b = np.random.default_rng(5), np.random.default_rng(5)
+        one = [model.sample_one(a, profile[c]) for c in clients]
+        sliced = [model.sample(b, profile[c : c + 1])[0] for c in clients]
+        assert all(type(x) is float for x in one), type(model).__name__
+        assert one == sliced, type(model).__name__
+        assert a.random() == b.random()  # and the stream is left where sample leaves it
+
+
+def test_exponential_durations_are_numpys_exponential_draws():
+    """Exponential.sample scales standard draws (4x cheaper) and gives numpy's rng.exponential(1 / rate) bit for bit."""
+    for model in (Exponential(rate=2.0, client_sigma=0.7), ClientGroups()):
+        profile = model.client_profile(np.random.default_rng(3), 50)
+        a, b = np.random.default_rng(4), np.random.default_rng(4)
+        np.testing.assert_array_equal(model.sample(a, profile), b.exponential(1.0 / profile))
