@@ -3,7 +3,9 @@
 A client's result depends only on its start version, its data and its key, all fixed at
 dispatch; so when an aggregation needs any untrained result, every untrained client is trained
 in one batched call (the largest batch exactness allows). Results wait on the device until
-their (simulated) arrival is aggregated.
+their (simulated) arrival is aggregated, each in a row (slot) of one store: a batch of results
+drawn from many flushes is then one gather, not a call per flush (with spread-out durations a
+queued device call draws from dozens of them).
 
 Tasks with an injected NaN fault are trained like the others and their results then replaced by
 NaNs, so the non-finite check (`is_finite`, one host transfer per trained chunk) sees what a
@@ -32,12 +34,23 @@ def _gather_rows(tree, loss, rows):
 
 
 @functools.partial(jit, donate_argnums=(0, 1))
-def _scatter_rows(tree, loss, chunk, chunk_loss, rows, positions):
-    """`tree`'s rows `positions` set to `chunk`'s rows `rows`, in place (positions out of range are
-    padding, dropped). Compiled per chunk size, count bucket and batch size, however many chunks a
-    batch draws from, and it moves only the rows it sets."""
-    put = lambda out, leaf: out.at[positions].set(leaf[rows], mode="drop")  # noqa: E731
+def _put_rows(tree, loss, chunk, chunk_loss, positions):
+    """`tree`'s rows `positions` set to `chunk`'s rows, in place (positions out of range are the
+    chunk's padding rows, dropped). Compiled per store capacity and chunk size."""
+    put = lambda out, leaf: out.at[positions].set(leaf, mode="drop")  # noqa: E731
     return jax.tree.map(put, tree, chunk), put(loss, chunk_loss)
+
+
+@functools.partial(jit, static_argnums=2)
+def _with_capacity(tree, loss, capacity: int):
+    """`tree` and `loss` extended with zero rows to `capacity` rows (on the devices they are on)."""
+    extend = lambda leaf: jnp.concatenate([leaf, jnp.zeros((capacity - leaf.shape[0],) + leaf.shape[1:], leaf.dtype)])  # noqa: E731
+    return jax.tree.map(extend, tree), extend(loss)
+
+
+@jit
+def _rows_finite_at(tree, rows):
+    return rows_finite(jax.tree.map(lambda leaf: leaf[rows], tree))
 
 
 @jit
@@ -57,8 +70,6 @@ def rows_finite(tree):
     flags = [jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1) for leaf in jax.tree.leaves(tree)]
     return jnp.stack(flags).all(axis=0)
 
-
-_jit_rows_finite = jit(rows_finite)
 
 
 RATE_SAMPLES = 64  # arrivals before the observed arrival rate is trusted on its own
@@ -93,15 +104,18 @@ class PendingResults:
     client) or a predicate on tasks: only those it accepts are trained now, the others stay
     untrained (the simulator leaves out clients that cannot arrive before the run stops)."""
 
-    def __init__(self, trainer: BatchedTrainer, horizon=None):
+    def __init__(self, trainer: BatchedTrainer, horizon=None, capacity: int = 0):
         self.trainer = trainer
         self.horizon = horizon
+        self.capacity = capacity  # slots of the store when it is made (results held at once: about the concurrency)
         self._untrained: list[Task] = []
-        self._where: dict[int, tuple[int, int]] = {}  # dispatch id -> (chunk id, row)
-        self._chunks: dict[int, TrainedChunk] = {}
-        self._chunk_refs: dict[int, int] = {}
+        self._where: dict[int, tuple[int, int]] = {}  # dispatch id -> (chunk id, slot in the store)
+        self._store = None  # (params with a leading slot axis, losses)
+        self._free: list[int] = []  # free slots
+        self._members: dict[int, list[int]] = {}  # chunk id -> its dispatch ids
+        self._chunk_refs: dict[int, int] = {}  # chunk id -> its results not consumed yet
         self._next_chunk = 0
-        self._finite: dict[int, jax.Array | np.ndarray] = {}  # chunk id -> per-row finiteness (fetched once)
+        self._finite: dict[int, dict[int, bool]] = {}  # chunk id -> finiteness per dispatch id (fetched once)
         self.flush_sizes: list[int] = []
 
     def add(self, task: Task) -> None:
@@ -136,20 +150,40 @@ class PendingResults:
         self.flush_sizes.append(len(tasks))
 
     def _add_chunk(self, chunk: TrainedChunk, dispatch_ids: list[int]) -> None:
+        """Store the chunk's real rows (the first len(dispatch_ids)) in free slots of the store."""
+        n, size = len(dispatch_ids), chunk.loss.shape[0]
+        if self._store is None:  # the chunk itself, extended, is the store: its rows are slots 0..size-1
+            capacity = max(self.capacity, size)
+            self._store = _with_capacity(chunk.params, chunk.loss, capacity)
+            self._free = list(range(capacity - 1, n - 1, -1))
+            slots = list(range(n))
+        else:
+            if len(self._free) < n:  # (rare: grown by a quarter, each size compiles its gathers anew)
+                capacity = self._store[1].shape[0]
+                grown = capacity + max(n - len(self._free), capacity // 4)
+                self._store = _with_capacity(*self._store, grown)
+                self._free = list(range(grown - 1, capacity - 1, -1)) + self._free
+            slots = [self._free.pop() for _ in range(n)]
+            positions = np.full(size, self._store[1].shape[0], np.int32)  # padding rows: out of range, dropped
+            positions[:n] = slots
+            self._store = _put_rows(*self._store, chunk.params, chunk.loss, positions)
         cid = self._next_chunk
         self._next_chunk += 1
-        self._chunks[cid] = chunk
-        self._chunk_refs[cid] = chunk.n
-        for row, did in enumerate(dispatch_ids):
-            self._where[did] = (cid, row)
+        self._members[cid] = list(dispatch_ids)
+        self._chunk_refs[cid] = n
+        for did, slot in zip(dispatch_ids, slots):
+            self._where[did] = (cid, slot)
 
     def is_finite(self, dispatch_id: int) -> bool:
-        """Whether a trained result is finite everywhere (the chunk's flags come to the host once)."""
-        cid, row = self._where[dispatch_id]
+        """Whether a trained result is finite everywhere (the flags of its chunk's stored results
+        come to the host together, once)."""
+        cid, _ = self._where[dispatch_id]
         flags = self._finite.get(cid)
         if flags is None:
-            flags = self._finite[cid] = np.asarray(_jit_rows_finite(self._chunks[cid].params))
-        return bool(flags[row])
+            ids = [did for did in self._members[cid] if did in self._where]
+            slots = np.resize(np.asarray([self._where[did][1] for did in ids], np.int32), bucket_size(len(ids)))
+            flags = self._finite[cid] = dict(zip(ids, np.asarray(_rows_finite_at(self._store[0], slots)).tolist()))
+        return bool(flags[dispatch_id])
 
     def untrained_ids(self) -> list[int]:
         """Dispatch ids waiting for the next flush, in the order they will be trained."""
@@ -171,27 +205,19 @@ class PendingResults:
         self.flush_sizes = list(flush_sizes)
 
     def take(self, dispatch_ids: list[int]):
-        """Stacked (params, loss) of the listed results, in order (ids may repeat, for padding)."""
-        where = [self._where[did] for did in dispatch_ids]
-        rows = np.asarray([row for _, row in where], np.int32)
-        owner = np.asarray([cid for cid, _ in where])
-        first = self._chunks[where[0][0]]
-        params, loss = _gather_rows(first.params, first.loss, np.where(owner == where[0][0], rows, 0).astype(np.int32))
-        for cid in dict.fromkeys(owner[owner != where[0][0]].tolist()):  # the other chunks, in order of first use
-            chosen = np.flatnonzero(owner == cid)
-            size = bucket_size(len(chosen))
-            positions = np.full(size, len(dispatch_ids), np.int32)  # padding: out of range, dropped
-            positions[: len(chosen)] = chosen
-            chunk = self._chunks[cid]
-            params, loss = _scatter_rows(params, loss, chunk.params, chunk.loss, np.resize(rows[chosen], size).astype(np.int32), positions)
-        return params, loss
+        """Stacked (params, loss) of the listed results, in order (ids may repeat, for padding): one
+        gather from the store."""
+        where = self._where
+        slots = np.fromiter((where[did][1] for did in dispatch_ids), np.int32, len(dispatch_ids))
+        return _gather_rows(*self._store, slots)
 
     def release(self, dispatch_id: int) -> None:
-        """Forget a consumed result; its chunk is freed once all of its rows are consumed."""
-        cid, _ = self._where.pop(dispatch_id)
+        """Forget a consumed result: its slot is free again."""
+        cid, slot = self._where.pop(dispatch_id)
+        self._free.append(slot)
         self._chunk_refs[cid] -= 1
         if self._chunk_refs[cid] == 0:
-            del self._chunk_refs[cid], self._chunks[cid]
+            del self._chunk_refs[cid], self._members[cid]
             self._finite.pop(cid, None)
 
     @property

@@ -351,7 +351,9 @@ class Simulator:
         check_each_flush = s.reject_nonfinite and not optimistic
         # live versions: at most one per client in flight, the current and the next
         versions = VersionCache(stacked=True, capacity=s.concurrency + 2)
-        pending = PendingResults(self.trainer, horizon=lambda: horizon())
+        # trained results held at once: at most one per client in flight and the arrivals not yet
+        # aggregated (more while aggregations are queued: the store then grows)
+        pending = PendingResults(self.trainer, horizon=lambda: horizon(), capacity=s.concurrency + s.concurrency // 8 + 16)
         version, params = 0, self.initial_params
         state = strategy.init(params)
         updates_done, server_round = 0, 1

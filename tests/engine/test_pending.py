@@ -1,10 +1,16 @@
-"""Which pending clients a flush trains near the end of a run (`training_limit`), by hand."""
-
-from types import SimpleNamespace
+"""Which pending clients a flush trains near the end of a run (`training_limit`), by hand; the
+store of trained results across flushes, against the values a fake trainer gives each client."""
 
 import heapq
+from types import SimpleNamespace
 
-from asyncflower_jax.engine.pending import RATE_SAMPLES, training_limit
+import jax.numpy as jnp
+import numpy as np
+
+from asyncflower_jax.client.batched import TrainedChunk
+from asyncflower_jax.engine.faults import NAN
+from asyncflower_jax.engine.pending import RATE_SAMPLES, PendingResults, training_limit
+from asyncflower_jax.engine.scheduler import Task
 
 INF = float("inf")
 
@@ -46,3 +52,47 @@ def test_before_enough_arrivals_the_rate_of_the_finishes_in_flight_counts_when_h
 def test_after_enough_arrivals_only_the_observed_rate_counts():
     # 64 updates in 64 units (1 per unit); the 4 in flight would say 2 per unit, but 64 arrivals suffice
     assert training_limit(scheduler(64.0, [64.5, 65.0, 65.5, 66.0]), needed=6, seen=RATE_SAMPLES) == (70.0, INF)
+
+
+class RowsOfIds:
+    """A trainer whose result for dispatch id d is the row [d, 2d] with loss d: chunks of at most 3
+    clients, padded to 4 rows of -1 (so a result read from the wrong slot shows)."""
+
+    def train_from(self, stacked, rows, clients, dispatch_ids):
+        chunks = []
+        for lo in range(0, len(dispatch_ids), 3):
+            ids = np.asarray(dispatch_ids[lo : lo + 3], np.float32)
+            padded = np.concatenate([ids, np.full(4 - len(ids), -1.0, np.float32)])
+            chunks.append(TrainedChunk({"w": jnp.asarray(np.stack([padded, 2 * padded], axis=1))}, jnp.asarray(padded), len(ids)))
+        return chunks
+
+
+def pending_task(did, fault=None):
+    return Task(did, client=did % 5, start_version=0, dispatch_time=0.0, finish_time=float(did), fault=fault)
+
+
+def test_results_from_many_flushes_are_taken_in_order_and_slots_are_reused():
+    versions = SimpleNamespace(stacked_rows=lambda starts: (None, np.zeros(len(starts), np.int32)))
+    pending = PendingResults(RowsOfIds(), capacity=2)  # too small: the store grows
+    live, next_id = [], 0
+    for flush in range(6):
+        for _ in range(flush + 2):  # 2, 3, ... 7 clients per flush: 1 to 3 chunks each
+            pending.add(pending_task(next_id, NAN if next_id % 7 == 3 else None))
+            live.append(next_id)
+            next_id += 1
+        pending.flush(versions)
+        ids = live[::-2] + [live[-1]]  # across flushes, out of order, one repeated (padding)
+        params, loss = pending.take(ids)
+        expected = np.asarray(ids, np.float32)
+        poisoned = np.asarray([d % 7 == 3 for d in ids])
+        np.testing.assert_array_equal(np.asarray(loss), np.where(poisoned, np.nan, expected))
+        np.testing.assert_array_equal(np.asarray(params["w"]), np.where(poisoned[:, None], np.nan, np.stack([expected, 2 * expected], 1)))
+        assert [pending.is_finite(d) for d in live] == [d % 7 != 3 for d in live]
+        for d in live[: len(live) // 2]:  # consume the older half: their slots take later results
+            pending.release(d)
+        live = live[len(live) // 2 :]
+        assert pending.num_stored == len(live)
+    assert pending.flush_sizes == [2, 3, 4, 5, 6, 7]
+    untrained, trained, (params, loss) = pending.export()
+    assert untrained == [] and trained == sorted(live)
+    np.testing.assert_array_equal(np.asarray(loss), np.where(np.asarray(trained) % 7 == 3, np.nan, np.asarray(trained, np.float32)))
