@@ -204,6 +204,15 @@ class PendingResults:
             self._add_chunk(TrainedChunk(params, loss, len(trained_ids)), list(trained_ids))
         self.flush_sizes = list(flush_sizes)
 
+    @property
+    def store(self):
+        """(params with a leading slot axis, losses): every stored result, at its `slot_of`."""
+        return self._store
+
+    def slot_of(self, dispatch_id: int) -> int:
+        """The store slot of a trained result (valid until it is released)."""
+        return self._where[dispatch_id][1]
+
     def take(self, dispatch_ids: list[int]):
         """Stacked (params, loss) of the listed results, in order (ids may repeat, for padding): one
         gather from the store."""

@@ -9,8 +9,9 @@ aggregation. The steps are the same ones, in the same order, so the versions are
 aggregating one at a time (up to floating-point rounding: the step is compiled inside a loop).
 
 A call's steps share one padded batch width, and a call's length is a power of two (at most
-`most_steps`, and at most `row_budget` trained rows in all), so few programs are compiled: a
-queue of 13 steps of width 1 runs as calls of 8, 4 and 1.
+`most_steps`, and at most `row_budget` rows in all: the trained results a call's steps hold in
+the pending store), so few programs are compiled: a queue of 13 steps of width 1 runs as calls of
+8, 4 and 1. Each step gathers its own rows from the store inside the call.
 """
 
 from __future__ import annotations

@@ -273,10 +273,10 @@ class Simulator:
         self.on_step = on_step
         self.interrupt: int | None = None  # a signal number: checkpoint and stop after this aggregation
         self.kernel_traces = 0
-        # Few device calls per aggregation (dispatches cost the host tens of microseconds each, and the
-        # host is the bottleneck once training is batched): after taking the trained rows, one step
-        # gathers the start versions from the version table, computes the per-update facts, runs
-        # the rule's kernel and writes the new version into the table. The server state and the
+        # One device call per aggregation (dispatches cost the host tens of microseconds each, and the
+        # host is the bottleneck once training is batched): the step gathers the trained rows from
+        # the pending results' store and the start versions from the version table, computes the
+        # per-update facts, runs the rule's kernel and writes the new version into the table. The server state and the
         # table are donated (per-client memories are N x model: never copy them). A rule that is
         # not jittable (its state lives in the object) is called as it is, beside jitted norms.
         # With more than one aggregation per call, the loop queues the steps (their rows, slots and
@@ -287,14 +287,16 @@ class Simulator:
             self._step = jit(self._traced_step, donate_argnums=(1, 3), static_argnames=("with_facts",))
             self._steps = jit(self._traced_steps, donate_argnums=(1, 3), static_argnames=("with_facts",))
 
-    def _traced_step(self, params, state, all_finite, table, trained, loss, columns, with_facts):
+    def _traced_step(self, params, state, all_finite, table, results, columns, with_facts):
         """(table with the new version in row `slot`, (params, state, all_finite, facts)) after
-        aggregating the batch whose start models are the table rows `slots` (`columns`: see
-        step_columns); `all_finite` and-ed with "every aggregated row is finite"; facts (update
-        norms, the rule's weights, losses) per row when `with_facts`, else None. The table comes
-        first, as `VersionCache.put_by` wants it."""
+        aggregating the batch whose trained models are the rows `stored` of `results` (the pending
+        results' store: params, losses) and whose start models are the table rows `slots`
+        (`columns`: see step_columns); `all_finite` and-ed with "every aggregated row is finite";
+        facts (update norms, the rule's weights, losses) per row when `with_facts`, else None. The
+        table comes first, as `VersionCache.put_by` wants it."""
         self.kernel_traces += 1  # runs only while tracing: counts compilations
-        slots, staleness, num_examples, client_id, mask, slot = split_step_columns(columns)
+        stored, slots, staleness, num_examples, client_id, mask, slot = split_step_columns(columns)
+        trained, loss = jax.tree.map(lambda leaf: leaf[stored], results)
         start = jax.tree.map(lambda t, p: t[slots].astype(p.dtype), table, params)
         updates = UpdateBatch(trained, start, staleness, num_examples, client_id, mask)
         facts = (update_norms(updates), self._weights(state, updates), loss) if with_facts else None  # from the state before the kernel
@@ -302,18 +304,18 @@ class Simulator:
         all_finite = all_finite & rows_ok(trained, mask)
         return write_row(table, params, slot), (params, state, all_finite, facts)
 
-    def _traced_steps(self, params, state, all_finite, table, trained, loss, columns, with_facts):
-        """`_traced_step` applied for each row of `columns` in turn ([steps, ...]; `trained` and
-        `loss` hold the steps' rows one after the other); the facts come with a leading step axis."""
-        steps = columns.shape[0]
-        by_step = lambda x: x.reshape(steps, x.shape[0] // steps, *x.shape[1:])  # noqa: E731
+    def _traced_steps(self, params, state, all_finite, table, results, columns, with_facts):
+        """`_traced_step` applied for each row of `columns` in turn ([steps, ...]), each gathering
+        its own rows of `results`; the facts come with a leading step axis."""
 
-        def step(carry, rows):
+        def step(carry, step_columns):
             params, state, all_finite, table = carry
-            table, (params, state, all_finite, facts) = self._traced_step(params, state, all_finite, table, *rows, with_facts=with_facts)
+            table, (params, state, all_finite, facts) = self._traced_step(
+                params, state, all_finite, table, results, step_columns, with_facts=with_facts
+            )
             return (params, state, all_finite, table), facts
 
-        carry, facts = jax.lax.scan(step, (params, state, all_finite, table), (jax.tree.map(by_step, trained), by_step(loss), columns))
+        carry, facts = jax.lax.scan(step, (params, state, all_finite, table), columns)
         params, state, all_finite, table = carry
         return table, (params, state, all_finite, facts)
 
@@ -811,7 +813,7 @@ class Simulator:
         counts = self.trainer.store.counts
         if queue is not None:
             tasks = padded(arrivals)
-            columns = step_columns(tasks, len(arrivals), version, counts, versions.slot_of, versions.reserve(version + 1))
+            columns = step_columns(tasks, len(arrivals), version, counts, pending.slot_of, versions.slot_of, versions.reserve(version + 1))
             facts = StepFacts() if with_facts else None
             queue.add([t.dispatch_id for t in tasks], columns, facts)
             for task in arrivals:  # (their results are released when the step has run)
@@ -819,11 +821,10 @@ class Simulator:
             return params, state, all_finite, facts
         if getattr(self.strategy, "jittable", True):
             tasks = padded(arrivals)
-            trained, loss = pending.take([t.dispatch_id for t in tasks])
 
             def step(table, slot):
-                columns = step_columns(tasks, len(arrivals), version, counts, versions.slot_of, slot)
-                return self._step(params, state, all_finite, table, trained, loss, columns, with_facts=with_facts)
+                columns = step_columns(tasks, len(arrivals), version, counts, pending.slot_of, versions.slot_of, slot)
+                return self._step(params, state, all_finite, table, pending.store, columns, with_facts=with_facts)
 
             new_params, new_state, all_finite, facts = versions.put_by(version + 1, step)
         else:  # the rule's own code on the host; its rows are checked here
@@ -842,16 +843,14 @@ class Simulator:
         one's (params, state, all_finite) and fills each step's facts."""
         with_facts = self.on_updates is not None
         for call in queue.calls():
-            ids = [did for step in call for did in step.ids]
-            trained, loss = pending.take(ids)
             columns = np.stack([step.columns for step in call])
             versions.table, (params, state, all_finite, facts) = self._steps(
-                params, state, all_finite, versions.table, trained, loss, columns, with_facts=with_facts
+                params, state, all_finite, versions.table, pending.store, columns, with_facts=with_facts
             )
             for k, step in enumerate(call):
                 if step.facts is not None:
                     step.facts.arrays, step.facts.index = facts, k
-            for did in dict.fromkeys(ids):
+            for did in dict.fromkeys(did for step in call for did in step.ids):
                 pending.release(did)
         return params, state, all_finite
 
@@ -882,14 +881,16 @@ def padded_columns(arrivals: list[Task], version: int, counts) -> tuple[list[Tas
     )
 
 
-def step_columns(tasks: list[Task], real: int, version: int, counts, slot_of, slot: int) -> np.ndarray:
+def step_columns(tasks: list[Task], real: int, version: int, counts, stored_at, slot_of, slot: int) -> np.ndarray:
     """The aggregation step's host inputs for the `padded` rows `tasks` (the first `real` of them
-    real) in one int32 array: per row the table slot of its start version (`slot_of`), its
-    staleness, sample count, client id and mask, then the new version's slot. One host-to-device
-    transfer per aggregation instead of six (each costs a GPU tens of microseconds), built in one
-    pass (on a GPU the host loop sets the pace). Sample counts are whole numbers, so they make the
-    round trip through int32 exactly."""
-    values = [slot_of(t.start_version) for t in tasks]
+    real) in one int32 array: per row the store slot of its trained result (`stored_at` of its
+    dispatch id), the table slot of its start version (`slot_of`), its staleness, sample count,
+    client id and mask, then the new version's slot. One host-to-device transfer per aggregation
+    instead of seven (each costs a GPU tens of microseconds), built in one pass (on a GPU the host
+    loop sets the pace). Sample counts are whole numbers, so they make the round trip through
+    int32 exactly."""
+    values = [stored_at(t.dispatch_id) for t in tasks]
+    values += [slot_of(t.start_version) for t in tasks]
     values += [version - t.start_version for t in tasks]
     values += [int(counts[t.client]) for t in tasks]
     values += [t.client for t in tasks]
@@ -899,11 +900,11 @@ def step_columns(tasks: list[Task], real: int, version: int, counts, slot_of, sl
 
 
 def split_step_columns(columns):
-    """`step_columns` undone inside the step (traceable): (slots, staleness, num_examples as
-    floats, client_id, mask as booleans, slot)."""
-    k = (columns.shape[0] - 1) // 5
-    slots, staleness, num_examples, client_id, mask = (columns[i * k : (i + 1) * k] for i in range(5))
-    return slots, staleness, num_examples.astype(jnp.result_type(float)), client_id, mask.astype(bool), columns[5 * k]
+    """`step_columns` undone inside the step (traceable): (stored, slots, staleness, num_examples
+    as floats, client_id, mask as booleans, slot)."""
+    k = (columns.shape[0] - 1) // 6
+    stored, slots, staleness, num_examples, client_id, mask = (columns[i * k : (i + 1) * k] for i in range(6))
+    return stored, slots, staleness, num_examples.astype(jnp.result_type(float)), client_id, mask.astype(bool), columns[6 * k]
 
 
 def stack_updates(arrivals: list[Task], version: int, take_results, get_version, counts, gather_versions=None) -> tuple[UpdateBatch, Any]:

@@ -57,7 +57,7 @@ def run(exp: Experiment, per_call: int):
                     on_eval=evals.append, on_updates=updates.extend)
     calls = []
     steps = sim._steps
-    sim._steps = lambda *args, **kwargs: calls.append(len(args[6])) or steps(*args, **kwargs)  # (args[6]: one column row per step)
+    sim._steps = lambda *args, **kwargs: calls.append(len(args[5])) or steps(*args, **kwargs)  # (args[5]: one column row per step)
     return sim.run(), evals, updates, calls
 
 
