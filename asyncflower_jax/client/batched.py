@@ -93,6 +93,15 @@ def _take_rows(tree: PyTree, rows) -> PyTree:
     return jax.tree.map(lambda leaf: leaf[rows], tree)
 
 
+def put_rows(results, chunk, positions):
+    """`results` (a pytree with a leading row axis) with rows `positions` set to `chunk`'s rows
+    (traceable; positions out of range are padding, dropped)."""
+    return jax.tree.map(lambda out, leaf: out.at[positions].set(leaf, mode="drop"), results, chunk)
+
+
+put_rows_in_place = jit(put_rows, donate_argnums=(0,))
+
+
 def stack_trees(trees: list[PyTree]) -> PyTree:
     """Stack a list of same-shaped pytrees on a new leading axis.
 
@@ -177,6 +186,7 @@ class BatchedTrainer:
         self.mesh = ClientMesh(selected) if len(selected) > 1 else None
         if self.mesh is None:
             self._train_chunk = jit(self._chunk)
+            self._train_chunk_into = jit(self._chunk_into, donate_argnums=(0,))
         else:
             self._train_chunk = self.mesh.shard_map(self._chunk, num_replicated=3, num_sharded=4)
             self._x, self._y = self.mesh.replicate((store.x, store.y))
@@ -211,6 +221,11 @@ class BatchedTrainer:
         batch = self.map_batch if self.map_batch > 1 else None
         return jax.lax.map(one, (version_idx, offsets, counts, dispatch_ids), batch_size=batch)
 
+    def _chunk_into(self, results, positions, *chunk_args):
+        """`_chunk`, its rows written into rows `positions` of `results` (params, losses; donated:
+        in place; positions out of range are padding rows, dropped)."""
+        return put_rows(results, self._chunk(*chunk_args), positions)
+
     def _one(self, params, x, y, offset, count, dispatch_id):
         return self.local_train(params, x, y, offset, count, self._client_key(dispatch_id))
 
@@ -222,6 +237,34 @@ class BatchedTrainer:
     def train_from(self, stacked: PyTree, version_idx: np.ndarray, clients: np.ndarray, dispatch_ids: np.ndarray) -> list[TrainedChunk]:
         """Train every listed client; client i starts from row version_idx[i] of `stacked` (a pytree
         with a leading version axis, e.g. the simulator's version table)."""
+        chunks = []
+        for lo, hi, args in self._chunk_args(stacked, version_idx, clients, dispatch_ids):
+            params, loss = self._run_chunk(args)
+            chunks.append(TrainedChunk(params, loss, hi - lo))
+        return chunks
+
+    def train_into(self, results, slots: np.ndarray, stacked: PyTree, version_idx: np.ndarray, clients: np.ndarray, dispatch_ids: np.ndarray):
+        """`train_from`, client i's result written into row slots[i] of `results` (params with a
+        leading row axis, losses: see `result_shapes`), which is donated and returned: on one
+        device each chunk's call writes its rows in place, with no call or copy of its own."""
+        capacity = results[1].shape[0]
+        for lo, hi, args in self._chunk_args(stacked, version_idx, clients, dispatch_ids):
+            positions = np.full(len(args[3]), capacity, np.int32)  # padding rows: out of range, dropped
+            positions[: hi - lo] = slots[lo:hi]
+            if self.mesh is None:
+                results = self._train_chunk_into(results, positions, *args)
+            else:
+                results = put_rows_in_place(results, self._run_chunk(args), positions)
+        return results
+
+    def result_shapes(self, stacked: PyTree):
+        """(params, loss) of one client's result as ShapeDtypeStructs, from a stacked pytree of
+        start models (traces local training once, compiles nothing)."""
+        one = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), stacked)
+        return jax.eval_shape(self._one, one, self.store.x, self.store.y, np.int32(0), np.int32(1), np.uint32(0))
+
+    def _chunk_args(self, stacked, version_idx, clients, dispatch_ids):
+        """(lo, hi, arguments of `_chunk`) per chunk of the listed clients [lo, hi), in order."""
         version_idx = np.asarray(version_idx)
         self._settle(stacked)
         x, y = self.store.x, self.store.y
@@ -229,7 +272,6 @@ class BatchedTrainer:
             used, version_idx = np.unique(version_idx, return_inverse=True)
             used = np.concatenate([used, np.full(bucket_size(len(used)) - len(used), used[0])]).astype(np.int32)
             stacked, x, y = self.mesh.replicate(_take_rows(stacked, used)), self._x, self._y
-        chunks = []
         lo = 0
         for n, size in chunk_plan(len(clients), self.chunk_size, self.pad):
             hi = lo + n
@@ -237,19 +279,22 @@ class BatchedTrainer:
                 size = self.mesh.padded_size(size)
             rows = np.concatenate([np.arange(lo, hi), np.full(size - (hi - lo), lo)])
             c = clients[rows]
-            inputs = (
+            yield lo, hi, (
+                stacked,
+                x,
+                y,
                 np.asarray(version_idx[rows], np.int32),
                 np.asarray(self.store.offsets[c], np.int32),
                 np.asarray(self.store.counts[c], np.int32),
                 np.asarray(dispatch_ids[rows], np.uint32),
             )
-            if self.mesh is None:
-                params, loss = self._train_chunk(stacked, x, y, *inputs)
-            else:
-                params, loss = self.mesh.gather(self._train_chunk(stacked, x, y, *(self.mesh.shard(a) for a in inputs)))
-            chunks.append(TrainedChunk(params, loss, hi - lo))
             lo = hi
-        return chunks
+
+    def _run_chunk(self, args):
+        if self.mesh is None:
+            return self._train_chunk(*args)
+        stacked, x, y, *inputs = args
+        return self.mesh.gather(self._train_chunk(stacked, x, y, *(self.mesh.shard(a) for a in inputs)))
 
     def chunk_sizes(self, n: int) -> list[int]:
         """The compiled sizes of the chunks a batch of n clients is trained in."""

@@ -3,12 +3,12 @@
 A client's result depends only on its start version, its data and its key, all fixed at
 dispatch; so when an aggregation needs any untrained result, every untrained client is trained
 in one batched call (the largest batch exactness allows). Results wait on the device until
-their (simulated) arrival is aggregated, each in a row (slot) of one store: a batch of results
-drawn from many flushes is then one gather, not a call per flush (with spread-out durations a
-queued device call draws from dozens of them).
+their (simulated) arrival is aggregated, each in a row (slot) of one store that training writes
+into in place: the aggregation step gathers a batch drawn from many flushes inside its own call
+(with spread-out durations a queued device call draws from dozens of flushes).
 
 Tasks with an injected NaN fault are trained like the others and their results then replaced by
-NaNs, so the non-finite check (`is_finite`, one host transfer per trained chunk) sees what a
+NaNs, so the non-finite check (`is_finite`, one host transfer per flush) sees what a
 diverged client would send. `export`/`restore` carry the trained-but-unconsumed results through
 a checkpoint, so a resumed run aggregates bit-identical values.
 """
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..client.batched import BatchedTrainer, TrainedChunk, bucket_size
+from ..client.batched import BatchedTrainer, bucket_size, put_rows_in_place
 from ..compilation import jit
 from .faults import NAN
 from .scheduler import Task
@@ -33,35 +33,22 @@ def _gather_rows(tree, loss, rows):
     return jax.tree.map(lambda leaf: leaf[rows], tree), loss[rows]
 
 
-@functools.partial(jit, donate_argnums=(0, 1))
-def _put_rows(tree, loss, chunk, chunk_loss, positions):
-    """`tree`'s rows `positions` set to `chunk`'s rows, in place (positions out of range are the
-    chunk's padding rows, dropped). Compiled per store capacity and chunk size."""
-    put = lambda out, leaf: out.at[positions].set(leaf, mode="drop")  # noqa: E731
-    return jax.tree.map(put, tree, chunk), put(loss, chunk_loss)
+@functools.partial(jit, static_argnums=1)
+def _grown(results, capacity: int):
+    """`results` extended with zero rows to `capacity` rows (on the device it is on)."""
+    return jax.tree.map(lambda leaf: jnp.concatenate([leaf, jnp.zeros((capacity - leaf.shape[0],) + leaf.shape[1:], leaf.dtype)]), results)
 
 
-@functools.partial(jit, static_argnums=2)
-def _with_capacity(tree, loss, capacity: int):
-    """`tree` and `loss` extended with zero rows to `capacity` rows (on the devices they are on)."""
-    extend = lambda leaf: jnp.concatenate([leaf, jnp.zeros((capacity - leaf.shape[0],) + leaf.shape[1:], leaf.dtype)])  # noqa: E731
-    return jax.tree.map(extend, tree), extend(loss)
+@functools.partial(jit, donate_argnums=(0,))
+def _poison_slots(results, positions):
+    """NaN in every entry of the rows `positions` (the injected 'client returns NaN' fault;
+    positions out of range are padding, dropped)."""
+    return jax.tree.map(lambda leaf: leaf.at[positions].set(jnp.nan, mode="drop"), results)
 
 
 @jit
 def _rows_finite_at(tree, rows):
     return rows_finite(jax.tree.map(lambda leaf: leaf[rows], tree))
-
-
-@jit
-def _poison_rows(tree, loss, rows):
-    """NaN in every entry of the rows where `rows` is True (the injected 'client returns NaN' fault)."""
-
-    def poison(leaf):
-        mask = rows.reshape(rows.shape + (1,) * (leaf.ndim - 1))
-        return jnp.where(mask, jnp.nan, leaf)
-
-    return jax.tree.map(poison, tree), jnp.where(rows, jnp.nan, loss)
 
 
 def rows_finite(tree):
@@ -109,13 +96,13 @@ class PendingResults:
         self.horizon = horizon
         self.capacity = capacity  # slots of the store when it is made (results held at once: about the concurrency)
         self._untrained: list[Task] = []
-        self._where: dict[int, tuple[int, int]] = {}  # dispatch id -> (chunk id, slot in the store)
+        self._where: dict[int, tuple[int, int]] = {}  # dispatch id -> (group id, slot in the store)
         self._store = None  # (params with a leading slot axis, losses)
         self._free: list[int] = []  # free slots
-        self._members: dict[int, list[int]] = {}  # chunk id -> its dispatch ids
-        self._chunk_refs: dict[int, int] = {}  # chunk id -> its results not consumed yet
-        self._next_chunk = 0
-        self._finite: dict[int, dict[int, bool]] = {}  # chunk id -> finiteness per dispatch id (fetched once)
+        self._members: dict[int, list[int]] = {}  # group (a flush, or a restore) id -> its dispatch ids
+        self._group_refs: dict[int, int] = {}  # group id -> its results not consumed yet
+        self._next_group = 0
+        self._finite: dict[int, dict[int, bool]] = {}  # group id -> finiteness per dispatch id (fetched once)
         self.flush_sizes: list[int] = []
 
     def add(self, task: Task) -> None:
@@ -135,47 +122,46 @@ class PendingResults:
         if not tasks:
             return
         stacked, rows = versions.stacked_rows([t.start_version for t in tasks])
-        chunks = self.trainer.train_from(stacked, rows, np.array([t.client for t in tasks]), np.array([t.dispatch_id for t in tasks]))
-        lo = 0
-        for chunk in chunks:
-            chunk_tasks = tasks[lo : lo + chunk.n]
-            lo += chunk.n
-            poisoned = [t.fault == NAN for t in chunk_tasks]
-            if any(poisoned):
-                rows = np.zeros(len(chunk.loss), bool)
-                rows[: chunk.n] = poisoned
-                params, loss = _poison_rows(chunk.params, chunk.loss, rows)
-                chunk = chunk._replace(params=params, loss=loss)
-            self._add_chunk(chunk, [t.dispatch_id for t in chunk_tasks])
+        slots = self._reserve(len(tasks), lambda: self.trainer.result_shapes(stacked))
+        clients, ids = np.array([t.client for t in tasks]), [t.dispatch_id for t in tasks]
+        self._store = self.trainer.train_into(self._store, np.asarray(slots, np.int32), stacked, rows, clients, np.array(ids))
+        poisoned = [slot for t, slot in zip(tasks, slots) if t.fault == NAN]
+        if poisoned:
+            self._store = _poison_slots(self._store, self._positions(poisoned))
+        self._register(ids, slots)
         self.flush_sizes.append(len(tasks))
 
-    def _add_chunk(self, chunk: TrainedChunk, dispatch_ids: list[int]) -> None:
-        """Store the chunk's real rows (the first len(dispatch_ids)) in free slots of the store."""
-        n, size = len(dispatch_ids), chunk.loss.shape[0]
-        if self._store is None:  # the chunk itself, extended, is the store: its rows are slots 0..size-1
-            capacity = max(self.capacity, size)
-            self._store = _with_capacity(chunk.params, chunk.loss, capacity)
-            self._free = list(range(capacity - 1, n - 1, -1))
-            slots = list(range(n))
-        else:
-            if len(self._free) < n:  # (rare: grown by a quarter, each size compiles its gathers anew)
-                capacity = self._store[1].shape[0]
-                grown = capacity + max(n - len(self._free), capacity // 4)
-                self._store = _with_capacity(*self._store, grown)
-                self._free = list(range(grown - 1, capacity - 1, -1)) + self._free
-            slots = [self._free.pop() for _ in range(n)]
-            positions = np.full(size, self._store[1].shape[0], np.int32)  # padding rows: out of range, dropped
-            positions[:n] = slots
-            self._store = _put_rows(*self._store, chunk.params, chunk.loss, positions)
-        cid = self._next_chunk
-        self._next_chunk += 1
+    def _reserve(self, n: int, shapes) -> list[int]:
+        """n free slots of the store; it is made (`shapes()`: one result's (params, loss) shapes)
+        with `capacity` slots, or grown by a quarter (rare: each size compiles its programs anew)."""
+        if self._store is None:
+            capacity = max(self.capacity, n)
+            self._store = jax.tree.map(lambda x: jnp.zeros((capacity,) + tuple(x.shape), x.dtype), shapes())
+            self._free = list(range(capacity - 1, -1, -1))
+        elif len(self._free) < n:
+            capacity = self._store[1].shape[0]
+            grown = capacity + max(n - len(self._free), capacity // 4)
+            self._store = _grown(self._store, grown)
+            self._free = list(range(grown - 1, capacity - 1, -1)) + self._free
+        return [self._free.pop() for _ in range(n)]
+
+    def _positions(self, slots: list[int]) -> np.ndarray:
+        """`slots` padded to a power-of-two count with an out-of-range row (dropped by the writes)."""
+        positions = np.full(bucket_size(len(slots)), self._store[1].shape[0], np.int32)
+        positions[: len(slots)] = slots
+        return positions
+
+    def _register(self, dispatch_ids: list[int], slots: list[int]) -> None:
+        """The results of `dispatch_ids` are in `slots`: one group for the finiteness flags."""
+        cid = self._next_group
+        self._next_group += 1
         self._members[cid] = list(dispatch_ids)
-        self._chunk_refs[cid] = n
+        self._group_refs[cid] = len(dispatch_ids)
         for did, slot in zip(dispatch_ids, slots):
             self._where[did] = (cid, slot)
 
     def is_finite(self, dispatch_id: int) -> bool:
-        """Whether a trained result is finite everywhere (the flags of its chunk's stored results
+        """Whether a trained result is finite everywhere (the flags of its group's stored results
         come to the host together, once)."""
         cid, _ = self._where[dispatch_id]
         flags = self._finite.get(cid)
@@ -196,12 +182,13 @@ class PendingResults:
         return self.untrained_ids(), trained, (self.take(trained) if trained else None)
 
     def restore(self, untrained: list[Task], trained_ids: list[int], trained, flush_sizes: list[int]) -> None:
-        """Load what `export` returned: `untrained` tasks (in order) and the trained results as one chunk."""
+        """Load what `export` returned: `untrained` tasks (in order) and the trained results as one group."""
         assert not self._untrained and not self._where, "restore into a fresh PendingResults"
         self._untrained = list(untrained)
         if trained_ids:
-            params, loss = trained
-            self._add_chunk(TrainedChunk(params, loss, len(trained_ids)), list(trained_ids))
+            slots = self._reserve(len(trained_ids), lambda: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), trained))
+            self._store = put_rows_in_place(self._store, trained, np.asarray(slots, np.int32))
+            self._register(list(trained_ids), slots)
         self.flush_sizes = list(flush_sizes)
 
     @property
@@ -224,9 +211,9 @@ class PendingResults:
         """Forget a consumed result: its slot is free again."""
         cid, slot = self._where.pop(dispatch_id)
         self._free.append(slot)
-        self._chunk_refs[cid] -= 1
-        if self._chunk_refs[cid] == 0:
-            del self._chunk_refs[cid], self._members[cid]
+        self._group_refs[cid] -= 1
+        if self._group_refs[cid] == 0:
+            del self._group_refs[cid], self._members[cid]
             self._finite.pop(cid, None)
 
     @property

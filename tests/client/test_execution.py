@@ -50,6 +50,29 @@ def test_every_execution_equals_one_at_a_time(execution, map_batch):
             assert float(chunk.loss[r]) == pytest.approx(float(loss), abs=1e-12)
 
 
+def test_training_into_rows_writes_what_training_returns_at_the_given_rows():
+    """The simulator keeps trained results in one store: each chunk's call writes its rows in
+    place, the padding rows of the last chunk nowhere, and leaves every other row as it was."""
+    with jax.enable_x64(True):
+        store, versions = setup()
+        train = make_local_train(mlp, LocalTraining(num_steps=3, batch_size=4, learning_rate=0.3))
+        trainer = BatchedTrainer(train, store, jax.random.key(7), chunk_size=4, execution="vmap")
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *versions)
+        version_idx, clients, ids = np.array([1, 0, 1, 1, 0, 0, 1]), np.array([5, 2, 0, 3, 1, 4, 2]), np.arange(100, 107)
+        assert [size for _, size in chunk_plan(7, 4, True)] == [4, 4]  # the last chunk has a padding row
+        chunks = trainer.train_from(stacked, version_idx, clients, ids)
+        shapes = trainer.result_shapes(stacked)
+        assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == jax.tree.map(lambda x: (x.shape[1:], x.dtype), (chunks[0].params, chunks[0].loss))
+        results = jax.tree.map(lambda s: jnp.full((12,) + s.shape, 7.0, s.dtype), shapes)
+        slots = np.array([11, 0, 5, 3, 9, 1, 6], np.int32)
+        params, loss = trainer.train_into(results, slots, stacked, version_idx, clients, ids)
+        trained = [(jax.tree.map(lambda leaf: leaf[r], c.params), c.loss[r]) for c in chunks for r in range(c.n)]
+        for (want, want_loss), slot in zip(trained, slots):
+            assert max_abs_diff(jax.tree.map(lambda leaf: leaf[slot], params), want) == 0.0 and float(loss[slot]) == float(want_loss)
+        untouched = np.setdiff1d(np.arange(12), slots)
+        assert all(bool(jnp.all(leaf[untouched] == 7.0)) for leaf in jax.tree.leaves((params, loss)))
+
+
 def test_auto_is_small_vmap_chunks_on_cpu_and_configured_chunks_on_accelerators():
     assert resolve_execution("auto", 256, "cpu") == ("vmap", CPU_CHUNK)
     assert resolve_execution("auto", 2, "cpu") == ("vmap", 2)

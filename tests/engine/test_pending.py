@@ -4,10 +4,10 @@ store of trained results across flushes, against the values a fake trainer gives
 import heapq
 from types import SimpleNamespace
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncflower_jax.client.batched import TrainedChunk
 from asyncflower_jax.engine.faults import NAN
 from asyncflower_jax.engine.pending import RATE_SAMPLES, PendingResults, training_limit
 from asyncflower_jax.engine.scheduler import Task
@@ -55,16 +55,15 @@ def test_after_enough_arrivals_only_the_observed_rate_counts():
 
 
 class RowsOfIds:
-    """A trainer whose result for dispatch id d is the row [d, 2d] with loss d: chunks of at most 3
-    clients, padded to 4 rows of -1 (so a result read from the wrong slot shows)."""
+    """A trainer whose result for dispatch id d is the row [d, 2d] with loss d."""
 
-    def train_from(self, stacked, rows, clients, dispatch_ids):
-        chunks = []
-        for lo in range(0, len(dispatch_ids), 3):
-            ids = np.asarray(dispatch_ids[lo : lo + 3], np.float32)
-            padded = np.concatenate([ids, np.full(4 - len(ids), -1.0, np.float32)])
-            chunks.append(TrainedChunk({"w": jnp.asarray(np.stack([padded, 2 * padded], axis=1))}, jnp.asarray(padded), len(ids)))
-        return chunks
+    def result_shapes(self, stacked):
+        return {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}, jax.ShapeDtypeStruct((), jnp.float32)
+
+    def train_into(self, results, slots, stacked, rows, clients, dispatch_ids):
+        ids = np.asarray(dispatch_ids, np.float32)
+        params, loss = results
+        return {"w": params["w"].at[slots].set(np.stack([ids, 2 * ids], axis=1))}, loss.at[slots].set(ids)
 
 
 def pending_task(did, fault=None):
@@ -76,7 +75,7 @@ def test_results_from_many_flushes_are_taken_in_order_and_slots_are_reused():
     pending = PendingResults(RowsOfIds(), capacity=2)  # too small: the store grows
     live, next_id = [], 0
     for flush in range(6):
-        for _ in range(flush + 2):  # 2, 3, ... 7 clients per flush: 1 to 3 chunks each
+        for _ in range(flush + 2):  # 2, 3, ... 7 clients per flush
             pending.add(pending_task(next_id, NAN if next_id % 7 == 3 else None))
             live.append(next_id)
             next_id += 1
