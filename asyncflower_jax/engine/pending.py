@@ -25,18 +25,12 @@ from ..client.batched import BatchedTrainer, bucket_size, put_rows_in_place
 from ..compilation import jit
 from .faults import NAN
 from .scheduler import Task
-from .versions import VersionCache
+from .versions import FIRST_TABLE_BYTES, VersionCache, grow_rows
 
 
 @jit
 def _gather_rows(tree, loss, rows):
     return jax.tree.map(lambda leaf: leaf[rows], tree), loss[rows]
-
-
-@functools.partial(jit, static_argnums=1)
-def _grown(results, capacity: int):
-    """`results` extended with zero rows to `capacity` rows (on the device it is on)."""
-    return jax.tree.map(lambda leaf: jnp.concatenate([leaf, jnp.zeros((capacity - leaf.shape[0],) + leaf.shape[1:], leaf.dtype)]), results)
 
 
 @functools.partial(jit, donate_argnums=(0,))
@@ -132,16 +126,22 @@ class PendingResults:
         self.flush_sizes.append(len(tasks))
 
     def _reserve(self, n: int, shapes) -> list[int]:
-        """n free slots of the store; it is made (`shapes()`: one result's (params, loss) shapes)
-        with `capacity` slots, or grown by a quarter (rare: each size compiles its programs anew)."""
+        """n free slots of the store. It is made (`shapes()`: one result's (params, loss) shapes)
+        with `capacity` slots, or as many as fit in FIRST_TABLE_BYTES if fewer (a large model whose
+        runs never train that many at once), and grows when full: by doubling up to `capacity`,
+        by a quarter beyond (queued aggregations holding more). Growing copies the store and
+        compiles the programs that read it anew, so it is rare."""
         if self._store is None:
-            capacity = max(self.capacity, n)
-            self._store = jax.tree.map(lambda x: jnp.zeros((capacity,) + tuple(x.shape), x.dtype), shapes())
+            row = shapes()
+            row_bytes = max(1, sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(row)))
+            capacity = max(n, min(self.capacity, max(16, FIRST_TABLE_BYTES // row_bytes)))
+            self._store = jax.tree.map(lambda x: jnp.zeros((capacity,) + tuple(x.shape), x.dtype), row)
             self._free = list(range(capacity - 1, -1, -1))
         elif len(self._free) < n:
             capacity = self._store[1].shape[0]
-            grown = capacity + max(n - len(self._free), capacity // 4)
-            self._store = _grown(self._store, grown)
+            step = min(capacity, self.capacity - capacity) if capacity < self.capacity else capacity // 4
+            grown = capacity + max(n - len(self._free), step, 1)
+            self._store = grow_rows(self._store, grown)
             self._free = list(range(grown - 1, capacity - 1, -1)) + self._free
         return [self._free.pop() for _ in range(n)]
 

@@ -21,7 +21,7 @@ from ..compilation import jit
 from ..strategy.updates import PyTree
 
 FIRST_CAPACITY = 16  # slots of a new table at least ...
-FIRST_TABLE_BYTES = 2 << 30  # ... and as many more as fit in this: growing copies the table and compiles the programs that read it again
+FIRST_TABLE_BYTES = 2 << 30  # ... and as many more as fit in this (also the first size of the pending results' store): growing copies the table and compiles the programs that read it again
 
 
 def write_row(table, params, slot):
@@ -43,7 +43,8 @@ def _read_rows(table, slots):
 
 
 @functools.partial(jit, static_argnums=(1,))
-def _grow(table, capacity: int):
+def grow_rows(table, capacity: int):
+    """`table` (leading row axis) extended with zero rows to `capacity` rows, on its device."""
     return jax.tree.map(lambda t: jnp.concatenate([t, jnp.zeros((capacity - t.shape[0], *t.shape[1:]), t.dtype)]), table)
 
 
@@ -85,7 +86,7 @@ class VersionCache:
             if self._table is None:
                 self._table = jax.tree.map(lambda p: jnp.zeros((grown, *jnp.shape(p)), jnp.result_type(p)), params)
             else:
-                self._table = _grow(self._table, grown)
+                self._table = grow_rows(self._table, grown)
             self._free = list(range(grown - 1, size - 1, -1))  # lowest slot first
         return self._free.pop()
 

@@ -95,3 +95,18 @@ def test_results_from_many_flushes_are_taken_in_order_and_slots_are_reused():
     untrained, trained, (params, loss) = pending.export()
     assert untrained == [] and trained == sorted(live)
     np.testing.assert_array_equal(np.asarray(loss), np.where(np.asarray(trained) % 7 == 3, np.nan, np.asarray(trained, np.float32)))
+
+
+def test_the_store_starts_within_the_byte_budget_and_grows_to_the_concurrency_then_by_a_quarter(monkeypatch):
+    import asyncflower_jax.engine.pending as pending_module
+
+    monkeypatch.setattr(pending_module, "FIRST_TABLE_BYTES", 20 * 12)  # 20 results of 12 bytes (2 + 1 float32)
+    versions = SimpleNamespace(stacked_rows=lambda starts: (None, np.zeros(len(starts), np.int32)))
+    pending = PendingResults(RowsOfIds(), capacity=100)
+    sizes = []
+    for did in range(130):  # nothing consumed: every result stays
+        pending.add(pending_task(did))
+        pending.flush(versions)
+        sizes.append(pending.store[1].shape[0])
+    assert sorted(set(sizes)) == [20, 40, 80, 100, 125, 156]
+    assert float(pending.take([129])[1][0]) == 129.0 and float(pending.take([0])[1][0]) == 0.0
