@@ -93,6 +93,16 @@ def _take_rows(tree: PyTree, rows) -> PyTree:
     return jax.tree.map(lambda leaf: leaf[rows], tree)
 
 
+def _row_shapes(stacked: PyTree) -> PyTree:
+    """One row of a stacked pytree, as ShapeDtypeStructs."""
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), stacked)
+
+
+def _shapes_key(shapes: PyTree):
+    leaves, treedef = jax.tree.flatten(shapes)
+    return treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves)
+
+
 def put_rows(results, chunk, positions):
     """`results` (a pytree with a leading row axis) with rows `positions` set to `chunk`'s rows
     (traceable; positions out of range are padding, dropped)."""
@@ -181,6 +191,7 @@ class BatchedTrainer:
         require(isinstance(map_batch, int) and not isinstance(map_batch, bool) and map_batch >= 1, "map_batch", map_batch, "an integer >= 1")
         self.map_batch = map_batch
         self.chunk_traces = 0
+        self._result_shapes: dict = {}  # `result_shapes` per start-model shapes
         self._train_one = jit(self._one)
         selected = select_devices(devices)
         self.mesh = ClientMesh(selected) if len(selected) > 1 else None
@@ -199,8 +210,9 @@ class BatchedTrainer:
         """CPU `auto`: "map" if local training has a convolution, else "vmap" (see the module docstring)."""
         if self._choose_by_model:
             self._choose_by_model = False
-            one = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), stacked)
-            jaxpr = jax.make_jaxpr(self._one)(one, self.store.x, self.store.y, np.int32(0), np.int32(1), np.uint32(0))
+            one = _row_shapes(stacked)
+            jaxpr, shapes = jax.make_jaxpr(self._one, return_shape=True)(one, self.store.x, self.store.y, np.int32(0), np.int32(1), np.uint32(0))
+            self._result_shapes[_shapes_key(one)] = shapes  # (the trace `result_shapes` would make)
             self.execution = "map" if has_convolution(jaxpr.jaxpr) else "vmap"
 
     def _client_key(self, dispatch_id):
@@ -259,9 +271,12 @@ class BatchedTrainer:
 
     def result_shapes(self, stacked: PyTree):
         """(params, loss) of one client's result as ShapeDtypeStructs, from a stacked pytree of
-        start models (traces local training once, compiles nothing)."""
-        one = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), stacked)
-        return jax.eval_shape(self._one, one, self.store.x, self.store.y, np.int32(0), np.int32(1), np.uint32(0))
+        start models (local training traced once per trainer and shape, nothing compiled)."""
+        one = _row_shapes(stacked)
+        key = _shapes_key(one)
+        if key not in self._result_shapes:
+            self._result_shapes[key] = jax.eval_shape(self._one, one, self.store.x, self.store.y, np.int32(0), np.int32(1), np.uint32(0))
+        return self._result_shapes[key]
 
     def _chunk_args(self, stacked, version_idx, clients, dispatch_ids):
         """(lo, hi, arguments of `_chunk`) per chunk of the listed clients [lo, hi), in order."""

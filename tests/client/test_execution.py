@@ -73,6 +73,27 @@ def test_training_into_rows_writes_what_training_returns_at_the_given_rows():
         assert all(bool(jnp.all(leaf[untouched] == 7.0)) for leaf in jax.tree.leaves((params, loss)))
 
 
+def test_result_shapes_trace_local_training_once_per_trainer_and_shape():
+    store, versions = setup(jnp.float32)
+    train = make_local_train(mlp, LocalTraining(num_steps=2, batch_size=4, learning_rate=0.3))
+    traces = []
+
+    def counted(*args):
+        traces.append(1)  # runs only while tracing
+        return train(*args)
+
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *versions)
+    for execution, traced in (("vmap", 1), ("auto", 1)):  # auto on the CPU: the trace that chooses vmap or map serves
+        traces.clear()
+        trainer = BatchedTrainer(counted, store, jax.random.key(0), execution=execution)
+        trainer._settle(stacked)
+        shapes = [trainer.result_shapes(stacked) for _ in range(3)]
+        assert len(traces) == traced and shapes[0] is shapes[2]
+        assert shapes[0][0]["w1"].shape == (5, 4) and shapes[0][1].shape == ()
+    trainer.result_shapes(jax.tree.map(lambda leaf: leaf.astype(jnp.float16), stacked))  # another shape: traced anew
+    assert len(traces) == 2
+
+
 def test_auto_is_small_vmap_chunks_on_cpu_and_configured_chunks_on_accelerators():
     assert resolve_execution("auto", 256, "cpu") == ("vmap", CPU_CHUNK)
     assert resolve_execution("auto", 2, "cpu") == ("vmap", 2)
