@@ -93,7 +93,7 @@ def _take_rows(tree: PyTree, rows) -> PyTree:
     return jax.tree.map(lambda leaf: leaf[rows], tree)
 
 
-def _row_shapes(stacked: PyTree) -> PyTree:
+def row_shapes(stacked: PyTree) -> PyTree:
     """One row of a stacked pytree, as ShapeDtypeStructs."""
     return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), stacked)
 
@@ -210,7 +210,7 @@ class BatchedTrainer:
         """CPU `auto`: "map" if local training has a convolution, else "vmap" (see the module docstring)."""
         if self._choose_by_model:
             self._choose_by_model = False
-            one = _row_shapes(stacked)
+            one = row_shapes(stacked)
             jaxpr, shapes = jax.make_jaxpr(self._one, return_shape=True)(one, self.store.x, self.store.y, np.int32(0), np.int32(1), np.uint32(0))
             self._result_shapes[_shapes_key(one)] = shapes  # (the trace `result_shapes` would make)
             self.execution = "map" if has_convolution(jaxpr.jaxpr) else "vmap"
@@ -272,7 +272,7 @@ class BatchedTrainer:
     def result_shapes(self, stacked: PyTree):
         """(params, loss) of one client's result as ShapeDtypeStructs, from a stacked pytree of
         start models (local training traced once per trainer and shape, nothing compiled)."""
-        one = _row_shapes(stacked)
+        one = row_shapes(stacked)
         key = _shapes_key(one)
         if key not in self._result_shapes:
             self._result_shapes[key] = jax.eval_shape(self._one, one, self.store.x, self.store.y, np.int32(0), np.int32(1), np.uint32(0))

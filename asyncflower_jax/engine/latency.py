@@ -49,8 +49,18 @@ class Constant(LatencyModel):
         return float(self.duration)
 
 
+class ExponentialDurations(LatencyModel):
+    """Base of the models whose durations are Exp(profile): the profile is the client's rate."""
+
+    def sample(self, rng, profile):
+        return rng.standard_exponential(len(profile)) * (1.0 / profile)  # rng.exponential(1 / profile), 4x cheaper
+
+    def sample_one(self, rng, profile):
+        return float(rng.standard_exponential() * (1.0 / profile))
+
+
 @dataclasses.dataclass(frozen=True)
-class Exponential(LatencyModel):
+class Exponential(ExponentialDurations):
     """Durations ~ Exp(rate_c); client rates are `rate` times lognormal(0, `client_sigma`)."""
 
     rate: float = 1.0
@@ -62,12 +72,6 @@ class Exponential(LatencyModel):
 
     def client_profile(self, rng, num_clients):
         return self.rate * rng.lognormal(0.0, self.client_sigma, num_clients)
-
-    def sample(self, rng, profile):
-        return rng.standard_exponential(len(profile)) * (1.0 / profile)  # rng.exponential(1 / profile), 4x cheaper
-
-    def sample_one(self, rng, profile):
-        return float(rng.standard_exponential() * (1.0 / profile))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +124,7 @@ class Pareto(LatencyModel):
 
 
 @dataclasses.dataclass(frozen=True)
-class ClientGroups(LatencyModel):
+class ClientGroups(ExponentialDurations):
     """Clients split into groups by `fractions` (exact counts, random membership); Exp(rates[g]) durations."""
 
     fractions: Sequence[float] = (0.8, 0.2)
@@ -142,12 +146,6 @@ class ClientGroups(LatencyModel):
 
     def client_profile(self, rng, num_clients):
         return np.asarray(self.rates)[self.client_groups(rng, num_clients)]
-
-    def sample(self, rng, profile):
-        return rng.standard_exponential(len(profile)) * (1.0 / profile)  # rng.exponential(1 / profile), 4x cheaper
-
-    def sample_one(self, rng, profile):
-        return float(rng.standard_exponential() * (1.0 / profile))
 
 
 @dataclasses.dataclass(frozen=True)

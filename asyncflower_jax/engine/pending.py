@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..client.batched import BatchedTrainer, bucket_size, put_rows_in_place
+from ..client.batched import BatchedTrainer, bucket_size, put_rows_in_place, row_shapes
 from ..compilation import jit
 from .faults import NAN
 from .scheduler import Task
@@ -186,7 +186,7 @@ class PendingResults:
         assert not self._untrained and not self._where, "restore into a fresh PendingResults"
         self._untrained = list(untrained)
         if trained_ids:
-            slots = self._reserve(len(trained_ids), lambda: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), trained))
+            slots = self._reserve(len(trained_ids), lambda: row_shapes(trained))
             self._store = put_rows_in_place(self._store, trained, np.asarray(slots, np.int32))
             self._register(list(trained_ids), slots)
         self.flush_sizes = list(flush_sizes)

@@ -44,13 +44,13 @@ def new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def save_figure(fig: Figure, path: Path, **kwargs) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     """Write `fig` as a PNG through a temporary file and a rename: a run stopped while plotting
-    leaves no truncated image. Sized to fit the content (`bbox_inches="tight"`) unless told."""
+    leaves no truncated image. Sized to fit the content (grows rather than clips)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fig.savefig(tmp, format="png", **{"bbox_inches": "tight", **kwargs})
+        fig.savefig(tmp, format="png", bbox_inches="tight")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
