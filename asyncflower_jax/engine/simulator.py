@@ -273,12 +273,13 @@ class Simulator:
         self.on_step = on_step
         self.interrupt: int | None = None  # a signal number: checkpoint and stop after this aggregation
         self.kernel_traces = 0
-        # One device call per aggregation (dispatches cost the host tens of microseconds each, and the
-        # host is the bottleneck once training is batched): the step gathers the trained rows from
-        # the pending results' store and the start versions from the version table, computes the
-        # per-update facts, runs the rule's kernel and writes the new version into the table. The server state and the
-        # table are donated (per-client memories are N x model: never copy them). A rule that is
-        # not jittable (its state lives in the object) is called as it is, beside jitted norms.
+        # One device call per aggregation (dispatches cost the host tens of microseconds each, and
+        # the host is the bottleneck once training is batched): the step gathers the trained rows
+        # from the pending results' store and the start versions from the version table, computes
+        # the per-update facts, runs the rule's kernel and writes the new version into the table.
+        # The server state and the table are donated (per-client memories are N x model: never
+        # copy them). A rule that is not jittable (its state lives in the object) is called as it
+        # is, beside jitted norms.
         # With more than one aggregation per call, the loop queues the steps (their rows, slots and
         # columns are all known on the host) and applies them in one scanned call at the next
         # training flush, evaluation or checkpoint (engine/queued_steps.py).
