@@ -98,12 +98,12 @@ def test_overhead_quick(tmp_path):
 
 @pytest.mark.slow
 def test_scale_quick(tmp_path):
-    scale.main(["--quick", "--out", str(tmp_path)])
+    scale.main(["--quick", "--concurrency", "10", "--out", str(tmp_path)])  # two worker processes
     data = read(tmp_path / "scale.json")
     assert (tmp_path / "scale.png").is_file()
     rows = data["rows"]
     assert all("error" not in r for r in rows), rows
-    assert {(r["N"], r["M"]) for r in rows} == {(100, 10), (100, 100), (10_000, 10), (10_000, 100)}
+    assert {(r["N"], r["M"]) for r in rows} == {(100, 10), (10_000, 10)}
     for r in rows:
         assert r["updates"] >= 200 and r["updates_per_s"] > 0
         assert 100 < r["peak_rss_mb"] < 8000

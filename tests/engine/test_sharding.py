@@ -42,20 +42,20 @@ SCRIPT = textwrap.dedent(
         return exp, result, placed
 
     out = {}
-    for rule in (["strategy=fedasync"], ["strategy=fedbuff", "strategy.buffer_size=3"]):
-        for execution in ("vmap", "map"):
-            name = rule[0].split("=")[1] + "/" + execution
-            one_exp, one, _ = run(*rule, f"execution={execution}", "devices=1")
-            four_exp, four, placed = run(*rule, f"execution={execution}", "devices=4", "chunk_size=4")
-            ref, _ = run_reference(one_exp.strategy, one_exp.params, one_exp.trainer, one_exp.latency, one_exp.settings)
-            out[name] = {
-                "devices": [one_exp.trainer.num_devices, four_exp.trainer.num_devices],
-                "mean_train_batch": four.summary["mean_train_batch"],
-                "params_vs_one_device": max(float(np.max(np.abs(a - b))) for a, b in zip(leaves(four.params), leaves(one.params))),
-                "params_vs_reference": max(float(np.max(np.abs(a - b))) for a, b in zip(leaves(four.params), leaves(ref))),
-                "accuracy": [[r["test_accuracy"] for r in one.history], [r["test_accuracy"] for r in four.history]],
-                "result_devices": sorted(placed),
-            }
+    # each rule with one of the two executions: both executions and both kinds of rounds are sharded
+    for rule, execution in ((["strategy=fedasync"], "vmap"), (["strategy=fedbuff", "strategy.buffer_size=3"], "map")):
+        name = rule[0].split("=")[1] + "/" + execution
+        one_exp, one, _ = run(*rule, f"execution={execution}", "devices=1")
+        four_exp, four, placed = run(*rule, f"execution={execution}", "devices=4", "chunk_size=4")
+        ref, _ = run_reference(one_exp.strategy, one_exp.params, one_exp.trainer, one_exp.latency, one_exp.settings)
+        out[name] = {
+            "devices": [one_exp.trainer.num_devices, four_exp.trainer.num_devices],
+            "mean_train_batch": four.summary["mean_train_batch"],
+            "params_vs_one_device": max(float(np.max(np.abs(a - b))) for a, b in zip(leaves(four.params), leaves(one.params))),
+            "params_vs_reference": max(float(np.max(np.abs(a - b))) for a, b in zip(leaves(four.params), leaves(ref))),
+            "accuracy": [[r["test_accuracy"] for r in one.history], [r["test_accuracy"] for r in four.history]],
+            "result_devices": sorted(placed),
+        }
     print("RESULT " + json.dumps(out))
     """
 )
@@ -72,7 +72,7 @@ def run_on_four_devices(script: str) -> dict:
 @pytest.mark.slow
 def test_four_devices_equal_one_device_and_the_reference():
     out = run_on_four_devices(SCRIPT)
-    assert set(out) == {"fedasync/vmap", "fedasync/map", "fedbuff/vmap", "fedbuff/map"}
+    assert set(out) == {"fedasync/vmap", "fedbuff/map"}
     for name, r in out.items():
         assert r["devices"] == [1, 4], name
         assert r["mean_train_batch"] > 1, name  # chunks really spanned several devices
