@@ -129,7 +129,8 @@ class PendingResults:
         """n free slots of the store. It is made (`shapes()`: one result's (params, loss) shapes)
         with `capacity` slots, or as many as fit in FIRST_TABLE_BYTES if fewer (a large model whose
         runs never train that many at once), and grows when full: by doubling up to `capacity`,
-        by a quarter beyond (queued aggregations holding more). Growing copies the store and
+        by a quarter beyond (a buffer of arrivals waiting beside the clients in flight: FedBuff with a
+        large K). Growing copies the store and
         compiles the programs that read it anew, so it is rare."""
         if self._store is None:
             row = shapes()

@@ -9,9 +9,9 @@ aggregation. The steps are the same ones, in the same order, so the versions are
 aggregating one at a time (up to floating-point rounding: the step is compiled inside a loop).
 
 A call's steps share one padded batch width, and a call's length is a power of two (at most
-`most_steps`, and at most `row_budget` rows in all: the trained results a call's steps hold in
-the pending store), so few programs are compiled: a queue of 13 steps of width 1 runs as calls of
-8, 4 and 1. Each step gathers its own rows from the store inside the call.
+`most_steps`), so few programs are compiled: a queue of 13 steps of width 1 runs as calls of 8, 4
+and 1. Each step gathers its own rows from the pending results' store inside the call; the queue
+is applied before every training flush, so the results it holds never make that store grow.
 """
 
 from __future__ import annotations
@@ -46,11 +46,10 @@ class QueuedStep:
 class QueuedSteps:
     """The planned aggregations, oldest first, and how they are cut into device calls."""
 
-    def __init__(self, most_steps: int, row_budget: int):
-        if most_steps < 1 or row_budget < 1:
-            raise ValueError(f"most_steps ({most_steps}) and row_budget ({row_budget}) must be >= 1")
+    def __init__(self, most_steps: int):
+        if most_steps < 1:
+            raise ValueError(f"most_steps ({most_steps}) must be >= 1")
         self.most_steps = most_steps
-        self.row_budget = row_budget
         self.steps: list[QueuedStep] = []
 
     def __len__(self) -> int:
@@ -65,7 +64,7 @@ class QueuedSteps:
 
     def calls(self) -> Iterator[list[QueuedStep]]:
         """The queue as consecutive device calls (and empties it): runs of one batch width, each
-        cut into power-of-two lengths of at most `most_steps` steps and `row_budget` rows."""
+        cut into power-of-two lengths of at most `most_steps` steps."""
         steps, self.steps = self.steps, []
         i = 0
         while i < len(steps):
@@ -73,9 +72,8 @@ class QueuedSteps:
             j = i
             while j < len(steps) and len(steps[j].ids) == width:
                 j += 1
-            cap = max(1, min(self.most_steps, self.row_budget // width))
             while i < j:
-                n = min(j - i, cap)
+                n = min(j - i, self.most_steps)
                 k = 1 << (n.bit_length() - 1)
                 yield steps[i : i + k]
                 i += k

@@ -149,7 +149,6 @@ SCHEMA_KEYS = (  # SimulationSettings' fields that are top-level settings of con
 )
 AGGREGATIONS_PER_CALL = {"cpu": 1}  # by backend; others: ACCELERATOR_AGGREGATIONS_PER_CALL (BENCHMARKS.md)
 ACCELERATOR_AGGREGATIONS_PER_CALL = 1024
-QUEUED_ROWS_BYTES = 256 << 20  # the trained rows one call of queued aggregations gathers stay under this
 
 
 def aggregations_per_call(setting: int | None) -> int:
@@ -377,8 +376,7 @@ class Simulator:
         # and all_finite are those of the last applied one until `settle`
         queue = None
         if self.per_call > 1:
-            model_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(self.initial_params))
-            queue = QueuedSteps(self.per_call, row_budget=max(1, QUEUED_ROWS_BYTES // max(1, model_bytes)))
+            queue = QueuedSteps(self.per_call)
         all_finite = jnp.asarray(True)  # every aggregated row so far was finite (the kernel keeps it)
         probe = None  # an earlier all_finite, read (without waiting) once it is ready
         evaluating = None  # an evaluation started and not read yet (start_evaluation)

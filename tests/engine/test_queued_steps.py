@@ -16,8 +16,8 @@ from tests.engine import test_checkpoint, test_nonfinite_check
 from tests.engine.test_simulator import RULES, SMALL, max_abs_diff
 
 
-def queue_of(widths, most_steps=8, row_budget=1000) -> QueuedSteps:
-    queue = QueuedSteps(most_steps, row_budget)
+def queue_of(widths, most_steps=8) -> QueuedSteps:
+    queue = QueuedSteps(most_steps)
     for i, width in enumerate(widths):
         queue.add([i] * width, np.zeros(5 * width + 1, np.int32), None)
     return queue
@@ -32,11 +32,9 @@ def test_a_queue_runs_as_power_of_two_calls_of_one_width_in_order():
     assert len(queue) == 0 and list(queue.calls()) == []
 
 
-def test_a_call_gathers_at_most_the_row_budget():
-    calls = list(queue_of([4] * 5, row_budget=8).calls())
-    assert [len(c) for c in calls] == [2, 2, 1]
-    assert [len(c) for c in queue_of([16] * 2, row_budget=8).calls()] == [1, 1]  # one step is always allowed
+def test_the_queue_is_full_at_most_steps():
     assert queue_of([1] * 8).full and not queue_of([1] * 7).full
+    assert [len(c) for c in queue_of([64] * 5, most_steps=4).calls()] == [4, 1]  # wide steps are not cut shorter
 
 
 def test_step_facts_pick_their_row_of_a_call():
@@ -47,7 +45,7 @@ def test_step_facts_pick_their_row_of_a_call():
 
 def test_bad_limits_are_refused():
     with pytest.raises(ValueError, match="most_steps"):
-        QueuedSteps(0, 10)
+        QueuedSteps(0)
 
 
 def run(exp: Experiment, per_call: int):
@@ -105,3 +103,20 @@ def test_the_default_is_one_per_call_on_a_cpu_and_queued_on_accelerators(monkeyp
 def test_a_bad_setting_is_refused_with_its_name():
     with pytest.raises(ConfigError, match="aggregations_per_call=0 is invalid: must be an integer >= 1"):
         SimulationSettings(num_clients=4, concurrency=2, max_updates=5, aggregations_per_call=0)
+
+
+def test_queued_steps_never_make_the_pending_store_grow(monkeypatch):
+    """The results of queued steps stay in the store until their call runs, and the queue is
+    applied before every training flush: 32 clients finishing together queue 32 FedAsync steps,
+    and the store's first 32 + 4 + 16 slots still hold every flush (32 + 32 would not fit)."""
+    from asyncflower_jax.engine import pending as pending_module
+
+    grown = []
+    grow_rows = pending_module.grow_rows
+    monkeypatch.setattr(pending_module, "grow_rows", lambda store, rows: grown.append(rows) or grow_rows(store, rows))
+    cfg = make_config(*SMALL, "num_clients=64", "concurrency=32", "max_updates=160", "latency=constant")
+    one = run(Experiment(cfg), 1)[0]
+    many, _, _, calls = run(Experiment(cfg), 64)
+    assert max(calls) == 32 and sum(calls) == many.summary["versions"] == one.summary["versions"]
+    assert many.summary["mean_train_batch"] == 32 and grown == []
+    assert max_abs_diff(one.params, many.params) < 1e-6
