@@ -133,10 +133,10 @@ def test_vs_flower_quick_installs_flower_and_runs_both(tmp_path):
 def test_vectorization_quick(tmp_path):
     from benchmarks import vectorization
 
-    vectorization.main(["--quick", "--out", str(tmp_path), "--repeats", "1"])
+    vectorization.main(["--quick", "--concurrency", "4", "--out", str(tmp_path), "--repeats", "1"])  # (one M: half the compilations)
     data = read(tmp_path / "vectorization.json")
     rows = [r for r in data["rows"] if "error" not in r]
-    assert {r["M"] for r in rows} == {4, 8}
+    assert {r["M"] for r in rows} == {4}
     variants = {r["variant"] for r in rows}
     assert {"shared", "shared-bf16", "vmap-all", "vmap-chunk-2", "map-vmap-2", "vmap-chunk-2-bf16", "chunk-donated-2"} <= variants
     for r in rows:
