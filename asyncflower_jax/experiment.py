@@ -41,7 +41,6 @@ from .engine.scheduler import Scheduler
 from .engine.simulator import METRIC_COLUMNS, UPDATE_COLUMNS, Interrupted, SimulationResult, SimulationSettings, Simulator, check_strategy
 from .errors import ConfigError
 from .models.mlp import init_params
-from .results.plots import plot_finished_run
 from .results.progress import make_progress
 from .results.recorder import Recorder
 from .results.rundir import RESUME_MUTABLE_KEYS, SUMMARY_FILE, check_fresh, clear_failure, resume_requested, run_files
@@ -247,6 +246,8 @@ class Experiment:
                 )
             if recorder:
                 recorder.close()
+                from .results.plots import plot_finished_run  # (matplotlib: imported by runs that plot, not by a ClientApp)
+
                 plot_finished_run(run_dir)
                 recorder.write_summary(result.summary)  # last: a run directory with a summary is complete
                 if "diverged" not in result.summary:  # finished: the checkpoints have served their purpose
