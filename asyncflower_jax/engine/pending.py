@@ -4,8 +4,9 @@ A client's result depends only on its start version, its data and its key, all f
 dispatch; so when an aggregation needs any untrained result, every untrained client is trained
 in one batched call (the largest batch exactness allows). Results wait on the device until
 their (simulated) arrival is aggregated, each in a row (slot) of one store that training writes
-into in place: the aggregation step gathers a batch drawn from many flushes inside its own call
-(with spread-out durations a queued device call draws from dozens of flushes).
+into in place, with a flag saying whether it is finite everywhere (computed by the training
+call): the aggregation step gathers a batch drawn from many flushes inside its own call (with
+spread-out durations a queued device call draws from dozens of flushes).
 
 Tasks with an injected NaN fault are trained like the others and their results then replaced by
 NaNs, so the non-finite check (`is_finite`, one host transfer per flush) sees what a
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..client.batched import BatchedTrainer, bucket_size, put_rows_in_place, row_shapes
+from ..client.batched import BatchedTrainer, bucket_size, put_trained_in_place, row_shapes, stored_row
 from ..compilation import jit
 from .faults import NAN
 from .scheduler import Task
@@ -35,21 +36,16 @@ def _gather_rows(tree, loss, rows):
 
 @functools.partial(jit, donate_argnums=(0,))
 def _poison_slots(results, positions):
-    """NaN in every entry of the rows `positions` (the injected 'client returns NaN' fault;
-    positions out of range are padding, dropped)."""
-    return jax.tree.map(lambda leaf: leaf.at[positions].set(jnp.nan, mode="drop"), results)
+    """NaN in every entry of the rows `positions`, flagged not finite (the injected 'client
+    returns NaN' fault; positions out of range are padding, dropped)."""
+    params, loss, finite = results
+    params, loss = jax.tree.map(lambda leaf: leaf.at[positions].set(jnp.nan, mode="drop"), (params, loss))
+    return params, loss, finite.at[positions].set(False, mode="drop")
 
 
 @jit
-def _rows_finite_at(tree, rows):
-    return rows_finite(jax.tree.map(lambda leaf: leaf[rows], tree))
-
-
-def rows_finite(tree):
-    """Per row (leading axis): True when every entry of every leaf is finite (traceable: the
-    simulator's aggregation step uses it)."""
-    flags = [jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1) for leaf in jax.tree.leaves(tree)]
-    return jnp.stack(flags).all(axis=0)
+def _flags_at(finite, rows):
+    return finite[rows]
 
 
 
@@ -91,7 +87,7 @@ class PendingResults:
         self.capacity = capacity  # slots of the store when it is made (results held at once: about the concurrency)
         self._untrained: list[Task] = []
         self._where: dict[int, tuple[int, int]] = {}  # dispatch id -> (group id, slot in the store)
-        self._store = None  # (params with a leading slot axis, losses)
+        self._store = None  # (params with a leading slot axis, losses, finite flags)
         self._free: list[int] = []  # free slots
         self._members: dict[int, list[int]] = {}  # group (a flush, or a restore) id -> its dispatch ids
         self._group_refs: dict[int, int] = {}  # group id -> its results not consumed yet
@@ -116,7 +112,7 @@ class PendingResults:
         if not tasks:
             return
         stacked, rows = versions.stacked_rows([t.start_version for t in tasks])
-        slots = self._reserve(len(tasks), lambda: self.trainer.result_shapes(stacked))
+        slots = self._reserve(len(tasks), lambda: stored_row(self.trainer.result_shapes(stacked)))
         clients, ids = np.array([t.client for t in tasks]), [t.dispatch_id for t in tasks]
         self._store = self.trainer.train_into(self._store, np.asarray(slots, np.int32), stacked, rows, clients, np.array(ids))
         poisoned = [slot for t, slot in zip(tasks, slots) if t.fault == NAN]
@@ -126,7 +122,7 @@ class PendingResults:
         self.flush_sizes.append(len(tasks))
 
     def _reserve(self, n: int, shapes) -> list[int]:
-        """n free slots of the store. It is made (`shapes()`: one result's (params, loss) shapes)
+        """n free slots of the store. It is made (`shapes()`: one row's (params, loss, finite) shapes)
         with `capacity` slots, or as many as fit in FIRST_TABLE_BYTES if fewer (a large model whose
         runs never train that many at once), and grows when full: by doubling up to `capacity`,
         by a quarter beyond (a buffer of arrivals waiting beside the clients in flight: FedBuff with a
@@ -169,7 +165,7 @@ class PendingResults:
         if flags is None:
             ids = [did for did in self._members[cid] if did in self._where]
             slots = np.resize(np.asarray([self._where[did][1] for did in ids], np.int32), bucket_size(len(ids)))
-            flags = self._finite[cid] = dict(zip(ids, np.asarray(_rows_finite_at(self._store[0], slots)).tolist()))
+            flags = self._finite[cid] = dict(zip(ids, np.asarray(_flags_at(self._store[2], slots)).tolist()))
         return bool(flags[dispatch_id])
 
     def untrained_ids(self) -> list[int]:
@@ -187,14 +183,14 @@ class PendingResults:
         assert not self._untrained and not self._where, "restore into a fresh PendingResults"
         self._untrained = list(untrained)
         if trained_ids:
-            slots = self._reserve(len(trained_ids), lambda: row_shapes(trained))
-            self._store = put_rows_in_place(self._store, trained, np.asarray(slots, np.int32))
+            slots = self._reserve(len(trained_ids), lambda: stored_row(row_shapes(trained)))
+            self._store = put_trained_in_place(self._store, trained, np.asarray(slots, np.int32))
             self._register(list(trained_ids), slots)
         self.flush_sizes = list(flush_sizes)
 
     @property
     def store(self):
-        """(params with a leading slot axis, losses): every stored result, at its `slot_of`."""
+        """(params with a leading slot axis, losses, finite flags): every stored result, at its `slot_of`."""
         return self._store
 
     def slot_of(self, dispatch_id: int) -> int:
@@ -206,7 +202,7 @@ class PendingResults:
         gather from the store."""
         where = self._where
         slots = np.fromiter((where[did][1] for did in dispatch_ids), np.int32, len(dispatch_ids))
-        return _gather_rows(*self._store, slots)
+        return _gather_rows(self._store[0], self._store[1], slots)
 
     def release(self, dispatch_id: int) -> None:
         """Forget a consumed result: its slot is free again."""

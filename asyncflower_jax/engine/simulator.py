@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import config_schema
-from ..client.batched import BatchedTrainer, bucket_size, stack_trees
+from ..client.batched import BatchedTrainer, bucket_size, rows_finite, stack_trees
 from ..compilation import jit
 from ..errors import ConfigError, require
 from ..strategy.base import REFILL_POLICIES, AsyncStrategy
@@ -67,7 +67,7 @@ from .checkpoint import Snapshot, capture_run, restore_run
 from .evaluation import read_metrics
 from .availability import AvailabilityModel
 from .faults import FAILURE_KINDS, LOST, NONFINITE, Faults
-from .pending import PendingResults, rows_finite, training_limit
+from .pending import PendingResults, training_limit
 from .queued_steps import QueuedSteps, StepFacts
 from .scheduler import Scheduler, Task
 from .versions import VersionCache, write_row
@@ -290,18 +290,18 @@ class Simulator:
     def _traced_step(self, params, state, all_finite, table, results, columns, with_facts):
         """(table with the new version in row `slot`, (params, state, all_finite, facts)) after
         aggregating the batch whose trained models are the rows `stored` of `results` (the pending
-        results' store: params, losses) and whose start models are the table rows `slots`
+        results' store: params, losses, finite flags) and whose start models are the table rows `slots`
         (`columns`: see step_columns); `all_finite` and-ed with "every aggregated row is finite";
         facts (update norms, the rule's weights, losses) per row when `with_facts`, else None. The
         table comes first, as `VersionCache.put_by` wants it."""
         self.kernel_traces += 1  # runs only while tracing: counts compilations
         stored, slots, staleness, num_examples, client_id, mask, slot = split_step_columns(columns)
-        trained, loss = jax.tree.map(lambda leaf: leaf[stored], results)
+        trained, loss, finite = jax.tree.map(lambda leaf: leaf[stored], results)
         start = jax.tree.map(lambda t, p: t[slots].astype(p.dtype), table, params)
         updates = UpdateBatch(trained, start, staleness, num_examples, client_id, mask)
         facts = (update_norms(updates), self._weights(state, updates), loss) if with_facts else None  # from the state before the kernel
         params, state = self.strategy.aggregate(params, state, updates)
-        all_finite = all_finite & rows_ok(trained, mask)
+        all_finite = all_finite & jnp.all(finite | ~mask)  # (each row's flag was computed by its training call)
         return write_row(table, params, slot), (params, state, all_finite, facts)
 
     def _traced_steps(self, params, state, all_finite, table, results, columns, with_facts):

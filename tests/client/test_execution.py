@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asyncflower_jax.client.batched import CPU_CHUNK, BatchedTrainer, chunk_plan, resolve_execution
+from asyncflower_jax.client.batched import CPU_CHUNK, BatchedTrainer, chunk_plan, resolve_execution, rows_finite, stored_row
 from asyncflower_jax.client.local_train import LocalTraining, make_local_train
 from asyncflower_jax.client.precision import mixed_precision
 from asyncflower_jax.data.store import ClientStore
@@ -63,14 +63,32 @@ def test_training_into_rows_writes_what_training_returns_at_the_given_rows():
         chunks = trainer.train_from(stacked, version_idx, clients, ids)
         shapes = trainer.result_shapes(stacked)
         assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == jax.tree.map(lambda x: (x.shape[1:], x.dtype), (chunks[0].params, chunks[0].loss))
-        results = jax.tree.map(lambda s: jnp.full((12,) + s.shape, 7.0, s.dtype), shapes)
+        results = jax.tree.map(lambda s: jnp.full((12,) + s.shape, 7.0, s.dtype), stored_row(shapes))
+        results = (results[0], results[1], jnp.zeros(12, bool))
         slots = np.array([11, 0, 5, 3, 9, 1, 6], np.int32)
-        params, loss = trainer.train_into(results, slots, stacked, version_idx, clients, ids)
+        params, loss, finite = trainer.train_into(results, slots, stacked, version_idx, clients, ids)
         trained = [(jax.tree.map(lambda leaf: leaf[r], c.params), c.loss[r]) for c in chunks for r in range(c.n)]
         for (want, want_loss), slot in zip(trained, slots):
             assert max_abs_diff(jax.tree.map(lambda leaf: leaf[slot], params), want) == 0.0 and float(loss[slot]) == float(want_loss)
         untouched = np.setdiff1d(np.arange(12), slots)
         assert all(bool(jnp.all(leaf[untouched] == 7.0)) for leaf in jax.tree.leaves((params, loss)))
+        np.testing.assert_array_equal(np.asarray(finite), np.isin(np.arange(12), slots))  # every trained row is finite, flagged so
+
+
+def test_training_into_rows_flags_each_row_that_is_not_finite():
+    """Each row's finite flag comes from the training call that wrote it: a client whose training
+    diverges (a huge learning rate) is flagged, the others are not."""
+    store, versions = setup(jnp.float32)
+    train = make_local_train(mlp, LocalTraining(num_steps=3, batch_size=4, learning_rate=0.3))
+    trainer = BatchedTrainer(train, store, jax.random.key(7), chunk_size=4, execution="vmap")
+    bad = jax.tree.map(lambda leaf: leaf.at[(0,) * leaf.ndim].set(jnp.inf), versions[0])  # an infinite weight: training stays non-finite
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), bad, versions[1])
+    shapes = stored_row(trainer.result_shapes(stacked))
+    results = jax.tree.map(lambda s: jnp.zeros((8,) + s.shape, s.dtype), shapes)
+    version_idx, clients, ids = np.array([1, 0, 1, 0, 1]), np.array([0, 1, 2, 3, 4]), np.arange(5)
+    params, _, finite = trainer.train_into(results, np.array([2, 3, 4, 5, 6], np.int32), stacked, version_idx, clients, ids)
+    np.testing.assert_array_equal(np.asarray(finite), [False, False, True, False, True, False, True, False])
+    assert np.asarray(rows_finite(params)).tolist() == [True, True, True, False, True, False, True, True]  # the flags say what the rows hold
 
 
 def test_result_shapes_trace_local_training_once_per_trainer_and_shape():

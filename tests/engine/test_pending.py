@@ -55,15 +55,15 @@ def test_after_enough_arrivals_only_the_observed_rate_counts():
 
 
 class RowsOfIds:
-    """A trainer whose result for dispatch id d is the row [d, 2d] with loss d."""
+    """A trainer whose result for dispatch id d is the row [d, 2d] with loss d (finite)."""
 
     def result_shapes(self, stacked):
         return {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}, jax.ShapeDtypeStruct((), jnp.float32)
 
     def train_into(self, results, slots, stacked, rows, clients, dispatch_ids):
         ids = np.asarray(dispatch_ids, np.float32)
-        params, loss = results
-        return {"w": params["w"].at[slots].set(np.stack([ids, 2 * ids], axis=1))}, loss.at[slots].set(ids)
+        params, loss, finite = results
+        return {"w": params["w"].at[slots].set(np.stack([ids, 2 * ids], axis=1))}, loss.at[slots].set(ids), finite.at[slots].set(True)
 
 
 def pending_task(did, fault=None):
@@ -100,7 +100,7 @@ def test_results_from_many_flushes_are_taken_in_order_and_slots_are_reused():
 def test_the_store_starts_within_the_byte_budget_and_grows_to_the_concurrency_then_by_a_quarter(monkeypatch):
     import asyncflower_jax.engine.pending as pending_module
 
-    monkeypatch.setattr(pending_module, "FIRST_TABLE_BYTES", 20 * 12)  # 20 results of 12 bytes (2 + 1 float32)
+    monkeypatch.setattr(pending_module, "FIRST_TABLE_BYTES", 20 * 13)  # 20 results of 13 bytes (2 + 1 float32, a flag)
     versions = SimpleNamespace(stacked_rows=lambda starts: (None, np.zeros(len(starts), np.int32)))
     pending = PendingResults(RowsOfIds(), capacity=100)
     sizes = []
