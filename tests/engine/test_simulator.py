@@ -152,3 +152,35 @@ def test_an_error_after_an_evaluation_started_still_reports_it():
         sim.run()
     assert [v for kind, v in events if kind == "eval"] == [0, 5]
     assert sorted(v for kind, rows in events if kind == "updates" for v in rows) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("rule", ["fedasync", "fedbuff"])
+def test_the_facts_call_and_the_step_give_the_facts_and_models_of_one_step_without_copying_the_table(rule):
+    """One aggregation per call computes the per-update facts in a call of their own: the same
+    norms, weights and losses as the step computing them itself, the same new model and table;
+    and the step (which writes the donated version table) compiles without a copy of the table."""
+    import re
+
+    import jax.numpy as jnp
+
+    from asyncflower_jax.engine.simulator import step_columns
+    from asyncflower_jax.engine.scheduler import Task
+
+    exp = Experiment(make_config(*SMALL, *RULES[rule]))
+    sim = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings, on_updates=lambda rows: None)
+    params, state = exp.params, exp.strategy.init(exp.params)
+    rng = np.random.default_rng(0)
+    table = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(10, *p.shape)), p.dtype), params)
+    store = (jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(12, *p.shape)), p.dtype), params), jnp.arange(12.0), jnp.ones(12, bool))
+    tasks = [Task(d, client=d, start_version=v, dispatch_time=0.0, finish_time=1.0) for d, v in ((3, 2), (7, 5), (8, 5), (3, 2))]
+    columns = step_columns(tasks, 3, 6, exp.trainer.store.counts, lambda d: d, lambda v: v, 9)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # (the step donates the state and the table)
+
+    facts = sim._facts(state, table, store, columns)
+    split_table, (split_params, _, _, none) = sim._step(params, copy(state), jnp.asarray(True), copy(table), store, columns, with_facts=False)
+    one_table, (one_params, _, _, one_facts) = sim._step(params, copy(state), jnp.asarray(True), copy(table), store, columns, with_facts=True)
+    assert none is None
+    for got, want in zip(jax.tree.leaves((facts, split_params, split_table)), jax.tree.leaves((one_facts, one_params, one_table))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+    compiled = sim._step.lower(params, state, jnp.asarray(True), table, store, columns, with_facts=False).compile().as_text()
+    assert not re.search(r"copy\(%table", compiled)
