@@ -125,9 +125,9 @@ class PendingResults:
         """n free slots of the store. It is made (`shapes()`: one row's (params, loss, finite) shapes)
         with `capacity` slots, or as many as fit in FIRST_TABLE_BYTES if fewer (a large model whose
         runs never train that many at once), and grows when full: by doubling up to `capacity`,
-        by a quarter beyond (a buffer of arrivals waiting beside the clients in flight: FedBuff with a
-        large K). Growing copies the store and
-        compiles the programs that read it anew, so it is rare."""
+        by a quarter beyond (a buffer of arrivals waiting beside the clients in flight: FedBuff
+        with a large K). Growing copies the store and compiles the programs that read it anew, so
+        it is rare."""
         if self._store is None:
             row = shapes()
             row_bytes = max(1, sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(row)))

@@ -300,16 +300,18 @@ class Simulator:
         trained, loss, finite = jax.tree.map(lambda leaf: leaf[stored], results)
         start = jax.tree.map(lambda t, p: t[slots].astype(p.dtype), table, params)
         updates = UpdateBatch(trained, start, staleness, num_examples, client_id, mask)
-        facts = (update_norms(updates), self._weights(state, updates), loss) if with_facts else None  # from the state before the kernel
+        facts = self._traced_facts(state, table, results, columns) if with_facts else None  # from the state before the kernel
         params, state = self.strategy.aggregate(params, state, updates)
         all_finite = all_finite & jnp.all(finite | ~mask)  # (each row's flag was computed by its training call)
         return write_row(table, params, slot), (params, state, all_finite, facts)
 
     def _traced_facts(self, state, table, results, columns):
-        """The facts `_traced_step` computes (update norms, the rule's weights, losses), in a call
-        of their own that writes nothing. Reading the start rows for the norms in the call that
-        then writes the new version into the donated table made XLA copy the whole table first
-        (on the CPU; M + 2 models per aggregation: 2 ms at M = 100 for the digits MLP)."""
+        """The per-update facts of a step (update norms, the rule's weights, losses). One
+        aggregation per call computes them in a call of their own (`_facts`) that writes nothing:
+        reading the start rows for the norms in the call that then writes the new version into the
+        donated table made XLA copy the whole table first (on the CPU; M + 2 models per
+        aggregation: 2 ms at M = 100 for the digits MLP). Queued steps still compute them inside
+        their scan."""
         stored, slots, staleness, num_examples, client_id, mask, _ = split_step_columns(columns)
         trained, loss, _ = jax.tree.map(lambda leaf: leaf[stored], results)
         start = jax.tree.map(lambda t, p: t[slots].astype(p.dtype), table, trained)
