@@ -274,64 +274,67 @@ class Simulator:
         self.kernel_traces = 0
         # One device call per aggregation (dispatches cost the host tens of microseconds each, and
         # the host is the bottleneck once training is batched): the step gathers the trained rows
-        # from the pending results' store and the start versions from the version table, computes
-        # the per-update facts, runs the rule's kernel and writes the new version into the table.
+        # from the pending results' store and the start versions from the version table, runs the
+        # rule's kernel (and its weights, for updates.csv) and writes the new version into the
+        # table. With updates.csv, a call before it computes the update norms and losses
+        # (`_traced_row_facts` says why not in the step).
         # The server state and the table are donated (per-client memories are N x model: never
         # copy them). A rule that is not jittable (its state lives in the object) is called as it
         # is, beside jitted norms.
         # With more than one aggregation per call, the loop queues the steps (their rows, slots and
         # columns are all known on the host) and applies them in one scanned call at the next
-        # training flush, evaluation or checkpoint (engine/queued_steps.py).
+        # training flush, evaluation or checkpoint (engine/queued_steps.py), after one call for the
+        # norms and losses of all of them.
         self.per_call = aggregations_per_call(settings.aggregations_per_call) if getattr(strategy, "jittable", True) else 1
         if getattr(strategy, "jittable", True):
-            self._step = jit(self._traced_step, donate_argnums=(1, 3), static_argnames=("with_facts",))
-            self._facts = jit(self._traced_facts)
-            self._steps = jit(self._traced_steps, donate_argnums=(1, 3), static_argnames=("with_facts",))
+            self._step = jit(self._traced_step, donate_argnums=(1, 3), static_argnames=("with_weights",))
+            self._steps = jit(self._traced_steps, donate_argnums=(1, 3), static_argnames=("with_weights",))
+            self._row_facts = jit(self._traced_row_facts)
+            self._queued_row_facts = jit(jax.vmap(self._traced_row_facts, in_axes=(None, None, 0)))
 
-    def _traced_step(self, params, state, all_finite, table, results, columns, with_facts):
-        """(table with the new version in row `slot`, (params, state, all_finite, facts)) after
+    def _traced_step(self, params, state, all_finite, table, results, columns, with_weights):
+        """(table with the new version in row `slot`, (params, state, all_finite, weights)) after
         aggregating the batch whose trained models are the rows `stored` of `results` (the pending
         results' store: params, losses, finite flags) and whose start models are the table rows `slots`
         (`columns`: see step_columns); `all_finite` and-ed with "every aggregated row is finite";
-        facts (update norms, the rule's weights, losses) per row when `with_facts`, else None. The
-        table comes first, as `VersionCache.put_by` wants it."""
+        the rule's weight per row (from the state before the kernel) when `with_weights`, else None.
+        The table comes first, as `VersionCache.put_by` wants it."""
         self.kernel_traces += 1  # runs only while tracing: counts compilations
         stored, slots, staleness, num_examples, client_id, mask, slot = split_step_columns(columns)
         trained, loss, finite = jax.tree.map(lambda leaf: leaf[stored], results)
         start = jax.tree.map(lambda t, p: t[slots].astype(p.dtype), table, params)
         updates = UpdateBatch(trained, start, staleness, num_examples, client_id, mask)
-        facts = self._traced_facts(state, table, results, columns) if with_facts else None  # from the state before the kernel
+        weights = self._weights(state, updates) if with_weights else None
         params, state = self.strategy.aggregate(params, state, updates)
         all_finite = all_finite & jnp.all(finite | ~mask)  # (each row's flag was computed by its training call)
-        return write_row(table, params, slot), (params, state, all_finite, facts)
+        return write_row(table, params, slot), (params, state, all_finite, weights)
 
-    def _traced_facts(self, state, table, results, columns):
-        """The per-update facts of a step (update norms, the rule's weights, losses). One
-        aggregation per call computes them in a call of their own (`_facts`) that writes nothing:
-        reading the start rows for the norms in the call that then writes the new version into the
-        donated table made XLA copy the whole table first (on the CPU; M + 2 models per
-        aggregation: 2 ms at M = 100 for the digits MLP). Queued steps still compute them inside
-        their scan."""
+    def _traced_row_facts(self, table, results, columns):
+        """(update norms, local losses) of a step's rows. They come from a call of their own, before
+        the step: reading the start rows for the norms in the call that then writes the new version
+        into the donated table made XLA copy the whole table first (on the CPU, M + 2 models per
+        aggregation: 2 ms at M = 100 for the digits MLP, and for queued steps at every step of the
+        scan). Before the step every start row is in the table: the queue is applied before any
+        training flush, so a queued step's start version was written before its call."""
         stored, slots, staleness, num_examples, client_id, mask, _ = split_step_columns(columns)
         trained, loss, _ = jax.tree.map(lambda leaf: leaf[stored], results)
         start = jax.tree.map(lambda t, p: t[slots].astype(p.dtype), table, trained)
-        updates = UpdateBatch(trained, start, staleness, num_examples, client_id, mask)
-        return update_norms(updates), self._weights(state, updates), loss
+        return update_norms(UpdateBatch(trained, start, staleness, num_examples, client_id, mask)), loss
 
-    def _traced_steps(self, params, state, all_finite, table, results, columns, with_facts):
+    def _traced_steps(self, params, state, all_finite, table, results, columns, with_weights):
         """`_traced_step` applied for each row of `columns` in turn ([steps, ...]), each gathering
-        its own rows of `results`; the facts come with a leading step axis."""
+        its own rows of `results`; the weights come with a leading step axis."""
 
         def step(carry, step_columns):
             params, state, all_finite, table = carry
-            table, (params, state, all_finite, facts) = self._traced_step(
-                params, state, all_finite, table, results, step_columns, with_facts=with_facts
+            table, (params, state, all_finite, weights) = self._traced_step(
+                params, state, all_finite, table, results, step_columns, with_weights=with_weights
             )
-            return (params, state, all_finite, table), facts
+            return (params, state, all_finite, table), weights
 
-        carry, facts = jax.lax.scan(step, (params, state, all_finite, table), columns)
+        carry, weights = jax.lax.scan(step, (params, state, all_finite, table), columns)
         params, state, all_finite, table = carry
-        return table, (params, state, all_finite, facts)
+        return table, (params, state, all_finite, weights)
 
     def _weights(self, state, updates):
         return jnp.asarray(self.strategy.update_weights(state, updates), jnp.result_type(float))
@@ -837,9 +840,9 @@ class Simulator:
 
             def step(table, slot):
                 columns = step_columns(tasks, len(arrivals), version, counts, pending.slot_of, versions.slot_of, slot)
-                facts = self._facts(state, table, pending.store, columns) if with_facts else None  # (before the step: its state)
-                table, (new_params, new_state, finite, _) = self._step(params, state, all_finite, table, pending.store, columns, with_facts=False)
-                return table, (new_params, new_state, finite, facts)
+                row_facts = self._row_facts(table, pending.store, columns) if with_facts else None
+                table, (new_params, new_state, finite, weights) = self._step(params, state, all_finite, table, pending.store, columns, with_weights=with_facts)
+                return table, (new_params, new_state, finite, None if row_facts is None else (row_facts[0], weights, row_facts[1]))
 
             new_params, new_state, all_finite, facts = versions.put_by(version + 1, step)
         else:  # the rule's own code on the host; its rows are checked here
@@ -859,9 +862,11 @@ class Simulator:
         with_facts = self.on_updates is not None
         for call in queue.calls():
             columns = np.stack([step.columns for step in call])
-            versions.table, (params, state, all_finite, facts) = self._steps(
-                params, state, all_finite, versions.table, pending.store, columns, with_facts=with_facts
+            row_facts = self._queued_row_facts(versions.table, pending.store, columns) if with_facts else None
+            versions.table, (params, state, all_finite, weights) = self._steps(
+                params, state, all_finite, versions.table, pending.store, columns, with_weights=with_facts
             )
+            facts = None if row_facts is None else (row_facts[0], weights, row_facts[1])
             for k, step in enumerate(call):
                 if step.facts is not None:
                     step.facts.arrays, step.facts.index = facts, k

@@ -154,17 +154,27 @@ def test_an_error_after_an_evaluation_started_still_reports_it():
     assert sorted(v for kind, rows in events if kind == "updates" for v in rows) == [1, 2, 3, 4, 5]
 
 
-@pytest.mark.parametrize("rule", ["fedasync", "fedbuff"])
-def test_the_facts_call_and_the_step_give_the_facts_and_models_of_one_step_without_copying_the_table(rule):
-    """One aggregation per call computes the per-update facts in a call of their own: the same
-    norms, weights and losses as the step computing them itself, the same new model and table;
-    and the step (which writes the donated version table) compiles without a copy of the table."""
+def table_copies(compiled: str, table) -> int:
+    """How many copies of a leaf of `table` (by its shape, which nothing else in the tests' steps
+    has) the compiled program `compiled` (HLO text) makes."""
     import re
 
+    shapes = {",".join(map(str, leaf.shape)) for leaf in jax.tree.leaves(table)}
+    return sum(len(re.findall(rf"= f32\[{shape}\]\{{[0-9,]*\}} copy\(", compiled)) for shape in shapes)
+
+
+@pytest.mark.parametrize("rule", ["fedasync", "fedbuff", "fedavg"])
+def test_the_per_update_facts_are_the_naive_ones_and_no_step_copies_the_table(rule):
+    """updates.csv's facts (update norms from a call before the step, the rule's weights from the
+    step, losses), one aggregation per call and queued, equal those computed by hand from the same
+    rows; the steps give the models of stepping without facts; and neither the step nor the
+    queued steps' scan (which write the donated version table) copies the table. The copy check
+    fails when the step computes the norms (as it once did)."""
     import jax.numpy as jnp
 
-    from asyncflower_jax.engine.simulator import step_columns
     from asyncflower_jax.engine.scheduler import Task
+    from asyncflower_jax.engine.simulator import step_columns
+    from asyncflower_jax.strategy.updates import UpdateBatch
 
     exp = Experiment(make_config(*SMALL, *RULES[rule]))
     sim = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings, on_updates=lambda rows: None)
@@ -172,15 +182,42 @@ def test_the_facts_call_and_the_step_give_the_facts_and_models_of_one_step_witho
     rng = np.random.default_rng(0)
     table = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(10, *p.shape)), p.dtype), params)
     store = (jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(12, *p.shape)), p.dtype), params), jnp.arange(12.0), jnp.ones(12, bool))
-    tasks = [Task(d, client=d, start_version=v, dispatch_time=0.0, finish_time=1.0) for d, v in ((3, 2), (7, 5), (8, 5), (3, 2))]
-    columns = step_columns(tasks, 3, 6, exp.trainer.store.counts, lambda d: d, lambda v: v, 9)
-    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # (the step donates the state and the table)
+    counts = exp.trainer.store.counts
+    # (dispatch id = client = store slot, version = table slot) per row: the second step overwrites
+    # the first's start row, which the third no longer reads (the simulator releases it)
+    steps = [((3, 2), (7, 5), (8, 5), (3, 2)), ((4, 5), (7, 5), (8, 5), (4, 5)), ((4, 6), (3, 1), (8, 5), (4, 6))]
+    slots = (9, 2, 8)
+    tasks = [[Task(d, client=d, start_version=v, dispatch_time=0.0, finish_time=1.0) for d, v in rows] for rows in steps]
+    columns = np.stack([step_columns(t, 3, 6, counts, lambda d: d, lambda v: v, slot) for t, slot in zip(tasks, slots)])
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # (the steps donate the state and the table)
 
-    facts = sim._facts(state, table, store, columns)
-    split_table, (split_params, _, _, none) = sim._step(params, copy(state), jnp.asarray(True), copy(table), store, columns, with_facts=False)
-    one_table, (one_params, _, _, one_facts) = sim._step(params, copy(state), jnp.asarray(True), copy(table), store, columns, with_facts=True)
-    assert none is None
-    for got, want in zip(jax.tree.leaves((facts, split_params, split_table)), jax.tree.leaves((one_facts, one_params, one_table))):
+    def naive_facts(state, table, rows):
+        ids, versions = [d for d, _ in rows], [v for _, v in rows]
+        trained = jax.tree.map(lambda leaf: np.asarray(leaf)[ids], store[0])
+        start = jax.tree.map(lambda leaf: np.asarray(leaf)[versions], table)
+        norms = np.sqrt(sum(np.sum(np.square(s - t).reshape(4, -1), axis=1) for s, t in zip(jax.tree.leaves(start), jax.tree.leaves(trained))))
+        updates = UpdateBatch(trained, start, 6 - np.array(versions), np.asarray([counts[c] for c in ids], float), np.array(ids), np.array([True, True, True, False]))
+        return norms, np.asarray(exp.strategy.update_weights(state, updates)), np.array(ids, float)
+
+    want_facts, one_table, one_params, one_state = [], copy(table), params, copy(state)
+    for step, rows in zip(columns, steps):  # one aggregation per call
+        want_facts.append(naive_facts(one_state, one_table, rows))
+        norms, losses = sim._row_facts(one_table, store, step)
+        bare_table, (bare_params, _, _, none) = sim._step(one_params, copy(one_state), jnp.asarray(True), copy(one_table), store, step, with_weights=False)
+        one_table, (one_params, one_state, _, weights) = sim._step(one_params, one_state, jnp.asarray(True), one_table, store, step, with_weights=True)
+        assert none is None
+        for got, want in zip((norms, weights, losses), want_facts[-1]):
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+        for got, want in zip(jax.tree.leaves((one_params, one_table)), jax.tree.leaves((bare_params, bare_table))):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    norms, losses = sim._queued_row_facts(table, store, columns)  # queued: the three in one call
+    many_table, (many_params, _, _, weights) = sim._steps(params, copy(state), jnp.asarray(True), copy(table), store, columns, with_weights=True)
+    for k, want in enumerate(want_facts):
+        for got, w in zip((norms[k], weights[k], losses[k]), want):
+            np.testing.assert_allclose(np.asarray(got), w, rtol=1e-5, atol=1e-6)
+    for got, want in zip(jax.tree.leaves((many_params, many_table)), jax.tree.leaves((one_params, one_table))):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
-    compiled = sim._step.lower(params, state, jnp.asarray(True), table, store, columns, with_facts=False).compile().as_text()
-    assert not re.search(r"copy\(%table", compiled)
+
+    assert table_copies(sim._step.lower(params, state, jnp.asarray(True), table, store, columns[0], with_weights=True).compile().as_text(), table) == 0
+    assert table_copies(sim._steps.lower(params, state, jnp.asarray(True), table, store, columns, with_weights=True).compile().as_text(), table) == 0
