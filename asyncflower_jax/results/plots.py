@@ -111,13 +111,14 @@ def plot_staleness(metrics: dict[str, np.ndarray], title: str, path: Path) -> Pa
 
 
 def plot_staleness_histogram(updates: dict[str, np.ndarray], title: str, path: Path) -> Path:
-    """How many aggregated updates had each staleness (one bar per integer staleness)."""
+    """How many aggregated updates had each staleness (one step per integer staleness, drawn as a
+    single outline: a bar each took 10 s to draw for staleness up to 20,000, as at M = 10,000)."""
     fig = new_figure(8, 4.5)
     ax = fig.subplots()
     staleness = updates["staleness"].astype(int)
     counts = np.bincount(staleness)
     values = np.arange(len(counts))
-    ax.bar(values, counts, width=0.85, color="C2")
+    ax.stairs(counts, np.arange(len(counts) + 1) - 0.5, fill=True, color="C2")
     mean = float(staleness.mean())
     ax.axvline(mean, color="0.25", linestyle="--", linewidth=1, label=f"mean {mean:.2f}")
     ax.set_xlabel("staleness (versions behind)")
