@@ -206,6 +206,10 @@ FIELDS: dict[str, Field] = {
             "checkpoint_every", int, 100, "checkpoint every k versions", low=0, nullable=True,
             note="0 or null: only on SIGTERM/SIGINT",
         ),
+        Field(
+            "checkpoint_min_seconds", float, 60.0, "wall-clock seconds at least between periodic checkpoints", low=0, nullable=True,
+            note="0 or null: every checkpoint_every versions; a checkpoint holds about 2 x concurrency models",
+        ),
         Field("keep_checkpoints", int, 2, "the newest checkpoints kept", low=1),
         Field(
             "resume", (bool, str), False, "continue the run in the run directory, or in the directory given, from its newest checkpoint",

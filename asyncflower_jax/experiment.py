@@ -5,8 +5,8 @@ checked first against config_schema. Components are built with `hydra.utils.inst
 `_target_` entries; a component's own validation error is re-raised as a ConfigError naming its
 config group.
 
-Reliability (docs/reliability.md): checkpoints every `checkpoint_every` versions and on
-SIGTERM/SIGINT, `resume` to continue a run directory, injected `faults`, the non-finite guard
+Reliability (docs/reliability.md): checkpoints every `checkpoint_every` versions (at least
+`checkpoint_min_seconds` apart) and on SIGTERM/SIGINT, `resume` to continue a run directory, injected `faults`, the non-finite guard
 (`reject_nonfinite`), and run directories that a new run never overwrites.
 """
 
@@ -95,6 +95,7 @@ class Experiment:
             faults=build_faults(cfg.get("faults")),
             reject_nonfinite=cfg.get("reject_nonfinite", True),
             checkpoint_every=cfg.get("checkpoint_every"),
+            checkpoint_min_seconds=cfg.get("checkpoint_min_seconds", 60.0),
         )
         self.keep_checkpoints = cfg.get("keep_checkpoints", 2)
         self.resume = cfg.get("resume", False)
@@ -179,7 +180,7 @@ class Experiment:
         `trackers` also sends every metrics row to TensorBoard and/or W&B (results/trackers.py).
 
         With a run directory, checkpoints go to <run_dir>/checkpoints/ every `checkpoint_every`
-        versions and when SIGTERM/SIGINT arrives (the run then raises Interrupted); `resume: true`
+        versions (at least `checkpoint_min_seconds` apart) and when SIGTERM/SIGINT arrives (the run then raises Interrupted); `resume: true`
         continues the directory's run from its newest checkpoint. Without `resume` the directory
         must not hold another run's files.
         """

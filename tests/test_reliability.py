@@ -25,7 +25,7 @@ KILLED = ("ca2fl",)
 # eval every version, checkpoint every 3, with faults (their random stream must resume too)
 ARGS = [
     "num_clients=20", "concurrency=5", "max_updates=60", "client.num_steps=2", "model.hidden=[16]", "eval_every=1",
-    "checkpoint_every=3", "faults.dropout=0.1", "faults.nan=0.05", "progress=false",
+    "checkpoint_every=3", "checkpoint_min_seconds=0", "faults.dropout=0.1", "faults.nan=0.05", "progress=false",
 ]
 # checkpoints at 3 and 6 survive; the rows of version 7 (an evaluation is read at the next one:
 # at version 8) are written, then cut on resume

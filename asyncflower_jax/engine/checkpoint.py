@@ -109,11 +109,6 @@ def get_stacked(arrays: dict, prefix: str, template, rows: int, what: str):
     return jax.tree.unflatten(treedef, out)
 
 
-def to_host(arrays: dict) -> dict[str, np.ndarray]:
-    """All values as numpy arrays, in one device-to-host transfer."""
-    return {k: np.asarray(v) for k, v in jax.device_get(arrays).items()}
-
-
 def history_to_arrays(arrays: dict, history: list[dict]) -> list[str]:
     """The metrics rows as one array per column (ints stay ints); returns the column order."""
     columns = list(history[0]) if history else []
@@ -222,8 +217,7 @@ def capture_run(*, loop: dict, scheduler, versions, pending, state, all_stalenes
     """
     arrays: dict[str, Any] = {}
     refs = versions.refs()
-    for v in refs:
-        put_tree(arrays, f"version.{v}", versions.get(v))
+    held = sorted(refs)
     put_tree(arrays, "state", state)
     untrained, trained_ids, trained = pending.export()
     if trained is not None:
@@ -240,7 +234,16 @@ def capture_run(*, loop: dict, scheduler, versions, pending, state, all_stalenes
         "pending": {"untrained": untrained, "trained": trained_ids},
         "history_columns": columns,
     }
-    return Snapshot(meta, to_host(arrays))
+    # the held versions come to the host as the rows of one stacked tree (the version table itself
+    # when there is one), not a call and a transfer per version: at M = 1000 those cost 0.15 s of
+    # each checkpoint
+    stacked, rows = versions.stacked_rows(held) if held else (None, [])
+    host, stacked = jax.device_get((arrays, stacked))
+    host = {k: np.asarray(v) for k, v in host.items()}
+    for i, leaf in enumerate(jax.tree.leaves(stacked)):
+        for v, row in zip(held, rows):
+            host[f"version.{v}.{i}"] = np.asarray(leaf)[row]
+    return Snapshot(meta, host)
 
 
 def restore_run(snapshot: Snapshot, *, scheduler, versions, pending, params_template, state_template):

@@ -123,6 +123,7 @@ class SimulationSettings:
     faults: Faults | None = None  # injected client faults (None: none)
     reject_nonfinite: bool = True  # drop updates with a NaN or infinite entry before aggregation
     checkpoint_every: int | None = None  # versions between checkpoints (None or 0: only on a signal)
+    checkpoint_min_seconds: float = 0.0  # wall time at least between periodic checkpoints (None or 0: no floor)
     availability: AvailabilityModel | None = None  # when clients can be dispatched (None: always)
     aggregations_per_call: int | None = None  # aggregations applied in one device call (None: by backend, see engine/queued_steps.py)
 
@@ -134,6 +135,8 @@ class SimulationSettings:
         config_schema.check_rules(values)
         if self.checkpoint_every == 0:
             object.__setattr__(self, "checkpoint_every", None)
+        if self.checkpoint_min_seconds is None:
+            object.__setattr__(self, "checkpoint_min_seconds", 0.0)
         require(self.faults is None or isinstance(self.faults, Faults), "faults", self.faults, "a Faults block or null")
         require(
             self.availability is None or isinstance(self.availability, AvailabilityModel),
@@ -145,7 +148,7 @@ class SimulationSettings:
 
 SCHEMA_KEYS = (  # SimulationSettings' fields that are top-level settings of config_schema
     "num_clients", "concurrency", "seed", "max_versions", "max_updates", "max_time", "eval_every", "chunk_size",
-    "reject_nonfinite", "checkpoint_every", "aggregations_per_call",
+    "reject_nonfinite", "checkpoint_every", "checkpoint_min_seconds", "aggregations_per_call",
 )
 AGGREGATIONS_PER_CALL = {"cpu": 1}  # by backend; others: ACCELERATOR_AGGREGATIONS_PER_CALL (BENCHMARKS.md)
 ACCELERATOR_AGGREGATIONS_PER_CALL = 1024
@@ -237,7 +240,9 @@ class Simulator:
         aggregation, so it must be cheap: throttle inside (see results/progress.py);
       on_failures(rows): the failed tasks (sim_time, client, dispatch_id, start_version, kind) since
         the previous call, delivered with the update rows;
-      on_checkpoint(snapshot): every `settings.checkpoint_every` versions and when `interrupt` is set
+      on_checkpoint(snapshot): every `settings.checkpoint_every` versions (once
+        `settings.checkpoint_min_seconds` of wall time have passed since the previous one or the
+        start) and when `interrupt` is set
         (by a signal handler: the loop then raises Interrupted), a Snapshot to write;
       on_step(version): at the very end of every round.
 """
@@ -387,6 +392,7 @@ class Simulator:
         last_verified = 0  # the newest version up to which every aggregated row was checked finite
         stall_limit = max(1000, STALL_FAILURES_PER_SLOT * s.concurrency)
         failures_in_a_row = 0  # since the last aggregation
+        last_checkpoint = time.perf_counter()  # when the previous periodic checkpoint was written (or this loop started)
         # per-update rows since the last metrics row: (host facts, device facts: norms, weights, losses) per aggregation
         update_buffer: list[tuple[list[dict], StepFacts]] = []
         # aggregations planned and not applied yet (None: each is applied at once); params, state
@@ -744,11 +750,17 @@ class Simulator:
                             "test_accuracy": history[-1]["test_accuracy"],
                         }
                     )
-                checkpoint_due = arrivals and s.checkpoint_every is not None and version % s.checkpoint_every == 0
+                checkpoint_due = (
+                    arrivals
+                    and s.checkpoint_every is not None
+                    and version % s.checkpoint_every == 0
+                    and time.perf_counter() - last_checkpoint >= s.checkpoint_min_seconds
+                )
                 if stop_reason is None and self.on_checkpoint is not None and (checkpoint_due or self.interrupt is not None):
                     if finish_evaluation() and healthy():
                         if self.interrupt is not None or not reported(version):
                             self.on_checkpoint(snapshot())
+                            last_checkpoint = time.perf_counter()
                     else:
                         stop_reason = "diverged"
                 if stop_reason is None and self.interrupt is not None:

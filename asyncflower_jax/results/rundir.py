@@ -98,7 +98,9 @@ register_resolvers()
 
 
 # Keys a resumed run may change: they do not affect what is computed (nor the config fingerprint).
-RESUME_MUTABLE_KEYS = ("resume", "progress", "xla_cache_dir", "checkpoint_every", "keep_checkpoints", "trackers", "tracker_project")
+RESUME_MUTABLE_KEYS = (
+    "resume", "progress", "xla_cache_dir", "checkpoint_every", "checkpoint_min_seconds", "keep_checkpoints", "trackers", "tracker_project",
+)
 
 
 def _override_key(override: str) -> str:

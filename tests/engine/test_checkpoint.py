@@ -31,9 +31,9 @@ RULES = {
 FAULTS = Faults(dropout=0.15, failure=0.05, nan=0.05, timeout=2.5)
 
 
-def experiment(rule, faults=None, checkpoint_every=None):
+def experiment(rule, faults=None, checkpoint_every=None, checkpoint_min_seconds=0.0):
     exp = Experiment(make_config(*SMALL, *RULES[rule]))
-    exp.settings = dataclasses.replace(exp.settings, faults=faults, checkpoint_every=checkpoint_every)
+    exp.settings = dataclasses.replace(exp.settings, faults=faults, checkpoint_every=checkpoint_every, checkpoint_min_seconds=checkpoint_min_seconds)
     return exp
 
 
@@ -86,6 +86,31 @@ def test_checkpoint_files_are_complete_and_only_the_newest_are_kept(tmp_path):
     assert {"loop", "scheduler", "versions", "pending", "history_columns"} <= set(snap.meta)
     assert len(snap.meta["scheduler"]["in_flight"]) == 8  # every in-flight client, with its start version
     assert "rng" in snap.meta["scheduler"] and "fault_rng" in snap.meta["scheduler"]
+
+
+def test_periodic_checkpoints_wait_for_checkpoint_min_seconds_of_wall_time():
+    """A version that is due (every version here) is skipped until `checkpoint_min_seconds` have
+    passed since the previous checkpoint or the start; each version takes at least 30 ms here."""
+    import time
+
+    exp = experiment("fedasync", checkpoint_every=1, checkpoint_min_seconds=0.1)
+    written = []
+    on_step = lambda version: time.sleep(0.03)  # noqa: E731
+    start = time.perf_counter()
+    simulate(exp, on_checkpoint=lambda snap: written.append((time.perf_counter(), snap.version)), on_step=on_step)
+    times, versions = [start] + [t for t, _ in written], [0] + [v for _, v in written]
+    assert min(b - a for a, b in zip(times, times[1:])) >= 0.1
+    assert len(versions) - 1 < 59  # (every version but the last, without the floor)
+    assert max(b - a for a, b in zip(versions, versions[1:])) <= 4  # (4 x 30 ms >= 0.1 s: never later than that)
+    assert versions[-1] >= 56
+
+
+def test_the_config_default_spaces_periodic_checkpoints_a_minute_apart():
+    from asyncflower_jax.results.rundir import RESUME_MUTABLE_KEYS
+
+    exp = Experiment(make_config(*SMALL, "strategy=fedasync"))
+    assert (exp.settings.checkpoint_every, exp.settings.checkpoint_min_seconds) == (100, 60.0)
+    assert "checkpoint_min_seconds" in RESUME_MUTABLE_KEYS  # (when a run writes checkpoints does not change its results)
 
 
 def test_a_half_written_checkpoint_is_never_picked(tmp_path):
@@ -174,7 +199,7 @@ def test_resume_with_availability_is_identical_to_an_uninterrupted_run(rule):
 
     def build():
         exp = Experiment(make_config(*SMALL, *RULES[rule], *AVAILABILITY[rule]))
-        exp.settings = dataclasses.replace(exp.settings, faults=Faults(dropout=0.1, nan=0.05), checkpoint_every=3)
+        exp.settings = dataclasses.replace(exp.settings, faults=Faults(dropout=0.1, nan=0.05), checkpoint_every=3, checkpoint_min_seconds=0.0)
         return exp
 
     snapshots, updates, failures = [], [], []

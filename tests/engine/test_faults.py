@@ -134,7 +134,7 @@ def test_stragglers_past_the_timeout_are_abandoned():
 
 def test_a_non_finite_model_stops_the_run_with_a_message_and_a_last_good_checkpoint(tmp_path):
     cfg = make_config(
-        *SMALL, "strategy=fedasync", "max_updates=400", "eval_every=2", "checkpoint_every=3", "faults.nan=0.05", "reject_nonfinite=false"
+        *SMALL, "strategy=fedasync", "max_updates=400", "eval_every=2", "checkpoint_every=3", "checkpoint_min_seconds=0", "faults.nan=0.05", "reject_nonfinite=false"
     )
     exp = Experiment(cfg)
     result = exp.run(tmp_path)

@@ -50,7 +50,7 @@ def same_params(a, b) -> bool:
 @pytest.mark.parametrize("eval_every", [5, 1000])
 def test_a_non_finite_update_found_late_gives_the_exact_run_reported_once(rule, eval_every, caplog):
     cfg = make_config(
-        *SMALL, *RULES[rule], "max_updates=120", f"eval_every={eval_every}", "checkpoint_every=7", "faults.nan=0.05", "faults.dropout=0.1"
+        *SMALL, *RULES[rule], "max_updates=120", f"eval_every={eval_every}", "checkpoint_every=7", "checkpoint_min_seconds=0", "faults.nan=0.05", "faults.dropout=0.1"
     )
     exact, exact_seen = simulate(Experiment(cfg), optimistic=False)
     with caplog.at_level(logging.WARNING, logger="asyncflower_jax.engine.simulator"):
@@ -68,7 +68,7 @@ def test_a_non_finite_update_found_late_gives_the_exact_run_reported_once(rule, 
 
 @pytest.mark.parametrize("rule", ["fedasync", "fedbuff_window"])
 def test_without_non_finite_updates_the_optimistic_run_is_the_exact_run(rule, caplog):
-    cfg = make_config(*SMALL, *RULES[rule], "max_updates=80", "eval_every=4", "checkpoint_every=5", "faults.dropout=0.1")
+    cfg = make_config(*SMALL, *RULES[rule], "max_updates=80", "eval_every=4", "checkpoint_every=5", "checkpoint_min_seconds=0", "faults.dropout=0.1")
     exact, exact_seen = simulate(Experiment(cfg), optimistic=False)
     with caplog.at_level(logging.WARNING, logger="asyncflower_jax.engine.simulator"):
         optimistic, seen = simulate(Experiment(cfg), optimistic=True)
