@@ -6,8 +6,9 @@ checked first against config_schema. Components are built with `hydra.utils.inst
 config group.
 
 Reliability (docs/reliability.md): checkpoints every `checkpoint_every` versions (at least
-`checkpoint_min_seconds` apart) and on SIGTERM/SIGINT, `resume` to continue a run directory, injected `faults`, the non-finite guard
-(`reject_nonfinite`), and run directories that a new run never overwrites.
+`checkpoint_min_seconds` apart) and on SIGTERM/SIGINT, `resume` to continue a run directory,
+injected `faults`, the non-finite guard (`reject_nonfinite`), and run directories that a new run
+never overwrites.
 """
 
 from __future__ import annotations
@@ -180,9 +181,9 @@ class Experiment:
         `trackers` also sends every metrics row to TensorBoard and/or W&B (results/trackers.py).
 
         With a run directory, checkpoints go to <run_dir>/checkpoints/ every `checkpoint_every`
-        versions (at least `checkpoint_min_seconds` apart) and when SIGTERM/SIGINT arrives (the run then raises Interrupted); `resume: true`
-        continues the directory's run from its newest checkpoint. Without `resume` the directory
-        must not hold another run's files.
+        versions (at least `checkpoint_min_seconds` apart) and when SIGTERM/SIGINT arrives (the run
+        then raises Interrupted); `resume: true` continues the directory's run from its newest
+        checkpoint. Without `resume` the directory must not hold another run's files.
         """
         record_updates = bool(self.cfg.get("record_updates", True))
         checkpoints = snapshot = recorder = None
