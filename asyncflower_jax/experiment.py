@@ -244,7 +244,7 @@ class Experiment:
                 result.summary["diverged"]["last_good_checkpoint"] = str(latest) if latest is not None else None
                 log.error(
                     "last good checkpoint: %s",
-                    latest if latest is not None else "none (set checkpoint_every to keep checkpoints of finite models)",
+                    latest if latest is not None else "none (checkpoint_every and checkpoint_min_seconds say when checkpoints of finite models are kept)",
                 )
             if recorder:
                 recorder.close()
