@@ -163,6 +163,24 @@ def table_copies(compiled: str, table) -> int:
     return sum(len(re.findall(rf"= f32\[{shape}\]\{{[0-9,]*\}} copy\(", compiled)) for shape in shapes)
 
 
+def test_the_queued_steps_update_norms_gather_at_most_facts_batch_bytes_of_rows_at_once():
+    """The facts call of a queued call gathers the trained and start rows of a batch of steps at a
+    time: for 1024 steps of 16 rows (FedBuff on a GPU) the compiled call's scratch memory stays
+    within FACTS_BATCH_BYTES, not the 2 x 1024 x 16 rows (7 GB for the digits MLP) of all at once."""
+    import jax.numpy as jnp
+
+    from asyncflower_jax.engine import simulator as simulator_module
+
+    exp = Experiment(make_config(*SMALL, *RULES["fedbuff"], "model.hidden=[200,200]"))
+    sim = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings, on_updates=lambda rows: None)
+    rows = lambda n: jax.tree.map(lambda p: jax.ShapeDtypeStruct((n, *p.shape), p.dtype), exp.params)  # noqa: E731
+    store = (rows(9000), jax.ShapeDtypeStruct((9000,), jnp.float32), jax.ShapeDtypeStruct((9000,), bool))
+    compiled = sim._queued_row_facts.lower(rows(8194), store, jax.ShapeDtypeStruct((1024, 6 * 16 + 1), jnp.int32)).compile()
+    model_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(exp.params))
+    assert 2 * 1024 * 16 * model_bytes > 7e9
+    assert compiled.memory_analysis().temp_size_in_bytes <= simulator_module.FACTS_BATCH_BYTES + 2**20
+
+
 @pytest.mark.parametrize("rule", ["fedasync", "fedbuff", "fedavg"])
 def test_the_per_update_facts_are_the_naive_ones_and_no_step_copies_the_table(rule):
     """updates.csv's facts (update norms from a call before the step, the rule's weights from the
