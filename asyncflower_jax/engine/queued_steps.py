@@ -24,16 +24,19 @@ import numpy as np
 
 @dataclasses.dataclass
 class StepFacts:
-    """Per-row facts of one aggregation (update norms, the rule's weights, local losses): device
-    arrays with a leading step axis, of which this aggregation is row `index` (index None: the
-    arrays are this aggregation's alone). `arrays` is None until its call has run."""
+    """Per-row facts of one aggregation: one device array [3, rows] (update norms, the rule's
+    weights, local losses), or [steps, 3, rows] for a call of queued steps, of which this
+    aggregation is step `index` (index None: the array is this aggregation's alone). One array, so
+    that reading them costs one transfer per aggregation, or per call (each costs the host about
+    10 us). `array` is None until its call has run."""
 
-    arrays: tuple | None = None
+    array: object = None
     index: int | None = None
 
-    def rows(self, fetched: tuple) -> tuple:
-        """This aggregation's rows of `fetched` (the host copies of `arrays`)."""
-        return fetched if self.index is None else tuple(a[self.index] for a in fetched)
+    def rows(self, fetched: np.ndarray) -> tuple:
+        """(norms, weights, losses) of this aggregation from `fetched` (the host copy of `array`)."""
+        mine = fetched if self.index is None else fetched[self.index]
+        return mine[0], mine[1], mine[2]
 
 
 @dataclasses.dataclass

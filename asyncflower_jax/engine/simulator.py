@@ -225,6 +225,15 @@ def update_norms(updates: UpdateBatch) -> jnp.ndarray:
 _jit_update_norms = jit(update_norms)
 
 
+def stack_facts(norms, weights, losses) -> jnp.ndarray:
+    """An aggregation's per-row facts as one array [3, rows] (one transfer to read them)."""
+    dtype = jnp.result_type(norms, weights, losses)
+    return jnp.stack([norms.astype(dtype), weights.astype(dtype), losses.astype(dtype)])
+
+
+_jit_stack_facts = jit(stack_facts)
+
+
 class Simulator:
     """Runs one simulation.
 
@@ -295,8 +304,8 @@ class Simulator:
         self.per_call = aggregations_per_call(settings.aggregations_per_call) if getattr(strategy, "jittable", True) else 1
         if getattr(strategy, "jittable", True):
             self._step = jit(self._traced_step, donate_argnums=(1, 3), static_argnames=("with_weights",))
-            self._steps = jit(self._traced_steps, donate_argnums=(1, 3), static_argnames=("with_weights",))
-            self._row_facts = jit(self._traced_row_facts)
+            self._steps = jit(self._traced_steps, donate_argnums=(1, 3))
+            self._facts = jit(self._traced_facts)
             self._queued_row_facts = jit(self._traced_queued_row_facts)
 
     def _traced_step(self, params, state, all_finite, table, results, columns, with_weights):
@@ -323,10 +332,21 @@ class Simulator:
         aggregation: 2 ms at M = 100 for the digits MLP, and for queued steps at every step of the
         scan). Before the step every start row is in the table: the queue is applied before any
         training flush, so a queued step's start version was written before its call."""
+        return self._updates_and_norms(table, results, columns)[1:]
+
+    def _updates_and_norms(self, table, results, columns):
         stored, slots, staleness, num_examples, client_id, mask, _ = split_step_columns(columns)
         trained, loss, _ = jax.tree.map(lambda leaf: leaf[stored], results)
         start = jax.tree.map(lambda t, p: t[slots].astype(p.dtype), table, trained)
-        return update_norms(UpdateBatch(trained, start, staleness, num_examples, client_id, mask)), loss
+        updates = UpdateBatch(trained, start, staleness, num_examples, client_id, mask)
+        return updates, update_norms(updates), loss
+
+    def _traced_facts(self, state, table, results, columns):
+        """The facts of one aggregation (one per call) as one array [3, rows]: update norms, the
+        rule's weights (from `state`, the state before the step) and local losses; a call of its
+        own before the step (`_traced_row_facts` says why)."""
+        updates, norms, loss = self._updates_and_norms(table, results, columns)
+        return stack_facts(norms, self._weights(state, updates), loss)
 
     def _traced_queued_row_facts(self, table, results, columns):
         """`_traced_row_facts` of every step of a queued call (`columns` [steps, ...]), vmapped over
@@ -339,9 +359,12 @@ class Simulator:
         batch = 1 << (fit.bit_length() - 1)  # (a call's steps are a power of two: no remainder, which would take memory of its own)
         return jax.lax.map(lambda step: self._traced_row_facts(table, results, step), columns, batch_size=batch)
 
-    def _traced_steps(self, params, state, all_finite, table, results, columns, with_weights):
+    def _traced_steps(self, params, state, all_finite, table, results, columns, row_facts=None):
         """`_traced_step` applied for each row of `columns` in turn ([steps, ...]), each gathering
-        its own rows of `results`; the weights come with a leading step axis."""
+        its own rows of `results`. With `row_facts` (the steps' norms and losses, [steps, rows]
+        each, from `_queued_row_facts`), the facts of every step as one array [steps, 3, rows],
+        the weights from the scan (each from the state before its step); else None."""
+        with_weights = row_facts is not None
 
         def step(carry, step_columns):
             params, state, all_finite, table = carry
@@ -352,7 +375,8 @@ class Simulator:
 
         carry, weights = jax.lax.scan(step, (params, state, all_finite, table), columns)
         params, state, all_finite, table = carry
-        return table, (params, state, all_finite, weights)
+        facts = None if row_facts is None else jax.vmap(stack_facts)(row_facts[0], weights, row_facts[1])
+        return table, (params, state, all_finite, facts)
 
     def _weights(self, state, updates):
         return jnp.asarray(self.strategy.update_weights(state, updates), jnp.result_type(float))
@@ -406,7 +430,7 @@ class Simulator:
         stall_limit = max(1000, STALL_FAILURES_PER_SLOT * s.concurrency)
         failures_in_a_row = 0  # since the last aggregation
         last_checkpoint = time.perf_counter()  # when the previous periodic checkpoint was written (or this loop started)
-        # per-update rows since the last metrics row: (host facts, device facts: norms, weights, losses) per aggregation
+        # per-update rows since the last metrics row: (host facts, StepFacts: norms, weights, losses on the device) per aggregation
         update_buffer: list[tuple[list[dict], StepFacts]] = []
         # aggregations planned and not applied yet (None: each is applied at once); params, state
         # and all_finite are those of the last applied one until `settle`
@@ -586,10 +610,11 @@ class Simulator:
             entries, update_buffer[:updates_upto] = update_buffer[:updates_upto], []
             if not entries or self.on_updates is None:
                 return
-            facts = jax.device_get([source.arrays for _, source in entries])  # one transfer
+            arrays = {id(source.array): source.array for _, source in entries}  # (queued steps share their call's)
+            fetched = dict(zip(arrays, jax.device_get(list(arrays.values()))))
             rows = []
-            for (host_rows, source), fetched in zip(entries, facts):
-                norms, weights, losses = source.rows(fetched)
+            for host_rows, source in entries:
+                norms, weights, losses = source.rows(fetched[id(source.array)])
                 for i, r in enumerate(host_rows):
                     r["update_norm"] = float(norms[i])
                     r["weight"] = float(weights[i])
@@ -865,14 +890,14 @@ class Simulator:
 
             def step(table, slot):
                 columns = step_columns(tasks, len(arrivals), version, counts, pending.slot_of, versions.slot_of, slot)
-                row_facts = self._row_facts(table, pending.store, columns) if with_facts else None
-                table, (new_params, new_state, finite, weights) = self._step(params, state, all_finite, table, pending.store, columns, with_weights=with_facts)
-                return table, (new_params, new_state, finite, None if row_facts is None else (row_facts[0], weights, row_facts[1]))
+                facts = self._facts(state, table, pending.store, columns) if with_facts else None  # (before the step: its state)
+                table, (new_params, new_state, finite, _) = self._step(params, state, all_finite, table, pending.store, columns, with_weights=False)
+                return table, (new_params, new_state, finite, facts)
 
             new_params, new_state, all_finite, facts = versions.put_by(version + 1, step)
         else:  # the rule's own code on the host; its rows are checked here
             updates, loss = stack_updates(arrivals, version, pending.take, versions.get, counts, versions.gather)
-            facts = (_jit_update_norms(updates), self._weights(state, updates), loss) if with_facts else None
+            facts = _jit_stack_facts(_jit_update_norms(updates), self._weights(state, updates), loss) if with_facts else None
             new_params, new_state = self.strategy.aggregate(params, state, updates)
             all_finite = all_finite & _jit_rows_ok(updates.params, updates.mask)
             versions.put(version + 1, new_params)
@@ -888,13 +913,12 @@ class Simulator:
         for call in queue.calls():
             columns = np.stack([step.columns for step in call])
             row_facts = self._queued_row_facts(versions.table, pending.store, columns) if with_facts else None
-            versions.table, (params, state, all_finite, weights) = self._steps(
-                params, state, all_finite, versions.table, pending.store, columns, with_weights=with_facts
+            versions.table, (params, state, all_finite, facts) = self._steps(
+                params, state, all_finite, versions.table, pending.store, columns, row_facts
             )
-            facts = None if row_facts is None else (row_facts[0], weights, row_facts[1])
             for k, step in enumerate(call):
                 if step.facts is not None:
-                    step.facts.arrays, step.facts.index = facts, k
+                    step.facts.array, step.facts.index = facts, k
             for did in dict.fromkeys(did for step in call for did in step.ids):
                 pending.release(did)
         return params, state, all_finite

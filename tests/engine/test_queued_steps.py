@@ -38,9 +38,9 @@ def test_the_queue_is_full_at_most_steps():
 
 
 def test_step_facts_pick_their_row_of_a_call():
-    fetched = (np.arange(6).reshape(3, 2), np.ones((3, 2)), np.zeros((3, 2)))
-    np.testing.assert_array_equal(StepFacts(fetched, 2).rows(fetched)[0], [4, 5])
-    assert StepFacts(fetched).rows(fetched) is fetched
+    call = np.arange(12).reshape(2, 3, 2)  # two steps of two rows: [step, (norms, weights, losses), row]
+    assert [list(a) for a in StepFacts(call, 1).rows(call)] == [[6, 7], [8, 9], [10, 11]]
+    assert [list(a) for a in StepFacts(call[0]).rows(call[0])] == [[0, 1], [2, 3], [4, 5]]
 
 
 def test_bad_limits_are_refused():

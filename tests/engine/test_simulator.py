@@ -183,11 +183,12 @@ def test_the_queued_steps_update_norms_gather_at_most_facts_batch_bytes_of_rows_
 
 @pytest.mark.parametrize("rule", ["fedasync", "fedbuff", "fedavg"])
 def test_the_per_update_facts_are_the_naive_ones_and_no_step_copies_the_table(rule):
-    """updates.csv's facts (update norms from a call before the step, the rule's weights from the
-    step, losses), one aggregation per call and queued, equal those computed by hand from the same
-    rows; the steps give the models of stepping without facts; and neither the step nor the
-    queued steps' scan (which write the donated version table) copies the table. The copy check
-    fails when the step computes the norms (as it once did)."""
+    """updates.csv's facts (update norms, the rule's weights, losses), one aggregation per call
+    (from a call before the step) and queued (norms and losses from a call before the scan, the
+    weights from the scan), equal those computed by hand from the same rows; the steps give the
+    models of stepping without facts; and neither the step nor the queued steps' scan (which
+    write the donated version table) copies the table. The copy check fails when the step
+    computes the norms (as it once did)."""
     import jax.numpy as jnp
 
     from asyncflower_jax.engine.scheduler import Task
@@ -220,22 +221,20 @@ def test_the_per_update_facts_are_the_naive_ones_and_no_step_copies_the_table(ru
     want_facts, one_table, one_params, one_state = [], copy(table), params, copy(state)
     for step, rows in zip(columns, steps):  # one aggregation per call
         want_facts.append(naive_facts(one_state, one_table, rows))
-        norms, losses = sim._row_facts(one_table, store, step)
+        facts = sim._facts(one_state, one_table, store, step)
         bare_table, (bare_params, _, _, none) = sim._step(one_params, copy(one_state), jnp.asarray(True), copy(one_table), store, step, with_weights=False)
         one_table, (one_params, one_state, _, weights) = sim._step(one_params, one_state, jnp.asarray(True), one_table, store, step, with_weights=True)
         assert none is None
-        for got, want in zip((norms, weights, losses), want_facts[-1]):
-            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(facts), np.stack(want_facts[-1]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(weights), want_facts[-1][1], rtol=1e-5, atol=1e-6)
         for got, want in zip(jax.tree.leaves((one_params, one_table)), jax.tree.leaves((bare_params, bare_table))):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
-    norms, losses = sim._queued_row_facts(table, store, columns)  # queued: the three in one call
-    many_table, (many_params, _, _, weights) = sim._steps(params, copy(state), jnp.asarray(True), copy(table), store, columns, with_weights=True)
-    for k, want in enumerate(want_facts):
-        for got, w in zip((norms[k], weights[k], losses[k]), want):
-            np.testing.assert_allclose(np.asarray(got), w, rtol=1e-5, atol=1e-6)
+    row_facts = sim._queued_row_facts(table, store, columns)  # queued: the three in one call
+    many_table, (many_params, _, _, facts) = sim._steps(params, copy(state), jnp.asarray(True), copy(table), store, columns, row_facts)
+    np.testing.assert_allclose(np.asarray(facts), np.stack([np.stack(f) for f in want_facts]), rtol=1e-5, atol=1e-6)
     for got, want in zip(jax.tree.leaves((many_params, many_table)), jax.tree.leaves((one_params, one_table))):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
 
-    assert table_copies(sim._step.lower(params, state, jnp.asarray(True), table, store, columns[0], with_weights=True).compile().as_text(), table) == 0
-    assert table_copies(sim._steps.lower(params, state, jnp.asarray(True), table, store, columns, with_weights=True).compile().as_text(), table) == 0
+    assert table_copies(sim._step.lower(params, state, jnp.asarray(True), table, store, columns[0], with_weights=False).compile().as_text(), table) == 0
+    assert table_copies(sim._steps.lower(params, state, jnp.asarray(True), table, store, columns, row_facts).compile().as_text(), table) == 0

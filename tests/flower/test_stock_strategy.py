@@ -11,6 +11,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx
 from flwr.supercore.task_identity import TaskIdentity
 
 from asyncflower_jax.engine.reference import run_reference
+from asyncflower_jax.engine.simulator import Simulator
 from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.experiment import Experiment
 from asyncflower_jax.flower.stock_strategy import FlowerStrategy
@@ -100,6 +101,25 @@ def test_flower_fedavg_equals_project_fedavg():
                 k: v for k, v in b.items() if k not in ("wall_time", "test_loss")
             }
             assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-9)
+
+
+def test_a_rule_called_on_the_host_reports_the_same_update_rows():
+    """updates.csv from a Flower strategy (aggregated on the host, facts from jitted norms beside
+    it) has the rows of the project's FedAvg: same norms and losses; the weight is NaN (the stock
+    strategy does not say)."""
+    common = (*SMALL, "max_versions=12", "max_updates=null", "eval_every=5")
+    rows = {}
+    for rule in ("fedavg", "flower_fedavg"):
+        exp = Experiment(make_config(*common, f"strategy={rule}"))
+        rows[rule] = []
+        Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings, on_updates=rows[rule].extend).run()
+    ours, flower = rows["fedavg"], rows["flower_fedavg"]
+    assert len(ours) == len(flower) > 12
+    facts = ("update_norm", "local_loss", "weight")
+    assert [{k: v for k, v in r.items() if k not in facts} for r in flower] == [{k: v for k, v in r.items() if k not in facts} for r in ours]
+    for key in ("update_norm", "local_loss"):
+        np.testing.assert_allclose([r[key] for r in flower], [r[key] for r in ours], rtol=1e-4)
+    assert all(np.isnan(r["weight"]) for r in flower) and all(0 < r["weight"] <= 1 for r in ours)
 
 
 @pytest.mark.parametrize("rule", ["flower_fedavg", "flower_fedadam"])
