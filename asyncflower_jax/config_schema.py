@@ -208,7 +208,7 @@ FIELDS: dict[str, Field] = {
         ),
         Field(
             "checkpoint_min_seconds", float, 60.0, "wall-clock seconds at least between periodic checkpoints", low=0, nullable=True,
-            note="0 or null: every checkpoint_every versions; a checkpoint holds about 2 x concurrency models",
+            note="0 or null: every checkpoint_every versions; a checkpoint holds up to about 2 x concurrency models",
         ),
         Field("keep_checkpoints", int, 2, "the newest checkpoints kept", low=1),
         Field(
