@@ -291,16 +291,15 @@ class Simulator:
         # One device call per aggregation (dispatches cost the host tens of microseconds each, and
         # the host is the bottleneck once training is batched): the step gathers the trained rows
         # from the pending results' store and the start versions from the version table, runs the
-        # rule's kernel (and its weights, for updates.csv) and writes the new version into the
-        # table. With updates.csv, a call before it computes the update norms and losses
-        # (`_traced_row_facts` says why not in the step).
+        # rule's kernel and writes the new version into the table. With updates.csv, a call before
+        # it computes the per-update facts (`_traced_row_facts` says why not in the step).
         # The server state and the table are donated (per-client memories are N x model: never
         # copy them). A rule that is not jittable (its state lives in the object) is called as it
         # is, beside jitted norms.
         # With more than one aggregation per call, the loop queues the steps (their rows, slots and
         # columns are all known on the host) and applies them in one scanned call at the next
         # training flush, evaluation or checkpoint (engine/queued_steps.py), after one call for the
-        # norms and losses of all of them.
+        # norms and losses of all of them (the scan adds each step's weights).
         self.per_call = aggregations_per_call(settings.aggregations_per_call) if getattr(strategy, "jittable", True) else 1
         if getattr(strategy, "jittable", True):
             self._step = jit(self._traced_step, donate_argnums=(1, 3), static_argnames=("with_weights",))
@@ -316,13 +315,10 @@ class Simulator:
         the rule's weight per row (from the state before the kernel) when `with_weights`, else None.
         The table comes first, as `VersionCache.put_by` wants it."""
         self.kernel_traces += 1  # runs only while tracing: counts compilations
-        stored, slots, staleness, num_examples, client_id, mask, slot = split_step_columns(columns)
-        trained, loss, finite = jax.tree.map(lambda leaf: leaf[stored], results)
-        start = jax.tree.map(lambda t, p: t[slots].astype(p.dtype), table, params)
-        updates = UpdateBatch(trained, start, staleness, num_examples, client_id, mask)
+        updates, _, finite, slot = gather_step(table, results, columns, params)
         weights = self._weights(state, updates) if with_weights else None
         params, state = self.strategy.aggregate(params, state, updates)
-        all_finite = all_finite & jnp.all(finite | ~mask)  # (each row's flag was computed by its training call)
+        all_finite = all_finite & jnp.all(finite | ~updates.mask)  # (each row's flag was computed by its training call)
         return write_row(table, params, slot), (params, state, all_finite, weights)
 
     def _traced_row_facts(self, table, results, columns):
@@ -335,10 +331,7 @@ class Simulator:
         return self._updates_and_norms(table, results, columns)[1:]
 
     def _updates_and_norms(self, table, results, columns):
-        stored, slots, staleness, num_examples, client_id, mask, _ = split_step_columns(columns)
-        trained, loss, _ = jax.tree.map(lambda leaf: leaf[stored], results)
-        start = jax.tree.map(lambda t, p: t[slots].astype(p.dtype), table, trained)
-        updates = UpdateBatch(trained, start, staleness, num_examples, client_id, mask)
+        updates, loss, _, _ = gather_step(table, results, columns, results[0])
         return updates, update_norms(updates), loss
 
     def _traced_facts(self, state, table, results, columns):
@@ -966,6 +959,17 @@ def step_columns(tasks: list[Task], real: int, version: int, counts, stored_at, 
     values += [1] * real + [0] * (len(tasks) - real)
     values.append(slot)
     return np.array(values, np.int32)
+
+
+def gather_step(table, results, columns, like):
+    """(UpdateBatch, local losses, finite flags, the new version's slot) of a step (traceable):
+    its trained rows gathered from `results` (the pending results' store) and its start rows from
+    `table`, cast to the dtypes of the leaves of `like` (a model, or the trained rows), as
+    `columns` (see step_columns) say."""
+    stored, slots, staleness, num_examples, client_id, mask, slot = split_step_columns(columns)
+    trained, loss, finite = jax.tree.map(lambda leaf: leaf[stored], results)
+    start = jax.tree.map(lambda t, p: t[slots].astype(p.dtype), table, like)
+    return UpdateBatch(trained, start, staleness, num_examples, client_id, mask), loss, finite, slot
 
 
 def split_step_columns(columns):
