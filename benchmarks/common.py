@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from asyncflower_jax.client.batched import BatchedTrainer  # noqa: E402
+from asyncflower_jax.client.batched import BatchedTrainer, bucket_size  # noqa: E402
 from asyncflower_jax.client.local_train import LocalTraining, make_local_train  # noqa: E402
 from asyncflower_jax.client.precision import mixed_precision  # noqa: E402
 from asyncflower_jax.compilation import jit  # noqa: E402
@@ -34,8 +34,8 @@ from asyncflower_jax.data.store import ClientStore  # noqa: E402
 from asyncflower_jax.engine.evaluation import make_evaluator, read_metrics  # noqa: E402
 from asyncflower_jax.engine.latency import Constant, Exponential, LogNormal, Pareto  # noqa: E402
 from asyncflower_jax.engine.pending import training_limit  # noqa: E402
-from asyncflower_jax.engine.scheduler import Scheduler  # noqa: E402
-from asyncflower_jax.engine.simulator import SimulationSettings, Simulator, stack_updates  # noqa: E402
+from asyncflower_jax.engine.scheduler import Scheduler, Task  # noqa: E402
+from asyncflower_jax.engine.simulator import SimulationSettings, Simulator, stack_updates, step_columns  # noqa: E402
 from asyncflower_jax.engine.versions import VersionCache  # noqa: E402
 from asyncflower_jax.models.mlp import MLP, init_params  # noqa: E402
 from asyncflower_jax.strategy import FedAsync, FedAvg, FedBuff  # noqa: E402
@@ -203,6 +203,55 @@ def run_simulator(c: Components, warmup: bool = True):
     result = sim.run()
     jax.block_until_ready(result.params)
     return result, time.perf_counter() - start
+
+
+def aggregation_step_time(c: Components, steps: int = 64, repeats: int = 3) -> float:
+    """Device seconds per aggregation step of the simulator on `c`, alone: the step as the run
+    makes it (its rule's kernel, the gathers of its rows and the write of the new version), one
+    per call and chained, or `aggregations_per_call` per scanned call; on a small table and store
+    of rows shaped like the run's, blocked on at the end, the fastest of `repeats`. Beside the
+    run's wall time it says what the aggregations cost the device, apart from training and from
+    the host loop (on a GPU the question is which of the two sets the pace)."""
+    sim = c._simulator  # (run_simulator made it)
+    w = c.workload
+    rows = bucket_size({"fedbuff": w.buffer_size, "fedavg": w.concurrency}.get(w.rule, 1))
+    per_call = sim.per_call
+    steps = max(steps, per_call)
+    old, new = 32, 32  # table slots of start versions, and slots the new versions cycle through
+    stored = max(64, 2 * rows)  # store rows, cycled through
+    counts = c.trainer.store.counts
+    columns = np.stack([
+        step_columns(
+            [Task(i * rows + j, (i * rows + j) % w.num_clients, i + j % old, 0.0, 1.0) for j in range(rows)],
+            rows, i + old, counts, lambda d: d % stored, lambda v: v % old, old + i % new,
+        )
+        for i in range(steps)
+    ])
+    params = c.params
+
+    def fresh():
+        table = jax.tree.map(lambda p: jnp.broadcast_to(p, (old + new, *p.shape)) + 0, params)
+        store = (jax.tree.map(lambda p: jnp.broadcast_to(p, (stored, *p.shape)) + 0, params), jnp.zeros(stored), jnp.ones(stored, bool))
+        return jax.block_until_ready((table, store, c.strategy.init(params), jnp.asarray(True)))
+
+    def run(table, store, state, finite):
+        model = params
+        if per_call == 1:
+            for k in range(steps):
+                table, (model, state, finite, _) = sim._step(model, state, finite, table, store, columns[k], with_weights=False)
+        else:
+            for k in range(0, steps, per_call):
+                table, (model, state, finite, _) = sim._steps(model, state, finite, table, store, columns[k : k + per_call])
+        return jax.block_until_ready((table, model))
+
+    run(*fresh())  # compiles
+    times = []
+    for _ in range(repeats):
+        args = fresh()
+        start = time.perf_counter()
+        run(*args)
+        times.append(time.perf_counter() - start)
+    return min(times) / steps
 
 
 def run_sequential(c: Components, warmup_updates: int = 3):

@@ -44,7 +44,9 @@ step() {  # step <name> <seconds> <command...>
 # of 160, 60, 120, 50 and 100; the limits now give the two cut-off steps more room.
 # 1. simulator vs sequential baseline at M = 100 and 8192, under the latency models whose deferred
 #    batches average >= 4096 at M = 8192 with 2M updates (identical: 8192, Pareto 1.5: 4266); the
-#    execution comparison is skipped (a 1024-client batch: vmap in one call is fastest on a GPU)
+#    execution comparison is skipped (a 1024-client batch: vmap in one call is fastest on a GPU);
+#    last, the aggregation step timed alone ("aggr share": how much of each run the device spends
+#    aggregating, which says whether the device's steps or the host's loop hold the run back)
 step throughput 150 "$PY" benchmarks/throughput.py --out "$OUT" --repeats 1 --chunk-size 2048 --updates-per-client 2 --skip-execution \
   --concurrency 100 8192 --latencies identical pareto-1.5
 # 1b. the same simulator applying one aggregation per device call (aggregations_per_call=1; the

@@ -33,9 +33,10 @@ def lines(directory: Path) -> list[str]:
             out.append(f"{name:<14} (cut off before its end: the rows measured until then)")
         if name == "throughput":
             for r in data["throughput"]:
+                share = f"  aggregation {r['aggregation_share']:.2f} of wall" if "aggregation_share" in r else ""  # (not in a run cut off before it)
                 out.append(
                     f"{name:<14} {r['latency']:>15} M={r['M']:<6} batch {r['mean_batch']:8.1f}  simulator {r['sim_updates_per_s']:9.0f} upd/s  "
-                    f"sequential {r['seq_updates_per_s']:7.0f}  ratio {r['ratio']:7.1f}  efficiency {r['efficiency']:.2f}{quick}"
+                    f"sequential {r['seq_updates_per_s']:7.0f}  ratio {r['ratio']:7.1f}  efficiency {r['efficiency']:.2f}{share}{quick}"
                 )
         elif name == "overhead":
             for r in data["rows"]:

@@ -12,7 +12,8 @@ Three parts, all in one process and one run:
      simulator (execution `auto` unless --execution) against the sequential baseline
      (benchmarks/common.run_sequential: one client trained alone at its finish event); the ratio,
      the engine efficiency (bare training of the simulator's own batches / simulator wall time)
-     and the largest difference between the two final models (the simulation is exact).
+     and the largest difference between the two final models (the simulation is exact); last, the
+     device time of one aggregation step alone, and its share of each run's wall time.
 
 Writes <out>/throughput.json and throughput.png.
 """
@@ -147,6 +148,7 @@ def main(argv=None) -> dict:
                 "M": m,
                 "N": w.num_clients,
                 "updates": updates,
+                "versions": result.summary["versions"],
                 "execution": c.trainer.execution,
                 "aggregations_per_call": c._simulator.per_call,
                 "mean_batch": float(np.mean(flushes)),
@@ -168,13 +170,23 @@ def main(argv=None) -> dict:
             rows.append(row)
             common.write_partial(out, args.out, "throughput")
             print(f"  {latency:>15} M={m:<5} simulator {row['sim_updates_per_s']:9.0f}/s  sequential {row['seq_updates_per_s']:7.0f}/s  ratio {row['ratio']:7.2f}  efficiency {row['efficiency']:.2f}  batch {row['mean_batch']:.1f}  trained/update {row['trained_per_update']:.2f}", flush=True)
+    # last, so that a time limit cuts this off rather than a point: every point runs the same step
+    # (FedAsync's, one row, the same model and aggregations per call)
+    step = common.aggregation_step_time(c, steps=1024)
+    for row in rows:
+        row["aggregation_us_per_step"] = step * 1e6
+        row["aggregation_share"] = step * row["versions"] / row["sim_wall"]
+    print(f"\n# aggregation steps alone on the device: {step * 1e6:.1f} us per step ({c._simulator.per_call} per call); "
+          "'aggr share' is their time over each run's wall time (the rest: training and the host loop)")
+    common.write_partial(out, args.out, "throughput")
     print("\n# throughput: simulator vs sequential baseline (FedAsync, tiled-digits MLP 64-200-200-10, 10 steps of 32)")
     print(
         common.table(
             rows,
             [("latency", "latency", "s"), ("M", "M", "d"), ("updates", "updates", "d"), ("execution", "exec", "s"), ("aggregations_per_call", "aggr/call", "d"), ("mean_batch", "mean batch", ".1f"),
              ("sim_updates_per_s", "sim upd/s", ".0f"), ("seq_updates_per_s", "seq upd/s", ".0f"), ("ratio", "ratio", ".2f"),
-             ("efficiency", "efficiency", ".2f"), ("trained_per_update", "trained/upd", ".2f"), ("max_param_diff", "max |diff|", ".1e")],
+             ("efficiency", "efficiency", ".2f"), ("aggregation_share", "aggr share", ".2f"), ("trained_per_update", "trained/upd", ".2f"),
+             ("max_param_diff", "max |diff|", ".1e")],
         )
     )
     out["targets"] = targets(rows, common.jax.default_backend())

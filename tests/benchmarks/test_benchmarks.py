@@ -62,6 +62,8 @@ def read(path):
 
 @pytest.mark.slow
 def test_throughput_quick(tmp_path):
+    from benchmarks import summarize
+
     throughput.main(["--quick", "--out", str(tmp_path)])
     data = read(tmp_path / "throughput.json")
     assert (tmp_path / "throughput.png").stat().st_size > 10_000
@@ -78,9 +80,34 @@ def test_throughput_quick(tmp_path):
         assert math.isclose(r["ratio"], r["sim_updates_per_s"] / r["seq_updates_per_s"])
         assert 1 <= r["mean_batch"] <= r["M"] + 1
         assert 0 < r["efficiency"]
+        # the aggregation step timed alone, and its share of the run's wall time
+        assert r["aggregation_us_per_step"] > 0 and r["versions"] == r["updates"]  # (FedAsync: a version per update)
+        assert r["aggregation_share"] == pytest.approx(r["aggregation_us_per_step"] * 1e-6 * r["versions"] / r["sim_wall"])
+        assert 0 < r["aggregation_share"] < 1
+    assert "aggregation 0." in "\n".join(summarize.lines(tmp_path))
     assert {t["target"] for t in data["targets"]} >= {"never slower than the sequential baseline", "engine efficiency >= 0.8"}
     assert not (tmp_path / "throughput.partial.json").exists()  # written after each row, removed at the end
 
+
+
+@pytest.mark.parametrize("per_call", [1, 4])
+def test_aggregation_step_time_runs_the_simulators_step_as_the_run_calls_it(per_call):
+    """FedBuff (4 rows a step): one step per call chained, or 4 per scanned call, 64 steps in all."""
+    c = common.build(common.Workload(64, 8, 16, rule="fedbuff", buffer_size=4, hidden=(8,), num_steps=1, aggregations_per_call=per_call))
+    common.run_simulator(c, warmup=False)
+    sim, calls = c._simulator, []
+    name = "_step" if per_call == 1 else "_steps"
+    compiled = getattr(sim, name)
+
+    def recording(*args, **kwargs):
+        calls.append(np.shape(args[5]))
+        return compiled(*args, **kwargs)
+
+    setattr(sim, name, recording)
+    seconds = common.aggregation_step_time(c, steps=64, repeats=2)
+    assert np.isfinite(seconds) and seconds > 0
+    width = 6 * 4 + 1  # (step_columns: six columns of 4 rows, then the new version's slot)
+    assert calls == [(width,) if per_call == 1 else (per_call, width)] * (64 // per_call) * 3  # compiling run + 2 timed
 
 @pytest.mark.slow
 def test_overhead_quick(tmp_path):
