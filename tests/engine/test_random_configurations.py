@@ -3,9 +3,10 @@
 The other engine tests check each option alone (a rule, availability, faults, queued aggregations,
 chunk sizes, stop conditions); these draw several at once from fixed seeds, so the options are
 also checked together. The seeds below were chosen among the first 40 so that between them they
-cover seven of the rules drawn (MIFA is checked in test_simulator_zoo.py), every stop condition,
-one and several aggregations per call, no availability model, on/off and diurnal availability,
-drop_on_leave, and every injected fault with and without a timeout.
+cover five of the rules drawn (FedAsync, FedAvg, FedBuff with a time window, FedStaleAsync and
+FADAS; the others have reference tests of their own), every stop condition, one and several
+aggregations per call, no availability model, on/off and diurnal availability, drop_on_leave,
+and every injected fault with and without a timeout.
 """
 
 import random
@@ -67,7 +68,7 @@ def draw(seed: int) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [4, 14, 16, 33, 36, 37, 38])
+@pytest.mark.parametrize("seed", [14, 16, 33, 36, 38])
 def test_a_random_configuration_matches_the_naive_reference(seed):
     overrides = draw(seed)
     with jax.enable_x64(True):
