@@ -222,16 +222,17 @@ def update_norms(updates: UpdateBatch) -> jnp.ndarray:
     return jnp.sqrt(sum(squares))
 
 
-_jit_update_norms = jit(update_norms)
-
-
 def stack_facts(norms, weights, losses) -> jnp.ndarray:
     """An aggregation's per-row facts as one array [3, rows] (one transfer to read them)."""
     dtype = jnp.result_type(norms, weights, losses)
     return jnp.stack([norms.astype(dtype), weights.astype(dtype), losses.astype(dtype)])
 
 
-_jit_stack_facts = jit(stack_facts)
+@jit
+def host_rule_facts(updates: UpdateBatch, weights, losses) -> jnp.ndarray:
+    """`stack_facts` of a batch that a rule aggregated on the host, its norms computed here: one
+    device call per aggregation."""
+    return stack_facts(update_norms(updates), weights, losses)
 
 
 class Simulator:
@@ -890,7 +891,7 @@ class Simulator:
             new_params, new_state, all_finite, facts = versions.put_by(version + 1, step)
         else:  # the rule's own code on the host; its rows are checked here
             updates, loss = stack_updates(arrivals, version, pending.take, versions.get, counts, versions.gather)
-            facts = _jit_stack_facts(_jit_update_norms(updates), self._weights(state, updates), loss) if with_facts else None
+            facts = host_rule_facts(updates, self._weights(state, updates), loss) if with_facts else None
             new_params, new_state = self.strategy.aggregate(params, state, updates)
             all_finite = all_finite & _jit_rows_ok(updates.params, updates.mask)
             versions.put(version + 1, new_params)
