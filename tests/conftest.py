@@ -19,11 +19,16 @@ def config():
     return make_config
 
 
+def xla_cache_dir() -> str:
+    """The persistent compilation cache `python run.py` uses (conf: xla_cache_dir), so that a fresh
+    clone on a machine that ran the tests or an experiment before reuses what was compiled."""
+    return str(make_config().xla_cache_dir)
+
+
 def pytest_configure(config):
-    """Share XLA compilations between the many small experiments the tests build."""
+    """Share XLA compilations between the many small experiments the tests build, and across clones."""
     import jax
 
-    cache = Path(__file__).resolve().parents[1] / ".pytest_cache" / "xla"
-    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_compilation_cache_dir", xla_cache_dir())
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -26,7 +26,7 @@ def test_fedasync_in_a_real_federation(tmp_path):
         "concurrency": NODES,
         "max_updates": 9,
         "eval_every": 1,
-        "overrides": f"client.num_steps=10 client.learning_rate=0.1 model.hidden=[32] xla_cache_dir={ROOT / '.pytest_cache' / 'xla'}",
+        "overrides": "client.num_steps=10 client.learning_rate=0.1 model.hidden=[32]",
         "federation.node_timeout": 120.0,
         "federation.reply_timeout": 300.0,
         "federation.run_dir": str(run_dir),
