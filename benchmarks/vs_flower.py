@@ -10,10 +10,11 @@ Grid (benchmarks/flower_app.py), one Ray actor per CPU core; the simulator runs 
 configuration from conf/ (latency `groups`, the default; FedAvg's result does not depend on it).
 
 Flower's simulation engine is installed by this script, not by the project: a virtual
-environment in <cache>/flower-sim-<flwr version>-py<python> (cache: $ASYNCFLOWER_BENCH_CACHE or
-~/.cache/asyncflower-jax) with flwr[simulation] at the flwr version installed here and jax, flax,
-optax, numpy and scikit-learn pinned to the versions installed here (pip constraints from `pip
-freeze`), so both sides train with the same code and library versions.
+environment in <cache>/flower-sim-<flwr version>-py<python>-<tag of this environment> (cache:
+$ASYNCFLOWER_BENCH_CACHE or ~/.cache/asyncflower-jax) layered on the environment running this
+script. It sees this environment's packages (flwr, jax, flax, optax, numpy, scikit-learn: both
+sides train with the very same code and library versions) and holds only what flwr[simulation]
+adds (Ray), installed with every package here pinned (pip constraints from `pip freeze`).
 
 Reported per rule: steady-state updates/s (Flower: after the first sixth of its rounds/updates;
 simulator: a second run in the same process), whole-run wall time from process start (Flower's
@@ -29,10 +30,13 @@ Writes <out>/vs_flower.json and vs_flower.png.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -57,7 +61,6 @@ COMMON = [
     "seed=0",
     "progress=false",
 ]
-FLOWER_PACKAGES = ["jax", "jaxlib", "flax", "optax", "numpy", "scikit-learn"]
 
 
 def cache_dir() -> Path:
@@ -66,27 +69,42 @@ def cache_dir() -> Path:
 
 
 def flower_python(reinstall: bool = False, log=print) -> Path:
-    """The Python of the Flower simulation environment, created on first use (needs PyPI)."""
+    """The Python of the Flower simulation environment, created on first use (needs PyPI). Layering
+    it on this environment installs Ray alone instead of a second copy of JAX and the rest."""
     import importlib.metadata as md
 
     version = md.version("flwr")
-    env = cache_dir() / f"flower-sim-{version}-py{sys.version_info.major}{sys.version_info.minor}"
+    parent = sysconfig.get_paths()["purelib"]
+    tag = hashlib.sha256(parent.encode()).hexdigest()[:8]
+    env = cache_dir() / f"flower-sim-{version}-py{sys.version_info.major}{sys.version_info.minor}-{tag}"
     python = env / "bin" / "python"
     stamp = env / ".installed"
-    if stamp.is_file() and python.is_file() and not reinstall:
+    if stamp.is_file() and python.is_file() and not reinstall and json.loads(stamp.read_text()).get("parent") == parent:
         return python
-    log(f"installing flwr[simulation]=={version} into {env} (once)")
+    remove_orphaned_environments(log)
+    log(f"installing flwr[simulation]=={version} into {env}, layered on {parent} (once)")
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(env)], check=True)
+    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True, capture_output=True, text=True).stdout.strip()
+    Path(own, "_asyncflower_parent.pth").write_text(f"import site; site.addsitedir({parent!r})\n")
     freeze = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"], check=True, capture_output=True, text=True).stdout
     pins = [line for line in freeze.splitlines() if "==" in line and not line.startswith(("-", "#"))]
     (env / "constraints.txt").write_text("\n".join(pins) + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "-c", str(env / "constraints.txt"), f"flwr[simulation]=={version}", *FLOWER_PACKAGES],
-        check=True,
-    )
-    stamp.write_text(json.dumps({"flwr": version, "constraints": len(pins)}) + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "-c", str(env / "constraints.txt"), f"flwr[simulation]=={version}"], check=True)
+    stamp.write_text(json.dumps({"flwr": version, "parent": parent, "constraints": len(pins)}) + "\n")
     return python
+
+
+def remove_orphaned_environments(log=print) -> None:
+    """Delete Flower environments in the cache whose parent environment is gone (a removed clone's
+    .venv), or that an earlier version of this script made as full copies."""
+    for env in sorted(cache_dir().glob("flower-sim-*")):
+        try:
+            parent = json.loads((env / ".installed").read_text()).get("parent")
+        except (OSError, ValueError):
+            continue  # being created, or not made by this script
+        if parent is None or not Path(parent).is_dir():
+            log(f"removing {env}: " + ("a full copy made by an earlier version of this script" if parent is None else f"its parent environment {parent} is gone"))
+            shutil.rmtree(env, ignore_errors=True)
 
 
 def run_flower(python: Path, mode: str, quick: bool, actors: int, seed: int = 0) -> dict:

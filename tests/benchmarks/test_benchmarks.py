@@ -156,6 +156,26 @@ def test_vs_flower_quick_installs_flower_and_runs_both(tmp_path):
         assert r["ours"]["final_accuracy"] == r["ours"]["first_run_final_accuracy"]  # the simulator is deterministic
 
 
+def test_flower_environments_whose_parent_is_gone_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASYNCFLOWER_BENCH_CACHE", str(tmp_path))
+    parent = tmp_path / "venv" / "site-packages"
+    parent.mkdir(parents=True)
+    stamps = {
+        "flower-sim-1-py311-live": {"flwr": "1", "parent": str(parent)},
+        "flower-sim-1-py311-orphan": {"flwr": "1", "parent": str(tmp_path / "gone" / "site-packages")},
+        "flower-sim-1-py311": {"flwr": "1", "constraints": 3},  # a full copy (no parent)
+        "flower-sim-1-py311-unfinished": None,  # no stamp yet: being created
+    }
+    for name, stamp in stamps.items():
+        (tmp_path / name).mkdir()
+        if stamp is not None:
+            (tmp_path / name / ".installed").write_text(json.dumps(stamp))
+    said = []
+    vs_flower.remove_orphaned_environments(log=said.append)
+    assert sorted(p.name for p in tmp_path.glob("flower-sim-*")) == ["flower-sim-1-py311-live", "flower-sim-1-py311-unfinished"]
+    assert len(said) == 2 and all("removing" in line for line in said)
+
+
 @pytest.mark.slow
 def test_vectorization_quick(tmp_path):
     from benchmarks import vectorization
