@@ -51,13 +51,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.nodes < 1:
         parser.error(f"--nodes={args.nodes} is invalid: must be an integer >= 1")
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="asyncflower-federation-"))
     run_config = {"num_clients": args.nodes}
     for entry in args.run_config:
         key, sep, value = entry.partition("=")
         if not sep or not key:
             parser.error(f"--run-config {entry!r} is invalid: must be KEY=VALUE")
         run_config[key] = parse_value(value)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="asyncflower-federation-"))  # only once the arguments are valid
     run_config.setdefault("concurrency", args.nodes)
     run_config.setdefault("federation.run_dir", str(workdir / "run"))
 

@@ -26,10 +26,12 @@ def test_run_config_values_from_the_command_line(launcher):
 
 
 @pytest.mark.parametrize("argv, message", [(["--nodes", "0"], "--nodes=0 is invalid"), (["-c", "max_updates"], "must be KEY=VALUE")])
-def test_bad_arguments_are_reported(launcher, argv, message, capsys):
+def test_bad_arguments_are_reported(launcher, argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
         launcher.main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no working directory left behind
 
 
 def test_run_config_values_are_written_as_toml():
