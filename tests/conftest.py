@@ -19,16 +19,21 @@ def config():
     return make_config
 
 
-def xla_cache_dir() -> str:
-    """The persistent compilation cache `python run.py` uses (conf: xla_cache_dir), so that a fresh
-    clone on a machine that ran the tests or an experiment before reuses what was compiled."""
-    return str(make_config().xla_cache_dir)
-
-
 def pytest_configure(config):
-    """Share XLA compilations between the many small experiments the tests build, and across clones."""
+    """Share XLA compilations between the many small experiments the tests build, and across clones:
+    the persistent cache is the one `python run.py` uses (conf: xla_cache_dir), so a fresh clone on a
+    machine that ran the tests or an experiment before reuses what was compiled."""
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", xla_cache_dir())
+    jax.config.update("jax_compilation_cache_dir", str(make_config().xla_cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def compilation_cache_env() -> dict[str, str]:
+    """The tests' compilation cache settings (pytest_configure) as environment variables, for the
+    Python processes a test starts."""
+    import jax
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
+    return {name.upper(): str(getattr(jax.config, name)) for name in names}

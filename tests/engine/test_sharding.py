@@ -14,11 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import xla_cache_dir
+from tests.conftest import compilation_cache_env
 
 ROOT = Path(__file__).resolve().parents[2]
-# the subprocesses share the tests' compilation cache
-COMPILATION_CACHE = {"JAX_COMPILATION_CACHE_DIR": xla_cache_dir(), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 SCRIPT = textwrap.dedent(
     """
@@ -66,7 +64,7 @@ SCRIPT = textwrap.dedent(
 
 
 def run_on_four_devices(script: str) -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **COMPILATION_CACHE}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **compilation_cache_env()}
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
@@ -165,7 +163,7 @@ def test_two_processes_train_together_and_equal_one_process():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **COMPILATION_CACHE}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **compilation_cache_env()}
     env.pop("XLA_FLAGS", None)
     procs = [
         subprocess.Popen([sys.executable, "-c", MULTIHOST_SCRIPT, str(i), port], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
