@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 import hydra
-import jax
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from asyncflower_jax import distributed
+from asyncflower_jax.compilation import use_compilation_cache
 from asyncflower_jax.engine.checkpoint import CheckpointError
 from asyncflower_jax.engine.simulator import Interrupted
 from asyncflower_jax.errors import ConfigError
@@ -30,9 +30,7 @@ logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "no TPU
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.xla_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(cfg.xla_cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    use_compilation_cache(cfg.xla_cache_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     if distributed.initialize(cfg.get("distributed")) and not distributed.is_writer():
         # multi-host: every process runs the simulation; process 0 alone writes the run directory

@@ -20,6 +20,20 @@ PROGRAM_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
 RUN_ONCE_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}}
 
 
+def use_compilation_cache(directory) -> None:
+    """Keep compiled programs in `directory` (JAX's persistent compilation cache), every one of
+    them, unless this process has a cache already (set by a test, or by JAX_COMPILATION_CACHE_DIR).
+
+    Even programs that compile in milliseconds are kept: a run compiles a few dozen of them, and
+    reading them back is faster. Measured on a 2-core CPU, a whole FedAsync run of the vs-Flower
+    workload with the cache warm took 2.4 to 2.5 s keeping every program, against 3.1 to 3.4 s
+    keeping only those that compiled in 0.2 s or more (31 entries, 0.4 MB, for that run)."""
+    if directory and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def compiler_options(table: dict = PROGRAM_OPTIONS) -> dict | None:
     """The options `table` gives JAX's default backend (None: XLA's defaults)."""
     return table.get(jax.default_backend())

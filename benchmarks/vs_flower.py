@@ -131,6 +131,7 @@ def ours_worker(mode: str, quick: bool, compile_cache: bool = False) -> dict:
     sys.path.insert(0, str(ROOT))
     from hydra import compose, initialize_config_dir
 
+    from asyncflower_jax.compilation import use_compilation_cache
     from asyncflower_jax.engine.simulator import Simulator
     from asyncflower_jax.experiment import Experiment
 
@@ -138,11 +139,8 @@ def ours_worker(mode: str, quick: bool, compile_cache: bool = False) -> dict:
     overrides = COMMON + WORKLOADS[mode] + (QUICK[mode] if quick else []) + [f"seed={os.environ.get('ASYNCFLOWER_BENCH_SEED', '0')}"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    if compile_cache and cfg.xla_cache_dir:  # as run.py does: compiled programs reused across runs
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", str(cfg.xla_cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    if compile_cache:  # as run.py does: compiled programs reused across runs
+        use_compilation_cache(cfg.xla_cache_dir)
     exp = Experiment(cfg)
     built = time.perf_counter()
     sim = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings)

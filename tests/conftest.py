@@ -23,11 +23,9 @@ def pytest_configure(config):
     """Share XLA compilations between the many small experiments the tests build, and across clones:
     the persistent cache is the one `python run.py` uses (conf: xla_cache_dir), so a fresh clone on a
     machine that ran the tests or an experiment before reuses what was compiled."""
-    import jax
+    from asyncflower_jax.compilation import use_compilation_cache
 
-    jax.config.update("jax_compilation_cache_dir", str(make_config().xla_cache_dir))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    use_compilation_cache(make_config().xla_cache_dir)
 
 
 def compilation_cache_env() -> dict[str, str]:

@@ -1,6 +1,7 @@
 """`compilation.jit`: jax.jit with the backend's compiler options, resolved at the first use."""
 
 import functools
+import os
 import subprocess
 import sys
 
@@ -59,3 +60,25 @@ def test_importing_the_engine_does_not_start_a_backend():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_compilation_cache_keeps_even_the_quickest_programs(tmp_path):
+    """`use_compilation_cache` writes every compiled program to the directory, and leaves a cache the
+    process has already (here JAX_COMPILATION_CACHE_DIR) alone."""
+    code = (
+        "import sys, jax, jax.numpy as jnp\n"
+        "from asyncflower_jax.compilation import use_compilation_cache\n"
+        "use_compilation_cache(sys.argv[1])\n"
+        "jax.jit(lambda x: x * 3 + 1)(jnp.arange(5.0)).block_until_ready()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    ours = tmp_path / "ours"
+    proc = subprocess.run([sys.executable, "-c", code, str(ours)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [p for p in ours.iterdir() if "cache" in p.name], "a program compiled in milliseconds was not kept"
+
+    theirs, unused = tmp_path / "theirs", tmp_path / "unused"
+    proc = subprocess.run([sys.executable, "-c", code, str(unused)], capture_output=True, text=True, timeout=120, env={**env, "JAX_COMPILATION_CACHE_DIR": str(theirs)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not unused.exists()
+    assert theirs.exists()

@@ -26,6 +26,7 @@ from flwr.clientapp import ClientApp
 from ..client.batched import BatchedTrainer
 from ..client.local_train import make_local_train
 from ..client.precision import mixed_precision
+from ..compilation import use_compilation_cache
 from ..config_schema import check
 from ..data.federated import build_clients
 from ..data.store import ClientStore
@@ -90,9 +91,7 @@ def client_setup(run_config: Mapping, partition_id: int, num_partitions: int, st
     if cfg.precision == "float64" and not jax.config.jax_enable_x64:
         jax.config.update("jax_enable_x64", True)
     apply_matmul_precision(check("matmul_precision", cfg.get("matmul_precision")))
-    if cfg.get("xla_cache_dir") and not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(cfg.xla_cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    use_compilation_cache(cfg.get("xla_cache_dir"))
     dtype = PRECISIONS[cfg.precision]
     x, y, num_classes, max_count = _partition(cfg, partition_id, dtype, state)
     module = build(cfg.model, "model", num_classes=num_classes)

@@ -20,6 +20,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import OmegaConf
 
+from ..compilation import use_compilation_cache
 from ..engine.faults import FAILURE_COLUMNS
 from ..engine.simulator import METRIC_COLUMNS, UPDATE_COLUMNS
 from ..experiment import Experiment
@@ -68,12 +69,7 @@ def run_federation(
     recorder = None
     try:
         cfg = compose_config(run_config)
-        if cfg.get("xla_cache_dir"):
-            import jax
-
-            if not jax.config.jax_compilation_cache_dir:
-                jax.config.update("jax_compilation_cache_dir", str(cfg.xla_cache_dir))
-                jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        use_compilation_cache(cfg.get("xla_cache_dir"))
         exp = Experiment(cfg)
         if exp.settings.faults is not None and exp.settings.faults.enabled:
             log.warning("faults=%s are the simulator's injected faults; a federation has only the real ones", cfg.faults)
