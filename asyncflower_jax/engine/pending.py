@@ -26,7 +26,7 @@ from ..client.batched import BatchedTrainer, bucket_size, put_trained_in_place, 
 from ..compilation import jit
 from .faults import NAN
 from .scheduler import Task
-from .versions import FIRST_TABLE_BYTES, VersionCache, grow_rows
+from .versions import FIRST_TABLE_BYTES, VersionCache, grow_rows, zero_rows
 
 
 @jit
@@ -132,7 +132,7 @@ class PendingResults:
             row = shapes()
             row_bytes = max(1, sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(row)))
             capacity = max(n, min(self.capacity, max(16, FIRST_TABLE_BYTES // row_bytes)))
-            self._store = jax.tree.map(lambda x: jnp.zeros((capacity,) + tuple(x.shape), x.dtype), row)
+            self._store = zero_rows(row, capacity)
             self._free = list(range(capacity - 1, -1, -1))
         elif len(self._free) < n:
             capacity = self._store[1].shape[0]
