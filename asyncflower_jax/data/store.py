@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,7 +32,8 @@ class ClientStore(NamedTuple):
             parts = Partition.from_parts(parts)
         counts = parts.counts.astype(np.int32)
         offsets = parts.offsets.astype(np.int32)
-        return cls(jnp.asarray(np.asarray(x)[parts.order], dtype=dtype), jnp.asarray(np.asarray(y)[parts.order]), offsets, counts)
+        x, y = np.asarray(x)[parts.order].astype(dtype), np.asarray(y)[parts.order]
+        return cls(*jax.device_put((x, y)), offsets, counts)  # (jnp.asarray would compile a program per array)
 
     @property
     def num_clients(self) -> int:

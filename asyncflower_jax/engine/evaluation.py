@@ -28,7 +28,7 @@ def _batched(x, y, batch_size: int):
     x = np.concatenate([np.asarray(x), np.zeros((pad, *np.shape(x)[1:]), np.asarray(x).dtype)])
     y = np.concatenate([np.asarray(y), np.zeros(pad, np.asarray(y).dtype)])
     shape = lambda a: a.reshape((batches, batch_size, *a.shape[1:]))  # noqa: E731
-    return jnp.asarray(shape(x)), jnp.asarray(shape(y)), jnp.asarray(shape(mask))
+    return jax.device_put((shape(x), shape(y), shape(mask)))  # (jnp.asarray would compile a program per array)
 
 
 def _per_sample(apply_fn, params, xb, yb):

@@ -431,7 +431,7 @@ class Simulator:
         queue = None
         if self.per_call > 1:
             queue = QueuedSteps(self.per_call)
-        all_finite = jnp.asarray(True)  # every aggregated row so far was finite (the kernel keeps it)
+        all_finite = jax.device_put(np.bool_(True))  # every aggregated row so far was finite (the kernel keeps it)
         probe = None  # an earlier all_finite, read (without waiting) once it is ready
         evaluating = None  # an evaluation started and not read yet (start_evaluation)
         diverged_at = None  # the version whose model was found non-finite

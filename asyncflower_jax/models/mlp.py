@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from ..compilation import RUN_ONCE_OPTIONS, compiler_options
 
@@ -28,7 +29,7 @@ def init_params(module: nn.Module, input_shape: tuple[int, ...], key, dtype=jnp.
     """Initialise `module` on a dummy batch and cast its parameters to `dtype`."""
     import jax
 
-    dummy = jnp.zeros((1, *input_shape), dtype)
+    dummy = np.zeros((1, *input_shape), dtype)
     if isinstance(key, jax.core.Tracer):  # inside a transformation (eval_shape, jit): it compiles the whole
         params = module.init(key, dummy)
     else:  # one compilation, not one per operation; it runs once, so it is compiled fast, not optimized
