@@ -24,9 +24,10 @@ import numpy as np
 
 from ..client.batched import BatchedTrainer, bucket_size, put_trained_in_place, row_shapes, stored_row
 from ..compilation import jit
+from ..strategy.updates import zero_rows
 from .faults import NAN
 from .scheduler import Task
-from .versions import FIRST_TABLE_BYTES, VersionCache, grow_rows, zero_rows
+from .versions import FIRST_TABLE_BYTES, VersionCache, grow_rows
 
 
 @jit

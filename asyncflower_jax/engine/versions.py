@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..compilation import jit
-from ..strategy.updates import PyTree
+from ..strategy.updates import PyTree, zero_rows
 
 FIRST_CAPACITY = 16  # slots of a new table at least ...
 FIRST_TABLE_BYTES = 2 << 30  # ... and as many more as fit in this (also the first size of the pending results' store): growing copies the table and compiles the programs that read it again
@@ -40,19 +40,6 @@ def _read_row(table, slot):
 @jit
 def _read_rows(table, slots):
     return jax.tree.map(lambda t: t[slots], table)
-
-
-@functools.partial(jit, static_argnums=(0,))
-def _zero_leaves(specs: tuple) -> list:
-    return [jnp.zeros(shape, dtype) for shape, dtype in specs]
-
-
-def zero_rows(row: PyTree, rows: int) -> PyTree:
-    """A table of `rows` zero rows, each shaped like `row` (arrays or ShapeDtypeStructs), made by one
-    program: eager jnp.zeros compiles one per leaf (about 25 ms each on a 2-core CPU)."""
-    leaves, treedef = jax.tree.flatten(row)
-    specs = tuple(((rows, *jnp.shape(leaf)), jnp.dtype(jnp.result_type(leaf))) for leaf in leaves)
-    return jax.tree.unflatten(treedef, _zero_leaves(specs))
 
 
 @functools.partial(jit, static_argnums=(1,))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ..errors import require
-from .updates import PyTree
+from .updates import PyTree, zero_rows
 
 
 def check_population(num_clients) -> None:
@@ -30,7 +30,7 @@ def check_population(num_clients) -> None:
 
 def zeros_memory(params: PyTree, num_clients: int) -> PyTree:
     """A zero row (cold start) per client for every leaf of `params`."""
-    return jax.tree.map(lambda leaf: jnp.zeros((num_clients, *jnp.shape(leaf)), jnp.result_type(leaf)), params)
+    return zero_rows(params, num_clients)
 
 
 def last_occurrence(client_id: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:

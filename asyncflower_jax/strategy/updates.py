@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from ..compilation import jit
 
 PyTree = Any
 
@@ -39,3 +42,16 @@ class UpdateBatch(NamedTuple):
 def weighted_sum(weights: jnp.ndarray, stacked: PyTree) -> PyTree:
     """sum_i weights[i] * stacked[i] for every leaf (leading axis = updates)."""
     return jax.tree.map(lambda leaf: jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1), stacked)
+
+
+@functools.partial(jit, static_argnums=(0,))
+def _zero_leaves(specs: tuple) -> list:
+    return [jnp.zeros(shape, dtype) for shape, dtype in specs]
+
+
+def zero_rows(row: PyTree, rows: int) -> PyTree:
+    """A table of `rows` zero rows, each shaped like `row` (arrays or ShapeDtypeStructs), made by one
+    program: eager jnp.zeros compiles one per leaf (about 25 ms each on a 2-core CPU)."""
+    leaves, treedef = jax.tree.flatten(row)
+    specs = tuple(((rows, *jnp.shape(leaf)), jnp.dtype(jnp.result_type(leaf))) for leaf in leaves)
+    return jax.tree.unflatten(treedef, _zero_leaves(specs))

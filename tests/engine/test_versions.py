@@ -113,12 +113,3 @@ def test_a_reserved_version_takes_a_slot_the_table_grows_for_and_the_caller_writ
     np.testing.assert_array_equal(cache.get(2)["b"], np.full(2, -2.0))
     cache.release(1)
     assert cache.reserve(3) == 1  # a freed slot is reused
-
-
-def test_zero_rows_makes_a_whole_table_in_one_program():
-    row = {"w": jnp.ones((2, 3), jnp.bfloat16), "n": jax.ShapeDtypeStruct((), jnp.int32), "ok": jax.ShapeDtypeStruct((4,), jnp.bool_)}
-    before = module._zero_leaves._cache_size()
-    table = module.zero_rows(row, 5)
-    assert module._zero_leaves._cache_size() == before + 1  # not one per leaf
-    assert {k: (v.shape, v.dtype) for k, v in table.items()} == {"w": ((5, 2, 3), jnp.bfloat16), "n": ((5,), jnp.int32), "ok": ((5, 4), jnp.bool_)}
-    assert all(not np.asarray(v).any() for v in table.values())

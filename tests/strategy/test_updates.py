@@ -1,0 +1,23 @@
+"""Pytree helpers of strategy/updates.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asyncflower_jax.strategy import updates as module
+
+
+def test_weighted_sum_weighs_each_row_of_every_leaf():
+    stacked = {"a": jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), "b": jnp.array([1.0, 10.0, 100.0])}
+    out = module.weighted_sum(jnp.array([0.5, 0.25, 0.0]), stacked)
+    np.testing.assert_allclose(out["a"], [0.5 * 1 + 0.25 * 3, 0.5 * 2 + 0.25 * 4])
+    np.testing.assert_allclose(out["b"], 0.5 * 1 + 0.25 * 10)
+
+
+def test_zero_rows_makes_a_whole_table_in_one_program():
+    row = {"w": jnp.ones((2, 3), jnp.bfloat16), "n": jax.ShapeDtypeStruct((), jnp.int32), "ok": jax.ShapeDtypeStruct((4,), jnp.bool_)}
+    before = module._zero_leaves._cache_size()
+    table = module.zero_rows(row, 5)
+    assert module._zero_leaves._cache_size() == before + 1  # not one per leaf
+    assert {k: (v.shape, v.dtype) for k, v in table.items()} == {"w": ((5, 2, 3), jnp.bfloat16), "n": ((5,), jnp.int32), "ok": ((5, 4), jnp.bool_)}
+    assert all(not np.asarray(v).any() for v in table.values())
