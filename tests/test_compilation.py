@@ -82,3 +82,22 @@ def test_the_compilation_cache_keeps_even_the_quickest_programs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not unused.exists()
     assert theirs.exists()
+
+
+def test_a_compilation_cache_that_cannot_be_made_is_reported_and_the_program_still_runs(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = (
+        "import logging, sys, jax, jax.numpy as jnp\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from asyncflower_jax.compilation import use_compilation_cache\n"
+        "use_compilation_cache(sys.argv[1])\n"
+        "assert not jax.config.jax_compilation_cache_dir\n"
+        "print(float(jax.jit(lambda x: x * 3 + 1)(jnp.arange(5.0)).sum()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    proc = subprocess.run([sys.executable, "-c", code, str(blocker / "xla")], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "35.0"
+    assert f"xla_cache_dir={blocker / 'xla'} cannot be used" in proc.stderr
+    assert "persistent compilation cache" not in proc.stderr  # no warning per program from JAX
