@@ -79,8 +79,8 @@ def flower_python(reinstall: bool = False, log=print) -> Path:
     tag = hashlib.sha256(parent.encode()).hexdigest()[:8]
     env = cache_dir() / f"flower-sim-{version}-py{sys.version_info.major}{sys.version_info.minor}-{tag}"
     python = env / "bin" / "python"
-    stamp = env / ".installed"
-    if stamp.is_file() and python.is_file() and not reinstall and json.loads(stamp.read_text()).get("parent") == parent:
+    stamp = installed_stamp(env)
+    if stamp is not None and stamp.get("parent") == parent and python.is_file() and not reinstall:
         return python
     remove_orphaned_environments(log)
     log(f"installing flwr[simulation]=={version} into {env}, layered on {parent} (once)")
@@ -91,18 +91,27 @@ def flower_python(reinstall: bool = False, log=print) -> Path:
     pins = [line for line in freeze.splitlines() if "==" in line and not line.startswith(("-", "#"))]
     (env / "constraints.txt").write_text("\n".join(pins) + "\n")
     subprocess.run([str(python), "-m", "pip", "install", "-q", "-c", str(env / "constraints.txt"), f"flwr[simulation]=={version}"], check=True)
-    stamp.write_text(json.dumps({"flwr": version, "parent": parent, "constraints": len(pins)}) + "\n")
+    (env / ".installed").write_text(json.dumps({"flwr": version, "parent": parent, "constraints": len(pins)}) + "\n")
     return python
+
+
+def installed_stamp(env: Path) -> dict | None:
+    """What a finished Flower environment records of itself (None: being created, or not made by
+    this script)."""
+    try:
+        return json.loads((env / ".installed").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def remove_orphaned_environments(log=print) -> None:
     """Delete Flower environments in the cache whose parent environment is gone (a removed clone's
     .venv), or that an earlier version of this script made as full copies."""
     for env in sorted(cache_dir().glob("flower-sim-*")):
-        try:
-            parent = json.loads((env / ".installed").read_text()).get("parent")
-        except (OSError, ValueError):
-            continue  # being created, or not made by this script
+        stamp = installed_stamp(env)
+        if stamp is None:
+            continue
+        parent = stamp.get("parent")
         if parent is None or not Path(parent).is_dir():
             log(f"removing {env}: " + ("a full copy made by an earlier version of this script" if parent is None else f"its parent environment {parent} is gone"))
             shutil.rmtree(env, ignore_errors=True)
