@@ -62,24 +62,33 @@ def test_importing_the_engine_does_not_start_a_backend():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+CACHED_PROGRAM = (
+    "import logging, sys, jax, jax.numpy as jnp\n"
+    "logging.basicConfig(level=logging.WARNING)\n"
+    "from asyncflower_jax.compilation import use_compilation_cache\n"
+    "use_compilation_cache(sys.argv[1])\n"
+    "print(jax.config.jax_compilation_cache_dir, float(jax.jit(lambda x: x * 3 + 1)(jnp.arange(5.0)).sum()))\n"
+)
+
+
+def run_cached_program(directory, **env) -> subprocess.CompletedProcess:
+    """CACHED_PROGRAM in a fresh process without the tests' cache settings: (cache directory, result)
+    on stdout, the log on stderr."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    proc = subprocess.run([sys.executable, "-c", CACHED_PROGRAM, str(directory)], capture_output=True, text=True, timeout=120, env={**clean, **env})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 def test_the_compilation_cache_keeps_even_the_quickest_programs(tmp_path):
     """`use_compilation_cache` writes every compiled program to the directory, and leaves a cache the
     process has already (here JAX_COMPILATION_CACHE_DIR) alone."""
-    code = (
-        "import sys, jax, jax.numpy as jnp\n"
-        "from asyncflower_jax.compilation import use_compilation_cache\n"
-        "use_compilation_cache(sys.argv[1])\n"
-        "jax.jit(lambda x: x * 3 + 1)(jnp.arange(5.0)).block_until_ready()\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
     ours = tmp_path / "ours"
-    proc = subprocess.run([sys.executable, "-c", code, str(ours)], capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert run_cached_program(ours).stdout.split() == [str(ours), "35.0"]
     assert [p for p in ours.iterdir() if "cache" in p.name], "a program compiled in milliseconds was not kept"
 
     theirs, unused = tmp_path / "theirs", tmp_path / "unused"
-    proc = subprocess.run([sys.executable, "-c", code, str(unused)], capture_output=True, text=True, timeout=120, env={**env, "JAX_COMPILATION_CACHE_DIR": str(theirs)})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert run_cached_program(unused, JAX_COMPILATION_CACHE_DIR=str(theirs)).stdout.split() == [str(theirs), "35.0"]
     assert not unused.exists()
     assert theirs.exists()
 
@@ -87,17 +96,7 @@ def test_the_compilation_cache_keeps_even_the_quickest_programs(tmp_path):
 def test_a_compilation_cache_that_cannot_be_made_is_reported_and_the_program_still_runs(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    code = (
-        "import logging, sys, jax, jax.numpy as jnp\n"
-        "logging.basicConfig(level=logging.WARNING)\n"
-        "from asyncflower_jax.compilation import use_compilation_cache\n"
-        "use_compilation_cache(sys.argv[1])\n"
-        "assert not jax.config.jax_compilation_cache_dir\n"
-        "print(float(jax.jit(lambda x: x * 3 + 1)(jnp.arange(5.0)).sum()))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
-    proc = subprocess.run([sys.executable, "-c", code, str(blocker / "xla")], capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "35.0"
+    proc = run_cached_program(blocker / "xla")
+    assert proc.stdout.split() == ["None", "35.0"]
     assert f"xla_cache_dir={blocker / 'xla'} cannot be used" in proc.stderr
     assert "persistent compilation cache" not in proc.stderr  # no warning per program from JAX
