@@ -42,7 +42,7 @@ class StepFacts:
 @dataclasses.dataclass
 class QueuedStep:
     ids: list[int]  # the dispatch ids of its rows, padding included
-    columns: np.ndarray  # simulator.step_columns
+    columns: list[int]  # simulator.step_values
     facts: StepFacts | None  # filled when it runs (None: facts are not wanted)
 
 
@@ -62,7 +62,7 @@ class QueuedSteps:
     def full(self) -> bool:
         return len(self.steps) >= self.most_steps
 
-    def add(self, ids: list[int], columns: np.ndarray, facts: StepFacts | None) -> None:
+    def add(self, ids: list[int], columns: list[int], facts: StepFacts | None) -> None:
         self.steps.append(QueuedStep(ids, columns, facts))
 
     def calls(self) -> Iterator[list[QueuedStep]]:

@@ -106,7 +106,7 @@ def test_aggregation_step_time_runs_the_simulators_step_as_the_run_calls_it(per_
     setattr(sim, name, recording)
     seconds = common.aggregation_step_time(c, steps=64, repeats=2)
     assert np.isfinite(seconds) and seconds > 0
-    width = 6 * 4 + 1  # (step_columns: six columns of 4 rows, then the new version's slot)
+    width = 6 * 4 + 1  # (step_columns: six values for each of 4 rows, then the new version's slot)
     assert calls == [(width,) if per_call == 1 else (per_call, width)] * (64 // per_call) * 3  # compiling run + 2 timed
 
 @pytest.mark.slow
