@@ -188,7 +188,12 @@ def test_kth_idle_and_available_matches_naive(n):
     naive_idle, naive_avail = np.ones(n, bool), np.ones(n, bool)
     for _ in range(400):
         r = rng.random()
-        if r < 0.3 and naive_idle.any():
+        if r < 0.15 and idle.count:  # (the scheduler's way: the k-th idle and available client)
+            k = int(rng.integers(idle.count))
+            c = idle.take_kth(k)
+            assert c == np.flatnonzero(naive_idle & naive_avail)[k]
+            naive_idle[c] = False
+        elif r < 0.3 and naive_idle.any():
             c = int(rng.choice(np.flatnonzero(naive_idle)))
             idle.take(c)
             naive_idle[c] = False

@@ -32,6 +32,30 @@ def test_kth_matches_naive_after_random_take_put(n):
             assert idle.kth(k) == free[k]
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 13, 100])
+def test_take_kth_takes_the_kth_idle_client_and_leaves_the_tree_of_take(n):
+    """take_kth(k) = kth(k) then take: the same client, and afterwards the same set and the same
+    Fenwick nodes as a set that took that client by `take`."""
+    rng = np.random.default_rng(n)
+    idle, by_take = IdleClients(n), IdleClients(n)
+    naive = np.ones(n, bool)
+    for _ in range(300):
+        if naive.any() and (naive.all() or rng.random() < 0.5):
+            k = int(rng.integers(naive.sum()))
+            c = idle.take_kth(k)
+            assert c == np.flatnonzero(naive)[k]
+            by_take.take(c)
+            naive[c] = False
+        else:
+            c = int(rng.choice(np.flatnonzero(~naive)))
+            idle.put(c)
+            by_take.put(c)
+            naive[c] = True
+        assert idle.count == by_take.count == naive.sum()
+        np.testing.assert_array_equal(idle.idle, naive)
+        assert list(idle._tree) == list(by_take._tree)
+
+
 def test_kth_on_fresh_set_is_identity():
     idle = IdleClients(10)
     assert [idle.kth(k) for k in range(10)] == list(range(10))
