@@ -41,7 +41,8 @@ step() {  # step <name> <seconds> <command...>
 
 # Sized from runs on an H200 (BENCHMARKS.md), where a sequential update costs about 1.2 ms: the full
 # CPU grids do not fit in 8 minutes there. The steps took 141, 37, > 120, > 50 and 54 s with limits
-# of 160, 60, 120, 50 and 100; the limits now give the two cut-off steps more room.
+# of 160, 60, 120, 50 and 100 (step 1b then timed one aggregation per call against the sequential
+# baseline); the limits now give the two cut-off steps more room.
 # 1. simulator vs sequential baseline at M = 100 and 8192, under the latency models whose deferred
 #    batches average >= 4096 at M = 8192 with 2M updates (identical: 8192, Pareto 1.5: 4266); the
 #    execution comparison is skipped (a 1024-client batch: vmap in one call is fastest on a GPU);
@@ -49,10 +50,11 @@ step() {  # step <name> <seconds> <command...>
 #    aggregating, which says whether the device's steps or the host's loop hold the run back)
 step throughput 150 "$PY" benchmarks/throughput.py --out "$OUT" --repeats 1 --chunk-size 2048 --updates-per-client 2 --skip-execution \
   --concurrency 100 8192 --latencies identical pareto-1.5
-# 1b. the same simulator applying one aggregation per device call (aggregations_per_call=1; the
-#    GPU default queues up to 1024 per call), against the same baseline, at M = 100 and 1000
-step throughput-one-per-call 45 "$PY" benchmarks/throughput.py --out "$OUT/one-per-call" --repeats 1 --chunk-size 2048 --updates-per-client 2 \
-  --skip-execution --concurrency 100 1000 --latencies identical --aggregations-per-call 1
+# 1b. the host loop alone (a model too small to cost anything), one aggregation per call and 1024
+#    (the GPU default), at M = 1000: the host's microseconds per update on this machine, against
+#    the about 6 us that 200x needs (one aggregation per call against the sequential baseline was
+#    measured before: 1.4 to 1.6x, BENCHMARKS.md)
+step host_loop 45 "$PY" benchmarks/host_loop.py --out "$OUT" --repeats 2 --updates 4000 --concurrency 1000 --per-call 1 1024
 # 2. per-client LEAF CNN against the shared-weights ceiling, M = 128, 512, 1024: the two best
 #    variants of that run (about 9 s each, compilation included)
 step vectorization 140 "$PY" benchmarks/vectorization.py --out "$OUT" --repeats 2 --variants vmap-chunk-64 vmap-chunk-128-bf16

@@ -22,7 +22,7 @@ def load(directory: Path, name: str) -> dict | None:
 def lines(directory: Path) -> list[str]:
     out = []
     machine = None
-    for name in ("throughput", "overhead", "scale", "vectorization", "vs_flower"):
+    for name in ("throughput", "host_loop", "overhead", "scale", "vectorization", "vs_flower"):
         data = load(directory, name)
         if data is None:
             out.append(f"{name:<14} (no {name}.json)")
@@ -37,6 +37,12 @@ def lines(directory: Path) -> list[str]:
                 out.append(
                     f"{name:<14} {r['latency']:>15} M={r['M']:<6} batch {r['mean_batch']:8.1f}  simulator {r['sim_updates_per_s']:9.0f} upd/s  "
                     f"sequential {r['seq_updates_per_s']:7.0f}  ratio {r['ratio']:7.1f}  efficiency {r['efficiency']:.2f}{share}{quick}"
+                )
+        elif name == "host_loop":
+            for r in data["rows"]:
+                out.append(
+                    f"{name:<14} {r['latency']:>11} M={r['M']:<6} {r['aggregations_per_call']:>4} per call  {r['us_per_update']:6.1f} us/update  "
+                    f"batch {r['mean_batch']:7.1f}{quick}"
                 )
         elif name == "overhead":
             for r in data["rows"]:

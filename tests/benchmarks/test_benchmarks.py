@@ -4,12 +4,13 @@ benchmarks, never asserted here.)"""
 
 import json
 import math
+import re
 
 import jax
 import numpy as np
 import pytest
 
-from benchmarks import common, overhead, scale, throughput, vs_flower
+from benchmarks import common, host_loop, overhead, scale, throughput, vs_flower
 from asyncflower_jax.engine.reference import run_reference
 
 
@@ -108,6 +109,24 @@ def test_aggregation_step_time_runs_the_simulators_step_as_the_run_calls_it(per_
     assert np.isfinite(seconds) and seconds > 0
     width = 6 * 4 + 1  # (step_columns: six values for each of 4 rows, then the new version's slot)
     assert calls == [(width,) if per_call == 1 else (per_call, width)] * (64 // per_call) * 3  # compiling run + 2 timed
+
+@pytest.mark.slow
+def test_host_loop_quick(tmp_path):
+    from benchmarks import summarize
+
+    host_loop.main(["--quick", "--out", str(tmp_path), "--repeats", "1"])
+    data = read(tmp_path / "host_loop.json")
+    assert (tmp_path / "host_loop.png").stat().st_size > 10_000
+    rows = data["rows"]
+    assert [(r["latency"], r["aggregations_per_call"]) for r in rows] == [(lat, k) for lat in ("identical", "exponential") for k in (1, 4)]
+    for r in rows:
+        assert r["updates"] == 200 and r["M"] == 20
+        assert r["us_per_update"] == pytest.approx(r["wall"] / r["updates"] * 1e6)
+    batches = {r["latency"]: r["mean_batch"] for r in rows}
+    assert batches["identical"] > 19 and 1 <= batches["exponential"] < batches["identical"]  # (a flush per cohort when all finish together)
+    assert [t["met"] for t in data["targets"]] == [min(r["us_per_update"] for r in rows) <= host_loop.GPU_BUDGET_US]
+    assert re.search(r"host_loop +exponential M=20 +4 per call +[0-9.]+ us/update", "\n".join(summarize.lines(tmp_path)))
+
 
 @pytest.mark.slow
 def test_overhead_quick(tmp_path):
