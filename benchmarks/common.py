@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:  # `python benchmarks/x.py` from a checkout withou
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
 import numpy as np  # noqa: E402
 
 from asyncflower_jax.client.batched import BatchedTrainer, bucket_size  # noqa: E402
@@ -35,10 +36,11 @@ from asyncflower_jax.engine.evaluation import make_evaluator, read_metrics  # no
 from asyncflower_jax.engine.latency import Constant, Exponential, LogNormal, Pareto  # noqa: E402
 from asyncflower_jax.engine.pending import training_limit  # noqa: E402
 from asyncflower_jax.engine.scheduler import Scheduler, Task  # noqa: E402
-from asyncflower_jax.engine.simulator import SimulationSettings, Simulator, stack_updates, step_columns  # noqa: E402
+from asyncflower_jax.engine.simulator import SimulationSettings, Simulator, split_step_columns, stack_updates, step_columns  # noqa: E402
 from asyncflower_jax.engine.versions import VersionCache  # noqa: E402
 from asyncflower_jax.models.mlp import MLP, init_params  # noqa: E402
 from asyncflower_jax.strategy import FedAsync, FedAvg, FedBuff  # noqa: E402
+from asyncflower_jax.strategy.updates import UpdateBatch  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 
@@ -205,13 +207,18 @@ def run_simulator(c: Components, warmup: bool = True):
     return result, time.perf_counter() - start
 
 
-def aggregation_step_time(c: Components, steps: int = 64, repeats: int = 3) -> float:
+def aggregation_step_time(c: Components, steps: int = 64, repeats: int = 3, flat: bool = False) -> float:
     """Device seconds per aggregation step of the simulator on `c`, alone: the step as the run
     makes it (its rule's kernel, the gathers of its rows and the write of the new version), one
     per call and chained, or `aggregations_per_call` per scanned call; on a small table and store
     of rows shaped like the run's, blocked on at the end, the fastest of `repeats`. Beside the
     run's wall time it says what the aggregations cost the device, apart from training and from
-    the host loop (on a GPU the question is which of the two sets the pace)."""
+    the host loop (on a GPU the question is which of the two sets the pace).
+
+    `flat`: the same steps on a layout the engine does not have, each model one vector (the table
+    [slots, P], the store's rows [rows, P]; `flat_steps`): the steps' kernels then handle one
+    array instead of one per leaf (the MLP's step runs 6 mixing and 6 row-writing kernels, on a
+    GPU a launch each), which says what that layout would gain."""
     sim = c._simulator  # (run_simulator made it)
     w = c.workload
     rows = bucket_size({"fedbuff": w.buffer_size, "fedavg": w.concurrency}.get(w.rule, 1))
@@ -228,6 +235,8 @@ def aggregation_step_time(c: Components, steps: int = 64, repeats: int = 3) -> f
         for i in range(steps)
     ])
     params = c.params
+    if flat:
+        params, scanned = ravel_pytree(c.params)[0], flat_steps(c.strategy)
 
     def fresh():
         table = jax.tree.map(lambda p: jnp.broadcast_to(p, (old + new, *p.shape)) + 0, params)
@@ -236,7 +245,10 @@ def aggregation_step_time(c: Components, steps: int = 64, repeats: int = 3) -> f
 
     def run(table, store, state, finite):
         model = params
-        if per_call == 1:
+        if flat:  # (one per call: scans of one step)
+            for k in range(0, steps, per_call):
+                model, state, finite, table = scanned(model, state, finite, table, store, columns[k : k + per_call])
+        elif per_call == 1:
             for k in range(steps):
                 table, (model, state, finite, _) = sim._step(model, state, finite, table, store, columns[k], with_weights=False)
         else:
@@ -252,6 +264,27 @@ def aggregation_step_time(c: Components, steps: int = 64, repeats: int = 3) -> f
         run(*args)
         times.append(time.perf_counter() - start)
     return min(times) / steps
+
+
+def flat_steps(strategy):
+    """A scanned call of aggregation steps on flat models (see aggregation_step_time): each step
+    gathers its trained and start rows ([rows, P]) and runs the rule on them as they are, a model
+    of one leaf (right for rules that treat every leaf alike, as FedAsync, FedBuff and FedAvg
+    do), then writes the new model into its table row. Returns (model, state, all_finite, table);
+    the state and the table are donated, as the engine's are."""
+
+    def run(model, state, finite, table, store, columns):
+        def step(carry, cols):
+            model, state, finite, table = carry
+            stored, slots, staleness, num_examples, client_id, mask, slot = split_step_columns(cols)
+            updates = UpdateBatch(store[0][stored], table[slots], staleness, num_examples, client_id, mask)
+            model, state = strategy.aggregate(model, state, updates)
+            finite = finite & jnp.all(store[2][stored] | ~mask)
+            return (model, state, finite, jax.lax.dynamic_update_index_in_dim(table, model, slot, 0)), None
+
+        return jax.lax.scan(step, (model, state, finite, table), columns)[0]
+
+    return jit(run, donate_argnums=(1, 3))
 
 
 def run_sequential(c: Components, warmup_updates: int = 3):

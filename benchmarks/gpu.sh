@@ -47,8 +47,9 @@ step() {  # step <name> <seconds> <command...>
 #    batches average >= 4096 at M = 8192 with 2M updates (identical: 8192, Pareto 1.5: 4266); the
 #    execution comparison is skipped (a 1024-client batch: vmap in one call is fastest on a GPU);
 #    last, the aggregation step timed alone ("aggr share": how much of each run the device spends
-#    aggregating, which says whether the device's steps or the host's loop hold the run back)
-step throughput 150 "$PY" benchmarks/throughput.py --out "$OUT" --repeats 1 --chunk-size 2048 --updates-per-client 2 --skip-execution \
+#    aggregating, which says whether the device's steps or the host's loop hold the run back), and
+#    the same steps with each model one flat vector (a few kernels per step instead of two per leaf)
+step throughput 160 "$PY" benchmarks/throughput.py --out "$OUT" --repeats 1 --chunk-size 2048 --updates-per-client 2 --skip-execution \
   --concurrency 100 8192 --latencies identical pareto-1.5
 # 1b. the host loop alone (a model too small to cost anything), one aggregation per call and 1024
 #    (the GPU default), at M = 1000: the host's microseconds per update on this machine, against
@@ -61,7 +62,7 @@ step vectorization 140 "$PY" benchmarks/vectorization.py --out "$OUT" --repeats 
 # 3. whole simulation / bare training (FedAsync, exponential durations: the smallest batches)
 step overhead 70 "$PY" benchmarks/overhead.py --out "$OUT" --repeats 1 --chunk-size 2048 --rules fedasync --latencies exponential --concurrency 100 1000
 # 4. N = 1e6 at M = 1000 and 10,000 (one process per point; the small sizes are the CPU's)
-step scale 65 "$PY" benchmarks/scale.py --out "$OUT" --chunk-size 2048 --populations 1000000 --concurrency 1000 10000
+step scale 60 "$PY" benchmarks/scale.py --out "$OUT" --chunk-size 2048 --populations 1000000 --concurrency 1000 10000
 
 echo
 echo "== summary ($(( $(date +%s) - start )) s)"

@@ -38,6 +38,11 @@ def lines(directory: Path) -> list[str]:
                     f"{name:<14} {r['latency']:>15} M={r['M']:<6} batch {r['mean_batch']:8.1f}  simulator {r['sim_updates_per_s']:9.0f} upd/s  "
                     f"sequential {r['seq_updates_per_s']:7.0f}  ratio {r['ratio']:7.1f}  efficiency {r['efficiency']:.2f}{share}{quick}"
                 )
+            if data["throughput"] and "flat_aggregation_us_per_step" in data:
+                out.append(
+                    f"{name:<14} aggregation step alone {data['throughput'][0]['aggregation_us_per_step']:.1f} us; "
+                    f"on a flat layout (one vector per model) {data['flat_aggregation_us_per_step']:.1f} us{quick}"
+                )
         elif name == "host_loop":
             for r in data["rows"]:
                 out.append(

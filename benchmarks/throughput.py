@@ -13,7 +13,8 @@ Three parts, all in one process and one run:
      (benchmarks/common.run_sequential: one client trained alone at its finish event); the ratio,
      the engine efficiency (bare training of the simulator's own batches / simulator wall time)
      and the largest difference between the two final models (the simulation is exact); last, the
-     device time of one aggregation step alone, and its share of each run's wall time.
+     device time of one aggregation step alone, and its share of each run's wall time; and the
+     same steps on a flat layout (each model one vector), which says what that layout would gain.
 
 Writes <out>/throughput.json and throughput.png.
 """
@@ -176,8 +177,11 @@ def main(argv=None) -> dict:
     for row in rows:
         row["aggregation_us_per_step"] = step * 1e6
         row["aggregation_share"] = step * row["versions"] / row["sim_wall"]
+    flat = common.aggregation_step_time(c, steps=1024, flat=True)
+    out["flat_aggregation_us_per_step"] = flat * 1e6
     print(f"\n# aggregation steps alone on the device: {step * 1e6:.1f} us per step ({c._simulator.per_call} per call); "
           "'aggr share' is their time over each run's wall time (the rest: training and the host loop)")
+    print(f"# the same steps with each model one flat vector (a layout the engine does not have): {flat * 1e6:.1f} us per step")
     common.write_partial(out, args.out, "throughput")
     print("\n# throughput: simulator vs sequential baseline (FedAsync, tiled-digits MLP 64-200-200-10, 10 steps of 32)")
     print(

@@ -7,6 +7,7 @@ import math
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -85,7 +86,8 @@ def test_throughput_quick(tmp_path):
         assert r["aggregation_us_per_step"] > 0 and r["versions"] == r["updates"]  # (FedAsync: a version per update)
         assert r["aggregation_share"] == pytest.approx(r["aggregation_us_per_step"] * 1e-6 * r["versions"] / r["sim_wall"])
         assert 0 < r["aggregation_share"] < 1
-    assert "aggregation 0." in "\n".join(summarize.lines(tmp_path))
+    assert data["flat_aggregation_us_per_step"] > 0
+    assert "aggregation 0." in "\n".join(summarize.lines(tmp_path)) and "on a flat layout (one vector per model)" in "\n".join(summarize.lines(tmp_path))
     assert {t["target"] for t in data["targets"]} >= {"never slower than the sequential baseline", "engine efficiency >= 0.8"}
     assert not (tmp_path / "throughput.partial.json").exists()  # written after each row, removed at the end
 
@@ -109,6 +111,38 @@ def test_aggregation_step_time_runs_the_simulators_step_as_the_run_calls_it(per_
     assert np.isfinite(seconds) and seconds > 0
     width = 6 * 4 + 1  # (step_columns: six values for each of 4 rows, then the new version's slot)
     assert calls == [(width,) if per_call == 1 else (per_call, width)] * (64 // per_call) * 3  # compiling run + 2 timed
+    assert common.aggregation_step_time(c, steps=64, repeats=1, flat=True) > 0
+
+
+@pytest.mark.parametrize("rule", ["fedasync", "fedbuff"])
+def test_flat_steps_compute_the_engines_steps(rule):
+    """The flat layout that aggregation_step_time(flat=True) times makes the models and table rows
+    of the engine's scanned steps, from the same rows."""
+    from jax.flatten_util import ravel_pytree
+
+    from asyncflower_jax.engine.scheduler import Task
+    from asyncflower_jax.engine.simulator import step_columns
+
+    c = common.build(common.Workload(64, 8, 16, rule=rule, buffer_size=2, hidden=(8,), num_steps=1, aggregations_per_call=4))
+    common.run_simulator(c, warmup=False)
+    rows = 2 if rule == "fedbuff" else 1
+    # steps 0..3 read start rows 0..3 and store rows 2i, 2i + 1 and write table rows 4..7
+    columns = np.stack([
+        step_columns([Task(2 * i + j, i + j, i, 0.0, 1.0) for j in range(rows)], rows, 4 + i, c.trainer.store.counts, lambda d: d, lambda v: v, 4 + i)
+        for i in range(4)
+    ])
+    rng = np.random.default_rng(0)
+    flat_table = rng.normal(size=(8, ravel_pytree(c.params)[0].size)).astype(np.float32)
+    flat_store = rng.normal(size=(8, flat_table.shape[1])).astype(np.float32)
+    unravel = jax.vmap(ravel_pytree(c.params)[1])
+    store = lambda rows: (rows, jnp.zeros(8), jnp.ones(8, bool))  # noqa: E731
+    model, state = c.params, c.strategy.init(c.params)
+    table, (model, _, _, _) = c._simulator._steps(model, state, jnp.asarray(True), unravel(jnp.asarray(flat_table)), store(unravel(jnp.asarray(flat_store))), columns)
+    flat_model, flat_state = ravel_pytree(c.params)[0], c.strategy.init(ravel_pytree(c.params)[0])
+    flat_model, _, _, flat_table = common.flat_steps(c.strategy)(flat_model, flat_state, jnp.asarray(True), jnp.asarray(flat_table), store(jnp.asarray(flat_store)), columns)
+    np.testing.assert_allclose(ravel_pytree(model)[0], flat_model, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.vmap(lambda t: ravel_pytree(t)[0])(table), flat_table, rtol=1e-6, atol=1e-6)
+
 
 @pytest.mark.slow
 def test_host_loop_quick(tmp_path):
