@@ -8,6 +8,7 @@ windows of one pool of samples, made by tiling scikit-learn's digits with a litt
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -515,6 +516,17 @@ def machine_title(out: dict) -> str:
     """The device, backend and date of a result, as a figure title."""
     m = out["machine"]
     return f"{m['device_kind']} ({m['backend']}), {m['date'][:10]}{' (quick)' if out['quick'] else ''}"
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a count, a size), refused with the option's name otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: must be >= 1")
+    return value
 
 
 def common_arguments(parser, default_name: str):

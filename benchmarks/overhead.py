@@ -47,13 +47,13 @@ QUICK = {
 
 def main(argv=None) -> dict:
     parser = common.common_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), "overhead")
-    parser.add_argument("--concurrency", type=int, nargs="+")
+    parser.add_argument("--concurrency", type=common.positive_int, nargs="+")
     parser.add_argument("--latencies", nargs="+", choices=list(common.LATENCIES))
     parser.add_argument("--rules", nargs="+", choices=["fedasync", "fedbuff", "fedavg"])
     parser.add_argument("--execution", default="auto")
-    parser.add_argument("--chunk-size", type=int, default=256)
-    parser.add_argument("--eval-every", type=int, help="versions between evaluations (default 10); each evaluation waits for the device")
-    parser.add_argument("--repeats", type=int, help="interleaved timed runs; the fastest counts (default 3; quick 1)")
+    parser.add_argument("--chunk-size", type=common.positive_int, default=256)
+    parser.add_argument("--eval-every", type=common.positive_int, help="versions between evaluations (default 10); each evaluation waits for the device")
+    parser.add_argument("--repeats", type=common.positive_int, help="interleaved timed runs; the fastest counts (default 3; quick 1)")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
     for key in ("concurrency", "latencies", "rules", "eval_every"):

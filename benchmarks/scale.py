@@ -102,11 +102,11 @@ def host_events(populations: list[int], concurrency: list[int], events: int, lat
 
 def main(argv=None) -> dict:
     parser = common.common_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), "scale")
-    parser.add_argument("--populations", type=int, nargs="+")
-    parser.add_argument("--concurrency", type=int, nargs="+")
-    parser.add_argument("--updates", type=int)
+    parser.add_argument("--populations", type=common.positive_int, nargs="+")
+    parser.add_argument("--concurrency", type=common.positive_int, nargs="+")
+    parser.add_argument("--updates", type=common.positive_int)
     parser.add_argument("--execution", default="auto")
-    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--chunk-size", type=common.positive_int, default=256)
     parser.add_argument("--worker", type=int, nargs=2, metavar=("N", "M"), help=argparse.SUPPRESS)
     parser.add_argument("--latency", default=None, choices=list(common.LATENCIES))
     args = parser.parse_args(argv)

@@ -142,8 +142,8 @@ def variants_of(p: dict, m, bf16: bool = True) -> list[tuple]:
 
 def main(argv=None) -> dict:
     parser = common.common_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), "vectorization")
-    parser.add_argument("--concurrency", type=int, nargs="+")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--concurrency", type=common.positive_int, nargs="+")
+    parser.add_argument("--repeats", type=common.positive_int, default=3)
     parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 variants")
     parser.add_argument("--variants", nargs="+", metavar="NAME", help="run only these variants (e.g. shared vmap-chunk-64); the ceilings 'shared' and 'shared-bf16' are always run")
     args = parser.parse_args(argv)

@@ -202,6 +202,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--ours", choices=["fedavg", "fedasync"], help=argparse.SUPPRESS)
     parser.add_argument("--compile-cache", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for option, value in (("--actors", args.actors), ("--seeds", args.seeds)):  # (common.positive_int: common imports JAX, later)
+        if value is not None and value < 1:
+            parser.error(f"argument {option}: {value} is invalid: must be >= 1")
     if args.ours:
         print("RESULT " + json.dumps(ours_worker(args.ours, args.quick, args.compile_cache)), flush=True)
         return {}

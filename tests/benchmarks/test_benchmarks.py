@@ -144,6 +144,20 @@ def test_flat_steps_compute_the_engines_steps(rule):
     np.testing.assert_allclose(jax.vmap(lambda t: ravel_pytree(t)[0])(table), flat_table, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("main", "option", "value"),
+    [(host_loop.main, "--repeats", "0"), (throughput.main, "--concurrency", "-4"), (overhead.main, "--eval-every", "0"), (scale.main, "--updates", "ten"),
+     (vs_flower.main, "--actors", "0")],
+)
+def test_a_count_below_one_or_not_a_number_is_refused_naming_the_option(main, option, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--out", str(tmp_path), option, value])
+    assert exit_info.value.code == 2  # argparse's usage error, before anything runs
+    error = capsys.readouterr().err
+    assert f"argument {option}" in error and ("must be >= 1" in error or "is not a whole number" in error)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_host_loop_quick(tmp_path):
     from benchmarks import summarize
