@@ -43,7 +43,7 @@ class IdleClients:
 
     Selecting the k-th smallest idle id with k uniform is a canonical rule: any implementation
     (see engine/reference.py) makes the same choice from the same random draw. Clients marked
-    unavailable (`set_available`) stay idle but leave the choice: `count` and `kth` cover the
+    unavailable (`set_available`) stay idle but leave the choice: `count` and `take_kth` cover the
     clients that are idle and available.
     """
 
@@ -54,7 +54,7 @@ class IdleClients:
         self.count = num_clients  # idle and available
         index = np.arange(num_clients + 1, dtype=np.int64)
         # Fenwick tree over all-ones: node i covers lowbit(i) clients. A list until `_add_many`
-        # first needs array operations (availability): kth and _add, a Python loop per event, read
+        # first needs array operations (availability): take_kth and _add, a Python loop per event, read
         # and write a list twice as fast as a numpy array.
         self._tree = (index & -index).tolist()
         self._top = 1 << (num_clients.bit_length() - 1) if num_clients else 0
@@ -89,20 +89,10 @@ class IdleClients:
         visited = ((shifted & 1) == 0) & (power > (i & -i)[:, None]) & (above <= n)
         np.add.at(self._tree, np.concatenate([i, above[visited]]), np.concatenate([deltas, np.broadcast_to(deltas[:, None], above.shape)[visited]]))
 
-    def kth(self, k: int) -> int:
-        """The k-th (0-based) smallest idle and available client id."""
-        pos, step, tree, n = 0, self._top, self._tree, self.size
-        while step:
-            nxt = pos + step
-            if nxt <= n and tree[nxt] <= k:
-                pos = nxt
-                k -= int(tree[nxt])
-            step >>= 1
-        return pos
-
     def take_kth(self, k: int) -> int:
-        """`kth(k)` and `take` of that client in one descent: the nodes the descent does not step
-        past are exactly those whose range holds the client (half the Python loop per dispatch)."""
+        """Take the k-th (0-based) smallest idle and available client id, and return it. One
+        descent finds it and takes it: the nodes the descent does not step past are exactly those
+        whose range holds the client."""
         pos, step, tree, n = 0, self._top, self._tree, self.size
         while step:
             nxt = pos + step

@@ -19,6 +19,7 @@ from asyncflower_jax.engine.traces import load_availability_trace
 from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.experiment import Experiment
 from tests.conftest import make_config
+from tests.engine.test_scheduler import kth
 
 INF = float("inf")
 
@@ -209,7 +210,7 @@ def test_kth_idle_and_available_matches_naive(n):
             naive_avail[clients] = flags
         eligible = np.flatnonzero(naive_idle & naive_avail)
         assert idle.count == len(eligible)
-        assert [idle.kth(k) for k in range(len(eligible))] == eligible.tolist()
+        assert [kth(idle, k) for k in range(len(eligible))] == eligible.tolist()
 
 
 # ---- trace files ----------------------------------------------------------------------------------

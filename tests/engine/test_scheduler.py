@@ -9,6 +9,13 @@ from asyncflower_jax.engine.scheduler import KTH_BY_HEAP, IdleClients, Scheduler
 
 
 # ---- IdleClients ----------------------------------------------------------------------------------
+def kth(idle: IdleClients, k: int) -> int:
+    """The k-th idle (and available) client, the set left as it was: take_kth, then put back."""
+    client = idle.take_kth(k)
+    idle.put(client)
+    return client
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 13, 64, 100])
 def test_kth_matches_naive_after_random_take_put(n):
     rng = np.random.default_rng(n)
@@ -29,13 +36,13 @@ def test_kth_matches_naive_after_random_take_put(n):
         np.testing.assert_array_equal(idle.idle, naive)
         free = np.flatnonzero(naive)
         for k in range(len(free)):
-            assert idle.kth(k) == free[k]
+            assert kth(idle, k) == free[k]
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 8, 13, 100])
 def test_take_kth_takes_the_kth_idle_client_and_leaves_the_tree_of_take(n):
-    """take_kth(k) = kth(k) then take: the same client, and afterwards the same set and the same
-    Fenwick nodes as a set that took that client by `take`."""
+    """take_kth(k) takes the k-th idle client, and leaves the same set and the same Fenwick nodes
+    as a set that took that client by `take`."""
     rng = np.random.default_rng(n)
     idle, by_take = IdleClients(n), IdleClients(n)
     naive = np.ones(n, bool)
@@ -58,14 +65,14 @@ def test_take_kth_takes_the_kth_idle_client_and_leaves_the_tree_of_take(n):
 
 def test_kth_on_fresh_set_is_identity():
     idle = IdleClients(10)
-    assert [idle.kth(k) for k in range(10)] == list(range(10))
+    assert [kth(idle, k) for k in range(10)] == list(range(10))
 
 
 def test_kth_when_only_last_client_idle():
     idle = IdleClients(9)
     for c in range(8):
         idle.take(c)
-    assert idle.count == 1 and idle.kth(0) == 8
+    assert idle.count == 1 and kth(idle, 0) == 8
 
 
 def test_take_busy_and_put_idle_are_refused():
