@@ -8,7 +8,6 @@ windows of one pool of samples, made by tiling scikit-learn's digits with a litt
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -28,6 +27,11 @@ import jax.numpy as jnp  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 import numpy as np  # noqa: E402
 
+try:
+    from . import arguments  # noqa: E402
+except ImportError:
+    import arguments  # noqa: E402
+
 from asyncflower_jax.client.batched import BatchedTrainer, bucket_size  # noqa: E402
 from asyncflower_jax.client.local_train import LocalTraining, make_local_train  # noqa: E402
 from asyncflower_jax.client.precision import mixed_precision  # noqa: E402
@@ -44,6 +48,7 @@ from asyncflower_jax.strategy import FedAsync, FedAvg, FedBuff  # noqa: E402
 from asyncflower_jax.strategy.updates import UpdateBatch  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
+positive_int = arguments.positive_int  # the argparse type of every count and size option
 
 # Task-duration models of the benchmarks, from no spread to a heavy tail; no per-client speed
 # spread, so the per-task spread alone sets how far deferred batching can go.
@@ -516,17 +521,6 @@ def machine_title(out: dict) -> str:
     """The device, backend and date of a result, as a figure title."""
     m = out["machine"]
     return f"{m['device_kind']} ({m['backend']}), {m['date'][:10]}{' (quick)' if out['quick'] else ''}"
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1 (a count, a size), refused with the option's name otherwise."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid: must be >= 1")
-    return value
 
 
 def common_arguments(parser, default_name: str):

@@ -41,6 +41,11 @@ import sysconfig
 import time
 from pathlib import Path
 
+try:
+    from .arguments import positive_int
+except ImportError:
+    from arguments import positive_int
+
 STARTED = time.perf_counter()
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -195,16 +200,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="3 FedAvg rounds, 30 FedAsync updates")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--modes", nargs="+", default=["fedavg", "fedasync"], choices=["fedavg", "fedasync"])
-    parser.add_argument("--actors", type=int, default=os.cpu_count() or 1, help="Ray actors for Flower's clients (default: one per core)")
-    parser.add_argument("--seeds", type=int, help="seeds run on each side (default 3; quick 1): final accuracies are their mean, steady updates/s their fastest; whole-run times come from seed 0")
+    parser.add_argument("--actors", type=positive_int, default=os.cpu_count() or 1, help="Ray actors for Flower's clients (default: one per core)")
+    parser.add_argument("--seeds", type=positive_int, help="seeds run on each side (default 3; quick 1): final accuracies are their mean, steady updates/s their fastest; whole-run times come from seed 0")
     parser.add_argument("--reinstall", action="store_true", help="recreate Flower's environment")
     parser.add_argument("--install-only", action="store_true", help="create Flower's environment and stop")
     parser.add_argument("--ours", choices=["fedavg", "fedasync"], help=argparse.SUPPRESS)
     parser.add_argument("--compile-cache", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for option, value in (("--actors", args.actors), ("--seeds", args.seeds)):  # (common.positive_int: common imports JAX, later)
-        if value is not None and value < 1:
-            parser.error(f"argument {option}: {value} is invalid: must be >= 1")
     if args.ours:
         print("RESULT " + json.dumps(ours_worker(args.ours, args.quick, args.compile_cache)), flush=True)
         return {}
