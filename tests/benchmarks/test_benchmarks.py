@@ -87,7 +87,8 @@ def test_throughput_quick(tmp_path):
         assert r["aggregation_share"] == pytest.approx(r["aggregation_us_per_step"] * 1e-6 * r["versions"] / r["sim_wall"])
         assert 0 < r["aggregation_share"] < 1
     assert data["flat_aggregation_us_per_step"] > 0
-    assert "aggregation 0." in "\n".join(summarize.lines(tmp_path)) and "on a flat layout (one vector per model)" in "\n".join(summarize.lines(tmp_path))
+    summary = "\n".join(summarize.lines(tmp_path))
+    assert "aggregation 0." in summary and "on a flat layout (one vector per model)" in summary
     assert {t["target"] for t in data["targets"]} >= {"never slower than the sequential baseline", "engine efficiency >= 0.8"}
     assert not (tmp_path / "throughput.partial.json").exists()  # written after each row, removed at the end
 
@@ -131,15 +132,17 @@ def test_flat_steps_compute_the_engines_steps(rule):
         step_columns([Task(2 * i + j, i + j, i, 0.0, 1.0) for j in range(rows)], rows, 4 + i, c.trainer.store.counts, lambda d: d, lambda v: v, 4 + i)
         for i in range(4)
     ])
+    flat_params, unravel_one = ravel_pytree(c.params)
+    unravel = jax.vmap(unravel_one)
     rng = np.random.default_rng(0)
-    flat_table = rng.normal(size=(8, ravel_pytree(c.params)[0].size)).astype(np.float32)
-    flat_store = rng.normal(size=(8, flat_table.shape[1])).astype(np.float32)
-    unravel = jax.vmap(ravel_pytree(c.params)[1])
+    flat_table = rng.normal(size=(8, flat_params.size)).astype(np.float32)
+    flat_store = rng.normal(size=(8, flat_params.size)).astype(np.float32)
     store = lambda rows: (rows, jnp.zeros(8), jnp.ones(8, bool))  # noqa: E731
     model, state = c.params, c.strategy.init(c.params)
     table, (model, _, _, _) = c._simulator._steps(model, state, jnp.asarray(True), unravel(jnp.asarray(flat_table)), store(unravel(jnp.asarray(flat_store))), columns)
-    flat_model, flat_state = ravel_pytree(c.params)[0], c.strategy.init(ravel_pytree(c.params)[0])
-    flat_model, _, _, flat_table = common.flat_steps(c.strategy)(flat_model, flat_state, jnp.asarray(True), jnp.asarray(flat_table), store(jnp.asarray(flat_store)), columns)
+    flat_model, _, _, flat_table = common.flat_steps(c.strategy)(
+        flat_params, c.strategy.init(flat_params), jnp.asarray(True), jnp.asarray(flat_table), store(jnp.asarray(flat_store)), columns
+    )
     np.testing.assert_allclose(ravel_pytree(model)[0], flat_model, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(jax.vmap(lambda t: ravel_pytree(t)[0])(table), flat_table, rtol=1e-6, atol=1e-6)
 
