@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from asyncflower_jax import distributed
+from asyncflower_jax.client.sharding import expose_cpu_cores
 from asyncflower_jax.compilation import use_compilation_cache
 from asyncflower_jax.engine.checkpoint import CheckpointError
 from asyncflower_jax.engine.simulator import Interrupted
@@ -31,6 +32,8 @@ logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "no TPU
 def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     use_compilation_cache(cfg.xla_cache_dir)
+    if not cfg.get("distributed"):
+        expose_cpu_cores(cfg.get("devices"))  # (before anything starts JAX)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     if distributed.initialize(cfg.get("distributed")) and not distributed.is_writer():
         # multi-host: every process runs the simulation; process 0 alone writes the run directory

@@ -33,6 +33,7 @@ except ImportError:
     import arguments  # noqa: E402
 
 from asyncflower_jax.client.batched import BatchedTrainer, bucket_size  # noqa: E402
+from asyncflower_jax.client.sharding import expose_cpu_cores  # noqa: E402
 from asyncflower_jax.client.local_train import LocalTraining, make_local_train  # noqa: E402
 from asyncflower_jax.client.precision import mixed_precision  # noqa: E402
 from asyncflower_jax.compilation import jit  # noqa: E402
@@ -46,6 +47,8 @@ from asyncflower_jax.engine.versions import VersionCache  # noqa: E402
 from asyncflower_jax.models.mlp import MLP, init_params  # noqa: E402
 from asyncflower_jax.strategy import FedAsync, FedAvg, FedBuff  # noqa: E402
 from asyncflower_jax.strategy.updates import UpdateBatch  # noqa: E402
+
+expose_cpu_cores()  # as run.py does: on a CPU, one device per core (tests pin one device: tests/conftest.py)
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 positive_int = arguments.positive_int  # the argparse type of every count and size option

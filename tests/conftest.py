@@ -22,10 +22,19 @@ def config():
 def pytest_configure(config):
     """Share XLA compilations between the many small experiments the tests build, and across clones:
     the persistent cache is the one `python run.py` uses (conf: xla_cache_dir), so a fresh clone on a
-    machine that ran the tests or an experiment before reuses what was compiled."""
+    machine that ran the tests or an experiment before reuses what was compiled. And keep this
+    process on one CPU device (tests/engine/test_sharding.py starts processes with several)."""
+    import os
+
+    import jax
+
     from asyncflower_jax.compilation import use_compilation_cache
 
     use_compilation_cache(make_config().xla_cache_dir)
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # one CPU device in this process, whatever imports first (run.py and the benchmarks make one
+        # per core); the tests of several devices start processes of their own
+        jax.config.update("jax_num_cpu_devices", 1)
 
 
 def compilation_cache_env() -> dict[str, str]:

@@ -20,13 +20,17 @@ How a chunk runs (`execution`), chosen per backend by measurement (benchmarks/th
           client per call, while "map" matched it); on GPUs and TPUs "vmap" in chunks of
           `chunk_size`, the last one padded to a power of two (a padded row costs little there;
           fewer calls matter more).
-With several devices (`devices`), the chunk's client axis is split over them (client/sharding.py).
+With several devices (`devices`), the chunk's client axis is split over them (client/sharding.py),
+each device getting its clients' start models: in one process only chunks of at least two clients
+per device, and on CPU devices (one per core: `expose_cpu_cores`) only chunks with enough work
+to pay for the split (`split_chunk`); the others run on the first device.
 None of these choices changes any client's result beyond float rounding (tests/client).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -40,16 +44,19 @@ from ..strategy.updates import PyTree
 from .sharding import ClientMesh, select_devices
 
 EXECUTIONS = ("auto", "vmap", "map")
-CPU_CHUNK = 16  # clients per vmapped call that `auto` uses on the CPU (at most)
+CPU_CHUNK = 16  # clients per vmapped call and device that `auto` uses on the CPU (at most)
+MIN_SPLIT_PER_DEVICE = 2  # in one process, a chunk is split over the devices when each gets at least this many clients ...
+CPU_SPLIT_FLOPS = 50e6  # ... and, on CPU devices, at least this much work (matrix-product flops: about a millisecond of a core)
 
 
-def resolve_execution(execution: str, chunk_size: int = 256, backend: str | None = None) -> tuple[str, int]:
-    """(execution, chunk size) that `execution` means on `backend` (default: JAX's default backend)."""
+def resolve_execution(execution: str, chunk_size: int = 256, backend: str | None = None, devices: int = 1) -> tuple[str, int]:
+    """(execution, chunk size) that `execution` means on `backend` (default: JAX's default backend)
+    when chunks are split over `devices` devices."""
     require(execution in EXECUTIONS, "execution", execution, f"one of {EXECUTIONS}")
     if execution != "auto":
         return execution, chunk_size
     if (backend or jax.default_backend()) == "cpu":
-        return "vmap", min(chunk_size, CPU_CHUNK)
+        return "vmap", min(chunk_size, CPU_CHUNK * devices)
     return "vmap", chunk_size
 
 
@@ -91,6 +98,12 @@ def _write_block(buffer: PyTree, block: PyTree, offset) -> PyTree:
 @jit
 def _take_rows(tree: PyTree, rows) -> PyTree:
     return jax.tree.map(lambda leaf: leaf[rows], tree)
+
+
+@jit
+def _take_parts(tree: PyTree, rows) -> list[PyTree]:
+    """`_take_rows` of each row of `rows` ([parts, n]): one tree per part, in one call."""
+    return [jax.tree.map(lambda leaf: leaf[part], tree) for part in rows]
 
 
 def row_shapes(stacked: PyTree) -> PyTree:
@@ -135,6 +148,13 @@ def put_trained(results, chunk, positions):
 put_trained_in_place = jit(put_trained, donate_argnums=(0,))
 
 
+@functools.partial(jit, donate_argnums=(0,))
+def put_trained_slices(results, slices: list, positions):
+    """`put_trained_in_place` of a chunk given as its devices' slices (`ClientMesh.slices`), joined
+    here: one call."""
+    return put_trained(results, jax.tree.map(lambda *parts: jnp.concatenate(parts), *slices), positions)
+
+
 def stack_trees(trees: list[PyTree]) -> PyTree:
     """Stack a list of same-shaped pytrees on a new leading axis.
 
@@ -170,15 +190,52 @@ def stack_trees(trees: list[PyTree]) -> PyTree:
 
 def has_convolution(jaxpr) -> bool:
     """Whether a jaxpr (or any jaxpr inside it: scan bodies, gradients) convolves."""
+    return any(eqn.primitive.name == "conv_general_dilated" or any(has_convolution(sub) for sub in _sub_jaxprs(eqn)) for eqn in jaxpr.eqns)
+
+
+def _sub_jaxprs(eqn):
+    for value in eqn.params.values():
+        for inner in value if isinstance(value, (tuple, list)) else (value,):
+            inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr holds its Jaxpr
+            if hasattr(inner, "eqns"):
+                yield inner
+
+
+def matmul_flops(jaxpr) -> float:
+    """Floating-point operations of a jaxpr's matrix products and convolutions (the rest is cheap
+    beside them), a scan's body counted `length` times, a loop's body and a branch once."""
+    total = 0.0
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
-            return True
-        for value in eqn.params.values():
-            for inner in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr holds its Jaxpr
-                if hasattr(inner, "eqns") and has_convolution(inner):
-                    return True
-    return False
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contract)
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            out_features = eqn.params["dimension_numbers"].rhs_spec[0]
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) / rhs[out_features]
+        elif name == "cond":
+            total += max((matmul_flops(b.jaxpr) for b in eqn.params["branches"]), default=0.0)
+        else:
+            inner = sum(matmul_flops(sub) for sub in _sub_jaxprs(eqn))
+            total += inner * (eqn.params["length"] if name == "scan" else 1)
+    return total
+
+
+def split_chunk(n: int, devices: int, multiprocess: bool, client_flops: float | None) -> bool:
+    """Whether a chunk of n clients is split over a mesh of `devices` devices: always over several
+    processes (every process takes part in each chunk); in one process, when each device gets at
+    least MIN_SPLIT_PER_DEVICE clients (on a 2-core CPU a chunk of one client per device took
+    longer than both clients on one device) and, given the flops of one client (CPU devices), at
+    least CPU_SPLIT_FLOPS of work: splitting costs the host about half a millisecond per chunk
+    there, so a tiny model trains faster on one device."""
+    if multiprocess:
+        return True
+    per_device = -(-n // devices)  # (the last device's share may be part padding)
+    if per_device < MIN_SPLIT_PER_DEVICE:
+        return False
+    return client_flops is None or per_device * client_flops >= CPU_SPLIT_FLOPS
 
 
 class TrainedChunk(NamedTuple):
@@ -208,21 +265,21 @@ class BatchedTrainer:
         self.local_train = local_train
         self.store = store
         self.base_key = base_key
-        self.execution, self.chunk_size = resolve_execution(execution, int(chunk_size))
+        selected = select_devices(devices, replica_bytes=store.x.nbytes + store.y.nbytes)
+        self.execution, self.chunk_size = resolve_execution(execution, int(chunk_size), devices=len(selected))
         self.pad = not (execution == "auto" and jax.default_backend() == "cpu")  # see chunk_plan
         self._choose_by_model = not self.pad  # CPU auto: vmap or map, chosen at the first chunk (`_settle`)
+        self.client_flops = None  # one client's local training, in matrix-product flops (`_settle`, for the CPU's split rule)
         require(isinstance(map_batch, int) and not isinstance(map_batch, bool) and map_batch >= 1, "map_batch", map_batch, "an integer >= 1")
         self.map_batch = map_batch
         self.chunk_traces = 0
         self._result_shapes: dict = {}  # `result_shapes` per start-model shapes
         self._train_one = jit(self._one)
-        selected = select_devices(devices)
         self.mesh = ClientMesh(selected) if len(selected) > 1 else None
-        if self.mesh is None:
-            self._train_chunk = jit(self._chunk)
-            self._train_chunk_into = jit(self._chunk_into, donate_argnums=(0,))
-        else:
-            self._train_chunk = self.mesh.shard_map(self._chunk, num_replicated=3, num_sharded=1)
+        self._train_chunk = jit(self._chunk)
+        self._train_chunk_into = jit(self._chunk_into, donate_argnums=(0,))
+        if self.mesh is not None:
+            self._train_sharded = self.mesh.shard_map(self._chunk, split=(True, False, False, True))  # (start models, x, y, inputs)
             self._x, self._y = self.mesh.replicate((store.x, store.y))
 
     @property
@@ -230,13 +287,19 @@ class BatchedTrainer:
         return 1 if self.mesh is None else self.mesh.size
 
     def _settle(self, stacked: PyTree) -> None:
-        """CPU `auto`: "map" if local training has a convolution, else "vmap" (see the module docstring)."""
-        if self._choose_by_model:
-            self._choose_by_model = False
+        """At the first chunk, from local training's jaxpr: CPU `auto`'s execution, "map" if it has a
+        convolution, else "vmap" (see the module docstring); on CPU devices of one process, the
+        flops of one client (`_splits`)."""
+        cpu_mesh = self.mesh is not None and not self.mesh.multiprocess and self.mesh.devices[0].platform == "cpu"
+        if self._choose_by_model or (cpu_mesh and self.client_flops is None):
             one = row_shapes(stacked)
             jaxpr, shapes = jax.make_jaxpr(self._one, return_shape=True)(one, self.store.x, self.store.y, np.int32(0), np.int32(1), np.uint32(0))
             self._result_shapes[_shapes_key(one)] = shapes  # (the trace `result_shapes` would make)
-            self.execution = "map" if has_convolution(jaxpr.jaxpr) else "vmap"
+            if self._choose_by_model:
+                self._choose_by_model = False
+                self.execution = "map" if has_convolution(jaxpr.jaxpr) else "vmap"
+            if cpu_mesh:
+                self.client_flops = matmul_flops(jaxpr.jaxpr)
 
     def _client_key(self, dispatch_id):
         return jax.random.fold_in(self.base_key, dispatch_id)
@@ -278,8 +341,8 @@ class BatchedTrainer:
         """Train every listed client; client i starts from row version_idx[i] of `stacked` (a pytree
         with a leading version axis, e.g. the simulator's version table)."""
         chunks = []
-        for lo, hi, args in self._chunk_args(stacked, version_idx, clients, dispatch_ids):
-            params, loss = self._run_chunk(args)
+        for lo, hi, args, split in self._chunk_args(stacked, version_idx, clients, dispatch_ids):
+            params, loss = self.mesh.gather(self._sharded_chunk(args)) if split else self._train_chunk(*args)
             chunks.append(TrainedChunk(params, loss, hi - lo))
         return chunks
 
@@ -289,11 +352,13 @@ class BatchedTrainer:
         `stored_row(result_shapes(...))`), which is donated and returned: on one device each
         chunk's call writes its rows in place, with no call or copy of its own."""
         capacity = results[1].shape[0]
-        for _, _, (*replicated, inputs) in self._chunk_args(stacked, version_idx, clients, dispatch_ids, slots, capacity):
-            if self.mesh is None:
+        for _, _, (*replicated, inputs), split in self._chunk_args(stacked, version_idx, clients, dispatch_ids, slots, capacity):
+            if not split:
                 results = self._train_chunk_into(results, inputs, *replicated)
+            elif self.mesh.multiprocess:
+                results = put_trained_in_place(results, self.mesh.gather(self._sharded_chunk((*replicated, inputs[:, 1:]))), inputs[:, 0])
             else:
-                results = put_trained_in_place(results, self._run_chunk((*replicated, inputs[:, 1:])), inputs[:, 0])
+                results = put_trained_slices(results, self.mesh.slices(self._sharded_chunk((*replicated, inputs[:, 1:]))), inputs[:, 0])
         return results
 
     def result_shapes(self, stacked: PyTree):
@@ -306,23 +371,20 @@ class BatchedTrainer:
         return self._result_shapes[key]
 
     def _chunk_args(self, stacked, version_idx, clients, dispatch_ids, slots=None, capacity=None):
-        """(lo, hi, arguments of `_chunk`) per chunk of the listed clients [lo, hi), in order. The
-        per-client inputs travel as one int32 array (`_chunk`), one host-to-device transfer per
-        chunk instead of five (on a GPU each costs the host tens of microseconds). With `slots`,
-        that array starts with a column of the store rows the results go to (`_chunk_into`;
-        padding rows get `capacity`: out of range, dropped)."""
+        """(lo, hi, arguments of `_chunk`, split) per chunk of the listed clients [lo, hi), in order;
+        `split`: the chunk is split over the mesh (its arguments are then the mesh's), else it runs
+        on this process's first device. The per-client inputs travel as one int32 array (`_chunk`),
+        one host-to-device transfer per chunk instead of five (on a GPU each costs the host tens of
+        microseconds). With `slots`, that array starts with a column of the store rows the results
+        go to (`_chunk_into`; padding rows get `capacity`: out of range, dropped)."""
         version_idx = np.asarray(version_idx)
         self._settle(stacked)
-        x, y = self.store.x, self.store.y
-        if self.mesh is not None:  # only the rows in use travel to every device
-            used, version_idx = np.unique(version_idx, return_inverse=True)
-            used = np.concatenate([used, np.full(bucket_size(len(used)) - len(used), used[0])]).astype(np.int32)
-            stacked, x, y = self.mesh.replicate(_take_rows(stacked, used)), self._x, self._y
         first = 0 if slots is None else 1
         lo = 0
         for n, size in chunk_plan(len(clients), self.chunk_size, self.pad):
             hi = lo + n
-            if self.mesh is not None:
+            split = self._splits(n)
+            if split:
                 size = self.mesh.padded_size(size)
             rows = np.concatenate([np.arange(lo, hi), np.full(size - (hi - lo), lo)])
             c = clients[rows]
@@ -330,18 +392,27 @@ class BatchedTrainer:
             if slots is not None:
                 inputs[:, 0] = capacity
                 inputs[: hi - lo, 0] = slots[lo:hi]
-            inputs[:, first] = version_idx[rows]
             inputs[:, first + 1] = self.store.offsets[c]
             inputs[:, first + 2] = self.store.counts[c]
             inputs[:, first + 3] = np.asarray(dispatch_ids[rows], np.uint32).view(np.int32)
-            yield lo, hi, (stacked, x, y, inputs)
+            if split:  # each device gets its own clients' start models, and indexes them in order
+                per_device = size // self.mesh.size
+                starts = self.mesh.shard_parts(_take_parts(stacked, version_idx[rows].reshape(self.mesh.size, per_device).astype(np.int32)))
+                inputs[:, first] = np.tile(np.arange(per_device), self.mesh.size)
+                yield lo, hi, (starts, self._x, self._y, inputs), True
+            else:
+                inputs[:, first] = version_idx[rows]
+                yield lo, hi, (stacked, self.store.x, self.store.y, inputs), False
             lo = hi
 
-    def _run_chunk(self, args):
-        if self.mesh is None:
-            return self._train_chunk(*args)
+    def _splits(self, n: int) -> bool:
+        """Whether a chunk of n clients is split over the mesh (`split_chunk`)."""
+        return self.mesh is not None and split_chunk(n, self.mesh.size, self.mesh.multiprocess, self.client_flops)
+
+    def _sharded_chunk(self, args):
+        """The chunk's results, sharded over the mesh along the client axis."""
         stacked, x, y, inputs = args
-        return self.mesh.gather(self._train_chunk(stacked, x, y, self.mesh.shard(np.ascontiguousarray(inputs))))
+        return self._train_sharded(stacked, x, y, self.mesh.shard(np.ascontiguousarray(inputs)))
 
     def chunk_sizes(self, n: int) -> list[int]:
         """The compiled sizes of the chunks a batch of n clients is trained in."""

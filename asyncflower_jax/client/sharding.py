@@ -1,8 +1,9 @@
 """The client axis of a training chunk, sharded over devices (one host or several).
 
 A chunk of clients is split evenly over a one-dimensional mesh (`clients`): every device trains
-its own slice of clients, with the stacked start versions and the client store replicated on
-each. Per-client work is independent, so the split changes no result: a client's key is
+its own slice of clients from its own slice of their start models, with the client store
+replicated on each. On a CPU-only machine, run.py and the benchmarks make one CPU device per core
+(`expose_cpu_cores`): one CPU device runs one program at a time on about one core. Per-client work is independent, so the split changes no result: a client's key is
 fold_in(seed key, dispatch id) on whichever device it lands.
 
 The rest of the simulator (version cache, aggregation, evaluation) stays on one local device:
@@ -14,6 +15,8 @@ process gets every result back on its own first local device.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 
 import jax
@@ -25,12 +28,64 @@ from ..compilation import jit
 from ..errors import require
 
 AXIS = "clients"
+CPU_REPLICA_SHARE = 4  # the client data's copies for several CPU devices take at most 1/this of the machine's memory
+
+log = logging.getLogger(__name__)
 
 
-def select_devices(devices: int | Sequence | None) -> list:
-    """None: every device of every process (jax.devices()); an int k: the first k; or a list of devices."""
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def expose_cpu_cores(devices=None) -> int | None:
+    """Before JAX starts: make the CPU backend `devices` devices (an int), or one per usable core
+    (None), so that chunks of clients are split over every core. One CPU device runs one program
+    at a time on about one core; split over two devices, a 2-core CPU trained the digits MLP about
+    twice as fast (BENCHMARKS.md). Only the CPU backend changes: on a machine with GPUs or TPUs
+    those remain JAX's devices. Left alone (None returned) when JAX has started, when the CPU
+    device count is set already (XLA_FLAGS' --xla_force_host_platform_device_count or
+    jax_num_cpu_devices), or when one device is asked for; else the count set."""
+    count = usable_cores() if devices is None else devices
+    if not isinstance(count, int) or isinstance(count, bool) or count <= 1:
+        return None
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices >= 0:
+        return None
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # JAX has started: its devices are what they are
+        return None
+    return count
+
+
+def memory_bytes() -> int:
+    """The machine's physical memory."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@jit
+def _join_slices(slices: list):
+    """Trees of device slices (`ClientMesh.slices`) joined along the client axis."""
+    return jax.tree.map(lambda *parts: jax.numpy.concatenate(parts), *slices)
+
+
+def select_devices(devices: int | Sequence | None, replica_bytes: int = 0) -> list:
+    """None: every device of every process (jax.devices()); an int k: the first k; or a list of devices.
+
+    On CPU devices of one process, None takes only as many as hold a copy each of `replica_bytes`
+    (the client data every device gets) within 1/CPU_REPLICA_SHARE of the machine's memory: they
+    share that memory."""
     if devices is None:
-        return list(jax.devices())
+        available = list(jax.devices())
+        if len(available) > 1 and available[0].platform == "cpu" and jax.process_count() == 1 and replica_bytes > 0:
+            fit = max(1, memory_bytes() // (CPU_REPLICA_SHARE * replica_bytes))
+            if fit < len(available):
+                log.info(
+                    "training on %d of the %d CPU devices: each holds a copy of the client data (%.2f GB)",
+                    fit, len(available), replica_bytes / 1e9,
+                )
+                available = available[:fit]
+        return available
     if isinstance(devices, int):
         available = jax.devices()
         require(1 <= devices <= len(available), "devices", devices, f"between 1 and the {len(available)} devices JAX sees, or null for all")
@@ -56,16 +111,30 @@ class ClientMesh:
         return -(-n // self.size) * self.size
 
     def replicate(self, tree):
-        """A copy of `tree` (device or host arrays, identical on every process) on every device."""
-        if not self.multiprocess:
-            return jax.device_put(tree, self.replicated)
+        """A copy of `tree` (device or host arrays, identical on every process) on every device,
+        put on each device on its own: a device array put on a mesh at once goes through the host
+        and waits for the program that makes it."""
         local = [d for d in self.devices if d.process_index == jax.process_index()]
+        leaves, treedef = jax.tree.flatten(tree)
+        copies = jax.device_put([leaves] * len(local), local)
+        whole = [
+            jax.make_array_from_single_device_arrays(jax.numpy.shape(leaf), self.replicated, [copy[i] for copy in copies])
+            for i, leaf in enumerate(leaves)
+        ]
+        return jax.tree.unflatten(treedef, whole)
 
-        def one(leaf):
-            leaf = jax.numpy.asarray(leaf)
-            return jax.make_array_from_single_device_arrays(leaf.shape, self.replicated, [jax.device_put(leaf, d) for d in local])
-
-        return jax.tree.map(one, tree)
+    def shard_parts(self, parts: list):
+        """The devices' parts of a tree (`parts[k]` on any device: the k-th slice of the client axis,
+        for the mesh's k-th device) as one tree split over the mesh; each part is put on its device
+        on its own (this process's devices only: every process holds the same parts)."""
+        mine = [k for k, d in enumerate(self.devices) if d.process_index == jax.process_index()]
+        placed = jax.device_put([parts[k] for k in mine], [self.devices[k] for k in mine])
+        leaves = [jax.tree.leaves(part) for part in placed]
+        whole = [
+            jax.make_array_from_single_device_arrays((self.size * leaf.shape[0], *leaf.shape[1:]), self.sharded, [part[i] for part in leaves])
+            for i, leaf in enumerate(leaves[0])
+        ]
+        return jax.tree.unflatten(jax.tree.structure(parts[0]), whole)
 
     def shard(self, array: np.ndarray):
         """A host array (identical on every process) split over the devices along its first axis."""
@@ -73,16 +142,23 @@ class ClientMesh:
             return jax.device_put(array, self.sharded)
         return jax.make_array_from_callback(array.shape, self.sharded, lambda index: array[index])
 
+    def slices(self, tree) -> list:
+        """A `shard_map` program's output (one process) as its devices' slices of the client axis,
+        in order, each moved on its own to this process's first local device: a sharded array put
+        on one device goes through the host, waiting for the program that made it."""
+        leaves, treedef = jax.tree.flatten(tree)
+        moved = jax.device_put([[leaf.addressable_data(k) for leaf in leaves] for k in range(self.size)], self.home)
+        return [jax.tree.unflatten(treedef, part) for part in moved]
+
     def gather(self, tree):
         """Sharded results back on this process's first local device."""
         if not self.multiprocess:
-            return jax.device_put(tree, self.home)
+            return _join_slices(self.slices(tree))
         full = self._replicate_all(tree)  # an all-gather across processes
         return jax.tree.map(lambda leaf: jax.device_put(leaf.addressable_data(0), self.home), full)
 
-    def shard_map(self, body, num_replicated: int, num_sharded: int):
-        """jit(shard_map(body)) for body(*replicated, *sharded) -> outputs sharded on the client axis:
-        the first `num_replicated` arguments are whole on every device, the last `num_sharded` split
-        along their first axis."""
-        in_specs = (P(),) * num_replicated + (P(AXIS),) * num_sharded
+    def shard_map(self, body, split: Sequence[bool]):
+        """jit(shard_map(body)) for body(*arguments) -> outputs sharded on the client axis: argument i
+        is split along its first axis when `split[i]`, else whole on every device."""
+        in_specs = tuple(P(AXIS) if s else P() for s in split)
         return jit(jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=P(AXIS)))

@@ -6,7 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asyncflower_jax.client.batched import CPU_CHUNK, BatchedTrainer, chunk_plan, resolve_execution, rows_finite, stored_row
+from asyncflower_jax.client.batched import (
+    CPU_CHUNK,
+    CPU_SPLIT_FLOPS,
+    BatchedTrainer,
+    chunk_plan,
+    matmul_flops,
+    resolve_execution,
+    rows_finite,
+    split_chunk,
+    stored_row,
+)
 from asyncflower_jax.client.local_train import LocalTraining, make_local_train
 from asyncflower_jax.client.precision import mixed_precision
 from asyncflower_jax.data.store import ClientStore
@@ -117,6 +127,8 @@ def test_auto_is_small_vmap_chunks_on_cpu_and_configured_chunks_on_accelerators(
     assert resolve_execution("auto", 2, "cpu") == ("vmap", 2)
     assert resolve_execution("auto", 256, "gpu") == ("vmap", 256)
     assert resolve_execution("auto", 512, "tpu") == ("vmap", 512)
+    assert resolve_execution("auto", 256, "cpu", devices=2) == ("vmap", 2 * CPU_CHUNK)  # CPU_CHUNK per device
+    assert resolve_execution("auto", 256, "gpu", devices=2) == ("vmap", 256)
     assert resolve_execution("map", 256, "cpu") == ("map", 256)
     assert resolve_execution("vmap", 64, "cpu") == ("vmap", 64)
     with pytest.raises(ConfigError, match="execution='scan' is invalid"):
@@ -133,6 +145,29 @@ def test_chunk_plans_pad_the_last_chunk_or_cut_into_powers_of_four():
     for n in range(1, 80):  # every client exactly once, no padding, at most 3 compiled sizes
         plan = chunk_plan(n, 16, pad=False)
         assert sum(k for k, _ in plan) == n and all(k == size for k, size in plan) and {size for _, size in plan} <= {16, 4, 1}
+
+
+def test_matmul_flops_count_products_and_convolutions_with_scan_lengths_and_the_larger_branch():
+    x, w = jnp.ones((32, 64)), jnp.ones((64, 200))
+    assert matmul_flops(jax.make_jaxpr(lambda x, w: x @ w)(x, w).jaxpr) == 2 * 32 * 200 * 64
+    scanned = jax.make_jaxpr(lambda x, w: jax.lax.scan(lambda c, _: (c, jnp.tanh(x @ w)), 0.0, None, length=10)[1])(x, w)
+    assert matmul_flops(scanned.jaxpr) == 10 * 2 * 32 * 200 * 64
+    image, kernel = jnp.ones((1, 1, 28, 28)), jnp.ones((32, 1, 5, 5))  # NCHW, OIHW: out 1 x 32 x 24 x 24, 25 products each
+    conv = jax.make_jaxpr(lambda a, k: jax.lax.conv(a, k, (1, 1), "VALID"))(image, kernel)
+    assert matmul_flops(conv.jaxpr) == 2 * 32 * 24 * 24 * 25
+    branches = jax.make_jaxpr(lambda p, x, w: jax.lax.cond(p, lambda: x @ w, lambda: jnp.zeros((32, 200))))(True, x, w)
+    assert matmul_flops(branches.jaxpr) == 2 * 32 * 200 * 64
+    grad = jax.make_jaxpr(jax.grad(lambda w, x: jnp.sum(x @ w)))(w, x)  # the backward product (x^T g) only: no input gradient
+    assert matmul_flops(grad.jaxpr) == 2 * (2 * 32 * 200 * 64)
+
+
+def test_chunks_are_split_over_devices_of_one_process_only_with_enough_clients_and_work():
+    assert split_chunk(1, 4, multiprocess=True, client_flops=1.0)  # every process takes part in every chunk
+    assert not split_chunk(4, 4, multiprocess=False, client_flops=None)  # fewer than 2 clients per device
+    assert split_chunk(5, 4, multiprocess=False, client_flops=None)  # 2 per device, padding included; accelerators: no work limit
+    assert split_chunk(8, 4, multiprocess=False, client_flops=CPU_SPLIT_FLOPS / 2)  # 2 clients of half the limit each
+    assert not split_chunk(8, 4, multiprocess=False, client_flops=CPU_SPLIT_FLOPS / 2 - 1)
+    assert not split_chunk(1024, 2, multiprocess=False, client_flops=1e4)  # a tiny model: 512 clients per device are 5 MFLOP
 
 
 def test_auto_on_the_cpu_trains_every_client_as_one_at_a_time_without_padding():

@@ -27,7 +27,9 @@ SCRIPT = textwrap.dedent(
     from asyncflower_jax.engine.simulator import Simulator
     from asyncflower_jax.experiment import Experiment
     from tests.conftest import make_config
+    import asyncflower_jax.client.batched as batched
 
+    batched.CPU_SPLIT_FLOPS = 0  # these small models' chunks are split too
     assert len(jax.devices()) == 4, jax.devices()
     jax.config.update("jax_enable_x64", True)
     SMALL = ["num_clients=40", "concurrency=8", "eval_every=5", "client.num_steps=3", "client.batch_size=8",
@@ -48,7 +50,7 @@ SCRIPT = textwrap.dedent(
     for rule, execution in ((["strategy=fedasync"], "vmap"), (["strategy=fedbuff", "strategy.buffer_size=3"], "map")):
         name = rule[0].split("=")[1] + "/" + execution
         one_exp, one, _ = run(*rule, f"execution={execution}", "devices=1")
-        four_exp, four, placed = run(*rule, f"execution={execution}", "devices=4", "chunk_size=4")
+        four_exp, four, placed = run(*rule, f"execution={execution}", "devices=4", "chunk_size=8")
         ref, _ = run_reference(one_exp.strategy, one_exp.params, one_exp.trainer, one_exp.latency, one_exp.settings)
         out[name] = {
             "devices": [one_exp.trainer.num_devices, four_exp.trainer.num_devices],
@@ -57,6 +59,7 @@ SCRIPT = textwrap.dedent(
             "params_vs_reference": max(float(np.max(np.abs(a - b))) for a, b in zip(leaves(four.params), leaves(ref))),
             "accuracy": [[r["test_accuracy"] for r in one.history], [r["test_accuracy"] for r in four.history]],
             "result_devices": sorted(placed),
+            "split_programs": four_exp.trainer._train_sharded._cache_size(),
         }
     print("RESULT " + json.dumps(out))
     """
@@ -82,6 +85,7 @@ def test_four_devices_equal_one_device_and_the_reference():
         assert r["params_vs_reference"] < 1e-9, (name, r)
         assert r["accuracy"][0] == pytest.approx(r["accuracy"][1], abs=1e-12), name
         assert r["result_devices"] == [0], name  # the model stays on the first device
+        assert r["split_programs"] > 0, name  # chunks were split over the devices
 
 
 TRAINER_SCRIPT = textwrap.dedent(
@@ -91,7 +95,10 @@ TRAINER_SCRIPT = textwrap.dedent(
     from asyncflower_jax.client.batched import BatchedTrainer
     from asyncflower_jax.client.local_train import LocalTraining, make_local_train
     from asyncflower_jax.data.store import ClientStore
+    from asyncflower_jax.client import batched
+    from asyncflower_jax.client.sharding import memory_bytes, select_devices
 
+    batched.CPU_SPLIT_FLOPS = 0  # this linear model's chunks are split too
     jax.config.update("jax_enable_x64", True)
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(48, 3)), rng.integers(0, 4, 48).astype(np.int32)
@@ -112,7 +119,10 @@ TRAINER_SCRIPT = textwrap.dedent(
             row = jax.tree.map(lambda leaf: leaf[i], chunks[0].params)
             worst = max(worst, max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(row), jax.tree.leaves(alone))))
         out[execution] = {"rows": int(chunks[0].loss.shape[0]), "n": chunks[0].n, "max_diff": worst,
-                          "devices": sorted(d.id for d in chunks[0].loss.devices())}
+                          "devices": sorted(d.id for d in chunks[0].loss.devices()),
+                          "split_programs": trainer._train_sharded._cache_size()}
+    # CPU devices share the machine's memory: null takes as many as hold a copy of the data each in a quarter of it
+    out["selected"] = [len(select_devices(None, replica_bytes=b)) for b in (0, memory_bytes() // 8, memory_bytes() // 4, memory_bytes())]
     print("RESULT " + json.dumps(out))
     """
 )
@@ -125,6 +135,8 @@ def test_sharded_chunk_pads_to_the_devices_and_equals_one_at_a_time():
         assert r["n"] == 7 and r["rows"] == 8  # 7 clients padded to a multiple of 4 devices
         assert r["max_diff"] < 1e-12, (execution, r)
         assert r["devices"] == [0]
+        assert r["split_programs"] == 1
+    assert out["selected"] == [4, 2, 1, 1]
 
 
 MULTIHOST_SCRIPT = textwrap.dedent(
@@ -196,3 +208,34 @@ def test_distributed_settings_are_checked_before_starting_anything():
     with pytest.raises(ConfigError, match="distributed=3 is invalid"):
         distributed.initialize(3)
     assert distributed.is_writer()  # a single process writes its run directory
+
+
+def test_cpu_cores_become_devices_before_jax_starts_unless_set_already():
+    script = textwrap.dedent(
+        """
+        import json, os, sys
+        import jax
+        from asyncflower_jax.client.sharding import expose_cpu_cores
+        asked = json.loads(sys.argv[1])
+        out = {"set": expose_cpu_cores(asked), "devices": len(jax.devices())}
+        out["after_start"] = expose_cpu_cores(asked)  # JAX has started: nothing changes
+        print("RESULT " + json.dumps(out))
+        """
+    )
+
+    def run(asked, xla_flags=None) -> dict:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+        env.pop("XLA_FLAGS", None)
+        if xla_flags:
+            env["XLA_FLAGS"] = xla_flags
+        proc = subprocess.run([sys.executable, "-c", script, json.dumps(asked)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
+
+    from asyncflower_jax.client.sharding import usable_cores
+
+    assert run(3) == {"set": 3, "devices": 3, "after_start": None}
+    cores = usable_cores()
+    assert run(None) == ({"set": cores, "devices": cores, "after_start": None} if cores > 1 else {"set": None, "devices": 1, "after_start": None})
+    assert run(1) == {"set": None, "devices": 1, "after_start": None}
+    assert run(3, "--xla_force_host_platform_device_count=2") == {"set": None, "devices": 2, "after_start": None}  # the user's setting stays
