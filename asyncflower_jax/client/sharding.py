@@ -2,9 +2,10 @@
 
 A chunk of clients is split evenly over a one-dimensional mesh (`clients`): every device trains
 its own slice of clients from its own slice of their start models, with the client store
-replicated on each. On a CPU-only machine, run.py and the benchmarks make one CPU device per core
-(`expose_cpu_cores`): one CPU device runs one program at a time on about one core. Per-client work is independent, so the split changes no result: a client's key is
-fold_in(seed key, dispatch id) on whichever device it lands.
+replicated on each. Per-client work is independent, so the split changes no result: a client's
+key is fold_in(seed key, dispatch id) on whichever device it lands. On a CPU-only machine, run.py
+and the benchmarks make one CPU device per core (`expose_cpu_cores`): one CPU device runs one
+program at a time, on about one core.
 
 The rest of the simulator (version cache, aggregation, evaluation) stays on one local device:
 results come back to it after each chunk. With several processes (multi-host, after
