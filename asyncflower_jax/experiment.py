@@ -239,6 +239,7 @@ class Experiment:
                 raise
             result.summary["strategy"] = repr(self.strategy)
             result.summary["seed"] = self.settings.seed
+            result.summary["training_devices"] = self.trainer.num_devices  # (on a CPU-only machine, its cores: run.py)
             if "diverged" in result.summary:
                 latest = checkpoints.latest() if checkpoints is not None else None
                 result.summary["diverged"]["last_good_checkpoint"] = str(latest) if latest is not None else None

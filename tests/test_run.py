@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from asyncflower_jax.client.sharding import usable_cores
 from asyncflower_jax.engine.simulator import METRIC_COLUMNS, UPDATE_COLUMNS
 from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.runner import run_job
@@ -37,6 +38,8 @@ def test_default_experiment_reaches_90_percent(strategy, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_test_accuracy"] >= 0.90
     assert summary["client_updates"] == 1000
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        assert summary["training_devices"] == usable_cores()  # run.py trains on every core of a CPU-only machine
     with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == METRIC_COLUMNS
