@@ -41,7 +41,7 @@ from ..compilation import jit
 from ..data.store import ClientStore
 from ..errors import require
 from ..strategy.updates import PyTree
-from .sharding import ClientMesh, select_devices
+from .sharding import ClientMesh, join_slices, select_devices
 
 EXECUTIONS = ("auto", "vmap", "map")
 CPU_CHUNK = 16  # clients per vmapped call and device that `auto` uses on the CPU (at most)
@@ -152,7 +152,7 @@ put_trained_in_place = jit(put_trained, donate_argnums=(0,))
 def put_trained_slices(results, slices: list, positions):
     """`put_trained_in_place` of a chunk given as its devices' slices (`ClientMesh.slices`), joined
     here: one call."""
-    return put_trained(results, jax.tree.map(lambda *parts: jnp.concatenate(parts), *slices), positions)
+    return put_trained(results, join_slices(slices), positions)
 
 
 def stack_trees(trees: list[PyTree]) -> PyTree:

@@ -64,10 +64,12 @@ def memory_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-@jit
-def _join_slices(slices: list):
-    """Trees of device slices (`ClientMesh.slices`) joined along the client axis."""
+def join_slices(slices: list):
+    """Trees of device slices (`ClientMesh.slices`) joined along the client axis (traceable)."""
     return jax.tree.map(lambda *parts: jax.numpy.concatenate(parts), *slices)
+
+
+_join_slices = jit(join_slices)
 
 
 def select_devices(devices: int | Sequence | None, replica_bytes: int = 0) -> list:
@@ -112,29 +114,25 @@ class ClientMesh:
         return -(-n // self.size) * self.size
 
     def replicate(self, tree):
-        """A copy of `tree` (device or host arrays, identical on every process) on every device,
-        put on each device on its own: a device array put on a mesh at once goes through the host
-        and waits for the program that makes it."""
-        local = [d for d in self.devices if d.process_index == jax.process_index()]
-        leaves, treedef = jax.tree.flatten(tree)
-        copies = jax.device_put([leaves] * len(local), local)
-        whole = [
-            jax.make_array_from_single_device_arrays(jax.numpy.shape(leaf), self.replicated, [copy[i] for copy in copies])
-            for i, leaf in enumerate(leaves)
-        ]
-        return jax.tree.unflatten(treedef, whole)
+        """A copy of `tree` (device or host arrays, identical on every process) on every device."""
+        return self._assemble([tree] * self.size, self.replicated)
 
     def shard_parts(self, parts: list):
         """The devices' parts of a tree (`parts[k]` on any device: the k-th slice of the client axis,
-        for the mesh's k-th device) as one tree split over the mesh; each part is put on its device
-        on its own (this process's devices only: every process holds the same parts)."""
+        for the mesh's k-th device) as one tree split over the mesh."""
+        return self._assemble(parts, self.sharded)
+
+    def _assemble(self, parts: list, sharding: NamedSharding):
+        """One tree with `sharding` from the mesh devices' parts (`parts[k]` for device k), each put
+        on its device on its own (this process's devices only: every process holds the same parts):
+        a device array put on a mesh at once goes through the host and waits for the program that
+        makes it."""
         mine = [k for k, d in enumerate(self.devices) if d.process_index == jax.process_index()]
-        placed = jax.device_put([parts[k] for k in mine], [self.devices[k] for k in mine])
-        leaves = [jax.tree.leaves(part) for part in placed]
-        whole = [
-            jax.make_array_from_single_device_arrays((self.size * leaf.shape[0], *leaf.shape[1:]), self.sharded, [part[i] for part in leaves])
-            for i, leaf in enumerate(leaves[0])
-        ]
+        placed = [jax.tree.leaves(part) for part in jax.device_put([parts[k] for k in mine], [self.devices[k] for k in mine])]
+        def shape(leaf):  # the whole array's: split parts are stacked along the first axis
+            return leaf.shape if sharding is self.replicated else (self.size * leaf.shape[0], *leaf.shape[1:])
+
+        whole = [jax.make_array_from_single_device_arrays(shape(leaf), sharding, [part[i] for part in placed]) for i, leaf in enumerate(placed[0])]
         return jax.tree.unflatten(jax.tree.structure(parts[0]), whole)
 
     def shard(self, array: np.ndarray):
