@@ -51,6 +51,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -77,6 +78,7 @@ log = logging.getLogger(__name__)
 LOGGED_REJECTIONS = 10  # rejected non-finite updates logged one by one; the rest are only counted
 STALL_FAILURES_PER_SLOT = 100  # this many failures per client slot in a row, with no aggregation, stop the run
 PROBE_EVERY = 64  # the optimistic check reads a flag every this many versions (a read costs a GPU hundreds of microseconds)
+EVALUATIONS_IN_FLIGHT = 4  # evaluations started and not read yet, at most: the oldest is read (waited for) to start another
 
 
 class RunStalled(RuntimeError):
@@ -239,11 +241,12 @@ class Simulator:
     """Runs one simulation.
 
     `evaluate(params)` returns the scores of a model as floats or JAX scalars (engine/evaluation.py:
-    JAX scalars are read at the next evaluation, so evaluating does not wait for the device).
+    JAX scalars are read once the device has computed them, so evaluating does not wait for it).
 
     Optional callbacks:
-      on_eval(row): every metrics row (METRIC_COLUMNS), when its evaluation is read (at the next
-        evaluation, a checkpoint or the end of the run);
+      on_eval(row): every metrics row (METRIC_COLUMNS), in order, when its evaluation is read (at a
+        later evaluation once the device has computed it, at most EVALUATIONS_IN_FLIGHT evaluations
+        later, at a checkpoint or at the end of the run);
       on_updates(rows): the per-update rows (UPDATE_COLUMNS) of the aggregations since the previous
         call, delivered just before each metrics row (norms, weights and losses stay on the device
         until then, so there is one transfer per evaluation); None skips computing them;
@@ -418,7 +421,7 @@ class Simulator:
         history: list[dict] = []
         failures = dict.fromkeys(FAILURE_KINDS, 0)
         round_failures: list[dict] = []  # failures of the current round, told to the strategy
-        failure_buffer: list[dict] = []  # failure rows since the last metrics row (on_failures)
+        failure_buffer: list[dict] = []  # failure rows not reported yet (on_failures)
         last_finite_version = 0  # the newest version found finite (at an evaluation or a checkpoint)
         last_verified = 0  # the newest version up to which every aggregated row was checked finite
         stall_limit = max(1000, STALL_FAILURES_PER_SLOT * s.concurrency)
@@ -426,6 +429,7 @@ class Simulator:
         last_checkpoint = time.perf_counter()  # when the previous periodic checkpoint was written (or this loop started)
         # per-update rows since the last metrics row: (host facts, StepFacts: norms, weights, losses on the device) per aggregation
         update_buffer: list[tuple[list[dict], StepFacts]] = []
+        rows_flushed = [0, 0]  # failure and update rows (entries of the two buffers) reported so far
         # aggregations planned and not applied yet (None: each is applied at once); params, state
         # and all_finite are those of the last applied one until `settle`
         queue = None
@@ -433,7 +437,7 @@ class Simulator:
             queue = QueuedSteps(self.per_call)
         all_finite = jax.device_put(np.bool_(True))  # every aggregated row so far was finite (the kernel keeps it)
         probe = None  # an earlier all_finite, read (without waiting) once it is ready
-        evaluating = None  # an evaluation started and not read yet (start_evaluation)
+        evaluating: deque = deque()  # evaluations started and not read yet (start_evaluation), oldest first
         diverged_at = None  # the version whose model was found non-finite
         if resume is None:
             versions.put(version, params)
@@ -597,11 +601,16 @@ class Simulator:
             return False
 
         def flush_updates(failures_upto: int | None = None, updates_upto: int | None = None):
-            """Report the buffered failure and update rows (the first `..._upto` of each; all by default)."""
+            """Report the buffered failure and update rows: those before the `..._upto`-th of the run
+            (counted from its start, reported or not); all by default."""
+            failures_upto = None if failures_upto is None else failures_upto - rows_flushed[0]
+            updates_upto = None if updates_upto is None else updates_upto - rows_flushed[1]
             failed, failure_buffer[:failures_upto] = failure_buffer[:failures_upto], []
+            entries, update_buffer[:updates_upto] = update_buffer[:updates_upto], []
+            rows_flushed[0] += len(failed)
+            rows_flushed[1] += len(entries)
             if failed:
                 self.on_failures(failed)
-            entries, update_buffer[:updates_upto] = update_buffer[:updates_upto], []
             if not entries or self.on_updates is None:
                 return
             arrays = {id(source.array): source.array for _, source in entries}  # (queued steps share their call's)
@@ -637,28 +646,35 @@ class Simulator:
 
         def start_evaluation() -> None:
             """Evaluate the current version without waiting for the device: its scores, the finite
-            checks and its rows are read at the next evaluation (`finish_evaluation`), by when they
-            are long computed. A read here would wait for every queued training and aggregation
-            and leave the device idle while the host catches up (about 1 ms per evaluation on a
-            2-core CPU)."""
-            nonlocal evaluating
+            checks and its rows are read once they are computed (`read_evaluations`). A read at
+            once would wait for every queued training and aggregation and leave the device idle
+            while the host catches up (on a 2-core CPU, reading each evaluation at the next one
+            still cost a FedAsync run 10 % of its time)."""
             settle()
             row = metrics_row()
-            evaluating = (row, self.evaluate(params), tree_finite(params), all_finite, len(failure_buffer), len(update_buffer))
+            evaluating.append(
+                (row, self.evaluate(params), tree_finite(params), all_finite, rows_flushed[0] + len(failure_buffer), rows_flushed[1] + len(update_buffer))
+            )
 
-        def finish_evaluation() -> bool:
-            """Read the evaluation `start_evaluation` left and report it with the rows before it;
-            False if that version's model was not finite (the run diverged: nothing is reported)."""
-            nonlocal evaluating
-            if evaluating is None:
-                return True
-            row, scores, finite, verified, failures_upto, updates_upto = evaluating
-            evaluating = None
-            finite, verified, scores = jax.device_get((finite, verified, scores))
-            if not accept_checks(row["version"], finite, verified):
-                return False
-            flush_updates(failures_upto, updates_upto)
-            report({**row, **read_metrics(scores)})
+        def read_evaluations(wait: bool = True) -> bool:
+            """Read the evaluations `start_evaluation` left, oldest first, and report each with the rows
+            before it: all of them (`wait`), else those the device has computed, and the oldest until
+            one more can start (EVALUATIONS_IN_FLIGHT). False if a version's model was not finite
+            (the run diverged: nothing from it on is reported)."""
+            while evaluating:
+                entry = evaluating[0]
+                if not wait and len(evaluating) < EVALUATIONS_IN_FLIGHT and not all(
+                    leaf.is_ready() for leaf in jax.tree.leaves(entry[1:4]) if isinstance(leaf, jax.Array)
+                ):
+                    return True
+                evaluating.popleft()
+                row, scores, finite, verified, failures_upto, updates_upto = entry
+                finite, verified, scores = jax.device_get((finite, verified, scores))
+                if not accept_checks(row["version"], finite, verified):
+                    evaluating.clear()
+                    return False
+                flush_updates(failures_upto, updates_upto)
+                report({**row, **read_metrics(scores)})
             return True
 
         def snapshot() -> Snapshot:
@@ -766,11 +782,11 @@ class Simulator:
                 elif s.max_updates is not None and updates_done >= s.max_updates:
                     stop_reason = "max_updates"
                 if arrivals and (version % s.eval_every == 0 or stop_reason is not None):
-                    if not finish_evaluation():
+                    if not read_evaluations(wait=False):
                         stop_reason = "diverged"
                     else:
                         start_evaluation()
-                        if stop_reason is not None and not finish_evaluation():  # the last evaluation is read at once
+                        if stop_reason is not None and not read_evaluations():  # the last evaluation is read at once
                             stop_reason = "diverged"
                 if arrivals and self.on_progress is not None and not (replay is not None and version <= replay.reached):
                     self.on_progress(
@@ -790,31 +806,31 @@ class Simulator:
                     and time.perf_counter() - last_checkpoint >= s.checkpoint_min_seconds
                 )
                 if stop_reason is None and self.on_checkpoint is not None and (checkpoint_due or self.interrupt is not None):
-                    if finish_evaluation() and healthy():
+                    if read_evaluations() and healthy():
                         if self.interrupt is not None or not reported(version):
                             self.on_checkpoint(snapshot())
                             last_checkpoint = time.perf_counter()
                     else:
                         stop_reason = "diverged"
                 if stop_reason is None and self.interrupt is not None:
-                    if finish_evaluation():  # every row so far is reported before the run stops
+                    if read_evaluations():  # every row so far is reported before the run stops
                         raise Interrupted(self.interrupt, version, checkpointed=self.on_checkpoint is not None)
                     stop_reason = "diverged"
                 if self.on_step is not None and not (replay is not None and version <= replay.reached):
                     self.on_step(version)
         except Exception as error:
-            if evaluating is not None and not isinstance(error, _NonFiniteAggregated):
-                try:  # report the evaluation started before the error, as an unfinished run would have
-                    finish_evaluation()
+            if evaluating and not isinstance(error, _NonFiniteAggregated):
+                try:  # report the evaluations started before the error, as an unfinished run would have
+                    read_evaluations()
                 except Exception:  # (the original error is the one to raise)
                     pass
             raise
         settle()
-        if stop_reason != "diverged" and not finish_evaluation():  # (a loop that ended without an evaluation)
+        if stop_reason != "diverged" and not read_evaluations():  # (a loop that ended without an evaluation)
             stop_reason = "diverged"
         if stop_reason != "diverged" and (history[-1]["version"] != version or history[-1]["sim_time"] != sched.clock):
             start_evaluation()
-            if not finish_evaluation():
+            if not read_evaluations():
                 stop_reason = "diverged"
         verify(all_finite)  # (a run that ends without a new evaluation)
         flush_updates()  # rows of a diverged run's last aggregations; otherwise nothing is left here
