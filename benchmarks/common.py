@@ -364,9 +364,8 @@ def bare_training(trainer: BatchedTrainer, params, batch_sizes: list[int], num_c
     rng = np.random.default_rng([seed, 99])
     stacked = jax.tree.map(lambda leaf: leaf[None], params)
     jobs = [(np.zeros(n, np.int32), rng.integers(0, num_clients, n), np.arange(i * 100_000, i * 100_000 + n)) for i, n in enumerate(batch_sizes)]
-    shapes = sorted({size for n in batch_sizes for size in trainer.chunk_sizes(n)})
-    for size in shapes:  # compile
-        jax.block_until_ready([c.params for c in trainer.train_from(stacked, np.zeros(size, np.int32), np.zeros(size, np.int64), np.arange(size))])
+    for n in sorted(set(batch_sizes)):  # compile (several devices each get a share of a batch: its chunks' shapes depend on the batch)
+        jax.block_until_ready([c.params for c in trainer.train_from(stacked, np.zeros(n, np.int32), np.zeros(n, np.int64), np.arange(n))])
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

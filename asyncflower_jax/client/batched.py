@@ -20,10 +20,13 @@ How a chunk runs (`execution`), chosen per backend by measurement (benchmarks/th
           client per call, while "map" matched it); on GPUs and TPUs "vmap" in chunks of
           `chunk_size`, the last one padded to a power of two (a padded row costs little there;
           fewer calls matter more).
-With several devices (`devices`), the chunk's client axis is split over them (client/sharding.py),
-each device getting its clients' start models: in one process only chunks of at least two clients
-per device, and on CPU devices (one per core: `expose_cpu_cores`) only chunks with enough work
-to pay for the split (`split_chunk`); the others run on the first device.
+With several devices (`devices`) in one process, a batch is shared out among them before it is
+cut into chunks, each device getting its clients' start models: only batches of at least two
+clients per device, and on CPU devices (one per core: `expose_cpu_cores`) only batches with
+enough work to pay for the split (`device_shares`); the others run on the first device. Each
+chunk is a program on one device: the first device's train from the version table where it lies,
+the others' results are moved back to it. Over several processes each chunk is one program
+sharded over all their devices (client/sharding.py).
 None of these choices changes any client's result beyond float rounding (tests/client).
 """
 
@@ -41,7 +44,7 @@ from ..compilation import jit
 from ..data.store import ClientStore
 from ..errors import require
 from ..strategy.updates import PyTree
-from .sharding import ClientMesh, join_slices, select_devices
+from .sharding import ClientMesh, select_devices
 
 EXECUTIONS = ("auto", "vmap", "map")
 CPU_CHUNK = 16  # clients per vmapped call and device that `auto` uses on the CPU (at most)
@@ -101,8 +104,8 @@ def _take_rows(tree: PyTree, rows) -> PyTree:
 
 
 @jit
-def _take_parts(tree: PyTree, rows) -> list[PyTree]:
-    """`_take_rows` of each row of `rows` ([parts, n]): one tree per part, in one call."""
+def _take_parts(tree: PyTree, rows: list) -> list[PyTree]:
+    """`_take_rows` of each index array of `rows`: one tree per array, in one call."""
     return [jax.tree.map(lambda leaf: leaf[part], tree) for part in rows]
 
 
@@ -148,11 +151,6 @@ def put_trained(results, chunk, positions):
 put_trained_in_place = jit(put_trained, donate_argnums=(0,))
 
 
-@functools.partial(jit, donate_argnums=(0,))
-def put_trained_slices(results, slices: list, positions):
-    """`put_trained_in_place` of a chunk given as its devices' slices (`ClientMesh.slices`), joined
-    here: one call."""
-    return put_trained(results, join_slices(slices), positions)
 
 
 def stack_trees(trees: list[PyTree]) -> PyTree:
@@ -223,19 +221,20 @@ def matmul_flops(jaxpr) -> float:
     return total
 
 
-def split_chunk(n: int, devices: int, multiprocess: bool, client_flops: float | None) -> bool:
-    """Whether a chunk of n clients is split over a mesh of `devices` devices: always over several
-    processes (every process takes part in each chunk); in one process, when each device gets at
-    least MIN_SPLIT_PER_DEVICE clients (on a 2-core CPU a chunk of one client per device took
-    longer than both clients on one device) and, given the flops of one client (CPU devices), at
-    least CPU_SPLIT_FLOPS of work: splitting costs the host about half a millisecond per chunk
-    there, so a tiny model trains faster on one device."""
-    if multiprocess:
-        return True
-    per_device = -(-n // devices)  # (the last device's share may be part padding)
-    if per_device < MIN_SPLIT_PER_DEVICE:
-        return False
-    return client_flops is None or per_device * client_flops >= CPU_SPLIT_FLOPS
+def device_shares(n: int, devices: int, client_flops: float | None) -> list[int]:
+    """How many of a batch's n clients each of one process's `devices` devices trains, in order (the
+    batch's first clients on the first device): all on the first device unless each would get at
+    least MIN_SPLIT_PER_DEVICE clients (on a 2-core CPU one client per device took longer than both
+    on one device) and, given the flops of one client (CPU devices), CPU_SPLIT_FLOPS of work
+    (splitting costs the host about half a millisecond per batch there, so a tiny model trains
+    faster on one device); else shares as even as can be, the first device's the smallest (it also
+    aggregates and evaluates). The batch is shared out before it is cut into chunks: chunks split
+    one by one left each batch's last small chunks to the first device, the others idle."""
+    share = n // devices
+    if devices == 1 or share < MIN_SPLIT_PER_DEVICE or (client_flops is not None and share * client_flops < CPU_SPLIT_FLOPS):
+        return [n]
+    extra = n - share * devices
+    return [share + (k >= devices - extra) for k in range(devices)]
 
 
 class TrainedChunk(NamedTuple):
@@ -266,21 +265,26 @@ class BatchedTrainer:
         self.store = store
         self.base_key = base_key
         selected = select_devices(devices, replica_bytes=store.x.nbytes + store.y.nbytes)
-        self.execution, self.chunk_size = resolve_execution(execution, int(chunk_size), devices=len(selected))
+        self.mesh = ClientMesh(selected) if len(selected) > 1 else None
+        spanned = self.mesh.size if self.mesh is not None and self.mesh.multiprocess else 1  # devices one chunk spans
+        self.execution, self.chunk_size = resolve_execution(execution, int(chunk_size), devices=spanned)
         self.pad = not (execution == "auto" and jax.default_backend() == "cpu")  # see chunk_plan
         self._choose_by_model = not self.pad  # CPU auto: vmap or map, chosen at the first chunk (`_settle`)
         self.client_flops = None  # one client's local training, in matrix-product flops (`_settle`, for the CPU's split rule)
         require(isinstance(map_batch, int) and not isinstance(map_batch, bool) and map_batch >= 1, "map_batch", map_batch, "an integer >= 1")
         self.map_batch = map_batch
         self.chunk_traces = 0
+        self.split_batches = 0  # batches trained on several devices
         self._result_shapes: dict = {}  # `result_shapes` per start-model shapes
         self._train_one = jit(self._one)
-        self.mesh = ClientMesh(selected) if len(selected) > 1 else None
         self._train_chunk = jit(self._chunk)
         self._train_chunk_into = jit(self._chunk_into, donate_argnums=(0,))
-        if self.mesh is not None:
+        if self.mesh is not None and self.mesh.multiprocess:
             self._train_sharded = self.mesh.shard_map(self._chunk, split=(True, False, False, True))  # (start models, x, y, inputs)
             self._x, self._y = self.mesh.replicate((store.x, store.y))
+        elif self.mesh is not None:  # the devices besides the first, each with its copy of the client data
+            self._others = [d for d in self.mesh.devices if d != self.mesh.home][: self.mesh.size - 1]
+            self._data_on_others = jax.device_put([(store.x, store.y)] * len(self._others), self._others)
 
     @property
     def num_devices(self) -> int:
@@ -289,7 +293,7 @@ class BatchedTrainer:
     def _settle(self, stacked: PyTree) -> None:
         """At the first chunk, from local training's jaxpr: CPU `auto`'s execution, "map" if it has a
         convolution, else "vmap" (see the module docstring); on CPU devices of one process, the
-        flops of one client (`_splits`)."""
+        flops of one client (`device_shares`)."""
         cpu_mesh = self.mesh is not None and not self.mesh.multiprocess and self.mesh.devices[0].platform == "cpu"
         if self._choose_by_model or (cpu_mesh and self.client_flops is None):
             one = row_shapes(stacked)
@@ -305,7 +309,7 @@ class BatchedTrainer:
         return jax.random.fold_in(self.base_key, dispatch_id)
 
     def _chunk(self, versions, x, y, inputs):
-        """`inputs` [clients, 4] int32 (`_chunk_args`): per client its start version's row, data
+        """`inputs` [clients, 4] int32 (`_chunk_inputs`): per client its start version's row, data
         offset, sample count and dispatch id (its uint32 bits)."""
         self.chunk_traces += 1
         version_idx, offsets, counts = inputs[:, 0], inputs[:, 1], inputs[:, 2]
@@ -340,25 +344,35 @@ class BatchedTrainer:
     def train_from(self, stacked: PyTree, version_idx: np.ndarray, clients: np.ndarray, dispatch_ids: np.ndarray) -> list[TrainedChunk]:
         """Train every listed client; client i starts from row version_idx[i] of `stacked` (a pytree
         with a leading version axis, e.g. the simulator's version table)."""
+        plan = self._chunk_inputs(stacked, version_idx, clients, dispatch_ids)
+        elsewhere = iter(self._train_elsewhere(stacked, [(device, inputs) for device, _, inputs in plan if device]))
         chunks = []
-        for lo, hi, args, split in self._chunk_args(stacked, version_idx, clients, dispatch_ids):
-            params, loss = self.mesh.gather(self._sharded_chunk(args)) if split else self._train_chunk(*args)
-            chunks.append(TrainedChunk(params, loss, hi - lo))
+        for device, n, inputs in plan:
+            if device == 0:
+                params, loss = self._train_chunk(stacked, self.store.x, self.store.y, inputs)
+            elif device is None:
+                params, loss = self.mesh.gather(self._sharded_chunk(stacked, inputs))
+            else:
+                params, loss = next(elsewhere)
+            chunks.append(TrainedChunk(params, loss, n))
         return chunks
 
     def train_into(self, results, slots: np.ndarray, stacked: PyTree, version_idx: np.ndarray, clients: np.ndarray, dispatch_ids: np.ndarray):
         """`train_from`, client i's result and whether it is finite everywhere written into row
         slots[i] of `results` (params with a leading row axis, losses, finite flags: rows of
-        `stored_row(result_shapes(...))`), which is donated and returned: on one device each
-        chunk's call writes its rows in place, with no call or copy of its own."""
-        capacity = results[1].shape[0]
-        for _, _, (*replicated, inputs), split in self._chunk_args(stacked, version_idx, clients, dispatch_ids, slots, capacity):
-            if not split:
-                results = self._train_chunk_into(results, inputs, *replicated)
-            elif self.mesh.multiprocess:
-                results = put_trained_in_place(results, self.mesh.gather(self._sharded_chunk((*replicated, inputs[:, 1:]))), inputs[:, 0])
-            else:
-                results = put_trained_slices(results, self.mesh.slices(self._sharded_chunk((*replicated, inputs[:, 1:]))), inputs[:, 0])
+        `stored_row(result_shapes(...))`), which is donated and returned: on the first device each
+        chunk's call writes its rows in place, with no call or copy of its own; another device's
+        chunk is moved back and written by one call."""
+        plan = self._chunk_inputs(stacked, version_idx, clients, dispatch_ids, slots, results[1].shape[0])
+        elsewhere = [(device, inputs) for device, _, inputs in plan if device]
+        trained = self._train_elsewhere(stacked, [(device, inputs[:, 1:]) for device, inputs in elsewhere])  # (dispatched first: they start at once)
+        for device, _, inputs in plan:
+            if device == 0:
+                results = self._train_chunk_into(results, inputs, stacked, self.store.x, self.store.y)
+            elif device is None:
+                results = put_trained_in_place(results, self.mesh.gather(self._sharded_chunk(stacked, inputs[:, 1:])), inputs[:, 0])
+        for (_, inputs), chunk in zip(elsewhere, trained):
+            results = put_trained_in_place(results, chunk, inputs[:, 0])
         return results
 
     def result_shapes(self, stacked: PyTree):
@@ -370,53 +384,100 @@ class BatchedTrainer:
             self._result_shapes[key] = jax.eval_shape(self._one, one, self.store.x, self.store.y, np.int32(0), np.int32(1), np.uint32(0))
         return self._result_shapes[key]
 
-    def _chunk_args(self, stacked, version_idx, clients, dispatch_ids, slots=None, capacity=None):
-        """(lo, hi, arguments of `_chunk`, split) per chunk of the listed clients [lo, hi), in order;
-        `split`: the chunk is split over the mesh (its arguments are then the mesh's), else it runs
-        on this process's first device. The per-client inputs travel as one int32 array (`_chunk`),
-        one host-to-device transfer per chunk instead of five (on a GPU each costs the host tens of
-        microseconds). With `slots`, that array starts with a column of the store rows the results
-        go to (`_chunk_into`; padding rows get `capacity`: out of range, dropped)."""
+    def chunks(self, n: int) -> list[tuple[int | None, int, int]]:
+        """How a batch of n clients is trained: (device, clients, compiled size) per chunk, in the
+        batch's order. `device` indexes this process's training devices (0: the first, where the
+        models are; in one process the batch is shared out among them first, `device_shares`, then
+        each share cut into chunks, `chunk_plan`), or is None: the chunk is split over every
+        process's devices (several processes: each takes part in every chunk), its compiled size
+        then a multiple of their number."""
+        if self.mesh is not None and self.mesh.multiprocess:
+            return [(None, n, self.mesh.padded_size(size)) for n, size in chunk_plan(n, self.chunk_size, self.pad)]
+        shares = [n] if self.mesh is None else device_shares(n, self.mesh.size, self.client_flops)
+        return [(device, m, size) for device, share in enumerate(shares) for m, size in chunk_plan(share, self.chunk_size, self.pad)]
+
+    def chunk_sizes(self, n: int) -> list[int]:
+        """The compiled sizes of the chunks a batch of n clients is trained in."""
+        return [size for _, _, size in self.chunks(n)]
+
+    def _chunk_inputs(self, stacked, version_idx, clients, dispatch_ids, slots=None, capacity=None) -> list[tuple[int | None, int, np.ndarray]]:
+        """(device, clients, inputs) per chunk of the listed clients (`chunks`), in order: `inputs`
+        is `_chunk`'s int32 array of per-client inputs (start version rows of `stacked`; padding
+        rows repeat the chunk's first client), one host-to-device transfer per chunk instead of
+        five (on a GPU each costs the host tens of microseconds). With `slots`, the array starts
+        with a column of the store rows the results go to (`_chunk_into`; padding rows get
+        `capacity`: out of range, dropped)."""
         version_idx = np.asarray(version_idx)
         self._settle(stacked)
+        plan = self.chunks(len(clients))
+        if len({device for device, _, _ in plan}) > 1:
+            self.split_batches += 1
         first = 0 if slots is None else 1
-        lo = 0
-        for n, size in chunk_plan(len(clients), self.chunk_size, self.pad):
+        out, lo = [], 0
+        for device, n, size in plan:
             hi = lo + n
-            split = self._splits(n)
-            if split:
-                size = self.mesh.padded_size(size)
-            rows = np.concatenate([np.arange(lo, hi), np.full(size - (hi - lo), lo)])
+            rows = np.concatenate([np.arange(lo, hi), np.full(size - n, lo)])
             c = clients[rows]
             inputs = np.empty((size, first + 4), np.int32)
             if slots is not None:
                 inputs[:, 0] = capacity
-                inputs[: hi - lo, 0] = slots[lo:hi]
+                inputs[:n, 0] = slots[lo:hi]
+            inputs[:, first] = version_idx[rows]
             inputs[:, first + 1] = self.store.offsets[c]
             inputs[:, first + 2] = self.store.counts[c]
             inputs[:, first + 3] = np.asarray(dispatch_ids[rows], np.uint32).view(np.int32)
-            if split:  # each device gets its own clients' start models, and indexes them in order
-                per_device = size // self.mesh.size
-                starts = self.mesh.shard_parts(_take_parts(stacked, version_idx[rows].reshape(self.mesh.size, per_device).astype(np.int32)))
-                inputs[:, first] = np.tile(np.arange(per_device), self.mesh.size)
-                yield lo, hi, (starts, self._x, self._y, inputs), True
-            else:
-                inputs[:, first] = version_idx[rows]
-                yield lo, hi, (stacked, self.store.x, self.store.y, inputs), False
+            out.append((device, n, inputs))
             lo = hi
+        return out
 
-    def _splits(self, n: int) -> bool:
-        """Whether a chunk of n clients is split over the mesh (`split_chunk`)."""
-        return self.mesh is not None and split_chunk(n, self.mesh.size, self.mesh.multiprocess, self.client_flops)
+    def _data_on(self, device: int):
+        """The client data's copy on this process's training device `device` (> 0)."""
+        return self._data_on_others[device - 1]
 
-    def _sharded_chunk(self, args):
-        """The chunk's results, sharded over the mesh along the client axis."""
-        stacked, x, y, inputs = args
-        return self._train_sharded(stacked, x, y, self.mesh.shard(np.ascontiguousarray(inputs)))
+    def _place_elsewhere(self, stacked, chunks: list[tuple[int, np.ndarray]], column: int = 0) -> list:
+        """For chunks (device, inputs whose column `column` holds start version rows of `stacked`) of
+        this process's devices besides the first: (device, start models, inputs) on that device,
+        the inputs then indexing its own clients' start models. Those are gathered from `stacked`
+        in one call (each device's rows padded to a power of two: few shapes compile) and put on
+        their devices with the inputs in one more; the version table stays on the first device."""
+        devices = list(dict.fromkeys(device for device, _ in chunks))
+        rows = {device: [] for device in devices}
+        local = []
+        for device, inputs in chunks:
+            taken = sum(len(part) for part in rows[device])
+            rows[device].append(inputs[:, column])
+            inputs = np.array(inputs)
+            inputs[:, column] = np.arange(taken, taken + len(inputs))
+            local.append(inputs)
+        gathered = []
+        for device in devices:
+            part = np.concatenate(rows[device])
+            gathered.append(np.concatenate([part, np.full(bucket_size(len(part)) - len(part), part[0])]))
+        starts = _take_parts(stacked, gathered)
+        placed = jax.device_put(starts + local, [self._others[d - 1] for d in devices] + [self._others[d - 1] for d, _ in chunks])
+        on = dict(zip(devices, placed))
+        return [(device, on[device], inputs) for (device, _), inputs in zip(chunks, placed[len(devices) :])]
 
-    def chunk_sizes(self, n: int) -> list[int]:
-        """The compiled sizes of the chunks a batch of n clients is trained in."""
-        return [size for _, size in chunk_plan(n, self.chunk_size, self.pad)]
+    def _train_elsewhere(self, stacked, chunks: list[tuple[int, np.ndarray]]) -> list:
+        """`_chunk` of each (device, inputs) of this process's devices besides the first, from its own
+        clients' start models (`_place_elsewhere`); their (params, loss), moved back to the first
+        device, in order. Each chunk is a program on one device: one program over several CPU
+        devices waited in its call for the one before it, leaving the devices idle while the host
+        caught up."""
+        if not chunks:
+            return []
+        placed = self._place_elsewhere(stacked, chunks)
+        return jax.device_put([self._train_chunk(start, *self._data_on(device), inputs) for device, start, inputs in placed], self.mesh.home)
+
+    def _sharded_chunk(self, stacked, inputs: np.ndarray):
+        """The chunk's results from one program sharded over every process's devices along the
+        client axis, each device training from its own clients' start models."""
+        parts = self.mesh.size
+        share = len(inputs) // parts
+        starts = self.mesh.shard_parts(_take_parts(stacked, list(inputs[:, 0].reshape(parts, share))))
+        local = np.array(inputs)
+        local[:, 0] = np.tile(np.arange(share, dtype=np.int32), parts)
+        return self._train_sharded(starts, self._x, self._y, self.mesh.shard(local))
 
     def train_one(self, params: PyTree, client: int, dispatch_id: int) -> tuple[PyTree, jnp.ndarray]:
         """One client alone, unbatched (the reference path)."""

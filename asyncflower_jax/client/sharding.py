@@ -1,17 +1,17 @@
-"""The client axis of a training chunk, sharded over devices (one host or several).
+"""The devices that train clients, and the client axis of a training chunk sharded over them.
 
-A chunk of clients is split evenly over a one-dimensional mesh (`clients`): every device trains
-its own slice of clients from its own slice of their start models, with the client store
-replicated on each. Per-client work is independent, so the split changes no result: a client's
-key is fold_in(seed key, dispatch id) on whichever device it lands. On a CPU-only machine, run.py
-and the benchmarks make one CPU device per core (`expose_cpu_cores`): one CPU device runs one
-program at a time, on about one core.
+In one process, a batch of clients is shared out among the devices (client/batched.py:
+`device_shares`): each device trains its share from its own clients' start models, with a copy of
+the client store, and its results are moved back to the first device. Per-client work is
+independent, so the split changes no result: a client's key is fold_in(seed key, dispatch id) on
+whichever device it lands. On a CPU-only machine, run.py and the benchmarks make one CPU device
+per core (`expose_cpu_cores`): one CPU device runs one program at a time, on about one core.
 
-The rest of the simulator (version cache, aggregation, evaluation) stays on one local device:
-results come back to it after each chunk. With several processes (multi-host, after
-`jax.distributed.initialize`), every process runs the same simulation loop on the same schedule
-(the host side is deterministic), the chunk is trained across all processes' devices, and each
-process gets every result back on its own first local device.
+The rest of the simulator (version cache, aggregation, evaluation) stays on one local device.
+With several processes (multi-host, after `jax.distributed.initialize`), every process runs the
+same simulation loop on the same schedule (the host side is deterministic), each chunk is split
+evenly over a one-dimensional mesh (`clients`) of all processes' devices and trained by one
+program, and each process gets every result back on its own first local device.
 """
 
 from __future__ import annotations
@@ -62,14 +62,6 @@ def expose_cpu_cores(devices=None) -> int | None:
 def memory_bytes() -> int:
     """The machine's physical memory."""
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def join_slices(slices: list):
-    """Trees of device slices (`ClientMesh.slices`) joined along the client axis (traceable)."""
-    return jax.tree.map(lambda *parts: jax.numpy.concatenate(parts), *slices)
-
-
-_join_slices = jit(join_slices)
 
 
 def select_devices(devices: int | Sequence | None, replica_bytes: int = 0) -> list:
@@ -141,18 +133,8 @@ class ClientMesh:
             return jax.device_put(array, self.sharded)
         return jax.make_array_from_callback(array.shape, self.sharded, lambda index: array[index])
 
-    def slices(self, tree) -> list:
-        """A `shard_map` program's output (one process) as its devices' slices of the client axis,
-        in order, each moved on its own to this process's first local device: a sharded array put
-        on one device goes through the host, waiting for the program that made it."""
-        leaves, treedef = jax.tree.flatten(tree)
-        moved = jax.device_put([[leaf.addressable_data(k) for leaf in leaves] for k in range(self.size)], self.home)
-        return [jax.tree.unflatten(treedef, part) for part in moved]
-
     def gather(self, tree):
-        """Sharded results back on this process's first local device."""
-        if not self.multiprocess:
-            return _join_slices(self.slices(tree))
+        """Sharded results (over several processes) back on this process's first local device."""
         full = self._replicate_all(tree)  # an all-gather across processes
         return jax.tree.map(lambda leaf: jax.device_put(leaf.addressable_data(0), self.home), full)
 

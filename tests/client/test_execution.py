@@ -11,10 +11,10 @@ from asyncflower_jax.client.batched import (
     CPU_SPLIT_FLOPS,
     BatchedTrainer,
     chunk_plan,
+    device_shares,
     matmul_flops,
     resolve_execution,
     rows_finite,
-    split_chunk,
     stored_row,
 )
 from asyncflower_jax.client.local_train import LocalTraining, make_local_train
@@ -161,13 +161,19 @@ def test_matmul_flops_count_products_and_convolutions_with_scan_lengths_and_the_
     assert matmul_flops(grad.jaxpr) == 2 * (2 * 32 * 200 * 64)
 
 
-def test_chunks_are_split_over_devices_of_one_process_only_with_enough_clients_and_work():
-    assert split_chunk(1, 4, multiprocess=True, client_flops=1.0)  # every process takes part in every chunk
-    assert not split_chunk(4, 4, multiprocess=False, client_flops=None)  # fewer than 2 clients per device
-    assert split_chunk(5, 4, multiprocess=False, client_flops=None)  # 2 per device, padding included; accelerators: no work limit
-    assert split_chunk(8, 4, multiprocess=False, client_flops=CPU_SPLIT_FLOPS / 2)  # 2 clients of half the limit each
-    assert not split_chunk(8, 4, multiprocess=False, client_flops=CPU_SPLIT_FLOPS / 2 - 1)
-    assert not split_chunk(1024, 2, multiprocess=False, client_flops=1e4)  # a tiny model: 512 clients per device are 5 MFLOP
+def test_a_batch_is_shared_out_among_the_devices_only_with_enough_clients_and_work():
+    assert device_shares(9, 1, client_flops=None) == [9]
+    assert device_shares(7, 4, client_flops=None) == [7]  # fewer than 2 clients per device: all on the first
+    assert device_shares(8, 4, client_flops=None) == [2, 2, 2, 2]  # accelerators: no work limit
+    assert device_shares(11, 4, client_flops=None) == [2, 3, 3, 3]  # the first device (it also aggregates) gets the fewest
+    assert device_shares(14, 2, client_flops=None) == [7, 7]
+    assert device_shares(8, 4, client_flops=CPU_SPLIT_FLOPS / 2) == [2, 2, 2, 2]  # 2 clients of half the limit each
+    assert device_shares(8, 4, client_flops=CPU_SPLIT_FLOPS / 2 - 1) == [8]
+    assert device_shares(1024, 2, client_flops=1e4) == [1024]  # a tiny model: 512 clients per device are 5 MFLOP
+    for n in range(1, 60):
+        for devices in (1, 2, 3, 4):
+            shares = device_shares(n, devices, client_flops=None)
+            assert sum(shares) == n and max(shares) - min(shares) <= 1 and shares == sorted(shares)
 
 
 def test_auto_on_the_cpu_trains_every_client_as_one_at_a_time_without_padding():

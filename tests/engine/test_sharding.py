@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(
     from tests.conftest import make_config
     import asyncflower_jax.client.batched as batched
 
-    batched.CPU_SPLIT_FLOPS = 0  # these small models' chunks are split too
+    batched.CPU_SPLIT_FLOPS = 0  # these small models' batches are shared out too
     assert len(jax.devices()) == 4, jax.devices()
     jax.config.update("jax_enable_x64", True)
     SMALL = ["num_clients=40", "concurrency=8", "eval_every=5", "client.num_steps=3", "client.batch_size=8",
@@ -59,7 +59,7 @@ SCRIPT = textwrap.dedent(
             "params_vs_reference": max(float(np.max(np.abs(a - b))) for a, b in zip(leaves(four.params), leaves(ref))),
             "accuracy": [[r["test_accuracy"] for r in one.history], [r["test_accuracy"] for r in four.history]],
             "result_devices": sorted(placed),
-            "split_programs": four_exp.trainer._train_sharded._cache_size(),
+            "split_batches": four_exp.trainer.split_batches,
         }
     print("RESULT " + json.dumps(out))
     """
@@ -80,12 +80,12 @@ def test_four_devices_equal_one_device_and_the_reference():
     assert set(out) == {"fedasync/vmap", "fedbuff/map"}
     for name, r in out.items():
         assert r["devices"] == [1, 4], name
-        assert r["mean_train_batch"] > 1, name  # chunks really spanned several devices
+        assert r["mean_train_batch"] > 1, name
         assert r["params_vs_one_device"] < 1e-9, (name, r)
         assert r["params_vs_reference"] < 1e-9, (name, r)
         assert r["accuracy"][0] == pytest.approx(r["accuracy"][1], abs=1e-12), name
         assert r["result_devices"] == [0], name  # the model stays on the first device
-        assert r["split_programs"] > 0, name  # chunks were split over the devices
+        assert r["split_batches"] > 0, name  # batches were shared out among the devices
 
 
 TRAINER_SCRIPT = textwrap.dedent(
@@ -98,7 +98,7 @@ TRAINER_SCRIPT = textwrap.dedent(
     from asyncflower_jax.client import batched
     from asyncflower_jax.client.sharding import memory_bytes, select_devices
 
-    batched.CPU_SPLIT_FLOPS = 0  # this linear model's chunks are split too
+    batched.CPU_SPLIT_FLOPS = 0  # this linear model's batches are shared out too
     jax.config.update("jax_enable_x64", True)
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(48, 3)), rng.integers(0, 4, 48).astype(np.int32)
@@ -106,21 +106,22 @@ TRAINER_SCRIPT = textwrap.dedent(
     linear = lambda p, xb: xb @ p["w"] + p["b"]
     train = make_local_train(linear, LocalTraining(num_steps=4, batch_size=3, learning_rate=0.2))
     versions = [{"w": jnp.asarray(rng.normal(size=(3, 4))), "b": jnp.asarray(rng.normal(size=4))} for _ in range(3)]
-    version_idx = np.array([0, 2, 1, 2, 0, 1, 1])
-    clients = np.array([4, 0, 1, 3, 2, 5, 0])
-    ids = np.arange(20, 27)
+    version_idx = np.array([0, 2, 1, 2, 0, 1, 1, 2, 0, 0, 1])
+    clients = np.array([4, 0, 1, 3, 2, 5, 0, 1, 1, 3, 2])
+    ids = np.arange(20, 31)
     out = {}
-    for execution in ("vmap", "map"):
-        trainer = BatchedTrainer(train, store, jax.random.key(3), chunk_size=16, execution=execution, devices=4)
-        chunks = trainer.train(versions, version_idx, clients, ids)
-        worst = 0.0
-        for i in range(len(clients)):
-            alone, _ = trainer.train_one(versions[version_idx[i]], int(clients[i]), int(ids[i]))
-            row = jax.tree.map(lambda leaf: leaf[i], chunks[0].params)
-            worst = max(worst, max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(row), jax.tree.leaves(alone))))
-        out[execution] = {"rows": int(chunks[0].loss.shape[0]), "n": chunks[0].n, "max_diff": worst,
-                          "devices": sorted(d.id for d in chunks[0].loss.devices()),
-                          "split_programs": trainer._train_sharded._cache_size()}
+    for execution in ("vmap", "map", "auto"):
+        trainer = BatchedTrainer(train, store, jax.random.key(3), chunk_size=4, execution=execution, devices=4)
+        worst = {}
+        for name, n in (("shared", 11), ("first device only", 7)):  # 11: shares of 2, 3, 3 and 3 clients; 7: under 2 per device
+            chunks = trainer.train(versions, version_idx[:n], clients[:n], ids[:n])
+            rows = [jax.tree.map(lambda leaf: leaf[r], c.params) for c in chunks for r in range(c.n)]
+            worst[name] = 0.0
+            for i in range(n):
+                alone, _ = trainer.train_one(versions[version_idx[i]], int(clients[i]), int(ids[i]))
+                worst[name] = max(worst[name], max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(rows[i]), jax.tree.leaves(alone))))
+        out[execution] = {"chunks": trainer.chunks(11), "max_diff": worst, "devices": sorted({d.id for c in chunks for d in c.loss.devices()}),
+                          "split_batches": trainer.split_batches}
     # CPU devices share the machine's memory: null takes as many as hold a copy of the data each in a quarter of it
     out["selected"] = [len(select_devices(None, replica_bytes=b)) for b in (0, memory_bytes() // 8, memory_bytes() // 4, memory_bytes())]
     print("RESULT " + json.dumps(out))
@@ -128,14 +129,16 @@ TRAINER_SCRIPT = textwrap.dedent(
 )
 
 
-def test_sharded_chunk_pads_to_the_devices_and_equals_one_at_a_time():
+def test_a_batch_shared_out_among_devices_equals_one_at_a_time():
     out = run_on_four_devices(TRAINER_SCRIPT)
-    for execution in ("vmap", "map"):
+    # explicit executions pad each share's last chunk to a power of two; auto (CPU) never pads
+    assert out["vmap"]["chunks"] == out["map"]["chunks"] == [[0, 2, 2], [1, 3, 4], [2, 3, 4], [3, 3, 4]]
+    assert out["auto"]["chunks"] == [[0, 1, 1], [0, 1, 1]] + [[device, 1, 1] for device in (1, 2, 3) for _ in range(3)]
+    for execution in ("vmap", "map", "auto"):
         r = out[execution]
-        assert r["n"] == 7 and r["rows"] == 8  # 7 clients padded to a multiple of 4 devices
-        assert r["max_diff"] < 1e-12, (execution, r)
-        assert r["devices"] == [0]
-        assert r["split_programs"] == 1
+        assert r["max_diff"]["shared"] < 1e-12 and r["max_diff"]["first device only"] < 1e-12, (execution, r)
+        assert r["devices"] == [0]  # every result comes back to the first device
+        assert r["split_batches"] == 1  # the batch of 11, not the batch of 7
     assert out["selected"] == [4, 2, 1, 1]
 
 
