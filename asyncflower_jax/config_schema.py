@@ -174,7 +174,7 @@ FIELDS: dict[str, Field] = {
         Field("execution", str, "auto", "how a chunk of clients trains: vmap, map (lax.map) or auto (by backend)", choices=EXECUTIONS),
         Field("map_batch", int, 1, "with execution=map: clients vmapped together inside the loop", low=1),
         Field(
-            "devices", int, None, "shard each chunk's clients over this many devices (null: every device JAX sees; on a CPU-only machine run.py makes one per core, or this many)",
+            "devices", int, None, "share each training batch's clients among this many devices (null: every device JAX sees; on a CPU-only machine run.py makes one per core, or this many)",
             low=1, nullable=True, note="at most the devices JAX sees",
         ),
         Field(

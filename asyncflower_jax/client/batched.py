@@ -48,7 +48,7 @@ from .sharding import ClientMesh, select_devices
 
 EXECUTIONS = ("auto", "vmap", "map")
 CPU_CHUNK = 16  # clients per vmapped call and device that `auto` uses on the CPU (at most)
-MIN_SPLIT_PER_DEVICE = 2  # in one process, a chunk is split over the devices when each gets at least this many clients ...
+MIN_SPLIT_PER_DEVICE = 2  # in one process, a batch is shared out among the devices when each gets at least this many clients ...
 CPU_SPLIT_FLOPS = 50e6  # ... and, on CPU devices, at least this much work (matrix-product flops: about a millisecond of a core)
 
 

@@ -41,7 +41,7 @@ def usable_cores() -> int:
 
 def expose_cpu_cores(devices=None) -> int | None:
     """Before JAX starts: make the CPU backend `devices` devices (an int), or one per usable core
-    (None), so that chunks of clients are split over every core. One CPU device runs one program
+    (None), so that batches of clients are shared out among every core. One CPU device runs one program
     at a time on about one core; split over two devices, a 2-core CPU trained the digits MLP about
     twice as fast (BENCHMARKS.md). Only the CPU backend changes: on a machine with GPUs or TPUs
     those remain JAX's devices. Left alone (None returned) when JAX has started, when the CPU

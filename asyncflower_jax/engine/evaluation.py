@@ -4,7 +4,8 @@ client's validation split.
 Both run as one jitted call over fixed-size batches (`jax.lax.map`), so memory stays bounded for
 large test sets and large models; padded rows are masked out of every sum. An evaluator's scores
 may stay on the device (JAX scalars) until `read_metrics` reads them: the simulator reads each
-evaluation at the next one, so evaluating never makes the host wait for queued training.
+evaluation at a later one, once computed, so evaluating never makes the host wait for queued
+training.
 """
 
 from __future__ import annotations
