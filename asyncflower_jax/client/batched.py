@@ -151,8 +151,6 @@ def put_trained(results, chunk, positions):
 put_trained_in_place = jit(put_trained, donate_argnums=(0,))
 
 
-
-
 def stack_trees(trees: list[PyTree]) -> PyTree:
     """Stack a list of same-shaped pytrees on a new leading axis.
 
@@ -434,10 +432,10 @@ class BatchedTrainer:
         """The client data's copy on this process's training device `device` (> 0)."""
         return self._data_on_others[device - 1]
 
-    def _place_elsewhere(self, stacked, chunks: list[tuple[int, np.ndarray]], column: int = 0) -> list:
-        """For chunks (device, inputs whose column `column` holds start version rows of `stacked`) of
-        this process's devices besides the first: (device, start models, inputs) on that device,
-        the inputs then indexing its own clients' start models. Those are gathered from `stacked`
+    def _place_elsewhere(self, stacked, chunks: list[tuple[int, np.ndarray]]) -> list:
+        """For chunks (device, `_chunk`'s inputs: start version rows of `stacked`) of this process's
+        devices besides the first: (device, start models, inputs) on that device, the inputs then
+        indexing its own clients' start models. Those are gathered from `stacked`
         in one call (each device's rows padded to a power of two: few shapes compile) and put on
         their devices with the inputs in one more; the version table stays on the first device."""
         devices = list(dict.fromkeys(device for device, _ in chunks))
@@ -445,9 +443,9 @@ class BatchedTrainer:
         local = []
         for device, inputs in chunks:
             taken = sum(len(part) for part in rows[device])
-            rows[device].append(inputs[:, column])
+            rows[device].append(inputs[:, 0])
             inputs = np.array(inputs)
-            inputs[:, column] = np.arange(taken, taken + len(inputs))
+            inputs[:, 0] = np.arange(taken, taken + len(inputs))
             local.append(inputs)
         gathered = []
         for device in devices:
