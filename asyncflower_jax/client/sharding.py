@@ -129,8 +129,6 @@ class ClientMesh:
 
     def shard(self, array: np.ndarray):
         """A host array (identical on every process) split over the devices along its first axis."""
-        if not self.multiprocess:
-            return jax.device_put(array, self.sharded)
         return jax.make_array_from_callback(array.shape, self.sharded, lambda index: array[index])
 
     def gather(self, tree):
