@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks import common, host_loop, overhead, scale, throughput, vs_flower
 from asyncflower_jax.engine.reference import run_reference
+from tests.conftest import compilation_cache_env
 
 
 def test_replayed_batches_equal_the_simulators():
@@ -194,7 +195,9 @@ def test_overhead_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_scale_quick(tmp_path):
+def test_scale_quick(tmp_path, monkeypatch):
+    for name, value in compilation_cache_env().items():  # the worker processes compile into the tests' cache
+        monkeypatch.setenv(name, value)
     scale.main(["--quick", "--concurrency", "10", "--out", str(tmp_path)])  # two worker processes
     data = read(tmp_path / "scale.json")
     assert (tmp_path / "scale.png").is_file()

@@ -1,6 +1,6 @@
-"""A real Flower federation on loopback: flower-superlink, 3 flower-supernode processes and `flwr run` of this app.
+"""A real Flower federation on loopback: flower-superlink, 2 flower-supernode processes and `flwr run` of this app.
 
-FedAsync runs for 9 updates over the asynchronous ServerApp loop; the ClientApps train with JAX on
+FedAsync runs for 6 updates over the asynchronous ServerApp loop; the ClientApps train with JAX on
 their partitions. Every wait is bounded, and every process the test starts (and every process those
 start) is ended when it leaves, pass or fail.
 """
@@ -14,7 +14,7 @@ import pytest
 from asyncflower_jax.flower.local import LocalFederation, is_listening
 
 ROOT = Path(__file__).resolve().parents[2]
-NODES = 3
+NODES = 2
 
 
 @pytest.mark.slow
@@ -24,9 +24,9 @@ def test_fedasync_in_a_real_federation(tmp_path):
         "strategy": "fedasync",
         "num_clients": NODES,
         "concurrency": NODES,
-        "max_updates": 9,
+        "max_updates": 6,
         "eval_every": 1,
-        "overrides": "client.num_steps=10 client.learning_rate=0.1 model.hidden=[32]",
+        "overrides": "client.num_steps=20 client.learning_rate=0.1 model.hidden=[32]",
         "federation.node_timeout": 120.0,
         "federation.reply_timeout": 300.0,
         "federation.run_dir": str(run_dir),
@@ -43,18 +43,18 @@ def test_fedasync_in_a_real_federation(tmp_path):
     assert federation.alive_descendants() == []
     assert not is_listening(federation.port)
 
-    assert summary["stop_reason"] == "max_updates" and summary["client_updates"] >= 9 and summary["versions"] >= 9
+    assert summary["stop_reason"] == "max_updates" and summary["client_updates"] >= 6 and summary["versions"] >= 6
     # the run directory is complete: the launcher stopped the federation only after the plots
     assert not (run_dir / "failed.json").exists() and (run_dir / "accuracy_loss.png").stat().st_size > 10_000
     assert summary["failures"] == {"dropout": 0, "failed": 0, "timeout": 0, "nonfinite": 0}
     assert summary["max_staleness"] > 0 and summary["mean_staleness"] > 0
-    assert sorted(summary["nodes"]) == ["0", "1", "2"]
+    assert sorted(summary["nodes"]) == ["0", "1"]
     assert summary["final_test_accuracy"] > summary["initial_test_accuracy"] + 0.15
     with open(run_dir / "updates.csv", newline="") as f:
         updates = list(csv.DictReader(f))
     assert len(updates) == summary["client_updates"]
-    assert {u["client"] for u in updates} == {"0", "1", "2"}
+    assert {u["client"] for u in updates} == {"0", "1"}
     assert all(int(u["staleness"]) == int(u["version"]) - 1 - int(u["start_version"]) for u in updates)
     with open(run_dir / "metrics.csv", newline="") as f:
         accuracy = [float(r["test_accuracy"]) for r in csv.DictReader(f)]
-    assert len(accuracy) >= 9 and accuracy[-1] == pytest.approx(summary["final_test_accuracy"])
+    assert len(accuracy) >= 6 and accuracy[-1] == pytest.approx(summary["final_test_accuracy"])
