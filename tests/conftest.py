@@ -23,9 +23,13 @@ def pytest_configure(config):
     """Share XLA compilations between the many small experiments the tests build, and across clones:
     the persistent cache is the one `python run.py` uses (conf: xla_cache_dir), so a fresh clone on a
     machine that ran the tests or an experiment before reuses what was compiled. And keep this
-    process on one CPU device (tests/engine/test_sharding.py starts processes with several)."""
+    process on one CPU device (tests/engine/test_sharding.py starts processes with several).
+    Under pytest-xdist (`-n auto`) each worker takes GPU memory as it needs it: several workers
+    each taking most of it up front would run out."""
     import os
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
     from asyncflower_jax.compilation import use_compilation_cache
