@@ -50,6 +50,11 @@ EXECUTIONS = ("auto", "vmap", "map")
 CPU_CHUNK = 16  # clients per vmapped call and device that `auto` uses on the CPU (at most)
 MIN_SPLIT_PER_DEVICE = 2  # in one process, a batch is shared out among the devices when each gets at least this many clients ...
 CPU_SPLIT_FLOPS = 50e6  # ... and, on CPU devices, at least this much work (matrix-product flops: about a millisecond of a core)
+# another device's start models are sent as at least this many rows (if they take at most
+# MIN_SENT_BYTES): every share of a few clients then compiles the same few programs (the default
+# experiment's shares of 2 to 5 clients compiled 5 training programs for the other device, 2 now)
+MIN_SENT_ROWS = 8
+MIN_SENT_BYTES = 64 << 20
 
 
 def resolve_execution(execution: str, chunk_size: int = 256, backend: str | None = None, devices: int = 1) -> tuple[str, int]:
@@ -288,6 +293,15 @@ class BatchedTrainer:
     def num_devices(self) -> int:
         return 1 if self.mesh is None else self.mesh.size
 
+    @property
+    def home(self):
+        """With several devices in one process, the first: where the models and the results store
+        live, committed to it from the start. Other devices' results come back committed, and a jitted
+        program compiles anew for committed arguments where it had uncommitted ones (measured: the
+        default experiment's aggregation step, training-into-the-store and evaluation programs twice
+        each). None otherwise: arrays stay uncommitted."""
+        return self.mesh.home if self.mesh is not None and not self.mesh.multiprocess else None
+
     def _settle(self, stacked: PyTree) -> None:
         """At the first chunk, from local training's jaxpr: CPU `auto`'s execution, "map" if it has a
         convolution, else "vmap" (see the module docstring); on CPU devices of one process, the
@@ -436,7 +450,8 @@ class BatchedTrainer:
         """For chunks (device, `_chunk`'s inputs: start version rows of `stacked`) of this process's
         devices besides the first: (device, start models, inputs) on that device, the inputs then
         indexing its own clients' start models. Those are gathered from `stacked`
-        in one call (each device's rows padded to a power of two: few shapes compile) and put on
+        in one call (each device's rows padded to a power of two, at least MIN_SENT_ROWS: few shapes
+        compile) and put on
         their devices with the inputs in one more; the version table stays on the first device."""
         devices = list(dict.fromkeys(device for device, _ in chunks))
         rows = {device: [] for device in devices}
@@ -447,10 +462,12 @@ class BatchedTrainer:
             inputs = np.array(inputs)
             inputs[:, 0] = np.arange(taken, taken + len(inputs))
             local.append(inputs)
+        row_bytes = sum(leaf.nbytes // leaf.shape[0] for leaf in jax.tree.leaves(stacked))
+        least = MIN_SENT_ROWS if MIN_SENT_ROWS * row_bytes <= MIN_SENT_BYTES else 1
         gathered = []
         for device in devices:
             part = np.concatenate(rows[device])
-            gathered.append(np.concatenate([part, np.full(bucket_size(len(part)) - len(part), part[0])]))
+            gathered.append(np.concatenate([part, np.full(max(least, bucket_size(len(part))) - len(part), part[0])]))
         starts = _take_parts(stacked, gathered)
         placed = jax.device_put(starts + local, [self._others[d - 1] for d in devices] + [self._others[d - 1] for d, _ in chunks])
         on = dict(zip(devices, placed))

@@ -133,7 +133,7 @@ class PendingResults:
             row = shapes()
             row_bytes = max(1, sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(row)))
             capacity = max(n, min(self.capacity, max(16, FIRST_TABLE_BYTES // row_bytes)))
-            self._store = zero_rows(row, capacity)
+            self._store = zero_rows(row, capacity, self.trainer.home)
             self._free = list(range(capacity - 1, -1, -1))
         elif len(self._free) < n:
             capacity = self._store[1].shape[0]

@@ -409,12 +409,14 @@ class Simulator:
         s, sched, strategy = self.settings, self.scheduler, self.strategy
         check_each_flush = s.reject_nonfinite and not optimistic
         # live versions: at most one per client in flight, the current and the next
-        versions = VersionCache(stacked=True, capacity=s.concurrency + 2)
+        home = self.trainer.home  # (several devices: the run's arrays are committed to the first, `BatchedTrainer.home`)
+        place = (lambda tree: tree) if home is None else (lambda tree: jax.device_put(tree, home))
+        versions = VersionCache(stacked=True, capacity=s.concurrency + 2, device=home)
         # trained results held at once: at most one per client in flight and the arrivals not yet
         # aggregated (more while aggregations are queued: the store then grows)
         pending = PendingResults(self.trainer, horizon=lambda: horizon(), capacity=s.concurrency + s.concurrency // 8 + 16)
-        version, params = 0, self.initial_params
-        state = strategy.init(params)
+        version, params = 0, place(self.initial_params)
+        state = place(strategy.init(params))
         updates_done, server_round = 0, 1
         window_staleness: list[int] = []
         all_staleness: list[int] = []
@@ -436,7 +438,7 @@ class Simulator:
         queue = None
         if self.per_call > 1:
             queue = QueuedSteps(self.per_call)
-        all_finite = jax.device_put(np.bool_(True))  # every aggregated row so far was finite (the kernel keeps it)
+        all_finite = jax.device_put(np.bool_(True), home)  # every aggregated row so far was finite (the kernel keeps it)
         probe = None  # an earlier all_finite, read (without waiting) once it is ready
         evaluating: deque = deque()  # evaluations started and not read yet (start_evaluation), oldest first
         diverged_at = None  # the version whose model was found non-finite
@@ -446,6 +448,7 @@ class Simulator:
             state, loop, all_staleness, history = restore_run(
                 resume, scheduler=sched, versions=versions, pending=pending, params_template=params, state_template=state
             )
+            state = place(state)
             version, server_round, updates_done = int(loop["version"]), int(loop["server_round"]), int(loop["updates_done"])
             staleness_sum, last_finite_version = int(loop["staleness_sum"]), int(loop["last_finite_version"])
             window_staleness = [int(x) for x in loop["window_staleness"]]

@@ -51,9 +51,10 @@ def grow_rows(table, capacity: int):
 class VersionCache:
     """version -> params for every version the server or an unaggregated client still holds."""
 
-    def __init__(self, stacked: bool = False, capacity: int | None = None):
+    def __init__(self, stacked: bool = False, capacity: int | None = None, device=None):
         self.stacked = stacked
         self.capacity = capacity  # stacked: the table never grows past this many slots (None: no bound)
+        self.device = device  # stacked: the device the table is committed to (None: JAX's default, uncommitted)
         self._params: dict[int, PyTree] = {}  # unstacked storage
         self._refs: dict[int, int] = {}
         self._table: PyTree | None = None  # stacked storage: leaves [slots, ...]
@@ -84,7 +85,7 @@ class VersionCache:
             if self.capacity is not None:
                 grown = max(min(grown, self.capacity), size + 1)
             if self._table is None:
-                self._table = zero_rows(params, grown)
+                self._table = zero_rows(params, grown, self.device)
             else:
                 self._table = grow_rows(self._table, grown)
             self._free = list(range(grown - 1, size - 1, -1))  # lowest slot first

@@ -49,9 +49,11 @@ def _zero_leaves(specs: tuple) -> list:
     return [jnp.zeros(shape, dtype) for shape, dtype in specs]
 
 
-def zero_rows(row: PyTree, rows: int) -> PyTree:
+def zero_rows(row: PyTree, rows: int, device=None) -> PyTree:
     """A table of `rows` zero rows, each shaped like `row` (arrays or ShapeDtypeStructs), made by one
-    program: eager jnp.zeros compiles one per leaf (about 25 ms each on a 2-core CPU)."""
+    program: eager jnp.zeros compiles one per leaf (about 25 ms each on a 2-core CPU). With a
+    `device`, the table is committed to it (see `BatchedTrainer.home`)."""
     leaves, treedef = jax.tree.flatten(row)
     specs = tuple(((rows, *jnp.shape(leaf)), jnp.dtype(jnp.result_type(leaf))) for leaf in leaves)
-    return jax.tree.unflatten(treedef, _zero_leaves(specs))
+    table = jax.tree.unflatten(treedef, _zero_leaves(specs))
+    return table if device is None else jax.device_put(table, device)

@@ -57,6 +57,8 @@ def test_after_enough_arrivals_only_the_observed_rate_counts():
 class RowsOfIds:
     """A trainer whose result for dispatch id d is the row [d, 2d] with loss d (finite)."""
 
+    home = None  # one device: the store is not committed to one
+
     def result_shapes(self, stacked):
         return {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}, jax.ShapeDtypeStruct((), jnp.float32)
 

@@ -43,6 +43,7 @@ SCRIPT = textwrap.dedent(
         sim = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings)
         result = sim.run()
         placed = {d.id for leaf in jax.tree.leaves(result.params) for d in leaf.devices()}
+        exp.step_programs = sim._step._cache_size()  # (compiled variants of the aggregation step)
         return exp, result, placed
 
     out = {}
@@ -60,6 +61,7 @@ SCRIPT = textwrap.dedent(
             "accuracy": [[r["test_accuracy"] for r in one.history], [r["test_accuracy"] for r in four.history]],
             "result_devices": sorted(placed),
             "split_batches": four_exp.trainer.split_batches,
+            "step_programs": [one_exp.step_programs, four_exp.step_programs],
         }
     print("RESULT " + json.dumps(out))
     """
@@ -86,6 +88,9 @@ def test_four_devices_equal_one_device_and_the_reference():
         assert r["accuracy"][0] == pytest.approx(r["accuracy"][1], abs=1e-12), name
         assert r["result_devices"] == [0], name  # the model stays on the first device
         assert r["split_batches"] > 0, name  # batches were shared out among the devices
+        # results coming back from the other devices are committed to the first, and so is
+        # everything there from the start: no program compiles twice for the two kinds of arrays
+        assert r["step_programs"] == [1, 1], (name, r)
 
 
 TRAINER_SCRIPT = textwrap.dedent(
