@@ -449,10 +449,9 @@ class BatchedTrainer:
     def _place_elsewhere(self, stacked, chunks: list[tuple[int, np.ndarray]]) -> list:
         """For chunks (device, `_chunk`'s inputs: start version rows of `stacked`) of this process's
         devices besides the first: (device, start models, inputs) on that device, the inputs then
-        indexing its own clients' start models. Those are gathered from `stacked`
-        in one call (each device's rows padded to a power of two, at least MIN_SENT_ROWS: few shapes
-        compile) and put on
-        their devices with the inputs in one more; the version table stays on the first device."""
+        indexing its own clients' start models. Those are gathered from `stacked` in one call (each
+        device's rows padded to a power of two, at least MIN_SENT_ROWS: few shapes compile) and put
+        on their devices with the inputs in one more; the version table stays on the first device."""
         devices = list(dict.fromkeys(device for device, _ in chunks))
         rows = {device: [] for device in devices}
         local = []
