@@ -119,6 +119,11 @@ def row_shapes(stacked: PyTree) -> PyTree:
     return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), stacked)
 
 
+def row_bytes(stacked: PyTree) -> int:
+    """Bytes of one row of a stacked pytree (arrays, tracers or ShapeDtypeStructs)."""
+    return sum(jnp.dtype(leaf.dtype).itemsize * math.prod(leaf.shape[1:]) for leaf in jax.tree.leaves(stacked))
+
+
 def _shapes_key(shapes: PyTree):
     leaves, treedef = jax.tree.flatten(shapes)
     return treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in leaves)
@@ -461,8 +466,7 @@ class BatchedTrainer:
             inputs = np.array(inputs)
             inputs[:, 0] = np.arange(taken, taken + len(inputs))
             local.append(inputs)
-        row_bytes = sum(leaf.nbytes // leaf.shape[0] for leaf in jax.tree.leaves(stacked))
-        least = MIN_SENT_ROWS if MIN_SENT_ROWS * row_bytes <= MIN_SENT_BYTES else 1
+        least = MIN_SENT_ROWS if MIN_SENT_ROWS * row_bytes(stacked) <= MIN_SENT_BYTES else 1
         gathered = []
         for device in devices:
             part = np.concatenate(rows[device])

@@ -50,7 +50,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -61,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import config_schema
-from ..client.batched import BatchedTrainer, bucket_size, rows_finite, stack_trees
+from ..client.batched import BatchedTrainer, bucket_size, row_bytes, rows_finite, stack_trees
 from ..compilation import jit
 from ..errors import ConfigError, require
 from ..strategy.base import REFILL_POLICIES, AsyncStrategy
@@ -352,8 +351,7 @@ class Simulator:
         one vmap over all the steps of a call gathered them all at once (for 1024 steps of FedBuff's
         16 rows, 7.2 GB for the digits MLP)."""
         steps, width = columns.shape[0], (columns.shape[1] - 1) // STEP_ROW_FIELDS
-        row_bytes = sum(leaf.dtype.itemsize * math.prod(leaf.shape[1:]) for leaf in jax.tree.leaves(table))
-        fit = max(1, min(steps, FACTS_BATCH_BYTES // (2 * width * row_bytes)))
+        fit = max(1, min(steps, FACTS_BATCH_BYTES // (2 * width * row_bytes(table))))
         batch = 1 << (fit.bit_length() - 1)  # (a call's steps are a power of two: no remainder, which would take memory of its own)
         return jax.lax.map(lambda step: self._traced_row_facts(table, results, step), columns, batch_size=batch)
 
