@@ -43,8 +43,11 @@ def pytest_configure(config):
 
 def compilation_cache_env() -> dict[str, str]:
     """The tests' compilation cache settings (pytest_configure) as environment variables, for the
-    Python processes a test starts."""
+    Python processes a test starts. Empty when this process keeps no cache: a cache directory
+    named "None" would be made in the working directory."""
     import jax
 
+    if not jax.config.jax_compilation_cache_dir:
+        return {}
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
     return {name.upper(): str(getattr(jax.config, name)) for name in names}
