@@ -46,6 +46,7 @@ from .results.progress import make_progress
 from .results.recorder import Recorder
 from .results.rundir import RESUME_MUTABLE_KEYS, SUMMARY_FILE, check_fresh, clear_failure, resume_requested, run_files
 from .results.trackers import close_all, make_trackers, tracker_names
+from .strategy.updates import tree_bytes
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class Experiment:
         training = build(cfg.client, "client")
         self.local_train = make_local_train(mixed_precision(module.apply, cfg.get("compute_dtype")), training, max_count=int(self.store.counts.max()))
         if isinstance(self.latency, NeedsWork):  # durations follow each client's work and the model size
-            model_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(self.params))
+            model_bytes = tree_bytes(self.params)
             self.latency = self.latency.bind(training.examples_per_task(self.store.counts), model_bytes)
         self.trainer = BatchedTrainer(
             self.local_train,

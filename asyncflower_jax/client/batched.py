@@ -43,7 +43,7 @@ import numpy as np
 from ..compilation import jit
 from ..data.store import ClientStore
 from ..errors import require
-from ..strategy.updates import PyTree
+from ..strategy.updates import PyTree, tree_bytes
 from .sharding import ClientMesh, select_devices
 
 EXECUTIONS = ("auto", "vmap", "map")
@@ -121,7 +121,7 @@ def row_shapes(stacked: PyTree) -> PyTree:
 
 def row_bytes(stacked: PyTree) -> int:
     """Bytes of one row of a stacked pytree (arrays, tracers or ShapeDtypeStructs)."""
-    return sum(jnp.dtype(leaf.dtype).itemsize * math.prod(leaf.shape[1:]) for leaf in jax.tree.leaves(stacked))
+    return tree_bytes(row_shapes(stacked))
 
 
 def _shapes_key(shapes: PyTree):

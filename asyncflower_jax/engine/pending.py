@@ -24,7 +24,7 @@ import numpy as np
 
 from ..client.batched import BatchedTrainer, bucket_size, put_trained_in_place, row_shapes, stored_row
 from ..compilation import jit
-from ..strategy.updates import zero_rows
+from ..strategy.updates import tree_bytes, zero_rows
 from .faults import NAN
 from .scheduler import Task
 from .versions import FIRST_TABLE_BYTES, VersionCache, grow_rows
@@ -131,7 +131,7 @@ class PendingResults:
         it is rare."""
         if self._store is None:
             row = shapes()
-            row_bytes = max(1, sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(row)))
+            row_bytes = max(1, tree_bytes(row))
             capacity = max(n, min(self.capacity, max(16, FIRST_TABLE_BYTES // row_bytes)))
             self._store = zero_rows(row, capacity, self.trainer.home)
             self._free = list(range(capacity - 1, -1, -1))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..compilation import jit
-from ..strategy.updates import PyTree, zero_rows
+from ..strategy.updates import PyTree, tree_bytes, zero_rows
 
 FIRST_CAPACITY = 16  # slots of a new table at least ...
 FIRST_TABLE_BYTES = 2 << 30  # ... and as many more as fit in this (also the first size of the pending results' store): growing copies the table and compiles the programs that read it again
@@ -78,7 +78,7 @@ class VersionCache:
             if size == 0:
                 grown = FIRST_CAPACITY
                 if self.capacity is not None:  # bounded: start with what fits the byte budget
-                    model_bytes = max(1, sum(int(np.prod(jnp.shape(p))) * jnp.result_type(p).itemsize for p in jax.tree.leaves(params)))
+                    model_bytes = max(1, tree_bytes(params))
                     grown = max(FIRST_CAPACITY, FIRST_TABLE_BYTES // model_bytes)
             else:
                 grown = 2 * size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -42,6 +43,11 @@ class UpdateBatch(NamedTuple):
 def weighted_sum(weights: jnp.ndarray, stacked: PyTree) -> PyTree:
     """sum_i weights[i] * stacked[i] for every leaf (leading axis = updates)."""
     return jax.tree.map(lambda leaf: jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1), stacked)
+
+
+def tree_bytes(tree: PyTree) -> int:
+    """Bytes of every leaf of a pytree (arrays, tracers, ShapeDtypeStructs or Python scalars)."""
+    return sum(math.prod(jnp.shape(leaf)) * jnp.dtype(jnp.result_type(leaf)).itemsize for leaf in jax.tree.leaves(tree))
 
 
 @functools.partial(jit, static_argnums=(0,))

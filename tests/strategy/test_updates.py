@@ -21,3 +21,9 @@ def test_zero_rows_makes_a_whole_table_in_one_program():
     assert module._zero_leaves._cache_size() == before + 1  # not one per leaf
     assert {k: (v.shape, v.dtype) for k, v in table.items()} == {"w": ((5, 2, 3), jnp.bfloat16), "n": ((5,), jnp.int32), "ok": ((5, 4), jnp.bool_)}
     assert all(not np.asarray(v).any() for v in table.values())
+
+
+def test_tree_bytes_counts_every_leaf_of_arrays_shapes_and_scalars():
+    tree = {"w": jnp.ones((3, 4), jnp.float32), "ids": np.ones(5, np.int8), "shape": jax.ShapeDtypeStruct((2, 2), jnp.bfloat16), "lr": 0.5}
+    assert module.tree_bytes(tree) == 3 * 4 * 4 + 5 * 1 + 2 * 2 * 2 + 4  # a Python float is a float32 (without x64)
+    assert module.tree_bytes({}) == 0
