@@ -142,10 +142,12 @@ def ours_worker(mode: str, quick: bool, compile_cache: bool = False) -> dict:
     """This simulator on the workload, in this (fresh) process: a first run (the whole run a user
     waits for: building, compiling, simulating) and a second one (steady state). With
     `compile_cache`, the project's persistent compilation cache (conf: xla_cache_dir) is on, as in
-    `python run.py`: every run after the first one on a machine then skips most compilation."""
+    `python run.py`: every run after the first one on a machine then skips most compilation.
+    Its CPU devices are those run.py makes (one per core, conf: devices) before JAX starts."""
     sys.path.insert(0, str(ROOT))
     from hydra import compose, initialize_config_dir
 
+    from asyncflower_jax.client.sharding import expose_cpu_cores
     from asyncflower_jax.compilation import use_compilation_cache
     from asyncflower_jax.engine.simulator import Simulator
     from asyncflower_jax.experiment import Experiment
@@ -154,6 +156,7 @@ def ours_worker(mode: str, quick: bool, compile_cache: bool = False) -> dict:
     overrides = COMMON + WORKLOADS[mode] + (QUICK[mode] if quick else []) + [f"seed={os.environ.get('ASYNCFLOWER_BENCH_SEED', '0')}"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
+    expose_cpu_cores(cfg.get("devices"))  # as run.py does
     if compile_cache:  # as run.py does: compiled programs reused across runs
         use_compilation_cache(cfg.xla_cache_dir)
     exp = Experiment(cfg)
@@ -169,6 +172,7 @@ def ours_worker(mode: str, quick: bool, compile_cache: bool = False) -> dict:
         "mode": mode,
         "overrides": overrides,
         "execution": [exp.trainer.execution, exp.trainer.chunk_size],
+        "training_devices": exp.trainer.num_devices,
         "updates": second.summary["client_updates"],
         "whole_run_s": whole,
         "compile_cache": compile_cache,
@@ -234,6 +238,7 @@ def main(argv=None) -> dict:
         row = {
             "rule": mode,
             "updates": ours["updates"],
+            "ours_devices": ours["training_devices"],
             "flower_steady_updates_per_s": flower_steady,
             "ours_steady_updates_per_s": ours_steady,
             "steady_ratio": ours_steady / flower_steady,
@@ -257,7 +262,7 @@ def main(argv=None) -> dict:
         }
         out["rows"].append(row)
         print(
-            f"  {mode:>8}: steady {row['ours_steady_updates_per_s']:.0f} vs {row['flower_steady_updates_per_s']:.1f} updates/s ({row['steady_ratio']:.1f}x), "
+            f"  {mode:>8}: steady {row['ours_steady_updates_per_s']:.0f} (on {row['ours_devices']} devices) vs {row['flower_steady_updates_per_s']:.1f} updates/s ({row['steady_ratio']:.1f}x), "
             f"whole run {row['ours_whole_run_s']:.1f} s (compile cache warm: {row['ours_cached_whole_run_s']:.1f} s) vs {row['flower_whole_run_s']:.1f} s ({row['whole_run_ratio']:.1f}x, {row['cached_whole_run_ratio']:.1f}x), "
             f"accuracy {row['ours_accuracy']:.4f} vs {row['flower_accuracy']:.4f} (mean of {len(seeds)} seeds)",
             flush=True,

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import common, host_loop, overhead, scale, throughput, vs_flower
+from asyncflower_jax.client.sharding import usable_cores
 from asyncflower_jax.engine.reference import run_reference
+from benchmarks import common, host_loop, overhead, scale, throughput, vs_flower
 from tests.conftest import compilation_cache_env
 
 
@@ -227,6 +228,7 @@ def test_vs_flower_quick_installs_flower_and_runs_both(tmp_path):
         assert 0 < r["flower_whole_run_s"] and 0 < r["ours_whole_run_s"]
         assert 0 <= r["flower_accuracy"] <= 1 and 0 <= r["ours_accuracy"] <= 1
         assert r["ours"]["final_accuracy"] == r["ours"]["first_run_final_accuracy"]  # the simulator is deterministic
+        assert r["ours_devices"] == r["ours"]["training_devices"] == usable_cores()  # one CPU device per core, as run.py makes
 
 
 def test_flower_environments_whose_parent_is_gone_are_removed(tmp_path, monkeypatch):
