@@ -4,6 +4,7 @@ benchmarks, never asserted here.)"""
 
 import json
 import math
+import os
 import re
 
 import jax
@@ -228,7 +229,8 @@ def test_vs_flower_quick_installs_flower_and_runs_both(tmp_path):
         assert 0 < r["flower_whole_run_s"] and 0 < r["ours_whole_run_s"]
         assert 0 <= r["flower_accuracy"] <= 1 and 0 <= r["ours_accuracy"] <= 1
         assert r["ours"]["final_accuracy"] == r["ours"]["first_run_final_accuracy"]  # the simulator is deterministic
-        assert r["ours_devices"] == r["ours"]["training_devices"] == usable_cores()  # one CPU device per core, as run.py makes
+        if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # (a count set there stays, as in run.py)
+            assert r["ours_devices"] == r["ours"]["training_devices"] == usable_cores()  # one CPU device per core, as run.py makes
 
 
 def test_flower_environments_whose_parent_is_gone_are_removed(tmp_path, monkeypatch):
