@@ -74,13 +74,20 @@ def apply_matmul_precision(precision: str | None) -> None:
     jax.config.update("jax_default_matmul_precision", None if precision in (None, "default") else precision)
 
 
+def apply_precision(precision: str) -> None:
+    """Turn JAX's 64-bit mode on for a float64 run and off for any other, for this process: at
+    every run, as the matrix-product precision. Left on after a float64 run, it changed the
+    results of a float32 run after it in the same process (a sweep's jobs under Hydra's basic
+    launcher): its integers and Python scalars became 64-bit, its random draws with them."""
+    jax.config.update("jax_enable_x64", precision == "float64")
+
+
 class Experiment:
     """All components of one run, built from a config; `run()` executes it."""
 
     def __init__(self, cfg: DictConfig):
         validate_config(cfg)  # the top level against config_schema, before anything is built
-        if cfg.precision == "float64":
-            jax.config.update("jax_enable_x64", True)
+        apply_precision(cfg.precision)
         apply_matmul_precision(cfg.get("matmul_precision"))
         dtype = PRECISIONS[cfg.precision]
         self.cfg = cfg

@@ -19,6 +19,17 @@ def config():
     return make_config
 
 
+@pytest.fixture(autouse=True)
+def _restore_64_bit_mode():
+    """Every test ends with this process's 64-bit mode as it began: a float64 Experiment turns it
+    on for the whole process, and a later test would run under it."""
+    import jax
+
+    before = jax.config.jax_enable_x64
+    yield
+    jax.config.update("jax_enable_x64", before)
+
+
 def pytest_configure(config):
     """Share XLA compilations between the many small experiments the tests build, and across clones:
     the persistent cache is the one `python run.py` uses (conf: xla_cache_dir), so a fresh clone on a

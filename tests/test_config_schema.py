@@ -211,3 +211,29 @@ def test_matmul_precision_is_checked_and_reaches_jax_at_every_run():
         assert jax.config.jax_default_matmul_precision is None
     finally:
         jax.config.update("jax_default_matmul_precision", None)
+
+
+def test_a_float32_run_after_a_float64_run_in_one_process_equals_it_alone():
+    """64-bit mode is set at every run (as in a sweep's jobs under Hydra's basic launcher): left on
+    by a float64 run, it changed a later float32 run's random draws and results."""
+    from asyncflower_jax.engine.simulator import Simulator
+    from asyncflower_jax.experiment import Experiment
+
+    def run(*overrides):
+        exp = Experiment(make_config("num_clients=20", "concurrency=4", "max_updates=30", "progress=false", *overrides))
+        assert jax.config.jax_enable_x64 == ("precision=float64" in overrides)
+        result = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings).run()
+        return result.summary["final_test_accuracy"], [np.asarray(leaf) for leaf in jax.tree.leaves(result.params)]
+
+    before = jax.config.jax_enable_x64
+    try:
+        jax.config.update("jax_enable_x64", False)
+        alone = run()
+        run("precision=float64", "max_updates=4")
+        after = run()
+        assert after[0] == alone[0]
+        for a, b in zip(alone[1], after[1]):
+            assert a.dtype == b.dtype == np.float32
+            np.testing.assert_array_equal(a, b)
+    finally:
+        jax.config.update("jax_enable_x64", before)

@@ -24,6 +24,10 @@ def test_zero_rows_makes_a_whole_table_in_one_program():
 
 
 def test_tree_bytes_counts_every_leaf_of_arrays_shapes_and_scalars():
-    tree = {"w": jnp.ones((3, 4), jnp.float32), "ids": np.ones(5, np.int8), "shape": jax.ShapeDtypeStruct((2, 2), jnp.bfloat16), "lr": 0.5}
-    assert module.tree_bytes(tree) == 3 * 4 * 4 + 5 * 1 + 2 * 2 * 2 + 4  # a Python float is a float32 (without x64)
+    tree = {"w": jnp.ones((3, 4), jnp.float32), "ids": np.ones(5, np.int8), "shape": jax.ShapeDtypeStruct((2, 2), jnp.bfloat16), "lr": np.float32(0.5)}
+    assert module.tree_bytes(tree) == 3 * 4 * 4 + 5 * 1 + 2 * 2 * 2 + 4
     assert module.tree_bytes({}) == 0
+    with jax.enable_x64(False):  # a Python scalar counts as the dtype JAX would give it
+        assert module.tree_bytes([0.5, 3]) == 4 + 4
+    with jax.enable_x64(True):
+        assert module.tree_bytes([0.5, 3]) == 8 + 8
