@@ -72,6 +72,7 @@ class ClientSetup:
     trainer: BatchedTrainer
     template: PyTree  # zeros shaped like the model (checks received arrays)
     num_examples: int
+    x64: bool  # the run's precision is float64: its setup and training run in JAX's 64-bit mode
 
 
 _SETUPS: dict[tuple, ClientSetup] = {}
@@ -88,10 +89,17 @@ def client_setup(run_config: Mapping, partition_id: int, num_partitions: int, st
             f"node config {NUM_PARTITIONS_KEY}={num_partitions} is invalid: must equal the run's num_clients ({cfg.num_clients})"
         )
     check("precision", cfg.precision)
-    if cfg.precision == "float64" and not jax.config.jax_enable_x64:
-        jax.config.update("jax_enable_x64", True)
     apply_matmul_precision(check("matmul_precision", cfg.get("matmul_precision")))
     use_compilation_cache(cfg.get("xla_cache_dir"))
+    x64 = cfg.precision == "float64"
+    with jax.enable_x64(x64):  # (this thread only: a process may serve runs of both precisions)
+        setup = _build_setup(cfg, partition_id, state, x64)
+    _SETUPS[cache_key] = setup
+    return setup
+
+
+def _build_setup(cfg, partition_id: int, state: RecordDict | None, x64: bool) -> ClientSetup:
+    """`client_setup`'s work, in the run's precision."""
     dtype = PRECISIONS[cfg.precision]
     x, y, num_classes, max_count = _partition(cfg, partition_id, dtype, state)
     module = build(cfg.model, "model", num_classes=num_classes)
@@ -101,9 +109,7 @@ def client_setup(run_config: Mapping, partition_id: int, num_partitions: int, st
     trainer = BatchedTrainer(local_train, store, base_key=jax.random.fold_in(jax.random.key(cfg.seed), TRAIN_STREAM))
     shapes = jax.eval_shape(lambda key: init_params(module, x.shape[1:], key, dtype), jax.random.key(0))
     template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    setup = ClientSetup(trainer, template, len(y))
-    _SETUPS[cache_key] = setup
-    return setup
+    return ClientSetup(trainer, template, len(y), x64)
 
 
 def _partition(cfg, partition_id: int, dtype, state: RecordDict | None) -> tuple[np.ndarray, np.ndarray, int, int]:
@@ -149,9 +155,10 @@ def train(msg: Message, context: Context) -> Message:
     arrays = msg.content.array_records.get(ARRAYS)
     if arrays is None:
         raise ValueError(f"the train message has no {ARRAYS!r} ArrayRecord")
-    params = arrayrecord_to_pytree(arrays, template=setup.template)
-    params = jax.tree.map(lambda a, t: jnp.asarray(a, t.dtype), params, setup.template)
-    trained, loss = setup.trainer.train_one(params, 0, dispatch_id)
+    with jax.enable_x64(setup.x64):
+        params = arrayrecord_to_pytree(arrays, template=setup.template)
+        params = jax.tree.map(lambda a, t: jnp.asarray(a, t.dtype), params, setup.template)
+        trained, loss = setup.trainer.train_one(params, 0, dispatch_id)
     metrics = MetricRecord({NUM_EXAMPLES_KEY: setup.num_examples, TRAIN_LOSS_KEY: float(loss), DISPATCH_ID_KEY: dispatch_id, PARTITION_ID_KEY: pid})
     if START_VERSION_KEY in config:
         metrics[START_VERSION_KEY] = int(config[START_VERSION_KEY])

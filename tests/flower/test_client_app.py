@@ -119,3 +119,20 @@ def test_the_client_app_does_not_import_matplotlib():
     code = "import sys, asyncflower_jax.flower.client_app\nassert 'matplotlib' not in sys.modules, 'matplotlib was imported'\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_float64_run_on_the_same_node_process_changes_neither_a_float32_run_nor_the_process(experiment):
+    """The ClientApp trains each run in its own precision (JAX's 64-bit mode for this thread only):
+    a process may serve runs of both, one after the other."""
+    before = jax.config.jax_enable_x64
+
+    def train(run_config):
+        reply = client_app.app(message=train_message(experiment.params, dispatch_id=17), context=node_context(2, run_config=run_config))
+        assert not reply.has_error() and jax.config.jax_enable_x64 == before
+        return [np.asarray(a) for a in jax.tree.leaves(arrayrecord_to_pytree(reply.content["arrays"], template=experiment.params))]
+
+    alone = train(RUN_CONFIG)
+    wide = train({**RUN_CONFIG, "overrides": RUN_CONFIG["overrides"] + " precision=float64"})
+    assert all(a.dtype == np.float64 for a in wide) and all(a.dtype == np.float32 for a in alone)
+    for a, b in zip(alone, train(RUN_CONFIG)):
+        np.testing.assert_array_equal(a, b)
