@@ -67,6 +67,17 @@ def test_sweep_writes_one_directory_per_job(tmp_path):
     assert "\x1b[" not in proc.stdout + proc.stderr  # not a terminal: no live display, plain log lines
 
 
+def test_a_sweep_over_devices_trains_each_job_on_its_own_count(tmp_path):
+    """The CPU devices are made once, at the first job (one per core): a later job asking for more
+    than the first one's count still gets them."""
+    proc = run_py(["-m", "devices=1,null", *TINY], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads((r / "summary.json").read_text()) for r in finished_runs(tmp_path)]
+    expected = usable_cores() if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "") else summaries[1]["training_devices"]
+    assert [s["training_devices"] for s in summaries] == [1, expected]
+    assert summaries[0]["final_test_accuracy"] == pytest.approx(summaries[1]["final_test_accuracy"], abs=1e-6)  # one device or several: the same run
+
+
 def test_a_bad_job_in_a_sweep_does_not_stop_the_others(tmp_path):
     overrides = [o for o in TINY if not o.startswith("concurrency=")] + ["concurrency=4"]  # fedbuff's K=5 > 4
     proc = run_py(["-m", "strategy=fedbuff,fedasync", *overrides], tmp_path)

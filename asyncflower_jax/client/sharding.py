@@ -40,15 +40,21 @@ def usable_cores() -> int:
 
 
 def expose_cpu_cores(devices=None) -> int | None:
-    """Before JAX starts: make the CPU backend `devices` devices (an int), or one per usable core
-    (None), so that batches of clients are shared out among every core. One CPU device runs one program
-    at a time on about one core; split over two devices, a 2-core CPU trained the digits MLP about
-    twice as fast (BENCHMARKS.md). Only the CPU backend changes: on a machine with GPUs or TPUs
-    those remain JAX's devices. Left alone (None returned) when JAX has started, when the CPU
-    device count is set already (XLA_FLAGS' --xla_force_host_platform_device_count or
-    jax_num_cpu_devices), or when one device is asked for; else the count set."""
-    count = usable_cores() if devices is None else devices
-    if not isinstance(count, int) or isinstance(count, bool) or count <= 1:
+    """Before JAX starts: make the CPU backend one device per usable core, or `devices` (an int) if
+    that is more, so that batches of clients are shared out among every core. One CPU device runs
+    one program at a time on about one core; split over two devices, a 2-core CPU trained the
+    digits MLP about twice as fast (BENCHMARKS.md). A run that asks for fewer trains on the first
+    `devices` of them (`select_devices`): the count is made once per process, at a sweep's first
+    job, and a later job may ask for more (`-m devices=1,2`). Only the CPU backend changes: on a
+    machine with GPUs or TPUs those remain JAX's devices. Left alone (None returned) when JAX has
+    started, when the CPU device count is set already (XLA_FLAGS'
+    --xla_force_host_platform_device_count or jax_num_cpu_devices), when `devices` is not an int
+    (the configuration check reports it) or when one device is all there is to make; else the
+    count set."""
+    if devices is not None and (not isinstance(devices, int) or isinstance(devices, bool)):
+        return None
+    count = max(usable_cores(), devices or 0)
+    if count <= 1:
         return None
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices >= 0:
         return None
@@ -83,7 +89,13 @@ def select_devices(devices: int | Sequence | None, replica_bytes: int = 0) -> li
         return available
     if isinstance(devices, int):
         available = jax.devices()
-        require(1 <= devices <= len(available), "devices", devices, f"between 1 and the {len(available)} devices JAX sees, or null for all")
+        more = (
+            " (CPU devices are made before JAX starts, once per process: one per core, or more if a"
+            " sweep's first job asks for more; XLA_FLAGS=--xla_force_host_platform_device_count=K makes K)"
+            if available[0].platform == "cpu"
+            else ""
+        )
+        require(1 <= devices <= len(available), "devices", devices, f"between 1 and the {len(available)} devices JAX sees, or null for all{more}")
         return list(available[:devices])
     return list(devices)
 

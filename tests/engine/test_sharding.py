@@ -242,8 +242,10 @@ def test_cpu_cores_become_devices_before_jax_starts_unless_set_already():
 
     from asyncflower_jax.client.sharding import usable_cores
 
-    assert run(3) == {"set": 3, "devices": 3, "after_start": None}
     cores = usable_cores()
-    assert run(None) == ({"set": cores, "devices": cores, "after_start": None} if cores > 1 else {"set": None, "devices": 1, "after_start": None})
-    assert run(1) == {"set": None, "devices": 1, "after_start": None}
+    assert run(cores + 1) == {"set": cores + 1, "devices": cores + 1, "after_start": None}  # more than the cores, if asked
+    every_core = {"set": cores, "devices": cores, "after_start": None} if cores > 1 else {"set": None, "devices": 1, "after_start": None}
+    assert run(None) == every_core
+    assert run(1) == every_core  # a run asking for one trains on the first: a later job of its sweep may ask for more
+    assert run("two") == {"set": None, "devices": 1, "after_start": None}  # (the configuration check reports it)
     assert run(3, "--xla_force_host_platform_device_count=2") == {"set": None, "devices": 2, "after_start": None}  # the user's setting stays
