@@ -43,10 +43,11 @@ def pytest_configure(config):
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
+    from asyncflower_jax.client.sharding import cpu_devices_set_in_xla_flags
     from asyncflower_jax.compilation import use_compilation_cache
 
     use_compilation_cache(make_config().xla_cache_dir)
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    if not cpu_devices_set_in_xla_flags():
         # one CPU device in this process, whatever imports first (run.py and the benchmarks make one
         # per core); the tests of several devices start processes of their own
         jax.config.update("jax_num_cpu_devices", 1)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from asyncflower_jax.client.sharding import usable_cores
+from asyncflower_jax.client.sharding import cpu_devices_set_in_xla_flags, usable_cores
 from asyncflower_jax.engine.simulator import METRIC_COLUMNS, UPDATE_COLUMNS
 from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.runner import run_job
@@ -38,7 +38,7 @@ def test_default_experiment_reaches_90_percent(strategy, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_test_accuracy"] >= 0.90
     assert summary["client_updates"] == 1000
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    if not cpu_devices_set_in_xla_flags():
         assert summary["training_devices"] == usable_cores()  # run.py trains on every core of a CPU-only machine
     with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -73,7 +73,7 @@ def test_a_sweep_over_devices_trains_each_job_on_its_own_count(tmp_path):
     proc = run_py(["-m", "devices=1,null", *TINY], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = [json.loads((r / "summary.json").read_text()) for r in finished_runs(tmp_path)]
-    expected = usable_cores() if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "") else summaries[1]["training_devices"]
+    expected = usable_cores() if not cpu_devices_set_in_xla_flags() else summaries[1]["training_devices"]
     assert [s["training_devices"] for s in summaries] == [1, expected]
     assert summaries[0]["final_test_accuracy"] == pytest.approx(summaries[1]["final_test_accuracy"], abs=1e-6)  # one device or several: the same run
 

@@ -39,6 +39,12 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def cpu_devices_set_in_xla_flags() -> bool:
+    """Whether XLA_FLAGS sets the CPU device count (--xla_force_host_platform_device_count): that
+    count is kept."""
+    return "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+
+
 def expose_cpu_cores(devices=None) -> int | None:
     """Before JAX starts: make the CPU backend one device per usable core, or `devices` (an int) if
     that is more, so that batches of clients are shared out among every core. One CPU device runs
@@ -56,7 +62,7 @@ def expose_cpu_cores(devices=None) -> int | None:
     count = max(usable_cores(), devices or 0)
     if count <= 1:
         return None
-    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices >= 0:
+    if cpu_devices_set_in_xla_flags() or jax.config.jax_num_cpu_devices >= 0:
         return None
     try:
         jax.config.update("jax_num_cpu_devices", count)

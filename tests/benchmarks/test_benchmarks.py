@@ -4,7 +4,6 @@ benchmarks, never asserted here.)"""
 
 import json
 import math
-import os
 import re
 
 import jax
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asyncflower_jax.client.sharding import usable_cores
+from asyncflower_jax.client.sharding import cpu_devices_set_in_xla_flags, usable_cores
 from asyncflower_jax.engine.reference import run_reference
 from benchmarks import common, host_loop, overhead, scale, throughput, vs_flower
 from tests.conftest import compilation_cache_env
@@ -229,7 +228,7 @@ def test_vs_flower_quick_installs_flower_and_runs_both(tmp_path):
         assert 0 < r["flower_whole_run_s"] and 0 < r["ours_whole_run_s"]
         assert 0 <= r["flower_accuracy"] <= 1 and 0 <= r["ours_accuracy"] <= 1
         assert r["ours"]["final_accuracy"] == r["ours"]["first_run_final_accuracy"]  # the simulator is deterministic
-        if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # (a count set there stays, as in run.py)
+        if not cpu_devices_set_in_xla_flags():  # (a count set there stays, as in run.py)
             assert r["ours_devices"] == r["ours"]["training_devices"] == usable_cores()  # one CPU device per core, as run.py makes
 
 
