@@ -74,12 +74,17 @@ def apply_matmul_precision(precision: str | None) -> None:
     jax.config.update("jax_default_matmul_precision", None if precision in (None, "default") else precision)
 
 
+def uses_x64(precision: str) -> bool:
+    """Whether a run of this `precision` runs in JAX's 64-bit mode."""
+    return precision == "float64"
+
+
 def apply_precision(precision: str) -> None:
     """Turn JAX's 64-bit mode on for a float64 run and off for any other, for this process: at
     every run, as the matrix-product precision. Left on after a float64 run, it changed the
     results of a float32 run after it in the same process (a sweep's jobs under Hydra's basic
     launcher): its integers and Python scalars became 64-bit, its random draws with them."""
-    jax.config.update("jax_enable_x64", precision == "float64")
+    jax.config.update("jax_enable_x64", uses_x64(precision))
 
 
 class Experiment:

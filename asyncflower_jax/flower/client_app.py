@@ -31,7 +31,7 @@ from ..config_schema import check
 from ..data.federated import build_clients
 from ..data.store import ClientStore
 from ..errors import ConfigError
-from ..experiment import PARTITION_STREAM, PRECISIONS, TRAIN_STREAM, apply_matmul_precision, build
+from ..experiment import PARTITION_STREAM, PRECISIONS, TRAIN_STREAM, apply_matmul_precision, build, uses_x64
 from ..models.mlp import init_params
 from ..strategy.updates import PyTree
 from .protocol import (
@@ -91,7 +91,7 @@ def client_setup(run_config: Mapping, partition_id: int, num_partitions: int, st
     check("precision", cfg.precision)
     apply_matmul_precision(check("matmul_precision", cfg.get("matmul_precision")))
     use_compilation_cache(cfg.get("xla_cache_dir"))
-    x64 = cfg.precision == "float64"
+    x64 = uses_x64(cfg.precision)
     with jax.enable_x64(x64):  # (this thread only: a process may serve runs of both precisions)
         setup = _build_setup(cfg, partition_id, state, x64)
     _SETUPS[cache_key] = setup
