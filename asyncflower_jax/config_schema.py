@@ -171,6 +171,12 @@ FIELDS: dict[str, Field] = {
             "aggregations applied together in one device call, planned on the host between training flushes "
             "(null: 1 on a CPU, 1024 on a GPU/TPU)", low=1, nullable=True,
         ),
+        Field(
+            "lookahead", int, 1,
+            "relaxed, NOT exact for values > 1: a client dispatched while the server is at version v starts from version "
+            "v - (v mod lookahead), so the arrivals of up to `lookahead` versions are trained in one batch (1: exact)",
+            low=1, note="> 1 only for rules that refill on arrival; docs/scaling.md",
+        ),
         Field("execution", str, "auto", "how a chunk of clients trains: vmap, map (lax.map) or auto (by backend)", choices=EXECUTIONS),
         Field("map_batch", int, 1, "with execution=map: clients vmapped together inside the loop", low=1),
         Field(

@@ -106,6 +106,7 @@ class Experiment:
             eval_every=cfg.eval_every,
             chunk_size=cfg.chunk_size,
             aggregations_per_call=cfg.get("aggregations_per_call"),
+            lookahead=cfg.get("lookahead", 1),
             faults=build_faults(cfg.get("faults")),
             reject_nonfinite=cfg.get("reject_nonfinite", True),
             checkpoint_every=cfg.get("checkpoint_every"),

@@ -88,6 +88,7 @@ class PendingResults:
         self.capacity = capacity  # slots of the store when it is made (results held at once: about the concurrency)
         self._untrained: list[Task] = []
         self._where: dict[int, tuple[int, int]] = {}  # dispatch id -> (group id, slot in the store)
+        self._reserved: dict[int, int] = {}  # dispatch id -> the slot its result will be trained into (`slot_for`)
         self._store = None  # (params with a leading slot axis, losses, finite flags)
         self._free: list[int] = []  # free slots
         self._members: dict[int, list[int]] = {}  # group (a flush, or a restore) id -> its dispatch ids
@@ -107,13 +108,14 @@ class PendingResults:
         tasks, self._untrained = self._untrained, []
         needed = self.horizon() if self.horizon is not None else None
         if needed is not None:
-            now = [needed(t) for t in tasks]
+            now = [t.dispatch_id in self._reserved or needed(t) for t in tasks]
             self._untrained = [t for t, n in zip(tasks, now) if not n]
             tasks = [t for t, n in zip(tasks, now) if n]
         if not tasks:
             return
         stacked, rows = versions.stacked_rows([t.start_version for t in tasks])
-        slots = self._reserve(len(tasks), lambda: stored_row(self.trainer.result_shapes(stacked)))
+        fresh = iter(self._reserve(sum(t.dispatch_id not in self._reserved for t in tasks), lambda: stored_row(self.trainer.result_shapes(stacked))))
+        slots = [self._reserved.pop(t.dispatch_id) if t.dispatch_id in self._reserved else next(fresh) for t in tasks]
         clients, ids = np.array([t.client for t in tasks]), [t.dispatch_id for t in tasks]
         self._store = self.trainer.train_into(self._store, np.asarray(slots, np.int32), stacked, rows, clients, np.array(ids))
         poisoned = [slot for t, slot in zip(tasks, slots) if t.fault == NAN]
@@ -176,6 +178,7 @@ class PendingResults:
     def export(self) -> tuple[list[int], list[int], object]:
         """(untrained ids, trained ids, (stacked params, losses) of the trained ones or None): what
         a checkpoint needs to continue exactly. The trained values are device arrays."""
+        assert not self._reserved, "export after the planned aggregations ran"
         trained = sorted(self._where)
         return self.untrained_ids(), trained, (self.take(trained) if trained else None)
 
@@ -197,6 +200,22 @@ class PendingResults:
     def slot_of(self, dispatch_id: int) -> int:
         """The store slot of a trained result (valid until it is released)."""
         return self._where[dispatch_id][1]
+
+    def slot_for(self, dispatch_id: int, versions: VersionCache) -> int:
+        """The store slot of a result, trained or not: an untrained one gets its slot now, and the
+        flush that trains it writes it there (a relaxed run plans aggregations of results it has
+        not trained yet; `versions` shapes the store if there is none yet)."""
+        where = self._where.get(dispatch_id)
+        if where is not None:
+            return where[1]
+        if dispatch_id not in self._reserved:
+            self._reserved[dispatch_id] = self._reserve(1, lambda: stored_row(self.trainer.result_shapes(versions.table)))[0]
+        return self._reserved[dispatch_id]
+
+    @property
+    def has_reserved(self) -> bool:
+        """Whether some planned aggregation waits for a result not trained yet (`slot_for`)."""
+        return bool(self._reserved)
 
     def take(self, dispatch_ids: list[int]):
         """Stacked (params, loss) of the listed results, in order (ids may repeat, for padding): one

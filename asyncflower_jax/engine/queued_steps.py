@@ -44,6 +44,7 @@ class QueuedStep:
     ids: list[int]  # the dispatch ids of its rows, padding included
     columns: list[int]  # simulator.step_values
     facts: StepFacts | None  # filled when it runs (None: facts are not wanted)
+    release: tuple[int, ...] = ()  # model versions its rows start from that are held until it has run
 
 
 class QueuedSteps:
@@ -62,8 +63,8 @@ class QueuedSteps:
     def full(self) -> bool:
         return len(self.steps) >= self.most_steps
 
-    def add(self, ids: list[int], columns: list[int], facts: StepFacts | None) -> None:
-        self.steps.append(QueuedStep(ids, columns, facts))
+    def add(self, ids: list[int], columns: list[int], facts: StepFacts | None, release: tuple[int, ...] = ()) -> None:
+        self.steps.append(QueuedStep(ids, columns, facts, tuple(release)))
 
     def calls(self) -> Iterator[list[QueuedStep]]:
         """The queue as consecutive device calls (and empties it): runs of one batch width, each

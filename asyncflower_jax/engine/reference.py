@@ -5,6 +5,8 @@ random streams, the canonical client choice ("the k-th idle client, k uniform") 
 aggregation kernel. Its purpose is to be obviously right, so the batched simulator can be
 checked against it; it is also the sequential baseline of the benchmarks.
 
+With `lookahead` L > 1 (the relaxed mode) a client sent out while the server is at version v
+starts from version v - (v mod L).
 Injected faults (settings.faults) follow engine/faults.py with the same random stream: a lost task
 (dropout, failed, timeout) is counted at its event and refilled at once; a NaN task is trained,
 poisoned and, with `reject_nonfinite`, dropped when its round is aggregated, then refilled; a
@@ -90,7 +92,8 @@ def run_reference(
                 if finish > leave:
                     fault, finish = DROPOUT, leave
                     left += 1
-            in_flight.append({"id": next_id, "client": client, "start_version": version, "finish": finish, "fault": fault})
+            start = version - version % s.lookahead  # (relaxed runs: the last multiple of lookahead)
+            in_flight.append({"id": next_id, "client": client, "start_version": start, "finish": finish, "fault": fault})
             next_id += 1
 
     def next_wake() -> float:

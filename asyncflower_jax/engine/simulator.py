@@ -15,6 +15,11 @@ With `aggregations_per_call` > 1 (the default on GPUs and TPUs) step 3 is planne
 queued, and the queue is applied on the device in one scanned call per run of steps before the
 next training flush, evaluation or checkpoint, at the end, or when that many are queued
 (engine/queued_steps.py): the same steps in the same order.
+With `lookahead` L > 1 (a relaxed mode, not exact; docs/scaling.md) a client dispatched while
+the server is at version v starts from version v - (v mod L) instead of v (the reference does the
+same): the aggregations of a window of L versions are queued before their arrivals are trained,
+and where each window starts every pending client is trained in one flush and the window's
+aggregations are applied; periodic checkpoints and stops on a signal wait for that point.
 An evaluation is read at a later one once the device has computed it (at most
 EVALUATIONS_IN_FLIGHT are started and not read), or at a checkpoint or the end: its scores, its
 rows and its finite checks reach the host and the callbacks then, in order, so the host never
@@ -129,6 +134,7 @@ class SimulationSettings:
     checkpoint_min_seconds: float = 0.0  # wall time at least between periodic checkpoints (None or 0: no floor)
     availability: AvailabilityModel | None = None  # when clients can be dispatched (None: always)
     aggregations_per_call: int | None = None  # aggregations applied in one device call (None: by backend, see engine/queued_steps.py)
+    lookahead: int = 1  # > 1: relaxed, not exact (clients start from the last multiple of it at or below the current version)
 
     def __post_init__(self):
         # the rules of config_schema, the one definition of each top-level setting's range
@@ -151,7 +157,7 @@ class SimulationSettings:
 
 SCHEMA_KEYS = (  # SimulationSettings' fields that are top-level settings of config_schema
     "num_clients", "concurrency", "seed", "max_versions", "max_updates", "max_time", "eval_every", "chunk_size",
-    "reject_nonfinite", "checkpoint_every", "checkpoint_min_seconds", "aggregations_per_call",
+    "reject_nonfinite", "checkpoint_every", "checkpoint_min_seconds", "aggregations_per_call", "lookahead",
 )
 AGGREGATIONS_PER_CALL = {"cpu": 1}  # by backend; others: ACCELERATOR_AGGREGATIONS_PER_CALL (BENCHMARKS.md)
 ACCELERATOR_AGGREGATIONS_PER_CALL = 1024
@@ -183,6 +189,20 @@ def check_strategy(strategy: AsyncStrategy, settings: SimulationSettings) -> Non
         require(value > 0, "strategy.round_duration", value, "> 0")
     else:
         raise ConfigError(f"strategy.round_delimiter returned {kind!r}: must be 'buffer_size' or 'round_duration'")
+    lookahead = getattr(settings, "lookahead", 1)  # (a federation's settings have none)
+    if lookahead > 1:
+        require(
+            strategy.refill == "on_arrival",
+            "lookahead",
+            lookahead,
+            f"1 for {type(strategy).__name__}, which refills on aggregation (a synchronous cohort starts from the version it waits for)",
+        )
+        require(
+            getattr(strategy, "jittable", True),
+            "lookahead",
+            lookahead,
+            f"1 for {type(strategy).__name__}, which is not jittable (a relaxed run queues its aggregations on the device)",
+        )
 
 
 @dataclasses.dataclass
@@ -305,6 +325,9 @@ class Simulator:
         # training flush, evaluation or checkpoint (engine/queued_steps.py), after one call for the
         # norms and losses of all of them (the scan adds each step's weights).
         self.per_call = aggregations_per_call(settings.aggregations_per_call) if getattr(strategy, "jittable", True) else 1
+        # A relaxed run (lookahead L > 1) plans the aggregations of up to L versions before it
+        # trains their arrivals, so it queues at least L of them.
+        self.queue_steps = max(self.per_call, settings.lookahead)
         if getattr(strategy, "jittable", True):
             self._step = jit(self._traced_step, donate_argnums=(1, 3), static_argnames=("with_weights",))
             self._steps = jit(self._traced_steps, donate_argnums=(1, 3))
@@ -406,10 +429,14 @@ class Simulator:
         they already had (rows up to `replay.reported`, progress and steps up to `replay.reached`)."""
         s, sched, strategy = self.settings, self.scheduler, self.strategy
         check_each_flush = s.reject_nonfinite and not optimistic
-        # live versions: at most one per client in flight, the current and the next
+        # relaxed (lookahead L > 1): clients dispatched while the server is at version v start from
+        # `window` = v - (v mod L), which the server holds until the next window starts
+        relaxed = s.lookahead > 1
+        # live versions: at most one per client in flight, the current and the next (relaxed: also
+        # the window's start, and the start versions of queued arrivals not trained yet)
         home = self.trainer.home  # (several devices: the run's arrays are committed to the first, `BatchedTrainer.home`)
         place = (lambda tree: tree) if home is None else (lambda tree: jax.device_put(tree, home))
-        versions = VersionCache(stacked=True, capacity=s.concurrency + 2, device=home)
+        versions = VersionCache(stacked=True, capacity=s.concurrency + 2 + (1 + self.queue_steps if relaxed else 0), device=home)
         # trained results held at once: at most one per client in flight and the arrivals not yet
         # aggregated (more while aggregations are queued: the store then grows)
         pending = PendingResults(self.trainer, horizon=lambda: horizon(), capacity=s.concurrency + s.concurrency // 8 + 16)
@@ -428,20 +455,23 @@ class Simulator:
         stall_limit = max(1000, STALL_FAILURES_PER_SLOT * s.concurrency)
         failures_in_a_row = 0  # since the last aggregation
         last_checkpoint = time.perf_counter()  # when the previous periodic checkpoint was written (or this loop started)
+        checkpoint_owed = False  # a periodic checkpoint fell due and was not taken yet (relaxed runs: until a window starts)
         # per-update rows since the last metrics row: (host facts, StepFacts: norms, weights, losses on the device) per aggregation
         update_buffer: list[tuple[list[dict], StepFacts]] = []
         rows_flushed = [0, 0]  # failure and update rows (entries of the two buffers) reported so far
         # aggregations planned and not applied yet (None: each is applied at once); params, state
         # and all_finite are those of the last applied one until `settle`
         queue = None
-        if self.per_call > 1:
-            queue = QueuedSteps(self.per_call)
+        if self.queue_steps > 1:
+            queue = QueuedSteps(self.queue_steps)
         all_finite = jax.device_put(np.bool_(True), home)  # every aggregated row so far was finite (the kernel keeps it)
         probe = None  # an earlier all_finite, read (without waiting) once it is ready
         evaluating: deque = deque()  # evaluations started and not read yet (start_evaluation), oldest first
         diverged_at = None  # the version whose model was found non-finite
         if resume is None:
             versions.put(version, params)
+            if relaxed:
+                versions.acquire(version)  # (the first window's start; a checkpoint keeps this hold)
         else:
             state, loop, all_staleness, history = restore_run(
                 resume, scheduler=sched, versions=versions, pending=pending, params_template=params, state_template=state
@@ -455,6 +485,7 @@ class Simulator:
             params = versions.get(version)
             t0 -= float(loop["wall_time"])
             last_verified = version
+        window = version - version % s.lookahead
 
         def horizon():
             """Which untrained clients a flush trains: those that can still be aggregated (already
@@ -472,9 +503,13 @@ class Simulator:
             return lambda t: t.dispatch_id not in sched.in_flight or (t.finish_time, t.dispatch_id) <= limit
 
         def settle() -> None:
-            """Apply the queued aggregations: params, state and all_finite are then the current ones."""
+            """Apply the queued aggregations: params, state and all_finite are then the current ones.
+            Relaxed, the untrained clients are trained first (some queued arrivals may be among them;
+            every one starts from a version already applied: at most the window's start)."""
             nonlocal params, state, all_finite
             if queue:
+                if pending.has_reserved:
+                    pending.flush(versions)
                 params, state, all_finite = self._apply_queued(params, state, all_finite, queue, versions, pending)
 
         def train(arrivals: list[Task]) -> None:
@@ -489,8 +524,9 @@ class Simulator:
             a failed task replaces only its own slot, also for "on_aggregation" rules)."""
             while sched.num_in_flight < s.concurrency and sched.num_dispatchable() > 0 and limit != 0:
                 limit = None if limit is None else limit - 1
-                task = sched.dispatch(version)
-                versions.acquire(version)
+                start = window if relaxed else version
+                task = sched.dispatch(start)
+                versions.acquire(start)
                 if task.fault not in LOST:  # lost tasks never train
                     pending.add(task)
 
@@ -742,7 +778,8 @@ class Simulator:
                     break  # an unfilled buffer at the time limit (or with no client left) is not aggregated
                 if arrivals:
                     failures_in_a_row = 0
-                    train(arrivals)
+                    if not relaxed:  # (relaxed: the arrivals are trained when their aggregations are applied)
+                        train(arrivals)
                     params, state, all_finite, facts = self._aggregate(params, state, all_finite, version, arrivals, versions, pending, queue)
                     if queue is not None and queue.full:
                         settle()
@@ -776,6 +813,11 @@ class Simulator:
                     version += 1
                     updates_done += len(arrivals)
                     versions.release(version - 1)
+                    if relaxed and version % s.lookahead == 0:  # a new window: its start must be computed before a client trains from it
+                        settle()
+                        versions.acquire(version)
+                        versions.release(window)
+                        window = version
                 server_round += 1
                 if strategy.refill == "on_aggregation":
                     fill()
@@ -801,20 +843,23 @@ class Simulator:
                             "test_accuracy": history[-1]["test_accuracy"],
                         }
                     )
-                checkpoint_due = (
-                    arrivals
-                    and s.checkpoint_every is not None
-                    and version % s.checkpoint_every == 0
-                    and time.perf_counter() - last_checkpoint >= s.checkpoint_min_seconds
-                )
-                if stop_reason is None and self.on_checkpoint is not None and (checkpoint_due or self.interrupt is not None):
+                if arrivals and s.checkpoint_every is not None and version % s.checkpoint_every == 0:
+                    checkpoint_owed = True
+                # A relaxed run checkpoints and stops on a signal only where a window starts: there its
+                # clients are trained anyway, so its results never depend on when checkpoints were taken.
+                window_starts = not relaxed or version % s.lookahead == 0
+                interrupted = self.interrupt is not None and window_starts
+                checkpoint_due = checkpoint_owed and window_starts and time.perf_counter() - last_checkpoint >= s.checkpoint_min_seconds
+                if window_starts:
+                    checkpoint_owed = False
+                if stop_reason is None and self.on_checkpoint is not None and (checkpoint_due or interrupted):
                     if read_evaluations() and healthy():
-                        if self.interrupt is not None or not reported(version):
+                        if interrupted or not reported(version):
                             self.on_checkpoint(snapshot())
                             last_checkpoint = time.perf_counter()
                     else:
                         stop_reason = "diverged"
-                if stop_reason is None and self.interrupt is not None:
+                if stop_reason is None and interrupted:
                     if read_evaluations():  # every row so far is reported before the run stops
                         raise Interrupted(self.interrupt, version, checkpointed=self.on_checkpoint is not None)
                     stop_reason = "diverged"
@@ -860,6 +905,8 @@ class Simulator:
             "in_flight_at_end": sched.num_in_flight,
             "resumed_from_version": resume.version if resume is not None else None,
         }
+        if relaxed:
+            summary["lookahead"] = s.lookahead  # (not exact: see SimulationSettings.lookahead)
         if sched.availability is not None:
             summary["availability"] = {"waits": sched.waits, "left_mid_task": sched.left}
         if stop_reason == "unavailable":
@@ -892,11 +939,16 @@ class Simulator:
         counts = self.trainer.store.counts
         if queue is not None:
             tasks = padded(arrivals)
-            columns = step_values(tasks, len(arrivals), version, counts, pending.slot_of, versions.slot_of, versions.reserve(version + 1))
+            untrained = [not pending.is_trained(t.dispatch_id) for t in arrivals]  # (relaxed runs only)
+            slot_of = lambda dispatch_id: pending.slot_for(dispatch_id, versions)  # noqa: E731
+            columns = step_values(tasks, len(arrivals), version, counts, slot_of, versions.slot_of, versions.reserve(version + 1))
             facts = StepFacts() if with_facts else None
-            queue.add([t.dispatch_id for t in tasks], columns, facts)
-            for task in arrivals:  # (their results are released when the step has run)
-                versions.release(task.start_version)
+            # (their results are released when the step has run; the start version of one not trained
+            # yet is held until then: the flush before the step trains it from that version)
+            queue.add([t.dispatch_id for t in tasks], columns, facts, [t.start_version for t, u in zip(arrivals, untrained) if u])
+            for task, later in zip(arrivals, untrained):
+                if not later:
+                    versions.release(task.start_version)
             return params, state, all_finite, facts
         if getattr(self.strategy, "jittable", True):
             tasks = padded(arrivals)
@@ -934,6 +986,9 @@ class Simulator:
                     step.facts.array, step.facts.index = facts, k
             for did in dict.fromkeys(did for step in call for did in step.ids):
                 pending.release(did)
+            for step in call:
+                for start_version in step.release:
+                    versions.release(start_version)
         return params, state, all_finite
 
 

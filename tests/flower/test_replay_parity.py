@@ -2,6 +2,7 @@
 in-process Grid produces the simulator's model, for the same arrivals."""
 
 import csv
+import logging
 
 import jax
 import numpy as np
@@ -69,3 +70,29 @@ def test_replayed_federation_equals_the_simulation(rule, tmp_path, monkeypatch):
     assert [tuple(int(float(r[k])) for k in key) for r in fed_rows] == [tuple(r[k] for k in key) for r in sim_rows]
     assert [t.dispatch_id for t in grid.arrivals] == [r["dispatch_id"] for r in sim_rows]
     assert max_abs_diff(federated.params, simulated.params) < 1e-5
+
+
+def test_a_federation_ignores_lookahead_and_sends_each_client_the_current_version(tmp_path, caplog):
+    """`lookahead` is the simulator's relaxed mode: a federation warns and runs as the exact simulation."""
+    exact_config = {
+        "strategy": "fedasync",
+        "num_clients": 6,
+        "concurrency": 4,
+        "max_updates": 30,
+        "eval_every": 1000,
+        "overrides": SMALL,
+        "federation.min_nodes": 6,
+        "federation.poll_interval": 0.0,
+        "federation.run_dir": str(tmp_path / "run"),
+    }
+    exp = Experiment(compose_config(exact_config))
+    sim_rows = []
+    Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings, on_updates=sim_rows.extend).run()
+    run_config = {**exact_config, "overrides": SMALL + " lookahead=3"}
+    grid = ReplayGrid(client_app.app, run_config, Experiment(compose_config(run_config)).scheduler())
+    with caplog.at_level(logging.WARNING, logger="asyncflower_jax.flower.server_app"):
+        run_federation(grid, run_config, choose=grid.choose, plot=False)
+    assert "lookahead=3 is the simulator's relaxed mode" in caplog.text
+    with open(tmp_path / "run" / "updates.csv", newline="") as f:
+        starts = [int(float(r["start_version"])) for r in csv.DictReader(f)]
+    assert starts == [r["start_version"] for r in sim_rows] and any(v % 3 for v in starts)
