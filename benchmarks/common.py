@@ -128,6 +128,7 @@ class Workload:
     devices: int | None = None
     eval_every: int | None = None  # None: evaluate only at the start and the end
     aggregations_per_call: int | None = None  # the simulator's setting (None: by backend)
+    lookahead: int = 1  # > 1: the simulator's relaxed mode (not exact)
 
     def describe(self) -> dict:
         return dataclasses.asdict(self)
@@ -191,6 +192,7 @@ def build(w: Workload) -> Components:
         max_updates=w.updates,
         eval_every=w.eval_every or 10**9,
         aggregations_per_call=w.aggregations_per_call,
+        lookahead=w.lookahead,
     )
     return Components(w, make_strategy(w), params, _SHARED[trainer_key], LATENCIES[w.latency](), settings, make_evaluator(module.apply, x_test, y_test))
 

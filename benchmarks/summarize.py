@@ -47,7 +47,7 @@ def lines(directory: Path) -> list[str]:
             for r in data["rows"]:
                 out.append(
                     f"{name:<14} {r['latency']:>11} M={r['M']:<6} {r['aggregations_per_call']:>4} per call  {r['us_per_update']:6.1f} us/update  "
-                    f"batch {r['mean_batch']:7.1f}{quick}"
+                    f"batch {r['mean_batch']:7.1f}" + (f"  lookahead {r['lookahead']} (not exact)" if r.get("lookahead", 1) > 1 else "") + quick
                 )
         elif name == "overhead":
             for r in data["rows"]:

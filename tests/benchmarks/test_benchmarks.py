@@ -181,6 +181,17 @@ def test_host_loop_quick(tmp_path):
     assert re.search(r"host_loop +exponential M=20 +4 per call +[0-9.]+ us/update", "\n".join(summarize.lines(tmp_path)))
 
 
+def test_host_loop_relaxed_runs_batch_more_and_are_marked(tmp_path):
+    from benchmarks import summarize
+
+    host_loop.main(["--quick", "--out", str(tmp_path), "--repeats", "1", "--latencies", "exponential", "--per-call", "1", "--lookahead", "1", "8"])
+    exact, relaxed = read(tmp_path / "host_loop.json")["rows"]
+    assert (exact["lookahead"], relaxed["lookahead"]) == (1, 8)
+    assert relaxed["mean_batch"] > exact["mean_batch"] and relaxed["mean_staleness"] > exact["mean_staleness"]
+    lines = "\n".join(summarize.lines(tmp_path))
+    assert re.search(r"host_loop +exponential M=20 +1 per call +[0-9.]+ us/update +batch +[0-9.]+  lookahead 8 \(not exact\)", lines)
+
+
 @pytest.mark.slow
 def test_overhead_quick(tmp_path):
     overhead.main(["--quick", "--out", str(tmp_path)])
