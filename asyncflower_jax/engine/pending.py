@@ -108,14 +108,19 @@ class PendingResults:
         tasks, self._untrained = self._untrained, []
         needed = self.horizon() if self.horizon is not None else None
         if needed is not None:
-            now = [t.dispatch_id in self._reserved or needed(t) for t in tasks]
+            reserved = self._reserved
+            now = [t.dispatch_id in reserved or needed(t) for t in tasks] if reserved else [needed(t) for t in tasks]
             self._untrained = [t for t, n in zip(tasks, now) if not n]
             tasks = [t for t, n in zip(tasks, now) if n]
         if not tasks:
             return
         stacked, rows = versions.stacked_rows([t.start_version for t in tasks])
-        fresh = iter(self._reserve(sum(t.dispatch_id not in self._reserved for t in tasks), lambda: stored_row(self.trainer.result_shapes(stacked))))
-        slots = [self._reserved.pop(t.dispatch_id) if t.dispatch_id in self._reserved else next(fresh) for t in tasks]
+        shapes = lambda: stored_row(self.trainer.result_shapes(stacked))  # noqa: E731
+        if self._reserved:  # (relaxed runs: some results have their slots already, `slot_for`)
+            fresh = iter(self._reserve(sum(t.dispatch_id not in self._reserved for t in tasks), shapes))
+            slots = [self._reserved.pop(t.dispatch_id) if t.dispatch_id in self._reserved else next(fresh) for t in tasks]
+        else:
+            slots = self._reserve(len(tasks), shapes)
         clients, ids = np.array([t.client for t in tasks]), [t.dispatch_id for t in tasks]
         self._store = self.trainer.train_into(self._store, np.asarray(slots, np.int32), stacked, rows, clients, np.array(ids))
         poisoned = [slot for t, slot in zip(tasks, slots) if t.fault == NAN]

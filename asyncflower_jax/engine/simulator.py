@@ -939,12 +939,18 @@ class Simulator:
         counts = self.trainer.store.counts
         if queue is not None:
             tasks = padded(arrivals)
-            untrained = [not pending.is_trained(t.dispatch_id) for t in arrivals]  # (relaxed runs only)
+            facts = StepFacts() if with_facts else None
+            if self.settings.lookahead == 1:  # every arrival is trained
+                columns = step_values(tasks, len(arrivals), version, counts, pending.slot_of, versions.slot_of, versions.reserve(version + 1))
+                queue.add([t.dispatch_id for t in tasks], columns, facts)
+                for task in arrivals:  # (their results are released when the step has run)
+                    versions.release(task.start_version)
+                return params, state, all_finite, facts
+            # relaxed: the start version of an arrival not trained yet is held until its step has
+            # run (the flush before the step trains it from that version)
+            untrained = [not pending.is_trained(t.dispatch_id) for t in arrivals]
             slot_of = lambda dispatch_id: pending.slot_for(dispatch_id, versions)  # noqa: E731
             columns = step_values(tasks, len(arrivals), version, counts, slot_of, versions.slot_of, versions.reserve(version + 1))
-            facts = StepFacts() if with_facts else None
-            # (their results are released when the step has run; the start version of one not trained
-            # yet is held until then: the flush before the step trains it from that version)
             queue.add([t.dispatch_id for t in tasks], columns, facts, [t.start_version for t, u in zip(arrivals, untrained) if u])
             for task, later in zip(arrivals, untrained):
                 if not later:
@@ -987,7 +993,7 @@ class Simulator:
             for did in dict.fromkeys(did for step in call for did in step.ids):
                 pending.release(did)
             for step in call:
-                for start_version in step.release:
+                for start_version in step.release:  # (relaxed runs)
                     versions.release(start_version)
         return params, state, all_finite
 
