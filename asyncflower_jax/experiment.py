@@ -245,6 +245,11 @@ class Experiment:
                 on_checkpoint=self._checkpoint_writer(checkpoints, recorder) if checkpointable else None,
                 on_step=_crash_hook() if snapshot is None else None,  # a resumed run is never killed again
             )
+            if self.settings.lookahead > 1:
+                log.info(
+                    "lookahead=%d: a relaxed run, not exact: each client starts from the last multiple of %d at or below the "
+                    "current version (docs/scaling.md)", self.settings.lookahead, self.settings.lookahead,
+                )
             try:
                 with stop_on_signals(sim), (progress if progress is not None else contextlib.nullcontext()):
                     result = sim.run(resume=snapshot)
@@ -304,7 +309,8 @@ def stop_on_signals(sim: Simulator):
         if sim.interrupt is not None:
             raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
         sim.interrupt = signum
-        log.warning("received %s: stopping after the current aggregation (send it again to stop at once)", signal.Signals(signum).name)
+        where = "the current aggregation" if sim.settings.lookahead == 1 else f"the current window of {sim.settings.lookahead} versions (lookahead)"
+        log.warning("received %s: stopping after %s (send it again to stop at once)", signal.Signals(signum).name, where)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

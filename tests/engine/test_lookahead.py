@@ -3,6 +3,7 @@ from version v - (v mod L). The batched simulator must give what the naive refer
 the same rule (float64), resume exactly from its checkpoints, and batch more than the exact run."""
 
 import dataclasses
+import logging
 import os
 import signal
 
@@ -135,7 +136,7 @@ def test_a_rule_that_is_not_jittable_cannot_run_relaxed():
         Simulator(HostFedAsync(), exp.params, exp.trainer, exp.scheduler(), exp.evaluate, settings)
 
 
-def test_a_relaxed_run_stops_on_sigterm_where_the_next_window_starts_and_resumes_exactly(tmp_path, monkeypatch):
+def test_a_relaxed_run_stops_on_sigterm_where_the_next_window_starts_and_resumes_exactly(tmp_path, monkeypatch, caplog):
     """The signal arrives after version 13; with lookahead 4 the run goes on to version 16 (there its
     window's clients are trained anyway), checkpoints and stops; resuming gives the uninterrupted
     run's files."""
@@ -145,9 +146,11 @@ def test_a_relaxed_run_stops_on_sigterm_where_the_next_window_starts_and_resumes
         return lambda v: os.kill(os.getpid(), signal.SIGTERM) if v == version else None
 
     monkeypatch.setattr(experiment_module, "_crash_hook", lambda: sigterm_at(13))
-    with pytest.raises(Interrupted) as stopped:
+    with pytest.raises(Interrupted) as stopped, caplog.at_level(logging.INFO, logger="asyncflower_jax.experiment"):
         Experiment(make_config(*args)).run(tmp_path / "run")
     assert stopped.value.version == 16 and stopped.value.checkpoint.name == "ckpt-000000016"
+    assert "lookahead=4: a relaxed run, not exact" in caplog.text  # (said when the run starts)
+    assert "received SIGTERM: stopping after the current window of 4 versions (lookahead)" in caplog.text
     resumed = Experiment(make_config(*args, "resume=true")).run(tmp_path / "run")
     monkeypatch.setattr(experiment_module, "_crash_hook", lambda: None)
     full = Experiment(make_config(*args)).run(tmp_path / "full")
