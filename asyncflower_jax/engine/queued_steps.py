@@ -50,10 +50,16 @@ class QueuedStep:
 class QueuedSteps:
     """The planned aggregations, oldest first, and how they are cut into device calls."""
 
-    def __init__(self, most_steps: int):
+    def __init__(self, most_steps: int, capacity: int | None = None):
+        """`most_steps`: the most steps one call applies; `capacity` (at least that, the default):
+        the steps queued at most (a relaxed run queues a window's aggregations whatever the
+        steps per call)."""
         if most_steps < 1:
             raise ValueError(f"most_steps ({most_steps}) must be >= 1")
+        if capacity is not None and capacity < most_steps:
+            raise ValueError(f"capacity ({capacity}) must be >= most_steps ({most_steps})")
         self.most_steps = most_steps
+        self.capacity = most_steps if capacity is None else capacity
         self.steps: list[QueuedStep] = []
 
     def __len__(self) -> int:
@@ -61,7 +67,7 @@ class QueuedSteps:
 
     @property
     def full(self) -> bool:
-        return len(self.steps) >= self.most_steps
+        return len(self.steps) >= self.capacity
 
     def add(self, ids: list[int], columns: list[int], facts: StepFacts | None, release: tuple[int, ...] = ()) -> None:
         self.steps.append(QueuedStep(ids, columns, facts, tuple(release)))

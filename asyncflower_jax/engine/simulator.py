@@ -326,7 +326,7 @@ class Simulator:
         # norms and losses of all of them (the scan adds each step's weights).
         self.per_call = aggregations_per_call(settings.aggregations_per_call) if getattr(strategy, "jittable", True) else 1
         # A relaxed run (lookahead L > 1) plans the aggregations of up to L versions before it
-        # trains their arrivals, so it queues at least L of them.
+        # trains their arrivals, so it queues at least L of them (still applied `per_call` a call).
         self.queue_steps = max(self.per_call, settings.lookahead)
         if getattr(strategy, "jittable", True):
             self._step = jit(self._traced_step, donate_argnums=(1, 3), static_argnames=("with_weights",))
@@ -463,7 +463,7 @@ class Simulator:
         # and all_finite are those of the last applied one until `settle`
         queue = None
         if self.queue_steps > 1:
-            queue = QueuedSteps(self.queue_steps)
+            queue = QueuedSteps(self.per_call, capacity=self.queue_steps)
         all_finite = jax.device_put(np.bool_(True), home)  # every aggregated row so far was finite (the kernel keeps it)
         probe = None  # an earlier all_finite, read (without waiting) once it is ready
         evaluating: deque = deque()  # evaluations started and not read yet (start_evaluation), oldest first

@@ -43,9 +43,20 @@ def test_step_facts_pick_their_row_of_a_call():
     assert [list(a) for a in StepFacts(call[0]).rows(call[0])] == [[0, 1], [2, 3], [4, 5]]
 
 
+def test_a_queue_may_hold_more_steps_than_a_call_applies():
+    queue = QueuedSteps(2, capacity=5)
+    for i in range(5):
+        assert not queue.full
+        queue.add([i], np.zeros(7, np.int32), None)
+    assert queue.full
+    assert [[s.ids[0] for s in c] for c in queue.calls()] == [[0, 1], [2, 3], [4]]
+
+
 def test_bad_limits_are_refused():
     with pytest.raises(ValueError, match="most_steps"):
         QueuedSteps(0)
+    with pytest.raises(ValueError, match="capacity"):
+        QueuedSteps(4, capacity=2)
 
 
 def run(exp: Experiment, per_call: int):
