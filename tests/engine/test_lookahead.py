@@ -61,7 +61,7 @@ def test_a_relaxed_run_matches_the_naive_reference_under_the_same_rule(rule, loo
 
 
 def test_a_fedasync_window_starts_at_each_multiple_of_the_lookahead_by_hand():
-    """FedAsync, one version per arrival, M = 3, lookahead 2, identical durations: the three first
+    """FedAsync, one version per arrival, M = 3, lookahead 2, identical durations: the first three
     clients start from version 0; the replacements sent at versions 0 and 1 start from 0, those sent
     at versions 2 and 3 from 2. Staleness = the version before the aggregation - start version."""
     base = ("num_clients=6", "concurrency=3", "strategy=fedasync", "latency=constant", "client.num_steps=1", "client.batch_size=4",
