@@ -63,10 +63,13 @@ def line_style(n_points: int) -> dict:
 
 
 def run_title(run_dir: Path) -> str:
-    """"FedAsync, seed 0" from the run's config.yaml (the summary as fallback)."""
+    """"FedAsync, seed 0" from the run's config.yaml (the summary as fallback); a relaxed run's
+    title says so ("FedAsync, seed 0, lookahead 16 (not exact)")."""
     config, summary = read_config(run_dir), read_summary(run_dir)
     seed = run_seed(config, summary)
-    return f"{strategy_name(config, summary)}, seed {seed if seed is not None else '?'}"
+    lookahead = config.get("lookahead") or (summary or {}).get("lookahead") or 1
+    relaxed = f", lookahead {lookahead} (not exact)" if lookahead > 1 else ""
+    return f"{strategy_name(config, summary)}, seed {seed if seed is not None else '?'}{relaxed}"
 
 
 def windows_with_updates(metrics: dict[str, np.ndarray]) -> np.ndarray:

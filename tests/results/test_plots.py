@@ -61,6 +61,15 @@ def test_title_names_the_strategy_class_and_the_seed(tmp_path):
     assert strategy_name({}, None) == "unknown strategy"
 
 
+def test_a_relaxed_runs_title_says_it_is_not_exact(tmp_path):
+    run = write_run(tmp_path / "run", "fedbuff", 3, CURVES["fedbuff", 0])
+    with open(run / "config.yaml", "a") as f:
+        f.write("lookahead: 16\n")
+    assert run_title(run) == "FedBuff, seed 3, lookahead 16 (not exact)"
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("lookahead: 16", "lookahead: 1"))
+    assert run_title(run) == "FedBuff, seed 3"
+
+
 def test_read_metrics_matches_the_file_and_skips_a_line_cut_short(tmp_path):
     run = write_run(tmp_path / "run", "fedasync", 1, CURVES["fedasync", 1], finished=False)
     with open(run / "metrics.csv", "a") as f:
