@@ -436,7 +436,7 @@ class Simulator:
         # the window's start, and the start versions of queued arrivals not trained yet)
         home = self.trainer.home  # (several devices: the run's arrays are committed to the first, `BatchedTrainer.home`)
         place = (lambda tree: tree) if home is None else (lambda tree: jax.device_put(tree, home))
-        versions = VersionCache(stacked=True, capacity=s.concurrency + 2 + (1 + self.queue_steps if relaxed else 0), device=home)
+        versions = VersionCache(stacked=True, capacity=s.concurrency + 2 + (1 + s.lookahead if relaxed else 0), device=home)
         # trained results held at once: at most one per client in flight and the arrivals not yet
         # aggregated (more while aggregations are queued: the store then grows)
         pending = PendingResults(self.trainer, horizon=lambda: horizon(), capacity=s.concurrency + s.concurrency // 8 + 16)
