@@ -43,13 +43,16 @@ SCRIPT = textwrap.dedent(
         sim = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings)
         result = sim.run()
         placed = {d.id for leaf in jax.tree.leaves(result.params) for d in leaf.devices()}
-        exp.step_programs = sim._step._cache_size()  # (compiled variants of the aggregation step)
+        exp.step_programs = sim._step._cache_size() + sim._steps._cache_size()  # (compiled variants of the aggregation step, one at a time or queued)
         return exp, result, placed
 
     out = {}
-    # each rule with one of the two executions: both executions and both kinds of rounds are sharded
-    for rule, execution in ((["strategy=fedasync"], "vmap"), (["strategy=fedbuff", "strategy.buffer_size=3"], "map")):
-        name = rule[0].split("=")[1] + "/" + execution
+    # each rule with one of the two executions: both executions and both kinds of rounds are
+    # sharded; and a relaxed run (lookahead), against the reference under the same rule
+    cases = ((["strategy=fedasync"], "vmap", ""), (["strategy=fedbuff", "strategy.buffer_size=3"], "map", ""),
+             (["strategy=fedasync", "lookahead=4"], "vmap", "/relaxed"))
+    for rule, execution, tag in cases:
+        name = rule[0].split("=")[1] + "/" + execution + tag
         one_exp, one, _ = run(*rule, f"execution={execution}", "devices=1")
         four_exp, four, placed = run(*rule, f"execution={execution}", "devices=4", "chunk_size=8")
         ref, _ = run_reference(one_exp.strategy, one_exp.params, one_exp.trainer, one_exp.latency, one_exp.settings)
@@ -79,7 +82,7 @@ def run_on_four_devices(script: str) -> dict:
 @pytest.mark.slow
 def test_four_devices_equal_one_device_and_the_reference():
     out = run_on_four_devices(SCRIPT)
-    assert set(out) == {"fedasync/vmap", "fedbuff/map"}
+    assert set(out) == {"fedasync/vmap", "fedbuff/map", "fedasync/vmap/relaxed"}
     for name, r in out.items():
         assert r["devices"] == [1, 4], name
         assert r["mean_train_batch"] > 1, name
