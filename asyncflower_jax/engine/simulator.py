@@ -430,7 +430,7 @@ class Simulator:
         s, sched, strategy = self.settings, self.scheduler, self.strategy
         check_each_flush = s.reject_nonfinite and not optimistic
         # relaxed (lookahead L > 1): clients dispatched while the server is at version v start from
-        # `window` = v - (v mod L), which the server holds until the next window starts
+        # the window's start v - (v mod L), which the server holds until the next window starts
         relaxed = s.lookahead > 1
         # live versions: at most one per client in flight, the current and the next (relaxed: also
         # the window's start, and the start versions of queued arrivals not trained yet)
@@ -485,7 +485,6 @@ class Simulator:
             params = versions.get(version)
             t0 -= float(loop["wall_time"])
             last_verified = version
-        window = version - version % s.lookahead
 
         def horizon():
             """Which untrained clients a flush trains: those that can still be aggregated (already
@@ -524,7 +523,7 @@ class Simulator:
             a failed task replaces only its own slot, also for "on_aggregation" rules)."""
             while sched.num_in_flight < s.concurrency and sched.num_dispatchable() > 0 and limit != 0:
                 limit = None if limit is None else limit - 1
-                start = window if relaxed else version
+                start = version - version % s.lookahead  # (exact runs: the current version)
                 task = sched.dispatch(start)
                 versions.acquire(start)
                 if task.fault not in LOST:  # lost tasks never train
@@ -816,8 +815,7 @@ class Simulator:
                     if relaxed and version % s.lookahead == 0:  # a new window: its start must be computed before a client trains from it
                         settle()
                         versions.acquire(version)
-                        versions.release(window)
-                        window = version
+                        versions.release(version - s.lookahead)
                 server_round += 1
                 if strategy.refill == "on_aggregation":
                     fill()
@@ -847,7 +845,7 @@ class Simulator:
                     checkpoint_owed = True
                 # A relaxed run checkpoints and stops on a signal only where a window starts: there its
                 # clients are trained anyway, so its results never depend on when checkpoints were taken.
-                window_starts = not relaxed or version % s.lookahead == 0
+                window_starts = version % s.lookahead == 0  # (exact runs: always)
                 interrupted = self.interrupt is not None and window_starts
                 checkpoint_due = checkpoint_owed and window_starts and time.perf_counter() - last_checkpoint >= s.checkpoint_min_seconds
                 if window_starts:
@@ -939,21 +937,16 @@ class Simulator:
         counts = self.trainer.store.counts
         if queue is not None:
             tasks = padded(arrivals)
-            facts = StepFacts() if with_facts else None
-            if self.settings.lookahead == 1:  # every arrival is trained
-                columns = step_values(tasks, len(arrivals), version, counts, pending.slot_of, versions.slot_of, versions.reserve(version + 1))
-                queue.add([t.dispatch_id for t in tasks], columns, facts)
-                for task in arrivals:  # (their results are released when the step has run)
-                    versions.release(task.start_version)
-                return params, state, all_finite, facts
-            # relaxed: the start version of an arrival not trained yet is held until its step has
-            # run (the flush before the step trains it from that version)
-            untrained = [not pending.is_trained(t.dispatch_id) for t in arrivals]
-            slot_of = lambda dispatch_id: pending.slot_for(dispatch_id, versions)  # noqa: E731
+            # Relaxed runs plan arrivals not trained yet: each gets its store slot now, and its start
+            # version is held until its step has run (the flush before the step trains it from it).
+            untrained = [t for t in arrivals if not pending.is_trained(t.dispatch_id)] if self.settings.lookahead > 1 else []
+            slot_of = (lambda dispatch_id: pending.slot_for(dispatch_id, versions)) if untrained else pending.slot_of
             columns = step_values(tasks, len(arrivals), version, counts, slot_of, versions.slot_of, versions.reserve(version + 1))
-            queue.add([t.dispatch_id for t in tasks], columns, facts, [t.start_version for t, u in zip(arrivals, untrained) if u])
-            for task, later in zip(arrivals, untrained):
-                if not later:
+            facts = StepFacts() if with_facts else None
+            queue.add([t.dispatch_id for t in tasks], columns, facts, [t.start_version for t in untrained])
+            held = {t.dispatch_id for t in untrained}
+            for task in arrivals:  # (their results are released when the step has run)
+                if task.dispatch_id not in held:
                     versions.release(task.start_version)
             return params, state, all_finite, facts
         if getattr(self.strategy, "jittable", True):

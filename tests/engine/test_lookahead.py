@@ -20,7 +20,7 @@ from tests.conftest import make_config
 from tests.engine import test_checkpoint, test_nonfinite_check
 from tests.engine.test_random_configurations import SMALL as RANDOM_SMALL
 from tests.engine.test_random_configurations import draw
-from tests.engine.test_simulator import RULES, SMALL, max_abs_diff
+from tests.engine.test_simulator import RULES, SMALL, max_abs_diff, simulate
 
 
 def run_both(overrides):
@@ -102,15 +102,10 @@ def test_a_non_finite_update_found_late_in_a_relaxed_run_gives_the_exact_order_o
 
 def test_lookahead_one_is_the_exact_run():
     base = (*SMALL, "strategy=fedasync", "max_versions=30", "max_updates=null", "latency=exponential")
-    default = Simulator(*components(make_config(*base))).run()
-    one = Simulator(*components(make_config(*base, "lookahead=1"))).run()
+    default, _ = simulate(Experiment(make_config(*base)))
+    one, _ = simulate(Experiment(make_config(*base, "lookahead=1")))
     assert max_abs_diff(default.params, one.params) == 0
     assert default.summary["mean_train_batch"] == one.summary["mean_train_batch"]
-
-
-def components(cfg):
-    exp = Experiment(cfg)
-    return exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings
 
 
 class HostFedAsync(FedAsync):
