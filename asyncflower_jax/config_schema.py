@@ -177,7 +177,7 @@ FIELDS: dict[str, Field] = {
             "v - (v mod lookahead), so the arrivals of up to `lookahead` versions are trained in one batch (1: exact)",
             low=1, note="> 1 only for rules that refill on arrival; docs/scaling.md",
         ),
-        Field("execution", str, "auto", "how a chunk of clients trains: vmap, map (lax.map) or auto (by backend)", choices=EXECUTIONS),
+        Field("execution", str, "auto", "how a chunk of clients trains: vmap, map (a loop over its clients) or auto (by backend)", choices=EXECUTIONS),
         Field("map_batch", int, 1, "with execution=map: clients vmapped together inside the loop", low=1),
         Field(
             "devices", int, None, "share each training batch's clients among this many devices (null: every device JAX sees; on a CPU-only machine run.py makes one per core, or this many)",

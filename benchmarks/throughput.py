@@ -7,7 +7,7 @@ Three parts, all in one process and one run:
   1. deferred batches: the mean training batch exact simulation allows, per latency model and M
      (replayed on the host; FedAsync, the rule with the smallest batches);
   2. execution: bare training of one batch of clients by each way of running a chunk (vmap
-     chunks of several sizes, lax.map, lax.map of vmapped groups), to choose per backend;
+     chunks of several sizes, a loop over the clients, a loop over vmapped groups), to choose per backend;
   3. throughput: FedAsync on the tiled-digits MLP workload at each M and timed latency model, the
      simulator (execution `auto` unless --execution) against the sequential baseline
      (benchmarks/common.run_sequential: one client trained alone at its finish event); the ratio,
@@ -69,7 +69,7 @@ def batch_table(concurrency: list[int], updates_of, n: int) -> list[dict]:
 
 def execution_choice(p: dict) -> list[dict]:
     """Bare training of one batch of p['execution_batch'] clients by each execution variant: vmap
-    in chunks of k clients per call, lax.map over the whole batch in one call with k clients
+    in chunks of k clients per call, a loop over the whole batch in one call with k clients
     vmapped per step, and one client per call (the sequential baseline's training)."""
     n = p["execution_batch"]
     rows = []

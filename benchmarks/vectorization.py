@@ -7,7 +7,7 @@ Bare training (the project's BatchedTrainer and local training, no simulation) o
 with its own weights, S local steps of batch B on 28x28 images (synthetic: this measures speed), by
   vmap-all        one vmapped call over all M clients;
   vmap-chunk-c    chunks of c clients, one vmapped call per chunk (chunk_size = c);
-  map-vmap-c      one call: lax.map over groups of c vmapped clients (execution=map, map_batch=c);
+  map-vmap-c      one call: a loop over groups of c vmapped clients (execution=map, map_batch=c);
   ...-bf16        the same with the forward and backward passes in bfloat16 (compute_dtype);
   chunk-donated-c chunks of c clients whose start weights are passed in and donated, so the
                   trained weights are written over them (no new buffer per chunk);

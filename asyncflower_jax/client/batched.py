@@ -2,24 +2,22 @@
 
 Clients may start from different model versions: the versions come stacked on a leading axis
 (the simulator's version table, engine/versions.py, or a list stacked once) and each client
-gathers its own inside the jitted call. Batches are cut into chunks of at most
-`chunk_size` clients and padded to a power of two, so only a few shapes are ever compiled.
+gathers its own inside the jitted call. Batches are cut into chunks of at most `chunk_size`
+clients, the last one compiled at a power of two, so only a few shapes are ever compiled.
 
 How a chunk runs (`execution`), chosen per backend by measurement (benchmarks/throughput.py):
   "vmap": one vectorized program over the chunk's clients (per-client weights become batched
-          matrix products); fast on accelerators;
-  "map":  `lax.map` over the chunk's clients inside the same jitted call: each client's steps run
-          as unbatched matrix products, one after another, with one dispatch per chunk; with
-          `map_batch` b > 1, b clients at a time are vmapped inside the loop;
-  "auto": on the CPU, chunks of at most CPU_CHUNK clients, a batch cut into chunks of 16, 4
-          and 1 clients, never padded (a padded row costs a whole client's training there), run
-          by "vmap" unless local training has a convolution, then by "map" (measured on a 2-core
-          CPU: for the digits MLP, vmapped chunks of 16 trained about 20 % more clients per second
-          than one client per call, chunks of 4 about 10 %; for LEAF's CNN, vmapped per-client
-          convolutions took 1.5x (chunks of 4) to 5x (chunks of 16) as long per client as one
-          client per call, while "map" matched it); on GPUs and TPUs "vmap" in chunks of
-          `chunk_size`, the last one padded to a power of two (a padded row costs little there;
-          fewer calls matter more).
+          matrix products); fast on accelerators; padding rows are trained like real ones;
+  "map":  a loop over the chunk's real clients inside the same jitted call: each client's steps
+          run as unbatched matrix products, one after another, with one dispatch per chunk; the
+          loop stops at the last real client, so padding rows cost no training, and a chunk is
+          compiled at MIN_ROWS rows or more (one program serves every chunk of up to 8 clients);
+          with `map_batch` b > 1, b clients at a time are vmapped inside the loop;
+  "auto": on the CPU "map" in chunks of at most CPU_CHUNK clients (measured on a 2-core Intel
+          Xeon, the digits MLP: 1.25 ms per client in a loop of 16, 1.65 ms vmapped in chunks of
+          16 or one per call; and a cold run compiles one training program per device instead
+          of one per chunk size); on GPUs and TPUs "vmap" in chunks of `chunk_size` (a padded
+          row costs little there; fewer calls matter more).
 With several devices (`devices`) in one process, a batch is shared out among them before it is
 cut into chunks, each device getting its clients' start models: only batches of at least two
 clients per device, and on CPU devices (one per core: `expose_cpu_cores`) only batches with
@@ -50,11 +48,12 @@ EXECUTIONS = ("auto", "vmap", "map")
 CPU_CHUNK = 16  # clients per vmapped call and device that `auto` uses on the CPU (at most)
 MIN_SPLIT_PER_DEVICE = 2  # in one process, a batch is shared out among the devices when each gets at least this many clients ...
 CPU_SPLIT_FLOPS = 50e6  # ... and, on CPU devices, at least this much work (matrix-product flops: about a millisecond of a core)
-# another device's start models are sent as at least this many rows (if they take at most
-# MIN_SENT_BYTES): every share of a few clients then compiles the same few programs (the default
-# experiment's shares of 2 to 5 clients compiled 5 training programs for the other device, 2 now)
-MIN_SENT_ROWS = 8
-MIN_SENT_BYTES = 64 << 20
+# another device's start models, and a "map" chunk, take at least this many rows (if they take at
+# most MIN_ROWS_BYTES): every share of a few clients then compiles the same program (the default
+# experiment's shares of 2 to 5 clients compiled 5 training programs for the other device, 2 with
+# vmapped chunks, 1 with "map")
+MIN_ROWS = 8
+MIN_ROWS_BYTES = 64 << 20
 
 
 def resolve_execution(execution: str, chunk_size: int = 256, backend: str | None = None, devices: int = 1) -> tuple[str, int]:
@@ -64,24 +63,15 @@ def resolve_execution(execution: str, chunk_size: int = 256, backend: str | None
     if execution != "auto":
         return execution, chunk_size
     if (backend or jax.default_backend()) == "cpu":
-        return "vmap", min(chunk_size, CPU_CHUNK * devices)
+        return "map", min(chunk_size, CPU_CHUNK * devices)
     return "vmap", chunk_size
 
 
-def chunk_plan(n: int, chunk_size: int, pad: bool) -> list[tuple[int, int]]:
-    """How a batch of n clients is cut into chunks: (clients, compiled size) per chunk, in order.
-    `pad`: chunks of `chunk_size`, the last padded to a power of two; otherwise no padding: as
-    many chunks of `chunk_size` as fit, then of the powers of four below it, largest first (a
-    few compiled shapes, none wasted on padding)."""
-    if pad:
-        return [(min(chunk_size, n - lo), bucket_size(min(chunk_size, n - lo), chunk_size)) for lo in range(0, n, chunk_size)]
-    sizes = [chunk_size] + [4**k for k in range(15, -1, -1) if 4**k < chunk_size]
-    plan = []
-    for size in sizes:
-        while n >= size:
-            plan.append((size, size))
-            n -= size
-    return plan
+def chunk_plan(n: int, chunk_size: int, least: int = 1) -> list[tuple[int, int]]:
+    """How a batch of n clients is cut into chunks: (clients, compiled size) per chunk, in order:
+    chunks of `chunk_size`, the last one compiled at the power of two that holds it, at least
+    `least` and at most `chunk_size` (a few compiled shapes)."""
+    return [(k, min(chunk_size, max(least, bucket_size(k)))) for k in (min(chunk_size, n - lo) for lo in range(0, n, chunk_size))]
 
 
 def bucket_size(n: int, cap: int | None = None) -> int:
@@ -90,6 +80,7 @@ def bucket_size(n: int, cap: int | None = None) -> int:
     return min(size, cap) if cap else size
 
 
+INPUT_COLUMNS = 5  # `_chunk`'s per-client inputs: start version row, data offset, sample count, dispatch id, real (1) or padding (0)
 STACK_BLOCK = 32  # trees stacked by one compiled call; longer lists are written block by block
 
 
@@ -122,6 +113,11 @@ def row_shapes(stacked: PyTree) -> PyTree:
 def row_bytes(stacked: PyTree) -> int:
     """Bytes of one row of a stacked pytree (arrays, tracers or ShapeDtypeStructs)."""
     return tree_bytes(row_shapes(stacked))
+
+
+def _group_rows(rows: int, group: int) -> int:
+    """`rows` rounded up to whole groups of `group`."""
+    return -(-rows // group) * group
 
 
 def _shapes_key(shapes: PyTree):
@@ -192,11 +188,6 @@ def stack_trees(trees: list[PyTree]) -> PyTree:
     if len(unique) == len(trees) and jax.tree.leaves(stacked)[0].shape[0] == len(trees):
         return stacked
     return _take_rows(stacked, index)
-
-
-def has_convolution(jaxpr) -> bool:
-    """Whether a jaxpr (or any jaxpr inside it: scan bodies, gradients) convolves."""
-    return any(eqn.primitive.name == "conv_general_dilated" or any(has_convolution(sub) for sub in _sub_jaxprs(eqn)) for eqn in jaxpr.eqns)
 
 
 def _sub_jaxprs(eqn):
@@ -276,8 +267,7 @@ class BatchedTrainer:
         self.mesh = ClientMesh(selected) if len(selected) > 1 else None
         spanned = self.mesh.size if self.mesh is not None and self.mesh.multiprocess else 1  # devices one chunk spans
         self.execution, self.chunk_size = resolve_execution(execution, int(chunk_size), devices=spanned)
-        self.pad = not (execution == "auto" and jax.default_backend() == "cpu")  # see chunk_plan
-        self._choose_by_model = not self.pad  # CPU auto: vmap or map, chosen at the first chunk (`_settle`)
+        self.least_rows = None  # a "map" chunk's or another device's start models' fewest rows (`_settle`)
         self.client_flops = None  # one client's local training, in matrix-product flops (`_settle`, for the CPU's split rule)
         require(isinstance(map_batch, int) and not isinstance(map_batch, bool) and map_batch >= 1, "map_batch", map_batch, "an integer >= 1")
         self.map_batch = map_batch
@@ -308,47 +298,72 @@ class BatchedTrainer:
         return self.mesh.home if self.mesh is not None and not self.mesh.multiprocess else None
 
     def _settle(self, stacked: PyTree) -> None:
-        """At the first chunk, from local training's jaxpr: CPU `auto`'s execution, "map" if it has a
-        convolution, else "vmap" (see the module docstring); on CPU devices of one process, the
-        flops of one client (`device_shares`)."""
+        """At the first chunk: the fewest rows of a "map" chunk and of start models sent to another
+        device (MIN_ROWS where they are small), and on CPU devices of one process the flops of one
+        client, from local training's jaxpr (`device_shares`)."""
+        if self.least_rows is None:
+            self.least_rows = MIN_ROWS if MIN_ROWS * row_bytes(stacked) <= MIN_ROWS_BYTES else 1
         cpu_mesh = self.mesh is not None and not self.mesh.multiprocess and self.mesh.devices[0].platform == "cpu"
-        if self._choose_by_model or (cpu_mesh and self.client_flops is None):
+        if cpu_mesh and self.client_flops is None:
             one = row_shapes(stacked)
             jaxpr, shapes = jax.make_jaxpr(self._one, return_shape=True)(one, self.store.x, self.store.y, np.int32(0), np.int32(1), np.uint32(0))
             self._result_shapes[_shapes_key(one)] = shapes  # (the trace `result_shapes` would make)
-            if self._choose_by_model:
-                self._choose_by_model = False
-                self.execution = "map" if has_convolution(jaxpr.jaxpr) else "vmap"
-            if cpu_mesh:
-                self.client_flops = matmul_flops(jaxpr.jaxpr)
+            self.client_flops = matmul_flops(jaxpr.jaxpr)
 
     def _client_key(self, dispatch_id):
         return jax.random.fold_in(self.base_key, dispatch_id)
 
     def _chunk(self, versions, x, y, inputs):
-        """`inputs` [clients, 4] int32 (`_chunk_inputs`): per client its start version's row, data
-        offset, sample count and dispatch id (its uint32 bits)."""
+        """`inputs` [rows, INPUT_COLUMNS] int32 (`_chunk_inputs`): per row its client's start version
+        row, data offset, sample count, dispatch id (its uint32 bits) and whether it is a real client
+        (1) or padding (0). Returns (params, losses) with a leading row axis."""
         self.chunk_traces += 1
-        version_idx, offsets, counts = inputs[:, 0], inputs[:, 1], inputs[:, 2]
-        dispatch_ids = jax.lax.bitcast_convert_type(inputs[:, 3], jnp.uint32)
         if self.execution == "vmap":
-            start = jax.tree.map(lambda v: v[version_idx], versions)
-            keys = jax.vmap(self._client_key)(dispatch_ids)
-            return jax.vmap(self.local_train, in_axes=(0, None, None, 0, 0, 0))(start, x, y, offsets, counts, keys)
+            return self._train_rows(versions, x, y, inputs)
+        shapes = jax.eval_shape(self._train_rows, versions, x, y, inputs[:1])
+        rows = _group_rows(inputs.shape[0], self.map_batch)
+        out = jax.tree.map(lambda s: jnp.zeros((rows, *s.shape[1:]), s.dtype), shapes)
 
-        def one(args):  # each client gathers its own start version: no stacked copy of all starts
-            v, offset, count, dispatch_id = args
-            start = jax.tree.map(lambda leaf: leaf[v], versions)
-            return self.local_train(start, x, y, offset, count, self._client_key(dispatch_id))
+        def write(out, lo, group):
+            return jax.tree.map(lambda o, r: jax.lax.dynamic_update_slice_in_dim(o, r, lo, 0), out, self._train_rows(versions, x, y, group))
 
-        batch = self.map_batch if self.map_batch > 1 else None
-        return jax.lax.map(one, (version_idx, offsets, counts, dispatch_ids), batch_size=batch)
+        return jax.tree.map(lambda o: o[: inputs.shape[0]], self._over_real_clients(inputs, write, out))
 
     def _chunk_into(self, results, inputs, versions, x, y):
         """`_chunk`, its rows written into rows `inputs[:, 0]` of `results` (params, losses, finite
         flags; donated: in place; rows out of range are padding, dropped); `inputs[:, 1:]` are
-        `_chunk`'s."""
-        return put_trained(results, self._chunk(versions, x, y, inputs[:, 1:]), inputs[:, 0])
+        `_chunk`'s. Under "map" each group's results go straight into `results`."""
+        if self.execution == "vmap":
+            return put_trained(results, self._chunk(versions, x, y, inputs[:, 1:]), inputs[:, 0])
+        self.chunk_traces += 1
+        train = lambda res, lo, group: put_trained(res, self._train_rows(versions, x, y, group[:, 1:]), group[:, 0])  # noqa: E731
+        return self._over_real_clients(inputs, train, results, slot=results[1].shape[0])
+
+    def _over_real_clients(self, inputs, step, carry, slot=None):
+        """`carry = step(carry, lo, group)` for each group of `map_batch` rows of `inputs` starting at
+        row lo, in a loop that stops after the chunk's last real client (real clients come first;
+        the last column says which rows are): padding rows cost no training, and one compiled
+        program serves every number of real clients up to the chunk's size. Rows added to make
+        whole groups are padding, their first column `slot` if given (a store row out of range)."""
+        b = self.map_batch
+        rows = _group_rows(inputs.shape[0], b)
+        if rows > inputs.shape[0]:
+            pad = jnp.tile(inputs[:1], (rows - inputs.shape[0], 1)).at[:, -1].set(0)
+            inputs = jnp.concatenate([inputs, pad if slot is None else pad.at[:, 0].set(slot)])
+        groups = (jnp.sum(inputs[:, -1]) + b - 1) // b
+        return jax.lax.fori_loop(0, groups, lambda g, c: step(c, g * b, jax.lax.dynamic_slice_in_dim(inputs, g * b, b)), carry)
+
+    def _train_rows(self, versions, x, y, inputs):
+        """Local training of every row of `inputs` (`_chunk`'s columns), each from its own start
+        version: vmapped, or unbatched for a single row."""
+        version_idx, offsets, counts = inputs[:, 0], inputs[:, 1], inputs[:, 2]
+        dispatch_ids = jax.lax.bitcast_convert_type(inputs[:, 3], jnp.uint32)
+        start = jax.tree.map(lambda v: v[version_idx], versions)
+        if inputs.shape[0] == 1:
+            out = self.local_train(jax.tree.map(lambda leaf: leaf[0], start), x, y, offsets[0], counts[0], self._client_key(dispatch_ids[0]))
+            return jax.tree.map(lambda leaf: leaf[None], out)
+        keys = jax.vmap(self._client_key)(dispatch_ids)
+        return jax.vmap(self.local_train, in_axes=(0, None, None, 0, 0, 0))(start, x, y, offsets, counts, keys)
 
     def _one(self, params, x, y, offset, count, dispatch_id):
         return self.local_train(params, x, y, offset, count, self._client_key(dispatch_id))
@@ -408,10 +423,11 @@ class BatchedTrainer:
         each share cut into chunks, `chunk_plan`), or is None: the chunk is split over every
         process's devices (several processes: each takes part in every chunk), its compiled size
         then a multiple of their number."""
+        least = (self.least_rows or 1) if self.execution == "map" else 1  # padding costs "map" no training
         if self.mesh is not None and self.mesh.multiprocess:
-            return [(None, n, self.mesh.padded_size(size)) for n, size in chunk_plan(n, self.chunk_size, self.pad)]
+            return [(None, n, self.mesh.padded_size(size)) for n, size in chunk_plan(n, self.chunk_size, least)]
         shares = [n] if self.mesh is None else device_shares(n, self.mesh.size, self.client_flops)
-        return [(device, m, size) for device, share in enumerate(shares) for m, size in chunk_plan(share, self.chunk_size, self.pad)]
+        return [(device, m, size) for device, share in enumerate(shares) for m, size in chunk_plan(share, self.chunk_size, least)]
 
     def chunk_sizes(self, n: int) -> list[int]:
         """The compiled sizes of the chunks a batch of n clients is trained in."""
@@ -420,7 +436,7 @@ class BatchedTrainer:
     def _chunk_inputs(self, stacked, version_idx, clients, dispatch_ids, slots=None, capacity=None) -> list[tuple[int | None, int, np.ndarray]]:
         """(device, clients, inputs) per chunk of the listed clients (`chunks`), in order: `inputs`
         is `_chunk`'s int32 array of per-client inputs (start version rows of `stacked`; padding
-        rows repeat the chunk's first client), one host-to-device transfer per chunk instead of
+        rows repeat the chunk's first client, marked padding in the last column), one host-to-device transfer per chunk instead of
         five (on a GPU each costs the host tens of microseconds). With `slots`, the array starts
         with a column of the store rows the results go to (`_chunk_into`; padding rows get
         `capacity`: out of range, dropped)."""
@@ -435,7 +451,7 @@ class BatchedTrainer:
             hi = lo + n
             rows = np.concatenate([np.arange(lo, hi), np.full(size - n, lo)])
             c = clients[rows]
-            inputs = np.empty((size, first + 4), np.int32)
+            inputs = np.empty((size, first + INPUT_COLUMNS), np.int32)
             if slots is not None:
                 inputs[:, 0] = capacity
                 inputs[:n, 0] = slots[lo:hi]
@@ -443,6 +459,7 @@ class BatchedTrainer:
             inputs[:, first + 1] = self.store.offsets[c]
             inputs[:, first + 2] = self.store.counts[c]
             inputs[:, first + 3] = np.asarray(dispatch_ids[rows], np.uint32).view(np.int32)
+            inputs[:, first + 4] = np.arange(size) < n
             out.append((device, n, inputs))
             lo = hi
         return out
@@ -455,7 +472,7 @@ class BatchedTrainer:
         """For chunks (device, `_chunk`'s inputs: start version rows of `stacked`) of this process's
         devices besides the first: (device, start models, inputs) on that device, the inputs then
         indexing its own clients' start models. Those are gathered from `stacked` in one call (each
-        device's rows padded to a power of two, at least MIN_SENT_ROWS: few shapes compile) and put
+        device's rows padded to a power of two, at least `least_rows`: few shapes compile) and put
         on their devices with the inputs in one more; the version table stays on the first device."""
         devices = list(dict.fromkeys(device for device, _ in chunks))
         rows = {device: [] for device in devices}
@@ -466,7 +483,7 @@ class BatchedTrainer:
             inputs = np.array(inputs)
             inputs[:, 0] = np.arange(taken, taken + len(inputs))
             local.append(inputs)
-        least = MIN_SENT_ROWS if MIN_SENT_ROWS * row_bytes(stacked) <= MIN_SENT_BYTES else 1
+        least = self.least_rows
         gathered = []
         for device in devices:
             part = np.concatenate(rows[device])

@@ -1,4 +1,4 @@
-"""How a chunk of clients runs (vmap, lax.map, lax.map of vmapped groups) changes no result, and
+"""How a chunk of clients runs (vmap, a loop over its clients, a loop over vmapped groups) changes no result, and
 mixed precision keeps float32 master weights."""
 
 import jax
@@ -60,16 +60,18 @@ def test_every_execution_equals_one_at_a_time(execution, map_batch):
             assert float(chunk.loss[r]) == pytest.approx(float(loss), abs=1e-12)
 
 
-def test_training_into_rows_writes_what_training_returns_at_the_given_rows():
+@pytest.mark.parametrize("execution, map_batch", [("vmap", 1), ("map", 1), ("map", 3)])
+def test_training_into_rows_writes_what_training_returns_at_the_given_rows(execution, map_batch):
     """The simulator keeps trained results in one store: each chunk's call writes its rows in
-    place, the padding rows of the last chunk nowhere, and leaves every other row as it was."""
+    place, the padding rows of the last chunk nowhere (also those "map" adds to make whole groups
+    of `map_batch`), and leaves every other row as it was."""
     with jax.enable_x64(True):
         store, versions = setup()
         train = make_local_train(mlp, LocalTraining(num_steps=3, batch_size=4, learning_rate=0.3))
-        trainer = BatchedTrainer(train, store, jax.random.key(7), chunk_size=4, execution="vmap")
+        trainer = BatchedTrainer(train, store, jax.random.key(7), chunk_size=4, execution=execution, map_batch=map_batch)
         stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *versions)
         version_idx, clients, ids = np.array([1, 0, 1, 1, 0, 0, 1]), np.array([5, 2, 0, 3, 1, 4, 2]), np.arange(100, 107)
-        assert [size for _, size in chunk_plan(7, 4, True)] == [4, 4]  # the last chunk has a padding row
+        assert [size for _, size in chunk_plan(7, 4)] == [4, 4]  # the last chunk has a padding row
         chunks = trainer.train_from(stacked, version_idx, clients, ids)
         shapes = trainer.result_shapes(stacked)
         assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == jax.tree.map(lambda x: (x.shape[1:], x.dtype), (chunks[0].params, chunks[0].loss))
@@ -111,7 +113,7 @@ def test_result_shapes_trace_local_training_once_per_trainer_and_shape():
         return train(*args)
 
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *versions)
-    for execution, traced in (("vmap", 1), ("auto", 1)):  # auto on the CPU: the trace that chooses vmap or map serves
+    for execution, traced in (("vmap", 1), ("auto", 1)):  # on CPU devices the trace that counts a client's flops serves
         traces.clear()
         trainer = BatchedTrainer(counted, store, jax.random.key(0), execution=execution)
         trainer._settle(stacked)
@@ -122,12 +124,12 @@ def test_result_shapes_trace_local_training_once_per_trainer_and_shape():
     assert len(traces) == 2
 
 
-def test_auto_is_small_vmap_chunks_on_cpu_and_configured_chunks_on_accelerators():
-    assert resolve_execution("auto", 256, "cpu") == ("vmap", CPU_CHUNK)
-    assert resolve_execution("auto", 2, "cpu") == ("vmap", 2)
+def test_auto_is_small_map_chunks_on_cpu_and_configured_vmap_chunks_on_accelerators():
+    assert resolve_execution("auto", 256, "cpu") == ("map", CPU_CHUNK)
+    assert resolve_execution("auto", 2, "cpu") == ("map", 2)
     assert resolve_execution("auto", 256, "gpu") == ("vmap", 256)
     assert resolve_execution("auto", 512, "tpu") == ("vmap", 512)
-    assert resolve_execution("auto", 256, "cpu", devices=2) == ("vmap", 2 * CPU_CHUNK)  # CPU_CHUNK per device
+    assert resolve_execution("auto", 256, "cpu", devices=2) == ("map", 2 * CPU_CHUNK)  # CPU_CHUNK per device
     assert resolve_execution("auto", 256, "gpu", devices=2) == ("vmap", 256)
     assert resolve_execution("map", 256, "cpu") == ("map", 256)
     assert resolve_execution("vmap", 64, "cpu") == ("vmap", 64)
@@ -135,16 +137,15 @@ def test_auto_is_small_vmap_chunks_on_cpu_and_configured_chunks_on_accelerators(
         resolve_execution("scan")
 
 
-def test_chunk_plans_pad_the_last_chunk_or_cut_into_powers_of_four():
-    assert chunk_plan(37, 16, pad=True) == [(16, 16), (16, 16), (5, 8)]
-    assert chunk_plan(37, 16, pad=False) == [(16, 16), (16, 16), (4, 4), (1, 1)]
-    assert chunk_plan(11, 16, pad=False) == [(4, 4), (4, 4), (1, 1), (1, 1), (1, 1)]
-    assert chunk_plan(7, 3, pad=False) == [(3, 3), (3, 3), (1, 1)]
-    assert chunk_plan(300, 256, pad=False) == [(256, 256), (16, 16), (16, 16), (4, 4), (4, 4), (4, 4)]
-    assert chunk_plan(3, 256, pad=True) == [(3, 4)]
-    for n in range(1, 80):  # every client exactly once, no padding, at most 3 compiled sizes
-        plan = chunk_plan(n, 16, pad=False)
-        assert sum(k for k, _ in plan) == n and all(k == size for k, size in plan) and {size for _, size in plan} <= {16, 4, 1}
+def test_chunk_plans_cut_chunks_of_the_chunk_size_and_compile_the_last_at_a_power_of_two():
+    assert chunk_plan(37, 16) == [(16, 16), (16, 16), (5, 8)]
+    assert chunk_plan(3, 256) == [(3, 4)]
+    assert chunk_plan(3, 16, least=8) == [(3, 8)]  # "map": padding costs no training, and few shapes compile
+    assert chunk_plan(3, 4, least=8) == [(3, 4)]  # never above the chunk size
+    assert chunk_plan(7, 3) == [(3, 3), (3, 3), (1, 1)]
+    for n in range(1, 80):  # every client exactly once; with least 8 and chunks of 16, two compiled sizes
+        plan = chunk_plan(n, 16, least=8)
+        assert sum(k for k, _ in plan) == n and all(k <= size for k, size in plan) and {size for _, size in plan} <= {8, 16}
 
 
 def test_matmul_flops_count_products_and_convolutions_with_scan_lengths_and_the_larger_branch():
@@ -176,21 +177,10 @@ def test_a_batch_is_shared_out_among_the_devices_only_with_enough_clients_and_wo
             assert sum(shares) == n and max(shares) - min(shares) <= 1 and shares == sorted(shares)
 
 
-def test_auto_on_the_cpu_trains_every_client_as_one_at_a_time_without_padding():
-    with jax.enable_x64(True):
-        store, versions = setup()
-        train = make_local_train(mlp, LocalTraining(num_steps=3, batch_size=4, learning_rate=0.3))
-        trainer = BatchedTrainer(train, store, jax.random.key(7), chunk_size=4, execution="auto")
-        version_idx, clients, ids = np.array([1, 0, 1, 1, 0, 0]), np.array([5, 2, 0, 3, 1, 4]), np.arange(100, 106)
-        chunks = trainer.train(versions, version_idx, clients, ids)
-        assert [(c.n, c.loss.shape[0]) for c in chunks] == [(4, 4), (1, 1), (1, 1)] == [(n, size) for n, size in chunk_plan(6, 4, pad=False)]
-        rows = [(c, r) for c in chunks for r in range(c.n)]
-        for i, (chunk, r) in enumerate(rows):
-            alone, _ = trainer.train_one(versions[version_idx[i]], int(clients[i]), int(ids[i]))
-            assert max_abs_diff(jax.tree.map(lambda leaf: leaf[r], chunk.params), alone) < 1e-12
-
-
-def test_auto_on_the_cpu_maps_models_with_convolutions_and_vmaps_the_others():
+def test_auto_on_the_cpu_loops_over_the_real_clients_of_a_chunk_and_equals_one_at_a_time():
+    """On the CPU, `auto` trains a chunk by a loop over its real clients: a chunk compiled at 8 rows
+    with 3 clients trains 3 (counted by a callback inside local training), for models with and
+    without convolutions, and each client's result is the one it gets alone."""
     import flax.linen as nn
 
     class TinyConv(nn.Module):
@@ -203,19 +193,26 @@ def test_auto_on_the_cpu_maps_models_with_convolutions_and_vmaps_the_others():
         store, _ = setup()
         x = jnp.asarray(np.random.default_rng(3).normal(size=(60, 16)))
         store = ClientStore(x, store.y, store.offsets, store.counts)
-        for module, expected in [(TinyConv(), "map"), (None, "vmap")]:
+        for module in (TinyConv(), None):
             if module is None:
                 apply, params = mlp, {"w1": jnp.ones((16, 4)), "w2": jnp.ones((4, 3)), "b": jnp.zeros(3)}
             else:
                 apply, params = module.apply, module.init(jax.random.key(0), x[:1])
             train = make_local_train(apply, LocalTraining(num_steps=2, batch_size=4, learning_rate=0.1))
-            trainer = BatchedTrainer(train, store, jax.random.key(7), chunk_size=4, execution="auto")
-            chunks = trainer.train([params], np.zeros(5, np.int32), np.array([0, 1, 2, 3, 4]), np.arange(5))
-            assert trainer.execution == expected
-            rows = [(c, r) for c in chunks for r in range(c.n)]
-            for i, (chunk, r) in enumerate(rows):
+            trained = []
+
+            def counted(params, *args, train=train):
+                jax.debug.callback(lambda: trained.append(1))
+                return train(params, *args)
+
+            trainer = BatchedTrainer(counted, store, jax.random.key(7), chunk_size=16, execution="auto", devices=1)
+            chunks = trainer.train([params], np.zeros(3, np.int32), np.array([0, 1, 2]), np.arange(3))
+            assert trainer.execution == "map" and [(c.n, c.loss.shape[0]) for c in chunks] == [(3, 8)]
+            jax.effects_barrier()
+            assert len(trained) == 3
+            for i in range(3):
                 alone, _ = trainer.train_one(params, i, i)
-                assert max_abs_diff(jax.tree.map(lambda leaf: leaf[r], chunk.params), alone) < 1e-12
+                assert max_abs_diff(jax.tree.map(lambda leaf: leaf[i], chunks[0].params), alone) < 1e-12
 
 
 @pytest.mark.parametrize("overrides, message", [(["execution=loop"], "execution='loop' is invalid"), (["map_batch=0"], "map_batch=0 is invalid"), (["devices=9"], "devices=9 is invalid"), (["compute_dtype=int8"], "compute_dtype='int8' is invalid")])
