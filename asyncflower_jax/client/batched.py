@@ -45,7 +45,7 @@ from ..strategy.updates import PyTree, tree_bytes
 from .sharding import ClientMesh, select_devices
 
 EXECUTIONS = ("auto", "vmap", "map")
-CPU_CHUNK = 16  # clients per vmapped call and device that `auto` uses on the CPU (at most)
+CPU_CHUNK = 16  # clients per call and device that `auto` uses on the CPU (at most)
 MIN_SPLIT_PER_DEVICE = 2  # in one process, a batch is shared out among the devices when each gets at least this many clients ...
 CPU_SPLIT_FLOPS = 50e6  # ... and, on CPU devices, at least this much work (matrix-product flops: about a millisecond of a core)
 # another device's start models, and a "map" chunk, take at least this many rows (if they take at
@@ -436,10 +436,10 @@ class BatchedTrainer:
     def _chunk_inputs(self, stacked, version_idx, clients, dispatch_ids, slots=None, capacity=None) -> list[tuple[int | None, int, np.ndarray]]:
         """(device, clients, inputs) per chunk of the listed clients (`chunks`), in order: `inputs`
         is `_chunk`'s int32 array of per-client inputs (start version rows of `stacked`; padding
-        rows repeat the chunk's first client, marked padding in the last column), one host-to-device transfer per chunk instead of
-        five (on a GPU each costs the host tens of microseconds). With `slots`, the array starts
-        with a column of the store rows the results go to (`_chunk_into`; padding rows get
-        `capacity`: out of range, dropped)."""
+        rows repeat the chunk's first client, marked padding in the last column), one
+        host-to-device transfer per chunk instead of five (on a GPU each costs the host tens of
+        microseconds). With `slots`, the array starts with a column of the store rows the results
+        go to (`_chunk_into`; padding rows get `capacity`: out of range, dropped)."""
         version_idx = np.asarray(version_idx)
         self._settle(stacked)
         plan = self.chunks(len(clients))
