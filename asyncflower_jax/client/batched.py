@@ -416,18 +416,21 @@ class BatchedTrainer:
             self._result_shapes[key] = jax.eval_shape(self._one, one, self.store.x, self.store.y, np.int32(0), np.int32(1), np.uint32(0))
         return self._result_shapes[key]
 
-    def chunks(self, n: int) -> list[tuple[int | None, int, int]]:
+    def chunks(self, n: int, into_store: bool = False) -> list[tuple[int | None, int, int]]:
         """How a batch of n clients is trained: (device, clients, compiled size) per chunk, in the
         batch's order. `device` indexes this process's training devices (0: the first, where the
         models are; in one process the batch is shared out among them first, `device_shares`, then
         each share cut into chunks, `chunk_plan`), or is None: the chunk is split over every
         process's devices (several processes: each takes part in every chunk), its compiled size
-        then a multiple of their number."""
+        then a multiple of their number. `into_store` (`train_into`): the first device's "map"
+        chunks write their results into the store, with no buffer of their own, so they are all
+        compiled at the chunk size: one program."""
         least = (self.least_rows or 1) if self.execution == "map" else 1  # padding costs "map" no training
         if self.mesh is not None and self.mesh.multiprocess:
             return [(None, n, self.mesh.padded_size(size)) for n, size in chunk_plan(n, self.chunk_size, least)]
         shares = [n] if self.mesh is None else device_shares(n, self.mesh.size, self.client_flops)
-        return [(device, m, size) for device, share in enumerate(shares) for m, size in chunk_plan(share, self.chunk_size, least)]
+        home_least = self.chunk_size if into_store and self.execution == "map" else least
+        return [(device, m, size) for device, share in enumerate(shares) for m, size in chunk_plan(share, self.chunk_size, least if device else home_least)]
 
     def chunk_sizes(self, n: int) -> list[int]:
         """The compiled sizes of the chunks a batch of n clients is trained in."""
@@ -442,7 +445,7 @@ class BatchedTrainer:
         go to (`_chunk_into`; padding rows get `capacity`: out of range, dropped)."""
         version_idx = np.asarray(version_idx)
         self._settle(stacked)
-        plan = self.chunks(len(clients))
+        plan = self.chunks(len(clients), into_store=slots is not None)
         if len({device for device, _, _ in plan}) > 1:
             self.split_batches += 1
         first = 0 if slots is None else 1

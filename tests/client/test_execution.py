@@ -213,6 +213,17 @@ def test_auto_on_the_cpu_loops_over_the_real_clients_of_a_chunk_and_equals_one_a
             for i in range(3):
                 alone, _ = trainer.train_one(params, i, i)
                 assert max_abs_diff(jax.tree.map(lambda leaf: leaf[i], chunks[0].params), alone) < 1e-12
+            # into the store: no buffer of the chunk's own, so compiled at the chunk size, still 3 trained
+            assert trainer.chunks(3, into_store=True) == [(0, 3, 16)] and trainer.chunks(20, into_store=True) == [(0, 16, 16), (0, 4, 16)]
+            stacked = jax.tree.map(lambda leaf: leaf[None], params)
+            store_rows = jax.tree.map(lambda s: jnp.zeros((5, *s.shape), s.dtype), stored_row(trainer.result_shapes(stacked)))
+            trained.clear()
+            stored, _, finite = trainer.train_into(store_rows, np.array([4, 0, 2], np.int32), stacked, np.zeros(3, np.int32), np.array([0, 1, 2]), np.arange(3))
+            jax.effects_barrier()
+            assert len(trained) == 3 and np.asarray(finite).tolist() == [True, False, True, False, True]
+            for i, slot in enumerate([4, 0, 2]):
+                want = jax.tree.map(lambda leaf: leaf[i], chunks[0].params)
+                assert max_abs_diff(jax.tree.map(lambda leaf: leaf[slot], stored), want) < 1e-12
 
 
 @pytest.mark.parametrize("overrides, message", [(["execution=loop"], "execution='loop' is invalid"), (["map_batch=0"], "map_batch=0 is invalid"), (["devices=9"], "devices=9 is invalid"), (["compute_dtype=int8"], "compute_dtype='int8' is invalid")])
