@@ -11,7 +11,8 @@ How a chunk runs (`execution`), chosen per backend by measurement (benchmarks/th
   "map":  a loop over the chunk's real clients inside the same jitted call: each client's steps
           run as unbatched matrix products, one after another, with one dispatch per chunk; the
           loop stops at the last real client, so padding rows cost no training, and a chunk is
-          compiled at MIN_ROWS rows or more (one program serves every chunk of up to 8 clients);
+          compiled at MIN_ROWS rows or more (one program serves every chunk of up to 8 clients),
+          at `chunk_size` where its results go straight into the results store (`chunks`);
           with `map_batch` b > 1, b clients at a time are vmapped inside the loop;
   "auto": on the CPU "map" in chunks of at most CPU_CHUNK clients (measured on a 2-core Intel
           Xeon, the digits MLP on two CPU devices: 1501 clients/s by the loop, 1200 vmapped in
