@@ -6,7 +6,8 @@ also checked together. The seeds below were chosen among the first 40 so that be
 cover five of the rules drawn (FedAsync, FedAvg, FedBuff with a time window, FedStaleAsync and
 FADAS; the others have reference tests of their own), every stop condition, one and several
 aggregations per call, no availability model, on/off and diurnal availability, drop_on_leave,
-and every injected fault with and without a timeout.
+every injected fault with and without a timeout, and both executions (vmap, as on accelerators,
+and map, as on the CPU).
 """
 
 import random
@@ -64,6 +65,8 @@ def draw(seed: int) -> list[str]:
         overrides += [f"faults.dropout={r.choice([0, 0.1])}", f"faults.failure={r.choice([0, 0.1])}", f"faults.nan={r.choice([0, 0.1])}"]
         if r.random() < 0.3:
             overrides.append("faults.timeout=1.5")
+    # drawn apart, so the draws above stay those the seeds were chosen for
+    overrides.append(f"execution={random.Random(-seed).choice(['vmap', 'map'])}")
     return overrides
 
 
