@@ -321,9 +321,8 @@ class BatchedTrainer:
         self.chunk_traces += 1
         if self.execution == "vmap":
             return self._train_rows(versions, x, y, inputs)
-        shapes = jax.eval_shape(self._train_rows, versions, x, y, inputs[:1])
         rows = _group_rows(inputs.shape[0], self.map_batch)
-        out = jax.tree.map(lambda s: jnp.zeros((rows, *s.shape[1:]), s.dtype), shapes)
+        out = jax.tree.map(lambda s: jnp.zeros((rows, *s.shape), s.dtype), self.result_shapes(versions))
 
         def write(out, lo, group):
             return jax.tree.map(lambda o, r: jax.lax.dynamic_update_slice_in_dim(o, r, lo, 0), out, self._train_rows(versions, x, y, group))
