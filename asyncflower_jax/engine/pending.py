@@ -115,7 +115,7 @@ class PendingResults:
         if not tasks:
             return
         stacked, rows = versions.stacked_rows([t.start_version for t in tasks])
-        shapes = lambda: stored_row(self.trainer.result_shapes(stacked))  # noqa: E731
+        shapes = lambda: self._stored_row(stacked)  # noqa: E731
         if self._reserved:  # (relaxed runs: some results have their slots already, `slot_for`)
             fresh = iter(self._reserve(sum(t.dispatch_id not in self._reserved for t in tasks), shapes))
             slots = [self._reserved.pop(t.dispatch_id) if t.dispatch_id in self._reserved else next(fresh) for t in tasks]
@@ -202,6 +202,10 @@ class PendingResults:
         """(params with a leading slot axis, losses, finite flags): every stored result, at its `slot_of`."""
         return self._store
 
+    def _stored_row(self, start_models):
+        """The shapes of one stored result of training from stacked `start_models` (a flush's or the version table)."""
+        return stored_row(self.trainer.result_shapes(start_models))
+
     def slot_of(self, dispatch_id: int) -> int:
         """The store slot of a trained result (valid until it is released)."""
         return self._where[dispatch_id][1]
@@ -214,7 +218,7 @@ class PendingResults:
         if where is not None:
             return where[1]
         if dispatch_id not in self._reserved:
-            self._reserved[dispatch_id] = self._reserve(1, lambda: stored_row(self.trainer.result_shapes(versions.table)))[0]
+            self._reserved[dispatch_id] = self._reserve(1, lambda: self._stored_row(versions.table))[0]
         return self._reserved[dispatch_id]
 
     @property
