@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from asyncflower_jax import distributed
 from asyncflower_jax.client.sharding import expose_cpu_cores
 from asyncflower_jax.compilation import use_compilation_cache
-from asyncflower_jax.engine.checkpoint import CheckpointError
+from asyncflower_jax.engine.checkpoint import CheckpointError, CheckpointManager
 from asyncflower_jax.engine.simulator import Interrupted
 from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.experiment import Experiment
@@ -26,6 +26,10 @@ from asyncflower_jax.runner import run_job
 
 log = logging.getLogger("asyncflower_jax")
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "no TPU found" chatter
+
+
+class InvalidJob(Exception):
+    """A sweep's job refused its configuration (logged, and in its failed.json unless refused before it started)."""
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -41,16 +45,28 @@ def main(cfg: DictConfig) -> float:
     try:
         s = run_job(cfg, run_dir, list(HydraConfig.get().overrides.task), multirun=multirun)
     except Interrupted as exc:
-        where = f"checkpoint {exc.checkpoint}" if exc.checkpoint else "no checkpoint (this run has no run directory or a rule that cannot be checkpointed)"
-        log.warning(
-            "stopped by %s at version %d: %s; continue with: python run.py resume=%s",
-            signal.Signals(exc.signum).name, exc.version, where, run_dir,
-        )
+        if exc.checkpoint:
+            log.warning(
+                "stopped by %s at version %d: checkpoint %s; continue with: python run.py resume=%s",
+                signal.Signals(exc.signum).name, exc.version, exc.checkpoint, run_dir,
+            )
+        else:
+            log.warning(
+                "stopped by %s at version %d: no checkpoint (this rule cannot be checkpointed); a resume would start again from version 0",
+                signal.Signals(exc.signum).name, exc.version,
+            )
         sys.exit(128 + exc.signum)
+    except KeyboardInterrupt:  # a SIGINT before the run set its handler, or a second one
+        latest = CheckpointManager(run_dir).latest()
+        if latest is not None:
+            log.warning("stopped at once by SIGINT; the newest checkpoint is %s: continue with: python run.py resume=%s", latest.name, run_dir)
+        else:
+            log.warning("stopped at once by SIGINT, before any checkpoint of this run")
+        sys.exit(128 + signal.SIGINT)
     except (ConfigError, CheckpointError) as exc:
         log.error("invalid configuration: %s" if isinstance(exc, ConfigError) else "cannot resume: %s", exc)
-        if multirun:
-            raise  # Hydra runs the sweep's other jobs, then reports this one as failed (failed.json)
+        if multirun:  # Hydra runs the sweep's other jobs, then reports the first failed one
+            raise InvalidJob(str(exc)) from None  # (its message alone: the error was the input, not the code)
         sys.exit(2)
     except Exception as exc:
         log.error("run failed: %s: %s (details in %s)", type(exc).__name__, exc, run_dir / "failed.json")

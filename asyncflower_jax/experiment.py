@@ -172,13 +172,13 @@ class Experiment:
             return None
         if (run_dir / SUMMARY_FILE).is_file():
             raise ConfigError(f"resume={self.resume!r} is invalid: {run_dir} holds a finished run (summary.json); there is nothing to resume")
-        latest = checkpoints.latest()
+        newest = checkpoints.load_newest()
         clear_failure(run_dir)
-        if latest is None:
+        if newest is None:
             if run_files(run_dir):
                 log.warning("resume: %s has no checkpoint; running it again from version 0", run_dir)
             return None
-        snapshot = CheckpointManager.load(latest)
+        latest, snapshot = newest
         if snapshot.meta.get("fingerprint") != self.fingerprint():
             raise CheckpointError(
                 f"{latest} was written with other settings than this run's (config fingerprint {snapshot.meta.get('fingerprint')} "

@@ -2,8 +2,9 @@
 
 - finished: summary.json (written last, atomically; a diverged run says so in it);
 - stopped by SIGTERM/SIGINT: a checkpoint, and `Interrupted` is raised (resume it later);
-- failed (bad configuration, unreadable checkpoint, any error): failed.json with the error, unless
-  the directory belongs to another run (RunDirectoryInUse), which is left untouched.
+- failed (bad configuration, unreadable checkpoint, any error): failed.json with the error;
+- refused before it started (RunRefused: another run's directory, nothing to resume there, an
+  override that contradicts the resumed run's configuration): nothing is written.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from omegaconf import DictConfig
 
 from .engine.simulator import Interrupted
 from .experiment import Experiment
-from .errors import ConfigError
-from .results.rundir import SUMMARY_FILE, RunDirectoryInUse, resume_requested, resumed_config, run_files, write_failure
+from .results.rundir import SUMMARY_FILE, RunRefused, check_fresh, holds_a_run, resume_requested, resumed_config, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +32,28 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: list[str] = (), multirun:
     run_dir = Path(run_dir)
     try:
         if resume_requested(cfg.get("resume")):
-            if (run_dir / SUMMARY_FILE).is_file():
-                log.info("%s already finished (summary.json): nothing to resume", run_dir)
-                return json.loads((run_dir / SUMMARY_FILE).read_text())
-            if not multirun and not [f for f in run_files(run_dir) if f != "failed.json"]:
-                raise ConfigError(
+            if not multirun and not holds_a_run(run_dir):
+                _remove_if_empty(run_dir)  # (made by Hydra for this command)
+                raise RunRefused(
                     f"resume={cfg.get('resume')!r} is invalid: {run_dir} holds no run to resume (no config.yaml, metrics or "
                     "checkpoint); pass the directory of a started run (resume=<run dir>, or resume=true hydra.run.dir=<run dir>)"
                 )
             cfg = resumed_config(cfg, run_dir, list(overrides))
+            if (run_dir / SUMMARY_FILE).is_file():
+                log.info("%s already finished (summary.json): nothing to resume", run_dir)
+                return json.loads((run_dir / SUMMARY_FILE).read_text())
+        else:
+            check_fresh(run_dir)  # (before the experiment is built; Experiment.run checks it too)
         return Experiment(cfg).run(run_dir).summary
-    except (RunDirectoryInUse, Interrupted):
-        raise  # another run's directory: write nothing into it; an interrupted run is resumable
+    except (RunRefused, Interrupted):
+        raise  # refused: write nothing into that directory; an interrupted run is resumable
     except Exception as exc:
         write_failure(run_dir, exc)
         raise
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty, or not there

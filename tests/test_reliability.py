@@ -121,6 +121,28 @@ def test_a_new_run_never_writes_into_another_runs_directory(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
+def test_a_refused_command_writes_nothing(tmp_path):
+    """Through run.py: a new run in another run's directory, a resume of a directory without a
+    run, and a resume whose override contradicts the run leave no file behind or changed (not
+    Hydra's record .hydra/, not run.log, no failed.json)."""
+    run_dir, args = tmp_path / "run", ["num_clients=20", "concurrency=5", "max_updates=5", "model.hidden=[16]", "progress=false"]
+    assert run_py([*args, f"hydra.run.dir={run_dir}"], tmp_path).returncode == 0
+    files = lambda: {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    assert {".hydra/overrides.yaml", "run.log", "summary.json"} <= set(before)
+    proc = run_py([*args, "seed=7", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 2 and "must not hold another run's files" in proc.stdout + proc.stderr
+    assert files() == before
+    proc = run_py([f"resume={tmp_path / 'nowhere'}"], tmp_path)
+    assert proc.returncode == 2 and "holds no run to resume" in proc.stdout + proc.stderr
+    assert not (tmp_path / "nowhere").exists()
+    proc = run_py([f"resume={run_dir}", "seed=3"], tmp_path)
+    assert proc.returncode == 2 and "seed=3 is invalid: must be 0" in proc.stdout + proc.stderr
+    assert not (run_dir / "failed.json").exists() and {k: v for k, v in files().items() if ".hydra/resumed" not in k and k != "run.log"} == {
+        k: v for k, v in before.items() if k != "run.log"
+    }
+
+
 def test_a_finished_runs_summary_is_written_after_its_plots(tmp_path, monkeypatch):
     """summary.json marks a complete run directory: a run stopped while plotting is resumed, not taken as done."""
     from asyncflower_jax.results import plots
@@ -143,6 +165,16 @@ def test_a_resumed_run_keeps_its_configuration(tmp_path):
         resumed_config(cfg, tmp_path, ["strategy.buffer_size=3", "progress=false", "resume=true"])
     saved = resumed_config(cfg, tmp_path, ["progress=false", "resume=true"])
     assert saved.strategy.buffer_size == 5 and saved.progress is False and saved.resume is True
+
+
+def test_a_resumed_run_keeps_its_checkpointing_and_trackers_unless_overridden(tmp_path):
+    (tmp_path / "config.yaml").write_text("seed: 0\ncheckpoint_every: 50\ncheckpoint_min_seconds: 0\ntrackers: [tensorboard]\nresume: false\n")
+    cfg = make_config("resume=true")  # the defaults: checkpoint_every 100, no trackers
+    saved = resumed_config(cfg, tmp_path, ["resume=true"])
+    assert saved.checkpoint_every == 50 and saved.checkpoint_min_seconds == 0 and list(saved.trackers) == ["tensorboard"]
+    assert saved.resume is True
+    saved = resumed_config(make_config("resume=true", "checkpoint_every=7", "trackers=[]"), tmp_path, ["resume=true", "checkpoint_every=7", "trackers=[]"])
+    assert saved.checkpoint_every == 7 and list(saved.trackers) == [] and saved.checkpoint_min_seconds == 0
 
 
 def test_resuming_a_directory_without_a_run_is_an_error(tmp_path):

@@ -22,14 +22,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -187,6 +191,24 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
         return final
 
+    def load_newest(self) -> tuple[Path, Snapshot] | None:
+        """The newest checkpoint that can be read (an unreadable one, damaged after it was written,
+        is skipped with a warning), or None if there is none; CheckpointError if none can be read."""
+        paths = self.paths()
+        errors = []
+        for path in reversed(paths):
+            try:
+                snapshot = self.load(path)
+            except CheckpointError as exc:
+                errors.append(str(exc))
+                continue
+            if errors:
+                log.warning("skipped %d unreadable checkpoint(s) newer than %s: %s", len(errors), path.name, "; ".join(errors))
+            return path, snapshot
+        if errors:
+            raise CheckpointError(f"no checkpoint in {self.directory} can be read: {'; '.join(errors)}")
+        return None
+
     @staticmethod
     def load(path: Path) -> Snapshot:
         path = Path(path)
@@ -194,8 +216,8 @@ class CheckpointManager:
             meta = json.loads((path / META_FILE).read_text())
             with np.load(path / ARRAYS_FILE, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"checkpoint {path} has format {meta.get('format')!r}; this version reads format {FORMAT}")
         return Snapshot(meta, arrays)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from pathlib import Path
 
@@ -26,7 +27,11 @@ CHECKPOINTS = "checkpoints"
 RUN_FILES = ("config.yaml", "metrics.csv", "updates.csv", "failures.csv", SUMMARY_FILE, FAILED_FILE, CHECKPOINTS)
 
 
-class RunDirectoryInUse(ConfigError):
+class RunRefused(ConfigError):
+    """The command was refused before its run started: nothing is written into the run directory."""
+
+
+class RunDirectoryInUse(RunRefused):
     """The run directory already holds another run (and this run is not resuming it)."""
 
 
@@ -77,19 +82,46 @@ def resume_requested(resume) -> bool:
     return resume is True or resume_path(resume) is not None or (isinstance(resume, str) and resume.strip().lower() in ("true", "yes"))
 
 
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a started run (its files beyond an earlier failed start's failed.json)."""
+    return any(name != FAILED_FILE for name in run_files(run_dir))
+
+
+def refused(resume, run_dir: Path, multirun: bool) -> bool:
+    """Whether a job will refuse to run in `run_dir` (`run_job`): a new run where another run's
+    files are, or a single run resuming a directory that holds no run. Hydra then writes neither
+    its record (.hydra/) nor its log there."""
+    if not resume_requested(resume):
+        return bool(run_files(run_dir))
+    return not multirun and not holds_a_run(run_dir)
+
+
 def _run_dir(resume, default):
     return resume_path(resume) or default
 
 
-def _hydra_subdir(resume, output_dir):
-    if resume_requested(resume) and (Path(str(output_dir)) / ".hydra" / "overrides.yaml").is_file():
+def _multirun(mode) -> bool:
+    return str(mode).rsplit(".", 1)[-1].upper() == "MULTIRUN"
+
+
+def _hydra_subdir(resume, output_dir, mode=None):
+    output_dir = Path(str(output_dir))
+    if refused(resume, output_dir, _multirun(mode)):
+        return None
+    if resume_requested(resume) and (output_dir / ".hydra" / "overrides.yaml").is_file():
         return ".hydra/resumed"
     return ".hydra"
 
 
+def _log_file(resume, output_dir, mode, job_name):
+    output_dir = Path(str(output_dir))
+    return os.devnull if refused(resume, output_dir, _multirun(mode)) else str(output_dir / f"{job_name}.log")
+
+
 def register_resolvers() -> None:
-    """Register the resolvers conf/config.yaml uses in `hydra.run.dir` and `hydra.output_subdir`."""
-    for name, fn in (("af_run_dir", _run_dir), ("af_hydra_subdir", _hydra_subdir)):
+    """Register the resolvers conf/config.yaml uses in `hydra.run.dir`, `hydra.output_subdir` and
+    the log file's name."""
+    for name, fn in (("af_run_dir", _run_dir), ("af_hydra_subdir", _hydra_subdir), ("af_log_file", _log_file)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
@@ -108,10 +140,12 @@ def _override_key(override: str) -> str:
 
 
 def resumed_config(cfg, run_dir: Path, overrides: list[str]):
-    """The configuration of the run in `run_dir` (its config.yaml) for resuming it, with the
-    RESUME_MUTABLE_KEYS taken from `cfg`. A command-line override (in `overrides`) of any other
-    key must agree with the saved value: a resumed run keeps the configuration it started with.
-    Returns `cfg` unchanged when the directory has no config.yaml (nothing was started there)."""
+    """The configuration of the run in `run_dir` (its config.yaml) for resuming it. Of the
+    RESUME_MUTABLE_KEYS, those overridden on the command line (in `overrides`) are taken from
+    `cfg`, the others keep their saved values (a resumed run goes on checkpointing and tracking as
+    it did). A command-line override of any other key must agree with the saved value: a resumed
+    run keeps the configuration it started with. Returns `cfg` unchanged when the directory has no
+    config.yaml (nothing was started there)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         return cfg
@@ -124,11 +158,12 @@ def resumed_config(cfg, run_dir: Path, overrides: list[str]):
         new, old = OmegaConf.select(OmegaConf.create(current), key), OmegaConf.select(saved, key)
         as_plain = lambda v: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v  # noqa: E731
         if as_plain(new) != as_plain(old):
-            raise ConfigError(
+            raise RunRefused(
                 f"{key}={as_plain(new)!r} is invalid: must be {as_plain(old)!r} as in {path} "
                 "(a resumed run keeps the configuration it started with)"
             )
+    overridden = {_override_key(o).split(".", 1)[0] for o in overrides}
     for key in RESUME_MUTABLE_KEYS:
-        if key in current:
+        if key in current and (key == "resume" or key in overridden or key not in saved):
             saved[key] = current[key]
     return saved

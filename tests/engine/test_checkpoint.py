@@ -140,6 +140,24 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         CheckpointManager.load(bad)
 
 
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    exp = experiment("fedasync", checkpoint_every=10)
+    manager = CheckpointManager(tmp_path, keep=2)
+    simulate(exp, on_checkpoint=manager.save)
+    newest, older = manager.paths()[::-1]
+    for path in (newest, older):  # cut short after it was written (a full disk, a partial copy)
+        data = (path / "arrays.npz").read_bytes()
+        (path / "arrays.npz").write_bytes(data[: len(data) // 2])
+        with pytest.raises(CheckpointError, match=f"cannot read checkpoint .*{path.name}"):
+            CheckpointManager.load(path)
+        if path == newest:
+            found, snapshot = manager.load_newest()
+            assert (found.name, snapshot.version) == (older.name, 40)
+    with pytest.raises(CheckpointError, match="no checkpoint in .* can be read"):
+        manager.load_newest()
+    assert CheckpointManager(tmp_path / "elsewhere").load_newest() is None
+
+
 def test_recorder_continues_tables_from_a_position(tmp_path):
     rec = Recorder(tmp_path, ("version", "x"), ("version", "client"), ("kind",))
     rec.add_row({"version": 0, "x": 1.5})
