@@ -19,7 +19,7 @@ from asyncflower_jax import distributed
 from asyncflower_jax.client.sharding import expose_cpu_cores
 from asyncflower_jax.compilation import use_compilation_cache
 from asyncflower_jax.engine.checkpoint import CheckpointError, CheckpointManager
-from asyncflower_jax.engine.simulator import Interrupted
+from asyncflower_jax.engine.simulator import Interrupted, RunStalled
 from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.experiment import Experiment
 from asyncflower_jax.runner import run_job
@@ -29,7 +29,7 @@ logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "no TPU
 
 
 class InvalidJob(Exception):
-    """A sweep's job refused its configuration (logged, and in its failed.json unless refused before it started)."""
+    """A sweep's job refused its configuration or stalled (logged, and in its failed.json unless refused before it started)."""
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -68,6 +68,11 @@ def main(cfg: DictConfig) -> float:
         if multirun:  # Hydra runs the sweep's other jobs, then reports the first failed one
             raise InvalidJob(str(exc)) from None  # (its message alone: the error was the input, not the code)
         sys.exit(2)
+    except RunStalled as exc:  # (the settings make every task fail: the message says which)
+        log.error("run stalled: %s (in %s)", exc, run_dir / "failed.json")
+        if multirun:
+            raise InvalidJob(str(exc)) from None
+        sys.exit(1)
     except Exception as exc:
         log.error("run failed: %s: %s (details in %s)", type(exc).__name__, exc, run_dir / "failed.json")
         raise

@@ -88,6 +88,14 @@ def test_a_bad_job_in_a_sweep_does_not_stop_the_others(tmp_path):
     [failed] = [p.parent for p in tmp_path.rglob("failed.json")]  # the bad job is marked as failed
     assert "fedbuff" in failed.name and not (failed / "summary.json").exists()
     assert "strategy.buffer_size=5 is invalid" in json.loads((failed / "failed.json").read_text())["message"]
+    assert "InvalidJob: strategy.buffer_size=5 is invalid" in proc.stderr and "config_schema.py" not in proc.stderr  # the message, not the code
+
+
+def test_a_stalled_run_says_why_without_a_traceback(tmp_path):
+    proc = run_py([*TINY, "faults.timeout=0.0001", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "run stalled: 1000 client tasks in a row failed" in output and "Traceback" not in output
+    assert json.loads((tmp_path / "run" / "failed.json").read_text())["error"] == "RunStalled"
 
 
 def test_invalid_setting_exits_with_message_not_traceback(tmp_path):
