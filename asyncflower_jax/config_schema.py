@@ -10,11 +10,13 @@ set, its default and its meaning, in one table (FIELDS), with the rules that tie
   the value and what is allowed, in the format of `errors.require`:
   `num_clients='ten' is invalid: must be an integer >= 1`;
 - then the cross-key rules: concurrency <= num_clients, at least one stop limit, fault
-  probabilities summing to less than 1.
+  probabilities summing to less than 1;
+- first of all, a key anywhere left `???` (a trace file's path) is reported as missing.
 
 Component groups (strategy, dataset, model, client, latency, availability, partition,
 participation, and any other config group whose yaml names a `_target_`) are built by
-`hydra.utils.instantiate` and check their own keys in their constructors. SimulationSettings and
+`hydra.utils.instantiate` and check their own keys in their constructors (their numeric keys'
+types are checked before, by components.check_types). SimulationSettings and
 Faults, which tests also build directly, validate themselves with the same `check` and
 `check_rules`, so each rule has one definition.
 
@@ -180,8 +182,11 @@ FIELDS: dict[str, Field] = {
         Field("execution", str, "auto", "how a chunk of clients trains: vmap, map (a loop over its clients) or auto (by backend)", choices=EXECUTIONS),
         Field("map_batch", int, 1, "with execution=map: clients vmapped together inside the loop", low=1),
         Field(
-            "devices", int, None, "share each training batch's clients among this many devices (null: every device JAX sees; on a CPU-only machine run.py makes one per core, or this many)",
-            low=1, nullable=True, note="at most the devices JAX sees",
+            "devices", int, None,
+            "share each training batch's clients among this many devices (null: every device JAX sees; on a CPU-only machine "
+            "run.py makes one CPU device per core, or this many if more: virtual devices that share the cores, each with a copy "
+            "of the client data, so more than the cores is accepted but trains no faster)",
+            low=1, nullable=True, note="at most the devices JAX sees; on a CPU-only machine run.py makes that many",
         ),
         Field(
             "distributed", bool, False,
@@ -307,9 +312,22 @@ def check_block(name: str, node) -> dict[str, Any]:
     return {key: f.check(items.get(key, f.default), f"{name}.{key}") for key, f in fields.items()}
 
 
+def reject_missing(cfg: Mapping) -> None:
+    """The ConfigError naming every key left `???` in the yamls (a value with no sensible default,
+    e.g. a trace file's path), before anything reads it and OmegaConf raises from deep inside."""
+    from omegaconf import OmegaConf
+
+    if _omegaconf_kind(cfg) != "dict":
+        return
+    missing = sorted(str(key) for key in OmegaConf.missing_keys(cfg) if not str(key).startswith(f"{HYDRA_KEY}."))
+    if missing:
+        raise ConfigError("; ".join(f"{key} is missing: must be set ({key}=...)" for key in missing))
+
+
 def validate_config(cfg: Mapping) -> dict[str, Any]:
     """Check the top level of a composed config; return its settings (and blocks) checked and
     normalised, defaults filled in for missing keys. Component groups are left to their constructors."""
+    reject_missing(cfg)
     # a component group not listed in COMPONENT_GROUPS (its yaml names a `_target_`) is built, and checked, by instantiate
     groups = {*COMPONENT_GROUPS, *(key for key in cfg if _is_mapping(cfg[key]) and "_target_" in cfg[key])}
     for key in cfg:

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .client.batched import BatchedTrainer
 from .client.precision import mixed_precision
+from .components import check_types
 from .config_schema import validate_config
 from .client.local_train import make_local_train
 from .data.federated import build_clients, write_partition_summary
@@ -41,6 +42,7 @@ from .engine.latency import NeedsWork
 from .engine.scheduler import Scheduler
 from .engine.simulator import METRIC_COLUMNS, UPDATE_COLUMNS, Interrupted, SimulationResult, SimulationSettings, Simulator, check_strategy
 from .errors import ConfigError
+from .models import check_inputs
 from .models.mlp import init_params
 from .results.progress import make_progress
 from .results.recorder import Recorder
@@ -59,7 +61,9 @@ KILL_AT_VERSION_ENV = "ASYNCFLOWER_JAX_KILL_AT_VERSION"
 
 
 def build(node: DictConfig, group: str, **kwargs):
-    """instantiate(node), turning the component's validation error into a ConfigError naming `group`."""
+    """instantiate(node), turning the component's validation error into a ConfigError naming `group`;
+    its numeric keys are type-checked first (components.check_types), naming the full dotted key."""
+    check_types(node, group, **kwargs)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as exc:
@@ -135,6 +139,7 @@ class Experiment:
         )
         self.store = self.clients.store
         module = build(cfg.model, "model", num_classes=self.dataset.num_classes)
+        check_inputs(module, self.dataset)  # before flax meets samples the model cannot take
         seed_key = jax.random.key(cfg.seed)
         self.params = init_params(module, self.dataset.input_shape, jax.random.fold_in(seed_key, MODEL_STREAM), dtype)
         training = build(cfg.client, "client")

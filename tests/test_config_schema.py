@@ -237,3 +237,19 @@ def test_a_float32_run_after_a_float64_run_in_one_process_equals_it_alone():
             np.testing.assert_array_equal(a, b)
     finally:
         jax.config.update("jax_enable_x64", before)
+
+
+@pytest.mark.parametrize("overrides, key", [(["availability=trace"], "availability.path"), (["latency=trace"], "latency.path"), (["dataset=file"], "dataset.path")])
+def test_a_value_left_missing_is_named_before_anything_reads_it(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        schema.validate_config(make_config(*overrides))
+    assert str(err.value) == f"{key} is missing: must be set ({key}=...)"
+
+
+def test_every_missing_value_is_named_at_once():
+    with pytest.raises(ConfigError, match=r"^availability.path is missing: .*; latency.path is missing: "):
+        schema.validate_config(make_config("availability=trace", "latency=trace"))
+
+
+def test_the_devices_setting_says_what_a_cpu_only_machine_does():
+    assert "virtual" in schema.FIELDS["devices"].meaning and "run.py makes that many" in schema.FIELDS["devices"].allowed

@@ -43,3 +43,12 @@ def test_readme_rule_runs_in_the_simulator():
     result = Simulator(strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings).run()
     assert result.summary["versions"] == 100
     assert result.history[-1]["test_accuracy"] > result.history[0]["test_accuracy"] + 0.2
+
+
+def test_the_settings_table_lists_every_compute_dtype_and_the_hub_default():
+    from asyncflower_jax.client.precision import COMPUTE_DTYPES
+
+    text = README.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `compute_dtype`"))
+    assert all(f"`{name}`" in row for name in COMPUTE_DTYPES)
+    assert "`dataset.offline: true` is their default" in text

@@ -186,6 +186,17 @@ BAD = [
     (["devices=0"], "devices=0 is invalid: must be an integer >= 1 or null"),
     (["tracker_project=[a,b]"], "tracker_project=['a', 'b'] is invalid: must be a string or null"),
     (["faults=0.5"], "faults=0.5 is invalid: must be a mapping of the keys ['dropout', 'failure', 'nan', 'timeout'] or null"),
+    # component keys of the wrong type, missing values, models that do not fit the data (components.py, models/)
+    (["strategy.staleness.a=abc"], "strategy.staleness.a='abc' is invalid: must be a number >= 0"),
+    (["strategy=fedbuff", "strategy.server_lr=abc"], "strategy.server_lr='abc' is invalid: must be a number > 0 or null"),
+    (["client.learning_rate=abc"], "client.learning_rate='abc' is invalid: must be a number > 0"),
+    (["availability=trace"], "availability.path is missing: must be set (availability.path=...)"),
+    (["dataset=file"], "dataset.path is missing: must be set (dataset.path=...)"),
+    (["model.hidden=[0]"], "model.hidden=[0] is invalid: must be a list of integers >= 1"),
+    (["model=cifar_cnn"], "model CifarCNN does not fit dataset digits: its samples of shape (64,) are images of side 8"),
+    (["model=char_lstm"], "model CharRNN does not fit dataset digits: its samples are not integer codes in [0, 10)"),
+    (["num_clients=1437", "validation_fraction=0.5"], "validation_fraction=0.5 is invalid: must be 0 when no client has 2 or more samples"),
+    (["partition.balanced=false", "partition.min_size=1000"], "partition.min_size=1000 is invalid: must be at most 14"),
 ]
 
 

@@ -56,7 +56,8 @@ def expose_cpu_cores(devices=None) -> int | None:
     started, when the CPU device count is set already (XLA_FLAGS'
     --xla_force_host_platform_device_count or jax_num_cpu_devices), when `devices` is not an int
     (the configuration check reports it) or when one device is all there is to make; else the
-    count set."""
+    count set. More devices than cores are virtual: allowed (they test sharding on a small machine),
+    with a warning, since they only share the cores."""
     if devices is not None and (not isinstance(devices, int) or isinstance(devices, bool)):
         return None
     count = max(usable_cores(), devices or 0)
@@ -68,6 +69,11 @@ def expose_cpu_cores(devices=None) -> int | None:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:  # JAX has started: its devices are what they are
         return None
+    if count > usable_cores():
+        log.warning(
+            "devices=%d: made %d virtual CPU devices for %d usable cores; they share the cores (each with a copy of "
+            "the client data), so training is no faster than on %d", count, count, usable_cores(), usable_cores(),
+        )
     return count
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import config_schema
+from ..config_schema import fail
 from .dataset import Dataset
 from .partition import Partition, partition_summary
 from .store import ClientStore
@@ -49,6 +50,7 @@ def build_clients(
     validation = None
     train_part = partition
     if validation_fraction > 0:
+        _check_some_split(partition, validation_fraction)
         train_part, val_part = split_validation(partition, validation_fraction, rng)
         validation = ClientStore.from_partition(dataset.x_train, dataset.y_train, val_part, dtype=dtype)
     store = ClientStore.from_partition(dataset.x_train, dataset.y_train, train_part, dtype=dtype)
@@ -67,6 +69,16 @@ def build_clients(
         num_clients, len(train_part.order), store.nbytes / 1e6, raw / 1e6, stats["store_over_raw"],
     )
     return ClientData(store, validation, partition, stats, hist)
+
+
+def _check_some_split(partition: Partition, fraction: float) -> None:
+    """A validation split needs a client of 2 or more samples: one keeps at least one for training."""
+    if partition.counts.max(initial=0) < 2:
+        fail(
+            "validation_fraction", fraction, "0 when no client has 2 or more samples",
+            f"here {len(partition.order)} samples among num_clients={len(partition.counts)}: a client keeps at least one "
+            "sample for training, so none would be held out; use fewer clients",
+        )
 
 
 def split_validation(partition: Partition, fraction: float, rng: np.random.Generator) -> tuple[Partition, Partition]:

@@ -345,6 +345,13 @@ def partition_summary(partition: Partition, labels: np.ndarray, num_classes: int
 
 # ---- helpers ------------------------------------------------------------------------------------
 def _check_enough(num_samples: int, num_clients: int, min_size: int) -> None:
+    """Enough samples for `min_size` per client: blames partition.min_size when one per client
+    would fit, num_clients when not even that does."""
+    if num_clients <= num_samples < num_clients * min_size:
+        raise ConfigError(
+            f"partition.min_size={min_size} is invalid: must be at most {num_samples // num_clients} "
+            f"(the training set's {num_samples} samples among num_clients={num_clients})"
+        )
     if num_samples < num_clients * min_size:
         raise ConfigError(
             f"num_clients={num_clients} is invalid: the training set has {num_samples} samples, "

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from . import Inputs, positive_int, positive_ints
+
+IMAGES = "images [H, W] or [H, W, C] (or square gray images flattened)"
+
 
 def _images(x):
     """[B, H, W] or [B, H*W] (a square gray image flattened) inputs become [B, H, W, 1]."""
@@ -21,6 +25,12 @@ class LeafCNN(nn.Module):
     num_classes: int
     features: tuple[int, int] = (32, 64)
     hidden: int = 2048
+    INPUTS = Inputs(f"{IMAGES} of side >= 4 (two 2x2 poolings), e.g. dataset=femnist or fashion_mnist", min_side=4)
+
+    def __post_init__(self):
+        positive_ints("model.features", self.features)
+        positive_int("model.hidden", self.hidden)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x):
@@ -41,6 +51,12 @@ class CifarCNN(nn.Module):
     num_classes: int
     features: tuple[int, int] = (6, 16)
     hidden: tuple[int, int] = (120, 84)
+    INPUTS = Inputs(f"{IMAGES} of side >= 16 (two unpadded 5x5 convolutions and 2x2 poolings), e.g. dataset=cifar10", min_side=16)
+
+    def __post_init__(self):
+        positive_ints("model.features", self.features)
+        positive_ints("model.hidden", self.hidden)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..compilation import RUN_ONCE_OPTIONS, compiler_options
+from . import positive_ints
 
 
 class MLP(nn.Module):
@@ -16,6 +17,10 @@ class MLP(nn.Module):
 
     num_classes: int
     hidden: Sequence[int] = (200, 200)
+
+    def __post_init__(self):
+        positive_ints("model.hidden", self.hidden)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x):

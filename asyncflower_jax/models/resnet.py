@@ -22,6 +22,9 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ..errors import require
+from . import Inputs, positive_int, positive_ints
+
 
 class BasicBlock(nn.Module):
     features: int
@@ -47,6 +50,16 @@ class ResNet(nn.Module):
     blocks: Sequence[int] = (2, 2, 2, 2)
     widths: Sequence[int] = (64, 128, 256, 512)
     norm_groups: int = 2
+    INPUTS = Inputs("images [H, W] or [H, W, C], e.g. dataset=cifar10 or tinyimagenet", ranks=(2, 3), min_side=1)
+
+    def __post_init__(self):
+        positive_ints("model.blocks", self.blocks)
+        positive_ints("model.widths", self.widths)
+        positive_int("model.norm_groups", self.norm_groups)
+        widths = tuple(self.widths)
+        divides = all(w % min(self.norm_groups, w) == 0 for w in widths)
+        require(divides, "model.norm_groups", self.norm_groups, f"an integer >= 1 that divides every width {widths} (GroupNorm)")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x):

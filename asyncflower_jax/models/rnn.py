@@ -5,6 +5,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ..errors import require
+from . import Inputs, positive_int
+
 CELLS = ("lstm", "gru")
 
 
@@ -19,11 +22,13 @@ class CharRNN(nn.Module):
     hidden: int = 256
     layers: int = 2
     cell: str = "lstm"
+    INPUTS = Inputs("sequences [T] of character codes (integers in [0, num_classes)), e.g. dataset=shakespeare", ranks=(1,), codes=True)
 
-    def setup(self):
-        from ..errors import require
-
+    def __post_init__(self):
+        for key in ("embed", "hidden", "layers"):
+            positive_int(f"model.{key}", getattr(self, key))
         require(self.cell in CELLS, "model.cell", self.cell, f"one of {CELLS}")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x):

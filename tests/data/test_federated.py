@@ -4,6 +4,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 
 from asyncflower_jax.data.dataset import Dataset
 from asyncflower_jax.data.federated import build_clients, split_validation, write_partition_summary
@@ -40,3 +41,17 @@ def test_build_clients_and_the_summary_files(tmp_path):
         labels = y[data.partition[c]]
         assert int(row["size"]) == len(labels) == int(row["train"]) + int(row["validation"])
         assert [int(row[f"label_{k}"]) for k in range(3)] == np.bincount(labels, minlength=3).tolist()
+
+
+def test_a_validation_split_with_no_client_of_two_samples_names_validation_fraction():
+    from asyncflower_jax.data.partition import IID
+    from asyncflower_jax.errors import ConfigError
+
+    x = np.zeros((6, 2), np.float32)
+    y = np.arange(6, dtype=np.int32) % 2
+    d = Dataset(x, y, x, y, num_classes=2)
+    with pytest.raises(ConfigError) as err:
+        build_clients(d, IID(), 6, np.random.default_rng(0), validation_fraction=0.5)
+    assert str(err.value).startswith("validation_fraction=0.5 is invalid: must be 0 when no client has 2 or more samples (here 6 samples among num_clients=6")
+    data = build_clients(d, IID(), 4, np.random.default_rng(0), validation_fraction=0.5)  # two clients of 2, two of 1
+    assert sorted(data.validation.counts) == [0, 0, 1, 1]  # a client of one sample holds none out

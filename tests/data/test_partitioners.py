@@ -198,3 +198,12 @@ def test_partition_summary_by_hand():
 def test_bad_settings_name_the_key(make, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         make()
+
+
+def test_a_min_size_too_large_for_the_data_names_min_size_not_num_clients():
+    labels = np.arange(1437) % 10
+    with pytest.raises(ConfigError) as err:
+        Dirichlet(alpha=0.5, balanced=False, min_size=1000)(labels, 20, np.random.default_rng(0))
+    assert str(err.value) == "partition.min_size=1000 is invalid: must be at most 71 (the training set's 1437 samples among num_clients=20)"
+    with pytest.raises(ConfigError, match="^num_clients=2000 is invalid"):  # not even one sample each: too many clients
+        Dirichlet(alpha=0.5, min_size=2)(labels, 2000, np.random.default_rng(0))

@@ -253,3 +253,16 @@ def test_cpu_cores_become_devices_before_jax_starts_unless_set_already():
     assert run(1) == every_core  # a run asking for one trains on the first: a later job of its sweep may ask for more
     assert run("two") == {"set": None, "devices": 1, "after_start": None}  # (the configuration check reports it)
     assert run(3, "--xla_force_host_platform_device_count=2") == {"set": None, "devices": 2, "after_start": None}  # the user's setting stays
+
+
+def test_more_devices_than_cores_are_made_with_a_warning():
+    """`devices` above the cores is deliberate (virtual CPU devices test sharding on a small machine),
+    but it trains no faster: run.py's expose_cpu_cores says so."""
+    from asyncflower_jax.client.sharding import usable_cores
+
+    script = "import logging, jax\nfrom asyncflower_jax.client.sharding import expose_cpu_cores\nprint(expose_cpu_cores(%d), len(jax.devices()))" % (usable_cores() + 1)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == [str(usable_cores() + 1)] * 2
+    assert f"made {usable_cores() + 1} virtual CPU devices for {usable_cores()} usable cores" in proc.stderr

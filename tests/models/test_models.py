@@ -102,3 +102,57 @@ def test_flattened_gray_images_reach_the_cnn_as_images():
 def test_bad_cell_names_the_key():
     with pytest.raises(ConfigError, match="model.cell='rnn'"):
         init_params(CharRNN(4, cell="rnn"), (5,), jax.random.key(0))
+
+
+BAD_SETTINGS = [
+    (lambda: MLP(10, hidden="abc"), "model.hidden='abc' is invalid: must be a list of integers >= 1"),
+    (lambda: MLP(10, hidden=[0]), "model.hidden=[0] is invalid: must be a list of integers >= 1"),
+    (lambda: MLP(10, hidden=[-3]), "model.hidden=[-3] is invalid: must be a list of integers >= 1"),
+    (lambda: CharRNN(80, hidden=0), "model.hidden=0 is invalid: must be an integer >= 1"),
+    (lambda: CharRNN(80, layers=-1), "model.layers=-1 is invalid: must be an integer >= 1"),
+    (lambda: LeafCNN(10, hidden=0), "model.hidden=0 is invalid: must be an integer >= 1"),
+    (lambda: CifarCNN(10, features=(6, 0)), "model.features=[6, 0] is invalid: must be a list of integers >= 1"),
+    (lambda: resnet8(10, norm_groups=3), "model.norm_groups=3 is invalid: must be an integer >= 1 that divides every width (16, 32, 64) (GroupNorm)"),
+    (lambda: resnet18(10, norm_groups=0), "model.norm_groups=0 is invalid: must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("make, message", BAD_SETTINGS, ids=[m for _, m in BAD_SETTINGS])
+def test_bad_model_settings_name_the_key_and_what_is_allowed(make, message):
+    with pytest.raises(ConfigError) as err:
+        make()
+    assert str(err.value) == message
+
+
+def dataset(x, num_classes=10, name="d"):
+    from asyncflower_jax.data.dataset import Dataset
+
+    y = np.zeros(len(x), np.int32)
+    return Dataset(x, y, x, y, num_classes=num_classes, name=name)
+
+
+def test_a_model_that_cannot_take_the_datasets_samples_names_both():
+    from asyncflower_jax.models import check_inputs
+
+    digits = dataset(np.random.default_rng(0).random((4, 64)).astype(np.float32), name="digits")
+    with pytest.raises(ConfigError) as err:
+        check_inputs(CifarCNN(10), digits)
+    assert str(err.value).startswith("model CifarCNN does not fit dataset digits: its samples of shape (64,) are images of side 8; CifarCNN takes images")
+    assert "of side >= 16" in str(err.value)
+    with pytest.raises(ConfigError, match="model CharRNN does not fit dataset digits: its samples are not integer codes in \\[0, 10\\); CharRNN takes sequences"):
+        check_inputs(CharRNN(10), digits)
+    with pytest.raises(ConfigError, match="model ResNet does not fit dataset digits: its samples have rank 1"):
+        check_inputs(resnet8(10), digits)
+    with pytest.raises(ConfigError, match="its samples of shape \\(60,\\) are no square image"):
+        check_inputs(LeafCNN(10), dataset(np.zeros((4, 60), np.float32)))
+
+
+def test_models_take_the_samples_they_are_made_for():
+    from asyncflower_jax.models import check_inputs
+
+    rng = np.random.default_rng(0)
+    check_inputs(CifarCNN(10), dataset(rng.random((4, 32, 32, 3)).astype(np.float32)))
+    check_inputs(LeafCNN(62), dataset(rng.random((4, 784)).astype(np.float32), num_classes=62))  # flattened 28x28
+    check_inputs(resnet8(10), dataset(rng.random((4, 8, 8)).astype(np.float32)))
+    check_inputs(CharRNN(80), dataset(rng.integers(0, 80, (4, 80)).astype(np.float32), num_classes=80))
+    check_inputs(MLP(10), dataset(rng.random((4, 3, 5)).astype(np.float32)))  # dense models take any shape

@@ -1,0 +1,46 @@
+"""Component groups' numeric keys: a value of the wrong type is a ConfigError naming the full dotted
+key and the range the constructor states, before instantiate; every shipped yaml passes."""
+
+from pathlib import Path
+
+import pytest
+
+from asyncflower_jax.components import check_types
+from asyncflower_jax.config_schema import COMPONENT_GROUPS
+from asyncflower_jax.errors import ConfigError
+from asyncflower_jax.experiment import build
+from tests.conftest import CONF_DIR, make_config
+
+WRONG_TYPES = [
+    (["strategy.alpha=abc"], "strategy.alpha='abc' is invalid: must be a number in (0, 1]"),
+    (["strategy.staleness.a=abc"], "strategy.staleness.a='abc' is invalid: must be a number >= 0"),
+    (["latency=exponential", "latency.rate=abc"], "latency.rate='abc' is invalid: must be a number > 0"),
+    (["latency=uniform", "latency.high=abc"], "latency.high='abc' is invalid: must be a number >= latency.low (0.5)"),
+    (["partition.alpha=abc"], "partition.alpha='abc' is invalid: must be a number > 0"),
+    (["partition.min_size=[1]"], "partition.min_size=[1] is invalid: must be an integer >= 1"),
+    (["client.learning_rate=abc"], "client.learning_rate='abc' is invalid: must be a number > 0"),
+    (["strategy=fedbuff", "strategy.server_lr=abc"], "strategy.server_lr='abc' is invalid: must be a number > 0 or null"),
+    (["strategy=fedbuff", "strategy.buffer_size=2.5"], "strategy.buffer_size=2.5 is invalid: must be an integer >= 1"),
+    (["model=char_lstm", "model.layers=two"], "model.layers='two' is invalid: must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", WRONG_TYPES, ids=[" ".join(o) for o, _ in WRONG_TYPES])
+def test_a_wrong_type_names_the_full_key_and_the_allowed_range(overrides, message):
+    group = overrides[-1].split(".")[0]
+    with pytest.raises(ConfigError) as err:
+        build(make_config(*overrides)[group], group, **({"num_classes": 10} if group == "model" else {}))
+    assert str(err.value) == message
+
+
+def test_every_shipped_component_yaml_passes_the_type_check():
+    for group in COMPONENT_GROUPS:
+        for yaml in sorted((Path(CONF_DIR) / group).glob("*.yaml")):
+            cfg = make_config(f"{group}={yaml.stem}", *([f"{group}.path=x"] if yaml.stem in ("trace", "file") else []))
+            check_types(cfg[group], group, **({"num_classes": 10} if group == "model" else {}))
+
+
+def test_keys_it_cannot_type_are_left_to_instantiate():
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'bogus'"):
+        build(make_config("+strategy.bogus=abc").strategy, "strategy")
+    check_types({"_target_": "no.such.Target", "alpha": "abc"}, "strategy")  # instantiate reports the target
