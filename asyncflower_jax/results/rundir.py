@@ -11,10 +11,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import traceback
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from ..errors import ConfigError
@@ -116,6 +119,19 @@ def _hydra_subdir(resume, output_dir, mode=None):
 def _log_file(resume, output_dir, mode, job_name):
     output_dir = Path(str(output_dir))
     return os.devnull if refused(resume, output_dir, _multirun(mode)) else str(output_dir / f"{job_name}.log")
+
+
+class ResumeTargetCheck(Callback):
+    """Refuses `resume=<path>` naming a file before Hydra makes the run directory (it would fail
+    to, with a traceback): a one-line error and exit code 2."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        path = resume_path(config.get("resume"))
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            logging.getLogger("asyncflower_jax").error(
+                "invalid configuration: resume=%r is invalid: must be a run directory, and it is a file", path
+            )
+            sys.exit(2)
 
 
 def register_resolvers() -> None:
