@@ -24,6 +24,7 @@ import numpy as np
 
 from .results.plots import new_figure, save_figure
 from .results.recorder import write_atomic
+from .cli import output_directory
 from .results.runs import find_run_dirs, num_rows, read_config, read_metrics, read_overrides, read_summary, run_seed
 
 IGNORED_KEYS = ("seed",)  # what varies between the seeds of one group
@@ -122,12 +123,17 @@ def group_labels(keys: Sequence[tuple[str, ...]]) -> tuple[list[str], dict[tuple
 
 
 def load_run(run_dir: Path) -> Run:
-    """Read a run directory; a run counts as finished when it has summary.json and at least one metrics row."""
-    config, metrics = read_config(run_dir), read_metrics(run_dir)
+    """Read a run directory; a run counts as finished when it has summary.json and metrics.csv rows
+    up to the summary's last version (a file cut short or damaged after the run is not counted)."""
+    config = read_config(run_dir)
     try:
         summary, problem = read_summary(run_dir), None
     except json.JSONDecodeError:
         summary, problem = None, "unreadable summary.json"
+    try:
+        metrics = read_metrics(run_dir)
+    except ValueError as exc:
+        metrics, problem = {}, problem or f"unreadable metrics.csv: {exc}"
     failed = Path(run_dir) / "failed.json"
     if problem is None and summary is None and failed.is_file():
         try:
@@ -141,6 +147,11 @@ def load_run(run_dir: Path) -> Run:
         problem = "summary.json present but metrics.csv has no rows"
     elif problem is None and summary.get("stop_reason") == "diverged":
         problem = f"diverged: {summary.get('diverged', {}).get('message', 'the model became non-finite')}"
+    elif problem is None and "versions" in summary and "version" in metrics and metrics["version"][-1] != summary["versions"]:
+        problem = (
+            f"damaged: metrics.csv ends at version {int(metrics['version'][-1])}, summary.json at version "
+            f"{summary['versions']} (the file was cut short or changed after the run)"
+        )
     overrides = read_overrides(run_dir)
     key = overrides_key(overrides) if overrides is not None else config_key(config)
     return Run(run_dir, key, run_seed(config, summary), metrics, summary, problem)
@@ -441,7 +452,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m asyncflower_jax.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("results_dir", type=Path, help="a multirun folder, or any folder holding run directories")
     parser.add_argument("--target", type=accuracy_target, default=0.9, help="test accuracy to reach (default 0.9)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: the results dir)")
+    parser.add_argument("--out", type=output_directory, default=None, help="where to write the report (default: the results dir)")
     return parser.parse_args(argv)
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from asyncflower_jax import cli
+
+output_directory = cli.output_directory  # (standard library only too)
+
 
 def positive_int(text: str) -> int:
     """An argparse type: a whole number >= 1 (a count, a size), refused with the option's name otherwise."""

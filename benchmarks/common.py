@@ -52,6 +52,7 @@ expose_cpu_cores()  # as run.py does: on a CPU, one device per core (tests pin o
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 positive_int = arguments.positive_int  # the argparse type of every count and size option
+output_directory = arguments.output_directory
 
 # Task-duration models of the benchmarks, from no spread to a heavy tail; no per-client speed
 # spread, so the per-task spread alone sets how far deferred batching can go.
@@ -529,7 +530,7 @@ def machine_title(out: dict) -> str:
 
 def common_arguments(parser, default_name: str):
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds), for tests")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"directory for {default_name}.json and {default_name}.png")
+    parser.add_argument("--out", type=output_directory, default=DEFAULT_OUT, help=f"directory for {default_name}.json and {default_name}.png")
     return parser
 
 

@@ -39,14 +39,35 @@ def read_updates(run_dir: Path) -> dict[str, np.ndarray]:
 
 
 def read_table(path: Path) -> dict[str, np.ndarray]:
-    """A numeric CSV file as one float array per column, skipping incomplete rows; {} if missing."""
+    """A numeric CSV file as one float array per column, skipping incomplete rows; {} if missing.
+    ValueError naming the file (and the line) if it is not text or holds a value that is no number."""
     if not path.is_file():
         return {}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = list(reader.fieldnames or [])
-        rows = [row for row in reader if all(row.get(c) not in (None, "") for c in columns)]
-    return {c: np.array([float(row[c]) for row in rows], dtype=float) for c in columns}
+    values = []
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            for row in reader:
+                if any(row.get(c) in (None, "") for c in columns):
+                    continue
+                try:
+                    values.append([float(row[c]) for c in columns])
+                except ValueError:
+                    bad = next(c for c in columns if not _is_number(row[c]))
+                    raise ValueError(f"{path}, line {reader.line_num}: column {bad!r} holds {row[bad]!r}, not a number") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not a text CSV file ({exc.reason} at byte {exc.start})") from None
+    table = np.array(values, dtype=float).reshape(len(values), len(columns))
+    return {c: table[:, i].copy() for i, c in enumerate(columns)}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def num_rows(metrics: dict[str, np.ndarray]) -> int:

@@ -64,6 +64,16 @@ def read(path):
     return data
 
 
+@pytest.mark.parametrize("main", [host_loop.main, throughput.main, overhead.main, scale.main, vs_flower.main])
+def test_an_out_that_is_a_file_is_refused_before_anything_runs(main, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--out", str(tmp_path / "a_file")])
+    assert exit_info.value.code == 2
+    assert "a_file is a file: must be a directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 @pytest.mark.slow
 def test_throughput_quick(tmp_path):
     from benchmarks import summarize
@@ -301,6 +311,17 @@ def test_summary_reads_the_rows_of_a_run_cut_off_and_says_so(tmp_path):
     assert "overhead       (cut off before its end" in text and "M=100    overhead 1.20  efficiency 0.85" in text
     common.write_json(tmp_path / "overhead.json", {**out, "targets": []})
     assert "cut off" not in "\n".join(summarize.lines(tmp_path))  # a finished run's JSON wins
+
+
+def test_summary_names_an_unreadable_json_and_refuses_a_missing_directory(tmp_path):
+    from benchmarks import summarize
+
+    (tmp_path / "overhead.json").write_text("{cut")
+    (tmp_path / "scale.json").write_text('{"rows": []}')  # not what scale.py writes
+    text = "\n".join(summarize.lines(tmp_path))
+    assert "overhead       (unreadable overhead.json: JSONDecodeError" in text and "scale          (unreadable scale.json: KeyError: 'machine')" in text
+    with pytest.raises(SystemExit, match="is not a directory"):
+        summarize.main([str(tmp_path / "nowhere")])
 
 
 def test_vectorization_runs_only_the_variants_named_beside_the_ceiling(tmp_path):

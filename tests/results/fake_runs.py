@@ -94,6 +94,7 @@ def write_run(
         last = rows[-1]
         summary = {
             "final_test_accuracy": last["test_accuracy"],
+            "versions": last["version"],
             "client_updates": last["client_updates"],
             "sim_time": last["sim_time"],
             "wall_time": wall_time if wall_time is not None else last["wall_time"],

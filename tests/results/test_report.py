@@ -107,6 +107,24 @@ def test_unfinished_runs_are_listed_and_left_out_of_the_statistics(sweep, tmp_pa
     assert "| `strategy.alpha=0.9,strategy=fedbuff` | 0 | 1 | 0 | unfinished: no summary.json" in section
 
 
+def test_a_damaged_metrics_file_is_listed_and_left_out_of_the_statistics(sweep, tmp_path):
+    cut = sweep / "1_max_updates=40,seed=1,strategy=fedasync" / "metrics.csv"
+    text = cut.read_text()
+    cut.write_text(text[: text.rstrip("\n").rindex("\n") + 8])  # the last row cut short after the run finished
+    bad = sweep / "3_max_updates=40,seed=1,strategy=fedbuff" / "metrics.csv"
+    lines = bad.read_text().splitlines()
+    lines[2] = lines[2].rsplit(",", 1)[0] + ",abc"  # line 3: a test accuracy that is no number
+    bad.write_text("\n".join(lines) + "\n")
+    md = build_report(sweep, 0.9, tmp_path / "out").read_text()
+    table = read_report_csv(tmp_path / "out")
+    assert float(table["strategy=fedasync"]["final_accuracy_mean"]) == pytest.approx(0.91)  # seed 0 alone
+    assert float(table["strategy=fedbuff"]["final_accuracy_mean"]) == pytest.approx(0.94)
+    assert table["strategy=fedasync"]["unfinished_runs"] == table["strategy=fedbuff"]["unfinished_runs"] == "1"
+    section = md.split("## Unfinished or failed runs", 1)[1]
+    assert "damaged: metrics.csv ends at version 30, summary.json at version 40" in section
+    assert "unreadable metrics.csv: " in section and "line 3: column 'test_accuracy' holds 'abc', not a number" in section
+
+
 def test_overlay_plots_are_valid_pngs(sweep, tmp_path):
     build_report(sweep, 0.9, tmp_path / "out")
     for name in ("accuracy_vs_sim_time.png", "accuracy_vs_client_updates.png"):
@@ -191,9 +209,14 @@ def test_cli_writes_the_report_and_prints_its_path(sweep, tmp_path):
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["/nonexistent/results"], "is not a directory"), (["{dir}", "--target", "1.5"], "target accuracy must be in [0, 1]")],
+    [
+        (["/nonexistent/results"], "is not a directory"),
+        (["{dir}", "--target", "1.5"], "target accuracy must be in [0, 1]"),
+        (["{dir}", "--out", "{dir}/a_file"], "a_file is a file: must be a directory (made if missing)"),
+    ],
 )
 def test_cli_rejects_bad_arguments(args, message, tmp_path):
+    (tmp_path / "a_file").write_text("x")
     proc = run_report(*(a.format(dir=tmp_path) for a in args))
     assert proc.returncode == 2
     assert message in proc.stderr
