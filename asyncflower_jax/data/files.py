@@ -9,10 +9,15 @@ Labels may be integers 0..C-1 or any other values (strings, ...), which are numb
 order. Client ids may be of any type; with `client_id` set, `partition=natural` gives one client
 per distinct id. The test set is `test_path` (same format and columns) or, without one, a seeded
 `test_fraction` of the samples.
+
+Every file is checked as it is read (one vectorized pass per array): at least one sample, numeric
+and finite features, 1-D labels and client ids without NaN or missing values; a test file's labels
+must be among the training file's classes unless `num_classes` covers them.
 """
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +44,7 @@ def local_file(
     if test_path is None:
         require(0 < test_fraction < 1, "dataset.test_fraction", test_fraction, "in (0, 1) (or set dataset.test_path)")
     features = features if isinstance(features, str) else [str(f) for f in features]
+    shape = _check_shape(shape)
     x, y, ids = _read(Path(path), "dataset.path", features, label, client_id, shape)
     if test_path is not None:
         x_test, y_test, _ = _read(Path(test_path), "dataset.test_path", features, label, None, shape)
@@ -49,22 +55,43 @@ def local_file(
         require(test.sum() < len(y), "dataset.test_fraction", test_fraction, f"small enough to leave training samples (the file has {len(y)})")
         x_test, y_test = x[test], y[test]
         x, y, ids = x[~test], y[~test], None if ids is None else ids[~test]
-    y, y_test, classes = _encode_labels(y, y_test, num_classes)
+    y, y_test, classes = _encode_labels(y, y_test, num_classes, test_path)
     client_codes = None if ids is None else np.unique(ids, return_inverse=True)[1].astype(np.int32)
     return Dataset(x, y, x_test, y_test, num_classes=classes, client_ids=client_codes, name=Path(path).stem)
+
+
+def _check_shape(shape) -> tuple[int, ...] | None:
+    """`dataset.shape` as a tuple of positive integers (None: keep the file's shape)."""
+    if shape is None:
+        return None
+    try:
+        dims = list(shape)
+    except TypeError:
+        dims = None
+    if dims is None or not dims or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in dims):
+        value = dims if dims is not None else shape
+        raise ConfigError(f"dataset.shape={value!r} is invalid: must be a list of positive integers, one sample's shape (e.g. [28, 28, 1]), or null")
+    return tuple(int(d) for d in dims)
 
 
 def _read(path: Path, key: str, features, label: str, client_id: str | None, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     if not path.is_file():
         raise ConfigError(f"{key}={str(path)!r} is invalid: no such file")
     if path.suffix == ".npz":
+        if not zipfile.is_zipfile(path):
+            raise ConfigError(f"{key}={str(path)!r} is invalid: not a valid .npz archive (write one with numpy.savez)")
         with np.load(path, allow_pickle=False) as data:
             names = list(data.keys())
 
             def column(name, what):
                 if name not in names:
                     raise ConfigError(f"dataset.{what}={name!r} is invalid: {path} has no array of that name; it has {names}")
-                return data[name]
+                try:
+                    return data[name]
+                except ValueError:  # an object array: a pickle, not read
+                    raise ConfigError(f"dataset.{what}={name!r} is invalid: must hold numbers or strings; in {path} it holds Python objects (dtype object)") from None
+                except (OSError, EOFError, zipfile.BadZipFile) as exc:  # a damaged member
+                    raise ConfigError(f"{key}={str(path)!r} is invalid: not a valid .npz archive (its array {name!r} cannot be read: {exc})") from None
 
             if not isinstance(features, str):
                 raise ConfigError(f"dataset.features={features!r} is invalid: an .npz file holds the features in one array; name it")
@@ -75,19 +102,46 @@ def _read(path: Path, key: str, features, label: str, client_id: str | None, sha
         x, y, ids = _read_parquet(path, features, label, client_id)
     else:
         raise ConfigError(f"{key}={str(path)!r} is invalid: the file must end in one of {FORMATS}")
-    x = np.asarray(x, np.float32)
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim == 0:
+        raise ConfigError(f"dataset.features={features!r} is invalid: must be an array with one row per sample; {path} holds a scalar")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating) or x.dtype == bool):
+        raise ConfigError(f"dataset.features={features!r} is invalid: must hold numbers (integers or floats); {path} has dtype {x.dtype}")
+    if len(x) == 0:
+        raise ConfigError(f"{key}={str(path)!r} is invalid: the file has no samples (its features have shape {x.shape})")
+    wide = np.issubdtype(x.dtype, np.floating) and x.dtype.itemsize > 4
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, reported below
+        x = np.asarray(x, np.float32)
+    if not np.isfinite(np.sum(x, dtype=np.float64)):  # one pass, no copy; NaN and inf propagate (float64 never overflows here)
+        flat = x.reshape(len(x), -1)
+        sample = int(np.flatnonzero(~np.isfinite(flat).all(axis=1))[0])
+        bad = flat[sample][~np.isfinite(flat[sample])][0]
+        found = f"{bad} (or a value beyond float32's range)" if wide and np.isinf(bad) else str(bad)
+        raise ConfigError(f"dataset.features={features!r} is invalid: must be finite numbers, not NaN or infinity; {path} has {found} at sample {sample} (counting from 0)")
     if shape is not None:
-        shape = tuple(int(s) for s in shape)
         require(int(np.prod(shape)) * len(x) == x.size, "dataset.shape", list(shape), f"a shape of {x.size // max(len(x), 1)} values per sample")
         x = x.reshape((len(x), *shape))
     if x.ndim == 1:
         x = x[:, None]
-    y = np.asarray(y)
+    _check_labels(y, path, label)
     require(len(y) == len(x), "dataset.label", label, f"a column with one value per sample ({len(x)}), not {len(y)}")
     if ids is not None:
         ids = np.asarray(ids)
+        require(ids.ndim == 1, "dataset.client_id", client_id, f"1-D: one client id per sample (it has shape {ids.shape} in {path})")
         require(len(ids) == len(x), "dataset.client_id", client_id, f"a column with one value per sample ({len(x)}), not {len(ids)}")
     return x, y, ids
+
+
+def _check_labels(y: np.ndarray, path: Path, label: str) -> None:
+    """One label per sample, no NaN or infinity, integers >= 0 (vectorized; parquet nulls are caught on reading)."""
+    require(y.ndim == 1, "dataset.label", label, f"1-D: one label per sample (it has shape {y.shape} in {path})")
+    if np.issubdtype(y.dtype, np.floating) or np.issubdtype(y.dtype, np.complexfloating):
+        bad = np.flatnonzero(~np.isfinite(y))
+        if len(bad):
+            raise ConfigError(f"dataset.label={label!r} is invalid: must be a label for every sample (an integer 0..C-1, a string, ...), not NaN or infinity; {path} has {y[bad[0]]} at sample {int(bad[0])} (counting from 0)")
+    elif np.issubdtype(y.dtype, np.integer) and len(y) and y.min() < 0:
+        first = int(np.argmax(y < 0))
+        raise ConfigError(f"dataset.label={label!r} is invalid: must be integers >= 0 (or non-integer labels, which are numbered); {path} has {y[first]} at sample {first} (counting from 0)")
 
 
 def _read_parquet(path: Path, features, label, client_id):
@@ -114,21 +168,47 @@ def _read_parquet(path: Path, features, label, client_id):
             x = np.asarray(col)
     else:
         x = np.stack([np.asarray(column(f, "features")) for f in features], axis=1)
-    y = column(label, "label").to_numpy(zero_copy_only=False)
-    ids = column(client_id, "client_id").to_numpy(zero_copy_only=False) if client_id is not None else None
+    y = _without_nulls(column(label, "label"), "label", label, path)
+    ids = _without_nulls(column(client_id, "client_id"), "client_id", client_id, path) if client_id is not None else None
     return x, y, ids
 
 
-def _encode_labels(y: np.ndarray, y_test: np.ndarray, num_classes: int | None):
-    """Integer labels 0..C-1 as they are; any other labels numbered in sorted order."""
+def _without_nulls(col, what: str, name: str, path: Path) -> np.ndarray:
+    """A label or client-id column as a NumPy array; a missing (null) value is a ConfigError naming its row."""
+    if col.null_count:
+        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise ConfigError(f"dataset.{what}={name!r} is invalid: must have a value in every row; {path} has a missing (null) value at row {row} (counting from 0)")
+    return col.to_numpy(zero_copy_only=False)
+
+
+def _encode_labels(y: np.ndarray, y_test: np.ndarray, num_classes: int | None, test_path: str | None = None):
+    """Integer labels 0..C-1 as they are; any other labels numbered in sorted order. With a separate
+    test file and no `num_classes`, the classes are the training file's, and the test labels must be among them."""
     if np.issubdtype(y.dtype, np.integer) and np.issubdtype(y_test.dtype, np.integer):
-        low = min(y.min(initial=0), y_test.min(initial=0))
         high = int(max(y.max(initial=0), y_test.max(initial=0)))
-        require(low >= 0, "dataset.label", "negative labels", "integers >= 0 (or non-integer labels, which are numbered)")
-        classes = high + 1 if num_classes is None else int(num_classes)
+        if num_classes is None:
+            classes = int(y.max(initial=0)) + 1 if test_path is not None else high + 1
+            outside = np.flatnonzero(y_test >= classes)
+            if len(outside):
+                raise ConfigError(
+                    f"dataset.test_path={test_path!r} is invalid: must hold labels 0..{classes - 1}, the training file's classes; "
+                    f"it has {y_test[outside[0]]} at sample {int(outside[0])} (counting from 0); to keep test-only classes, set dataset.num_classes > {high}"
+                )
+        else:
+            classes = int(num_classes)
         require(classes > high, "dataset.num_classes", num_classes, f"> the largest label ({high})")
         return y.astype(np.int32), y_test.astype(np.int32), classes
-    values, codes = np.unique(np.concatenate([y.astype(str), y_test.astype(str)]), return_inverse=True)
+    y, y_test = y.astype(str), y_test.astype(str)
+    if num_classes is None and test_path is not None:
+        known = np.unique(y)
+        outside = np.flatnonzero(~np.isin(y_test, known))
+        if len(outside):
+            shown = known.tolist() if len(known) <= 20 else f"the {len(known)} labels of the training file"
+            raise ConfigError(
+                f"dataset.test_path={test_path!r} is invalid: must hold labels among the training file's classes {shown}; "
+                f"it has {str(y_test[outside[0]])!r} at sample {int(outside[0])} (counting from 0); to keep test-only classes, set dataset.num_classes to the number of distinct labels of both files"
+            )
+    values, codes = np.unique(np.concatenate([y, y_test]), return_inverse=True)
     classes = len(values) if num_classes is None else int(num_classes)
     require(classes >= len(values), "dataset.num_classes", num_classes, f">= the number of distinct labels ({len(values)})")
     return codes[: len(y)].astype(np.int32), codes[len(y) :].astype(np.int32), classes

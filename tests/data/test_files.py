@@ -74,3 +74,100 @@ def test_missing_file_column_or_format_is_a_clear_error(tmp_path):
         local_file(str(tmp_path / "d.csv"))
     with pytest.raises(ConfigError, match=r"dataset.num_classes=2 is invalid"):
         local_file(str(tmp_path / "d.npz"), num_classes=2)
+
+
+def test_a_label_array_must_be_1d(tmp_path):
+    x, y, _ = sample_data()
+    np.savez(tmp_path / "d.npz", x=x, y=np.stack([y, y], 1))
+    with pytest.raises(ConfigError, match=r"dataset.label='y' is invalid: must be 1-D: one label per sample \(it has shape \(50, 2\) in .*d.npz\)"):
+        local_file(str(tmp_path / "d.npz"))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_features_name_the_file_array_and_sample(tmp_path, value):
+    x, y, _ = sample_data()
+    x[37, 2] = value
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    with pytest.raises(ConfigError, match=rf"dataset.features='x' is invalid: must be finite numbers, not NaN or infinity; .*d.npz has {value} at sample 37"):
+        local_file(str(tmp_path / "d.npz"))
+    big = x.astype(np.float64)
+    big[37, 2] = 1e300  # finite in float64, inf in float32
+    np.savez(tmp_path / "big.npz", x=big, y=y)
+    with pytest.raises(ConfigError, match=r"big.npz has inf \(or a value beyond float32's range\) at sample 37"):
+        local_file(str(tmp_path / "big.npz"))
+
+
+def test_nan_or_missing_labels_name_the_file_column_and_sample(tmp_path):
+    x, y, _ = sample_data()
+    labels = y.astype(float)
+    labels[12] = np.nan
+    np.savez(tmp_path / "d.npz", x=x, y=labels)
+    with pytest.raises(ConfigError, match=r"dataset.label='y' is invalid: must be a label for every sample .*, not NaN or infinity; .*d.npz has nan at sample 12"):
+        local_file(str(tmp_path / "d.npz"))
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"x": pa.array(list(x)), "label": labels}), tmp_path / "nan.parquet")
+    with pytest.raises(ConfigError, match=r"dataset.label='label' is invalid: .*nan.parquet has nan at sample 12"):
+        local_file(str(tmp_path / "nan.parquet"), label="label")
+    nulls = pa.array([None if i == 12 else str(v) for i, v in enumerate(y)])
+    pq.write_table(pa.table({"x": pa.array(list(x)), "label": nulls}), tmp_path / "null.parquet")
+    with pytest.raises(ConfigError, match=r"dataset.label='label' is invalid: must have a value in every row; .*null.parquet has a missing \(null\) value at row 12"):
+        local_file(str(tmp_path / "null.parquet"), label="label")
+
+
+def test_test_labels_must_be_among_the_training_classes_unless_num_classes_covers_them(tmp_path):
+    x, y, _ = sample_data()  # labels 0..3
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    np.savez(tmp_path / "test.npz", x=x[:5], y=np.array([0, 1, 15, 2, 3]))
+    with pytest.raises(ConfigError, match=r"dataset.test_path='.*test.npz' is invalid: must hold labels 0..3, the training file's classes; it has 15 at sample 2 .*set dataset.num_classes > 15"):
+        local_file(str(tmp_path / "train.npz"), test_path=str(tmp_path / "test.npz"))
+    assert local_file(str(tmp_path / "train.npz"), test_path=str(tmp_path / "test.npz"), num_classes=16).num_classes == 16
+    with pytest.raises(ConfigError, match=r"dataset.num_classes=10 is invalid: must be > the largest label \(15\)"):
+        local_file(str(tmp_path / "train.npz"), test_path=str(tmp_path / "test.npz"), num_classes=10)
+    np.savez(tmp_path / "s.npz", x=x[:4], y=np.array(["cat", "dog", "ant", "dog"]))
+    np.savez(tmp_path / "st.npz", x=x[:2], y=np.array(["cat", "eel"]))
+    with pytest.raises(ConfigError, match=r"dataset.test_path='.*st.npz' is invalid: must hold labels among the training file's classes \['ant', 'cat', 'dog'\]; it has 'eel' at sample 1"):
+        local_file(str(tmp_path / "s.npz"), test_path=str(tmp_path / "st.npz"))
+    d = local_file(str(tmp_path / "s.npz"), test_path=str(tmp_path / "st.npz"), num_classes=4)
+    np.testing.assert_array_equal(d.y_test, [1, 3])
+
+
+def test_malformed_files_and_settings_are_one_line_errors(tmp_path):
+    x, y, _ = sample_data()
+    (tmp_path / "fake.npz").write_text("not a zip archive\n")
+    with pytest.raises(ConfigError, match=r"dataset.path='.*fake.npz' is invalid: not a valid .npz archive \(write one with numpy.savez\)"):
+        local_file(str(tmp_path / "fake.npz"))
+    np.savez(tmp_path / "obj.npz", x=x, y=np.array([1, "a", None] * 16 + [0, 0], dtype=object))
+    with pytest.raises(ConfigError, match=r"dataset.label='y' is invalid: must hold numbers or strings; in .*obj.npz it holds Python objects"):
+        local_file(str(tmp_path / "obj.npz"))
+    np.savez(tmp_path / "scalar.npz", x=np.float32(3), y=y)
+    with pytest.raises(ConfigError, match=r"dataset.features='x' is invalid: must be an array with one row per sample; .*scalar.npz holds a scalar"):
+        local_file(str(tmp_path / "scalar.npz"))
+    np.savez(tmp_path / "neg.npz", x=x, y=y - 1)
+    first = int(np.argmax(y == 0))
+    with pytest.raises(ConfigError, match=rf"dataset.label='y' is invalid: must be integers >= 0 \(or non-integer labels, which are numbered\); .*neg.npz has -1 at sample {first}"):
+        local_file(str(tmp_path / "neg.npz"))
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 6), np.float32), y=np.zeros(0, int))
+    with pytest.raises(ConfigError, match=r"dataset.path='.*empty.npz' is invalid: the file has no samples"):
+        local_file(str(tmp_path / "empty.npz"))
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    with pytest.raises(ConfigError, match=r"dataset.test_path='.*empty.npz' is invalid: the file has no samples"):
+        local_file(str(tmp_path / "d.npz"), test_path=str(tmp_path / "empty.npz"))
+    for shape in (["abc"], [0, 6], 6):
+        with pytest.raises(ConfigError, match=r"dataset.shape=.* is invalid: must be a list of positive integers, one sample's shape \(e.g. \[28, 28, 1\]\), or null"):
+            local_file(str(tmp_path / "d.npz"), shape=shape)
+    np.savez(tmp_path / "str.npz", x=np.array([["a"] * 6] * 50), y=y)
+    with pytest.raises(ConfigError, match=r"dataset.features='x' is invalid: must hold numbers \(integers or floats\); .*str.npz has dtype <U1"):
+        local_file(str(tmp_path / "str.npz"))
+
+
+def test_client_ids_must_be_1d_and_present(tmp_path):
+    x, y, ids = sample_data()
+    np.savez(tmp_path / "d.npz", x=x, y=y, who=np.stack([ids, ids], 1))
+    with pytest.raises(ConfigError, match=r"dataset.client_id='who' is invalid: must be 1-D: one client id per sample \(it has shape \(50, 2\) in .*d.npz\)"):
+        local_file(str(tmp_path / "d.npz"), client_id="who")
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"x": pa.array(list(x)), "y": y, "who": pa.array([None if i == 4 else s for i, s in enumerate(ids)])}), tmp_path / "d.parquet")
+    with pytest.raises(ConfigError, match=r"dataset.client_id='who' is invalid: must have a value in every row; .*d.parquet has a missing \(null\) value at row 4"):
+        local_file(str(tmp_path / "d.parquet"), client_id="who")
