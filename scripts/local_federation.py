@@ -24,7 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from asyncflower_jax.errors import ConfigError  # noqa: E402
+from asyncflower_jax.experiment import Experiment  # noqa: E402
 from asyncflower_jax.flower.local import CONNECTION, LocalFederation  # noqa: E402
+from asyncflower_jax.flower.run_config import compose_config  # noqa: E402
 
 
 def parse_value(text: str):
@@ -41,12 +44,47 @@ def parse_value(text: str):
     return text
 
 
+def declared_keys() -> list[str]:
+    """The run config keys pyproject.toml declares (`flwr run -c` accepts only those)."""
+    import tomllib
+
+    return list(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is invalid: must be > 0")
+    return value
+
+
+def check_run_config(run_config: dict) -> str | None:
+    """Why the ServerApp would refuse `run_config`, or None: checked here, before a federation is
+    started for it (that failure came after the start-up, as nested tracebacks)."""
+    keys = declared_keys()
+    unknown = [k for k in run_config if k not in keys]
+    if unknown:
+        return (
+            f"--run-config {unknown[0]} is invalid: must be one of the keys pyproject.toml declares {keys}; "
+            f"set other keys through overrides, e.g. -c 'overrides=\"{unknown[0]}=...\"'"
+        )
+    try:
+        Experiment(compose_config(run_config))  # (what the ServerApp builds first)
+    except ConfigError as exc:
+        return f"--run-config is invalid: {exc}"
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=3, help="number of SuperNodes = partitions = num_clients (default 3)")
     parser.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE", help="a run config entry (repeatable)")
     parser.add_argument("--workdir", type=Path, default=None, help="logs, Flower homes and the run directory (default: a new temporary directory)")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the run to finish (default 1800)")
+    parser.add_argument("--timeout", type=positive_seconds, default=1800.0, help="seconds to wait for the run to finish (default 1800)")
     parser.add_argument("--serve", action="store_true", help="only start the federation and keep it running until Ctrl-C")
     args = parser.parse_args(argv)
     if args.nodes < 1:
@@ -57,8 +95,12 @@ def main(argv=None) -> int:
         if not sep or not key:
             parser.error(f"--run-config {entry!r} is invalid: must be KEY=VALUE")
         run_config[key] = parse_value(value)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="asyncflower-federation-"))  # only once the arguments are valid
+    if args.workdir is not None and args.workdir.exists() and not args.workdir.is_dir():
+        parser.error(f"--workdir {args.workdir} is a file: must be a directory (made if missing)")
     run_config.setdefault("concurrency", args.nodes)
+    if not args.serve and (problem := check_run_config({"federation.run_dir": "", **run_config})):
+        parser.error(problem)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="asyncflower-federation-"))  # only once the arguments are valid
     run_config.setdefault("federation.run_dir", str(workdir / "run"))
 
     with LocalFederation(args.nodes, workdir) as fed:

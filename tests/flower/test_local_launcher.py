@@ -25,13 +25,25 @@ def test_run_config_values_from_the_command_line(launcher):
     assert launcher.parse_value('"model.hidden=[32] seed=1"') == "model.hidden=[32] seed=1"
 
 
-@pytest.mark.parametrize("argv, message", [(["--nodes", "0"], "--nodes=0 is invalid"), (["-c", "max_updates"], "must be KEY=VALUE")])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--nodes", "0"], "--nodes=0 is invalid"),
+        (["-c", "max_updates"], "must be KEY=VALUE"),
+        (["--timeout", "-1"], "argument --timeout: -1 is invalid: must be > 0"),
+        (["--workdir", "{tmp}/a_file"], "a_file is a file: must be a directory"),
+        (["-c", "nosuchkey=1"], "--run-config nosuchkey is invalid: must be one of the keys pyproject.toml declares ['strategy', "),
+        (["-c", "max_updates=abc"], "--run-config is invalid: max_updates='abc' is invalid: must be an integer >= 1 or null"),
+        (["--nodes", "2", "-c", "overrides=strategy.buffer_size=9"], "strategy.buffer_size=9 is invalid: must be <= concurrency (2)"),
+    ],
+)
 def test_bad_arguments_are_reported(launcher, argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    (tmp_path / "a_file").write_text("x")
     with pytest.raises(SystemExit) as exit_info:
-        launcher.main(argv)
+        launcher.main([a.format(tmp=tmp_path) for a in argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []  # no working directory left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]  # no working directory left behind, before a federation started
 
 
 def test_run_config_values_are_written_as_toml():
