@@ -76,7 +76,7 @@ def _check_shape(shape) -> tuple[int, ...] | None:
 
 def _read(path: Path, key: str, features, label: str, client_id: str | None, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     if not path.is_file():
-        raise ConfigError(f"{key}={str(path)!r} is invalid: no such file")
+        raise ConfigError(f"{key}={str(path)!r} is invalid: " + ("a directory, not a file" if path.is_dir() else "no such file"))
     if path.suffix == ".npz":
         if not zipfile.is_zipfile(path):
             raise ConfigError(f"{key}={str(path)!r} is invalid: not a valid .npz archive (write one with numpy.savez)")

@@ -45,7 +45,7 @@ def csv_rows(path: Path, key: str, columns: tuple[str, ...], what: str, per: str
     whose header must be `columns` (a client id in [0, num_clients), then two numbers; blank lines and
     # comments skipped); ConfigError naming `key` or the line."""
     if not path.is_file():
-        raise ConfigError(f"{key}={str(path)!r} is invalid: no such file")
+        raise ConfigError(f"{key}={str(path)!r} is invalid: " + ("a directory, not a file" if path.is_dir() else "no such file"))
     header = None
     with open(path) as f:
         for number, raw in enumerate(f, start=1):

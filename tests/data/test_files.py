@@ -67,6 +67,8 @@ def test_missing_file_column_or_format_is_a_clear_error(tmp_path):
     np.savez(tmp_path / "d.npz", x=x, y=y)
     with pytest.raises(ConfigError, match=r"dataset.path='.*nope.npz' is invalid: no such file"):
         local_file(str(tmp_path / "nope.npz"))
+    with pytest.raises(ConfigError, match=r"dataset.path='.*' is invalid: a directory, not a file"):
+        local_file(str(tmp_path))
     with pytest.raises(ConfigError, match=r"dataset.client_id='who' is invalid: .* has no array of that name; it has \['x', 'y'\]"):
         local_file(str(tmp_path / "d.npz"), client_id="who")
     (tmp_path / "d.csv").write_text("1,2\n")

@@ -83,3 +83,5 @@ def test_bad_trace_files_are_rejected_with_the_line_number(tmp_path, text, fragm
 def test_missing_trace_file(tmp_path):
     with pytest.raises(ConfigError, match="latency.path=.* is invalid: no such file"):
         load_trace(tmp_path / "nope.csv", 2)
+    with pytest.raises(ConfigError, match="latency.path=.* is invalid: a directory, not a file"):
+        load_trace(tmp_path, 2)
