@@ -91,6 +91,13 @@ def test_a_bad_job_in_a_sweep_does_not_stop_the_others(tmp_path):
     assert "InvalidJob: strategy.buffer_size=5 is invalid" in proc.stderr and "config_schema.py" not in proc.stderr  # the message, not the code
 
 
+def test_hydras_own_job_logging_choices_still_work(tmp_path):
+    """conf/hydra/job_logging/run_log.yaml replaces Hydra's default; another choice replaces it whole."""
+    proc = run_py([*TINY, "hydra/job_logging=stdout", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (tmp_path / "run" / "summary.json").is_file() and not (tmp_path / "run" / "run.log").exists()
+
+
 def test_a_stalled_run_says_why_without_a_traceback(tmp_path):
     proc = run_py([*TINY, "faults.timeout=0.0001", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     output = proc.stdout + proc.stderr
