@@ -73,7 +73,7 @@ from ..strategy.updates import PyTree, UpdateBatch
 from .checkpoint import Snapshot, capture_run, restore_run
 from .evaluation import read_metrics
 from .availability import AvailabilityModel
-from .faults import FAILURE_KINDS, LOST, NONFINITE, Faults
+from .faults import FAILURE_KINDS, LOST, NAN, NONFINITE, Faults
 from .pending import PendingResults, training_limit
 from .queued_steps import QueuedSteps, StepFacts
 from .scheduler import Scheduler, Task
@@ -610,6 +610,16 @@ class Simulator:
                 fill(limit=len(bad))
             return bool(bad)
 
+        def server_diverged(arrivals_before: list[Task], arrivals: list[Task]) -> bool:
+            """After `reject_nonfinite` dropped a result that was not an injected NaN: whether the
+            global model itself is non-finite (then every later client result would be too, and the
+            run would stall on rejections that are not the clients' doing). A device read, only then."""
+            dropped = [t for t in arrivals_before if t not in arrivals]
+            if not any(t.fault != NAN for t in dropped) or healthy():
+                return False
+            read_evaluations()  # (the rows of the finite versions evaluated before are reported)
+            return True
+
         def reported(at_version: int) -> bool:
             """Whether a rerun already handed the rows up to this version to the callbacks."""
             return replay is not None and at_version <= replay.reported
@@ -754,7 +764,13 @@ class Simulator:
                             if sched.num_in_flight == 0:
                                 raise RuntimeError(f"round {server_round} waits for {value} arrivals but no client is in flight")
                             receive(arrivals)
-                        if stop_reason is not None or not check_each_flush or not reject_nonfinite(arrivals):
+                        if stop_reason is not None or not check_each_flush:
+                            break
+                        before = list(arrivals)
+                        if not reject_nonfinite(arrivals):
+                            break
+                        if server_diverged(before, arrivals):
+                            stop_reason = "diverged"
                             break
                 else:
                     end = sched.clock + float(value)
@@ -767,14 +783,16 @@ class Simulator:
                         receive(arrivals)
                     sched.advance_to(end)
                     if arrivals and check_each_flush:
-                        reject_nonfinite(arrivals)
+                        before = list(arrivals)
+                        if reject_nonfinite(arrivals) and server_diverged(before, arrivals):
+                            stop_reason = "diverged"
                     if stop_reason is None and exhausted():
                         stop_reason = "unavailable"  # this window is still aggregated
                 if round_failures:
                     strategy.on_failures(server_round, list(round_failures))
                     round_failures.clear()
-                if stop_reason is not None and kind == "buffer_size":
-                    break  # an unfilled buffer at the time limit (or with no client left) is not aggregated
+                if stop_reason is not None and (kind == "buffer_size" or stop_reason == "diverged"):
+                    break  # an unfilled buffer at the time limit (or with no client left), or after a divergence, is not aggregated
                 if arrivals:
                     failures_in_a_row = 0
                     if not relaxed:  # (relaxed: the arrivals are trained when their aggregations are applied)

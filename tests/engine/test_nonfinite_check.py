@@ -98,3 +98,20 @@ def test_a_run_whose_model_diverges_from_a_huge_learning_rate_is_the_exact_run()
         assert seen[key] == exact_seen[key], key
     assert optimistic.summary["stop_reason"] == exact.summary["stop_reason"]
     assert same_params(optimistic.params, exact.params)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # (1e39 in float32)
+def test_a_rule_that_makes_the_model_non_finite_stops_the_run_as_diverged():
+    """A server step that overflows (FedBuff's server learning rate 1e39) makes every later client
+    result non-finite: the run stops as diverged at that version, in both modes, instead of
+    rejecting every client until it stalls."""
+    cfg = make_config(*SMALL, "strategy=fedbuff", "strategy.buffer_size=3", "strategy.server_lr=1e39", "max_updates=60", "eval_every=10")
+    exact, exact_seen = simulate(Experiment(cfg), optimistic=False)
+    optimistic, seen = simulate(Experiment(cfg), optimistic=True)
+    for result in (exact, optimistic):
+        assert result.summary["stop_reason"] == "diverged"
+        assert result.summary["diverged"]["last_finite_version"] == 0 and result.summary["versions"] <= 3
+        assert 0 < result.summary["failures"]["nonfinite"] <= 3  # the first buffer from the broken model, not a stall
+    for key in ("evals", "updates", "failures"):
+        assert seen[key] == exact_seen[key], key
+    assert [row["version"] for row in seen["evals"]] == [0]
