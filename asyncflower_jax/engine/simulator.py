@@ -76,6 +76,7 @@ from .availability import AvailabilityModel
 from .faults import FAILURE_KINDS, LOST, NAN, NONFINITE, Faults
 from .pending import PendingResults, training_limit
 from .queued_steps import QueuedSteps, StepFacts
+from .rule_output import check_aggregate_output
 from .scheduler import Scheduler, Task
 from .versions import VersionCache, write_row
 
@@ -344,7 +345,7 @@ class Simulator:
         self.kernel_traces += 1  # runs only while tracing: counts compilations
         updates, _, finite, slot = gather_step(table, results, columns, params)
         weights = self._weights(state, updates) if with_weights else None
-        params, state = self.strategy.aggregate(params, state, updates)
+        params, state = check_aggregate_output(self.strategy, params, state, self.strategy.aggregate(params, state, updates))
         all_finite = all_finite & jnp.all(finite | ~updates.mask)  # (each row's flag was computed by its training call)
         return write_row(table, params, slot), (params, state, all_finite, weights)
 

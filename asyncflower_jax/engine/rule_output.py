@@ -1,0 +1,64 @@
+"""The check that a rule's `aggregate` returns (params, state) laid out as it was given them.
+
+The engine writes each new model into the version table and, queued on an accelerator, carries
+the rule's state through `jax.lax.scan`: a leaf of another shape or dtype, or a state that grows a
+key, failed there with an error from inside JAX (or, cast silently, lost precision), and a state
+that changed was accepted on a CPU and refused on a GPU. Run once per trace, at no cost per step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class RuleOutputError(TypeError):
+    """A rule's `aggregate` returned something the engine cannot use as the next (params, state)."""
+
+
+def check_aggregate_output(strategy, params, state, out) -> tuple:
+    """`out` (what `strategy.aggregate(params, state, updates)` returned) if it is a (params, state)
+    pair with the tree structure, shapes and dtypes of `params` and `state`; else RuleOutputError
+    naming the rule, the part and the leaf."""
+    name = f"{type(strategy).__name__}.aggregate"
+    if not (isinstance(out, tuple) and len(out) == 2):
+        got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
+        raise RuleOutputError(f"{name} returned {got}: it must return (params, state), the new global model and the rule's state")
+    _same_layout(name, "params", params, out[0])
+    _same_layout(name, "state", state, out[1])
+    return out
+
+
+def _same_layout(name: str, what: str, given, returned) -> None:
+    given_leaves, given_tree = jax.tree_util.tree_flatten_with_path(given)
+    returned_leaves, returned_tree = jax.tree_util.tree_flatten_with_path(returned)
+    if given_tree != returned_tree:
+        before = {jax.tree_util.keystr(path) for path, _ in given_leaves}
+        after = {jax.tree_util.keystr(path) for path, _ in returned_leaves}
+        change = "; ".join(
+            part for part in (
+                f"leaves added: {sorted(after - before)}" if after - before else "",
+                f"leaves removed: {sorted(before - after)}" if before - after else "",
+            ) if part
+        ) or f"{given_tree} became {returned_tree}"
+        raise RuleOutputError(
+            f"{name} returned {what} of another structure than it was given ({change}): it must keep the structure of "
+            f"the {what} {'from init' if what == 'state' else 'it aggregates into'} at every step"
+        )
+    for (path, before), (_, after) in zip(given_leaves, returned_leaves):
+        if _layout(before) != _layout(after):
+            raise RuleOutputError(
+                f"{name} returned {what} whose leaf {jax.tree_util.keystr(path) or '(the root)'} is {_text(after)}: it must keep the "
+                f"shape and dtype it was given, {_text(before)}"
+                + (" (was the client axis of the updates reduced?)" if what == "params" and np.ndim(after) == np.ndim(before) + 1 else "")
+            )
+
+
+def _layout(x) -> tuple:
+    return (tuple(np.shape(x)), jnp.result_type(x))
+
+
+def _text(x) -> str:
+    shape, dtype = _layout(x)
+    return f"{dtype}[{','.join(map(str, shape))}]"
