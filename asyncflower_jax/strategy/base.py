@@ -66,6 +66,16 @@ class AsyncStrategy(Strategy, abc.ABC):
     #: Fraction of nodes asked to evaluate in a Flower federation (0: no federated evaluation).
     fraction_evaluate: float = 0.0
 
+    def __repr__(self) -> str:
+        """`Name(setting=value, ...)` from the instance's public attributes (summary.json records it);
+        rules may say more in their own."""
+        settings = []
+        for key, value in vars(self).items():
+            text = repr(value)
+            if not key.startswith("_") and not text.startswith("<") and len(text) <= 120:  # (no object addresses, no arrays)
+                settings.append(f"{key}={text}")
+        return f"{type(self).__name__}({', '.join(settings)})"
+
     # ---- the simulator's interface ------------------------------------------------------
     @abc.abstractmethod
     def round_delimiter(self, server_round: int) -> RoundDelimiter:

@@ -335,3 +335,25 @@ def test_round_delimiters_and_refill():
     assert FedBuff(buffer_size=7).round_delimiter(3) == ("buffer_size", 7)
     assert FedAvg(cohort_size=5).round_delimiter(2) == ("buffer_size", 5)
     assert FedAvg.refill == "on_aggregation" and FedAsync.refill == "on_arrival" and FedBuff.refill == "on_arrival"
+
+
+def test_a_rule_without_a_repr_of_its_own_is_named_with_its_settings():
+    """summary.json records repr(strategy): a new rule gets `Name(setting=value, ...)`, not an object address."""
+    from asyncflower_jax.strategy import AsyncStrategy
+
+    class MyRule(AsyncStrategy):
+        def __init__(self, beta: float = 0.3, buffer_size: int = 4):
+            self.beta, self.buffer_size = beta, buffer_size
+            self._cache = object()
+            self.table = np.zeros(1000)  # (too long to show)
+
+        def round_delimiter(self, server_round):
+            return ("buffer_size", self.buffer_size)
+
+        def init(self, params):
+            return ()
+
+        def aggregate(self, params, state, updates):
+            return params, state
+
+    assert repr(MyRule(beta=0.7)) == "MyRule(beta=0.7, buffer_size=4)"
