@@ -43,6 +43,7 @@ from flwr.serverapp import Grid
 
 from ..compilation import jit
 from ..engine.evaluation import read_metrics
+from ..engine.rule_output import check_aggregate_output
 from ..engine.faults import DROPOUT, FAILED, FAILURE_KINDS, NONFINITE, TIMEOUT
 from ..engine.simulator import check_strategy, tree_finite, update_norms
 from ..engine.versions import VersionCache
@@ -193,7 +194,7 @@ class AsyncServerLoop:
 
     def _traced_aggregate(self, params, state, updates):
         self.kernel_traces += 1  # runs only while tracing: counts compilations
-        return self.strategy.aggregate(params, state, updates)
+        return check_aggregate_output(self.strategy, params, state, self.strategy.aggregate(params, state, updates))
 
     # ---- nodes ----------------------------------------------------------------------------------
     def _refresh_nodes(self, force: bool = False) -> None:
