@@ -4,8 +4,12 @@
   resumed run continues one (`resume=true`, or `resume=<run dir>`).
 - A run that stops with an error writes `failed.json` (error type, message, traceback), atomically,
   so a sweep's failed job is told apart from one that is still running or was killed.
+- A command refused before its run starts (RunRefused) writes nothing there, not even Hydra's
+  record or log: Hydra writes those before the task runs, so the resolvers below decide.
 - Hydra resolvers: `af_run_dir` makes `resume=<dir>` the run directory; `af_hydra_subdir` keeps
-  the original `.hydra/` of a resumed run (the resuming command's record goes to `.hydra/resumed/`).
+  the original `.hydra/` of a resumed run (the resuming command's record goes to `.hydra/resumed/`)
+  and writes none for a refused command; `af_log_file` sends a refused command's log lines to
+  nowhere (conf/hydra/job_logging/run_log.yaml).
 """
 
 from __future__ import annotations
