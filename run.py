@@ -81,9 +81,10 @@ def main(cfg: DictConfig) -> float:
         if not multirun:
             sys.exit(3)
         return float("nan")
+    relaxed = f" | relaxed (lookahead {s['lookahead']}: not exact)" if s.get("lookahead", 1) > 1 else ""
     log.info(
-        "done: %s | %d versions, %d updates, sim time %.1f, wall %.1fs | final test accuracy %.4f | results in %s",
-        s["stop_reason"], s["versions"], s["client_updates"], s["sim_time"], s["wall_time"], s["final_test_accuracy"], run_dir,
+        "done: %s | %d versions, %d updates, sim time %.1f, wall %.1fs | final test accuracy %.4f%s | results in %s",
+        s["stop_reason"], s["versions"], s["client_updates"], s["sim_time"], s["wall_time"], s["final_test_accuracy"], relaxed, run_dir,
     )
     return s["final_test_accuracy"]
 

@@ -98,6 +98,12 @@ def test_hydras_own_job_logging_choices_still_work(tmp_path):
     assert (tmp_path / "run" / "summary.json").is_file() and not (tmp_path / "run" / "run.log").exists()
 
 
+def test_a_relaxed_run_says_so_where_it_ends(tmp_path):
+    proc = run_py([*TINY, "lookahead=4", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 0 and "| relaxed (lookahead 4: not exact) |" in proc.stdout
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["lookahead"] == 4
+
+
 def test_a_stalled_run_says_why_without_a_traceback(tmp_path):
     proc = run_py([*TINY, "faults.timeout=0.0001", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     output = proc.stdout + proc.stderr

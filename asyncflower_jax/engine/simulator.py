@@ -747,6 +747,7 @@ class Simulator:
             report({**metrics_row(), **read_metrics(self.evaluate(params))})
             fill()
         stop_reason = None
+        unaggregated = 0  # arrivals the run ended without aggregating (an unfilled last buffer)
         try:
             while stop_reason is None:
                 kind, value = strategy.round_delimiter(server_round)
@@ -793,6 +794,7 @@ class Simulator:
                     strategy.on_failures(server_round, list(round_failures))
                     round_failures.clear()
                 if stop_reason is not None and (kind == "buffer_size" or stop_reason == "diverged"):
+                    unaggregated = len(arrivals)
                     break  # an unfilled buffer at the time limit (or with no client left), or after a divergence, is not aggregated
                 if arrivals:
                     failures_in_a_row = 0
@@ -920,6 +922,7 @@ class Simulator:
             "faults_injected": dict(sorted(sched.injected.items())),
             "dispatched": sched.next_dispatch_id,
             "in_flight_at_end": sched.num_in_flight,
+            "arrived_not_aggregated": unaggregated,
             "resumed_from_version": resume.version if resume is not None else None,
         }
         if relaxed:

@@ -242,3 +242,13 @@ def test_the_per_update_facts_are_the_naive_ones_and_no_step_copies_the_table(ru
 
     assert table_copies(sim._step.lower(params, state, jnp.asarray(True), table, store, columns[0], with_weights=False).compile().as_text(), table) == 0
     assert table_copies(sim._steps.lower(params, state, jnp.asarray(True), table, store, columns, row_facts).compile().as_text(), table) == 0
+
+
+@pytest.mark.parametrize("strategy", ["fedbuff", "fedavg", "fedasync"])
+def test_every_dispatched_task_is_accounted_for_when_the_time_limit_stops_a_round(strategy):
+    """dispatched = updates + failures + in flight + arrivals of the unfilled last buffer (or cohort)."""
+    cfg = make_config(f"strategy={strategy}", "num_clients=30", "concurrency=6", "max_updates=null", "max_time=5", "model.hidden=[8]", "client.num_steps=1", "faults.dropout=0.1")
+    s = Experiment(cfg).run().summary
+    assert s["stop_reason"] == "max_time"
+    assert s["dispatched"] == s["client_updates"] + sum(s["failures"].values()) + s["in_flight_at_end"] + s["arrived_not_aggregated"]
+    assert (s["arrived_not_aggregated"] > 0) == (strategy != "fedasync")  # (FedAsync aggregates every arrival)
