@@ -89,5 +89,29 @@ def main(cfg: DictConfig) -> float:
     return s["final_test_accuracy"]
 
 
+LAUNCHER_PLUGINS = {  # conf/hydra/launcher/<name>.yaml -> the Hydra plugin it needs (the [launchers] extra)
+    "parallel": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "local_submitit": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "slurm_cpu": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "slurm_gpu": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+}
+
+
+def missing_launcher_plugin(argv: list[str]) -> str | None:
+    """Why `hydra/launcher=<name>` on the command line cannot load (its plugin is not installed),
+    or None; Hydra itself says only "Could not load 'hydra/launcher/joblib'"."""
+    import importlib.util
+
+    for arg in argv:
+        name = arg.partition("hydra/launcher=")[2]
+        if arg.startswith("hydra/launcher=") and name in LAUNCHER_PLUGINS:
+            module, package = LAUNCHER_PLUGINS[name]
+            if importlib.util.find_spec(module) is None:
+                return f"hydra/launcher={name} needs the {package} plugin, which is not installed: pip install -e \".[launchers]\""
+    return None
+
+
 if __name__ == "__main__":
+    if problem := missing_launcher_plugin(sys.argv[1:]):
+        sys.exit(f"error: {problem}")
     main()

@@ -71,3 +71,18 @@ def test_slurm_configs_make_the_sbatch_script(tmp_path, monkeypatch, launcher, e
     text = executor._executor._make_submission_file_text("python run.py", "uid")
     for line in expected:
         assert line in text, (line, text)
+
+
+def test_a_launcher_whose_plugin_is_missing_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_script", ROOT / "run.py")
+    run_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_script)
+    assert run_script.missing_launcher_plugin(["-m", "hydra/launcher=parallel", "seed=0,1"]) is None  # (installed here)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("hydra_plugins.") else find_spec(name, *a))
+    assert run_script.missing_launcher_plugin(["-m", "hydra/launcher=slurm_gpu"]) == (
+        'hydra/launcher=slurm_gpu needs the hydra-submitit-launcher plugin, which is not installed: pip install -e ".[launchers]"'
+    )
+    assert run_script.missing_launcher_plugin(["-m", "seed=0,1"]) is None
