@@ -22,12 +22,12 @@ def check_aggregate_output(strategy, params, state, out) -> tuple:
     pair with the tree structure, shapes and dtypes of `params` and `state`; else RuleOutputError
     naming the rule, the part and the leaf."""
     name = f"{type(strategy).__name__}.aggregate"
-    if not (isinstance(out, tuple) and len(out) == 2):
-        got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        got = f"a {type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list)) else type(out).__name__
         raise RuleOutputError(f"{name} returned {got}: it must return (params, state), the new global model and the rule's state")
     _same_layout(name, "params", params, out[0])
     _same_layout(name, "state", state, out[1])
-    return out
+    return tuple(out)
 
 
 def _same_layout(name: str, what: str, given, returned) -> None:
@@ -47,12 +47,28 @@ def _same_layout(name: str, what: str, given, returned) -> None:
             f"the {what} {'from init' if what == 'state' else 'it aggregates into'} at every step"
         )
     for (path, before), (_, after) in zip(given_leaves, returned_leaves):
-        if _layout(before) != _layout(after):
+        if not _fits(before, after):
             raise RuleOutputError(
                 f"{name} returned {what} whose leaf {jax.tree_util.keystr(path) or '(the root)'} is {_text(after)}: it must keep the "
                 f"shape and dtype it was given, {_text(before)}"
                 + (" (was the client axis of the updates reduced?)" if what == "params" and np.ndim(after) == np.ndim(before) + 1 else "")
             )
+
+
+def _fits(before, after) -> bool:
+    """Same shape and dtype; a weakly typed leaf (a Python scalar from init) may come back as any
+    dtype of its kind (0 + int32 is int32, also where x64 made the 0 an int64): scan promotes those."""
+    (shape, dtype), (new_shape, new_dtype) = _layout(before), _layout(after)
+    if shape != new_shape:
+        return False
+    return dtype == new_dtype or (_weakly_typed(before) and dtype.kind == new_dtype.kind)
+
+
+def _weakly_typed(x) -> bool:
+    if isinstance(x, (bool, int, float, complex)):
+        return True
+    aval = getattr(x, "aval", None)  # (a tracer's; a concrete array says it itself)
+    return bool(getattr(aval, "weak_type", getattr(x, "weak_type", False)))
 
 
 def _layout(x) -> tuple:

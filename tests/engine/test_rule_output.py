@@ -56,3 +56,20 @@ def test_a_simulation_refuses_a_state_that_changes_one_step_at_a_time_and_queued
     exp.strategy = GrowingState()
     with pytest.raises(RuleOutputError, match=r"GrowingState.aggregate returned state of another structure"):
         exp.run()
+
+
+def test_a_python_scalar_in_the_state_may_come_back_as_any_dtype_of_its_kind():
+    """init's Python scalars are weakly typed (int64 under x64): 0 + int32(1) is int32, as scan allows;
+    a change of kind (int to float) is still refused. A list of two is taken as the pair."""
+    import jax
+
+    def step(out):
+        return jax.jit(lambda p, s: check_aggregate_output(Rule(), p, s, out(p, s)))
+
+    with jax.enable_x64(True):
+        params = {"w": jnp.zeros(3)}
+        _, state = step(lambda p, s: (p, {"t": s["t"] + jnp.int32(1), "u": s["u"] * jnp.float32(0.9)}))(params, {"t": 0, "u": 0.5})
+        assert (state["t"].dtype, state["u"].dtype) == (jnp.int32, jnp.float32)
+        with pytest.raises(RuleOutputError, match=r"leaf \['t'\] is float64\[\]"):
+            step(lambda p, s: (p, {"t": s["t"] * 0.5}))(params, {"t": 0})
+    assert isinstance(check_aggregate_output(Rule(), PARAMS, STATE, [PARAMS, STATE]), tuple)
