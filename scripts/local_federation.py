@@ -44,11 +44,12 @@ def parse_value(text: str):
     return text
 
 
-def declared_keys() -> list[str]:
-    """The run config keys pyproject.toml declares (`flwr run -c` accepts only those)."""
+def declared_run_config() -> dict:
+    """The run config pyproject.toml declares, with its defaults (`flwr run -c` accepts only those
+    keys, and applies those defaults under the -c entries)."""
     import tomllib
 
-    return list(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    return dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
 
 
 def positive_seconds(text: str) -> float:
@@ -65,7 +66,8 @@ def positive_seconds(text: str) -> float:
 def check_run_config(run_config: dict) -> str | None:
     """Why the ServerApp would refuse `run_config`, or None: checked here, before a federation is
     started for it (that failure came after the start-up, as nested tracebacks)."""
-    keys = declared_keys()
+    declared = declared_run_config()
+    keys = list(declared)
     unknown = [k for k in run_config if k not in keys]
     if unknown:
         return (
@@ -73,7 +75,7 @@ def check_run_config(run_config: dict) -> str | None:
             f"set other keys through overrides, e.g. -c 'overrides=\"{unknown[0]}=...\"'"
         )
     try:
-        Experiment(compose_config(run_config))  # (what the ServerApp builds first)
+        Experiment(compose_config({**declared, **run_config}))  # (what the ServerApp builds first, from what flwr run sends it)
     except ConfigError as exc:
         return f"--run-config is invalid: {exc}"
     return None
