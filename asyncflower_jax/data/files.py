@@ -103,6 +103,8 @@ def _read(path: Path, key: str, features, label: str, client_id: str | None, sha
     else:
         raise ConfigError(f"{key}={str(path)!r} is invalid: the file must end in one of {FORMATS}")
     x, y = np.asarray(x), np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:  # (one label per row, as Keras stores them)
+        y = y[:, 0]
     if x.ndim == 0:
         raise ConfigError(f"dataset.features={features!r} is invalid: must be an array with one row per sample; {path} holds a scalar")
     if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating) or x.dtype == bool):
@@ -181,9 +183,18 @@ def _without_nulls(col, what: str, name: str, path: Path) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False)
 
 
+def _integral_as_int(labels: np.ndarray) -> np.ndarray:
+    """Float labels that are whole numbers >= 0 (0.0, 1.0, ...) as integers: numbered as text,
+    "10.0" came before "2.0", and a file of 0.0/1.0 beside one of 0/1 made four classes."""
+    if labels.dtype.kind == "f" and len(labels) and labels.min() >= 0 and np.all(labels == np.round(labels)):
+        return labels.astype(np.int64)
+    return labels
+
+
 def _encode_labels(y: np.ndarray, y_test: np.ndarray, num_classes: int | None, test_path: str | None = None):
     """Integer labels 0..C-1 as they are; any other labels numbered in sorted order. With a separate
     test file and no `num_classes`, the classes are the training file's, and the test labels must be among them."""
+    y, y_test = _integral_as_int(y), _integral_as_int(y_test)
     if np.issubdtype(y.dtype, np.integer) and np.issubdtype(y_test.dtype, np.integer):
         high = int(max(y.max(initial=0), y_test.max(initial=0)))
         if num_classes is None:

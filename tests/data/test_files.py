@@ -173,3 +173,15 @@ def test_client_ids_must_be_1d_and_present(tmp_path):
     pq.write_table(pa.table({"x": pa.array(list(x)), "y": y, "who": pa.array([None if i == 4 else s for i, s in enumerate(ids)])}), tmp_path / "d.parquet")
     with pytest.raises(ConfigError, match=r"dataset.client_id='who' is invalid: must have a value in every row; .*d.parquet has a missing \(null\) value at row 4"):
         local_file(str(tmp_path / "d.parquet"), client_id="who")
+
+
+def test_whole_number_float_labels_are_the_integers_and_a_column_of_labels_is_one_per_sample(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 3)).astype(np.float32)
+    y = np.arange(60) % 12  # 12 classes: as text, "10.0" sorted before "2.0"
+    np.savez(tmp_path / "train.npz", x=x, y=y.astype(np.float64))
+    np.savez(tmp_path / "test.npz", x=x[:24], y=y[:24])  # ints beside the training file's floats
+    ds = local_file(str(tmp_path / "train.npz"), test_path=str(tmp_path / "test.npz"))
+    assert ds.num_classes == 12 and np.array_equal(ds.y_train, y) and np.array_equal(ds.y_test, y[:24])
+    np.savez(tmp_path / "column.npz", x=x, y=y[:, None])  # [N, 1], as Keras stores labels
+    assert np.array_equal(local_file(str(tmp_path / "column.npz"), test_fraction=0.25).num_classes, 12)
