@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from .engine.simulator import Interrupted
 from .experiment import Experiment
-from .results.rundir import SUMMARY_FILE, RunRefused, check_fresh, holds_a_run, resume_requested, resumed_config, write_failure
+from .results.rundir import SUMMARY_FILE, RunRefused, check_fresh, holds_a_run, made_by_this_command, resume_requested, resumed_config, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: list[str] = (), multirun:
     try:
         if resume_requested(cfg.get("resume")):
             if not multirun and not holds_a_run(run_dir):
-                _remove_if_empty(run_dir)  # (made by Hydra for this command)
+                if made_by_this_command(run_dir):
+                    _remove_if_empty(run_dir)
                 raise RunRefused(
                     f"resume={cfg.get('resume')!r} is invalid: {run_dir} holds no run to resume (no config.yaml, metrics or "
                     "checkpoint); pass the directory of a started run (resume=<run dir>, or resume=true hydra.run.dir=<run dir>)"

@@ -136,6 +136,8 @@ def test_a_refused_command_writes_nothing(tmp_path):
     proc = run_py([f"resume={tmp_path / 'nowhere'}"], tmp_path)
     assert proc.returncode == 2 and "holds no run to resume" in proc.stdout + proc.stderr
     assert not (tmp_path / "nowhere").exists()
+    (tmp_path / "empty").mkdir()  # a directory of the user's, empty: refused, and left there
+    assert run_py([f"resume={tmp_path / 'empty'}"], tmp_path).returncode == 2 and (tmp_path / "empty").is_dir()
     (tmp_path / "a_file").write_text("x")
     proc = run_py([f"resume={tmp_path / 'a_file'}"], tmp_path)
     assert proc.returncode == 2 and "must be a run directory, and it is a file" in proc.stdout + proc.stderr

@@ -103,8 +103,18 @@ def refused(resume, run_dir: Path, multirun: bool) -> bool:
     return not multirun and not holds_a_run(run_dir)
 
 
+_EXISTED: dict[str, bool] = {}  # run directory -> whether it existed when Hydra first resolved it (before making it)
+
+
 def _run_dir(resume, default):
-    return resume_path(resume) or default
+    path = resume_path(resume) or default
+    _EXISTED.setdefault(str(Path(str(path)).resolve()), Path(str(path)).exists())
+    return path
+
+
+def made_by_this_command(run_dir: Path) -> bool:
+    """Whether Hydra made `run_dir` for this command (it did not exist when `af_run_dir` resolved it)."""
+    return _EXISTED.get(str(Path(run_dir).resolve())) is False
 
 
 def _multirun(mode) -> bool:
