@@ -29,7 +29,7 @@ def lines(directory: Path) -> list[str]:
             if data is None:
                 out.append(f"{name:<14} (no {name}.json)")
                 continue
-            machine = machine or data["machine"]
+            file_machine = data["machine"]
             quick = " [quick sizes]" if data.get("quick") else ""
             if data.get("cut_off"):
                 out.append(f"{name:<14} (cut off before its end: the rows measured until then)")
@@ -77,6 +77,8 @@ def lines(directory: Path) -> list[str]:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # (a file that is no such benchmark's output)
             del out[start:]
             out.append(f"{name:<14} (unreadable {name}.json: {type(exc).__name__}: {exc})")
+        else:
+            machine = machine or file_machine  # (from a file read whole)
     if machine:
         out.insert(0, f"machine: {machine['device_kind']} ({machine['backend']}), {machine['cpu']} x{machine['cpu_count']}, {machine['date']}, jax {machine['versions']['jax']}")
     return out
