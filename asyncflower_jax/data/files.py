@@ -5,8 +5,8 @@
   flattened sample, reshaped by `shape`) or a list of scalar columns; `label` and `client_id` name
   columns. Needs pyarrow (`pip install -e ".[parquet]"`).
 
-Labels may be integers 0..C-1 or any other values (strings, ...), which are numbered in sorted
-order. Client ids may be of any type; with `client_id` set, `partition=natural` gives one client
+Labels may be integers 0..C-1 (whole-number floats count as integers) or any other values
+(strings, ...), which are numbered in sorted order. Client ids may be of any type; with `client_id` set, `partition=natural` gives one client
 per distinct id. The test set is `test_path` (same format and columns) or, without one, a seeded
 `test_fraction` of the samples.
 
