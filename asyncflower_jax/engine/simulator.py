@@ -599,9 +599,9 @@ class Simulator:
             if strategy.refill == "on_arrival":
                 fill()
 
-        def reject_nonfinite(arrivals: list[Task]) -> bool:
+        def reject_nonfinite(arrivals: list[Task]) -> list[Task]:
             """Drop the arrivals whose results have a NaN or infinite entry (training them first if
-            needed); their slots are refilled at once. True if any was dropped."""
+            needed); their slots are refilled at once. The dropped ones (none: an empty list)."""
             train(arrivals)
             bad = [t for t in arrivals if not pending.is_finite(t.dispatch_id)]
             for task in bad:
@@ -609,13 +609,12 @@ class Simulator:
                 lose(task, NONFINITE)
             if bad:
                 fill(limit=len(bad))
-            return bool(bad)
+            return bad
 
-        def server_diverged(arrivals_before: list[Task], arrivals: list[Task]) -> bool:
+        def server_diverged(dropped: list[Task]) -> bool:
             """After `reject_nonfinite` dropped a result that was not an injected NaN: whether the
             global model itself is non-finite (then every later client result would be too, and the
             run would stall on rejections that are not the clients' doing). A device read, only then."""
-            dropped = [t for t in arrivals_before if t not in arrivals]
             if not any(t.fault != NAN for t in dropped) or healthy():
                 return False
             read_evaluations()  # (the rows of the finite versions evaluated before are reported)
@@ -768,10 +767,10 @@ class Simulator:
                             receive(arrivals)
                         if stop_reason is not None or not check_each_flush:
                             break
-                        before = list(arrivals)
-                        if not reject_nonfinite(arrivals):
+                        dropped = reject_nonfinite(arrivals)
+                        if not dropped:
                             break
-                        if server_diverged(before, arrivals):
+                        if server_diverged(dropped):
                             stop_reason = "diverged"
                             break
                 else:
@@ -785,8 +784,8 @@ class Simulator:
                         receive(arrivals)
                     sched.advance_to(end)
                     if arrivals and check_each_flush:
-                        before = list(arrivals)
-                        if reject_nonfinite(arrivals) and server_diverged(before, arrivals):
+                        dropped = reject_nonfinite(arrivals)
+                        if dropped and server_diverged(dropped):
                             stop_reason = "diverged"
                     if stop_reason is None and exhausted():
                         stop_reason = "unavailable"  # this window is still aggregated
