@@ -31,6 +31,8 @@ def test_joblib_runs_a_two_job_sweep_in_parallel_processes(tmp_path):
     assert sorted(r["seed"] for r in runs) == [0, 1]
     assert all(r["client_updates"] == 20 and r["stop_reason"] == "max_updates" for r in runs)
     assert runs[0]["final_test_accuracy"] != runs[1]["final_test_accuracy"] or runs[0]["sim_time"] != runs[1]["sim_time"]
+    logs = [p.read_text() for p in tmp_path.glob("multirun/*/*/run.log")]
+    assert len(logs) == 2 and all("done: max_updates" in text and "libtpu" not in text for text in logs)  # (JAX's backend chatter stays out)
 
 
 @pytest.mark.slow
