@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 from jax import lax
 
@@ -9,6 +11,8 @@ from ..errors import require
 from .base import AsyncStrategy, buffer_or_window, check_buffer_and_window
 from .staleness import Polynomial, StalenessFunction
 from .updates import UpdateBatch
+
+log = logging.getLogger(__name__)
 
 
 class FedAsync(AsyncStrategy):
@@ -25,6 +29,14 @@ class FedAsync(AsyncStrategy):
         self.staleness = staleness if staleness is not None else Polynomial(a=0.5)
         self.buffer_size = buffer_size
         self.round_duration = round_duration
+        if getattr(self.staleness, "normalize_at", None) is not None:
+            fresh = self.alpha * float(self.staleness(0))
+            if fresh > 1:
+                log.warning(
+                    "strategy.alpha (%s) times the staleness weight of a fresh update (normalize_at=%s) is %.3g > 1: "
+                    "such an update is mixed in with a negative weight on the global model (extrapolation)",
+                    self.alpha, self.staleness.normalize_at, fresh,
+                )
 
     def __repr__(self) -> str:
         return f"FedAsync(alpha={self.alpha}, staleness={self.staleness}, buffer_size={self.buffer_size}, round_duration={self.round_duration})"

@@ -1,8 +1,10 @@
 """Staleness functions s(.): map an update's staleness (versions behind) to a weight in (0, 1].
 
 Each is a frozen dataclass (hashable, so it can be closed over by jitted kernels) whose
-`__call__` works elementwise on a jnp array of staleness values. `max_staleness` drops
-(weights 0) updates that are older than it.
+`__call__` works elementwise on a jnp array of staleness values. Two options every function has:
+`max_staleness` drops (weights 0) updates that are older than it, and `normalize_at` divides
+every weight by the weight at that staleness, so that an update of that staleness (typically the
+run's mean) weighs 1, fresher ones more (FLSim's `avg_staleness`).
 """
 
 from __future__ import annotations
@@ -16,13 +18,17 @@ from ..errors import require
 
 @dataclasses.dataclass(frozen=True)
 class StalenessFunction:
-    """Base: subclasses implement `weight`; `max_staleness` (optional) zeroes older updates."""
+    """Base: subclasses implement `weight`; `max_staleness` (optional) zeroes older updates;
+    `normalize_at` (optional) scales the weights to 1 at that staleness."""
 
     max_staleness: int | None = None
+    normalize_at: float | None = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self):
         if self.max_staleness is not None:
             require(self.max_staleness >= 0, "staleness.max_staleness", self.max_staleness, ">= 0 or null")
+        if self.normalize_at is not None:
+            require(self.normalize_at >= 0, "staleness.normalize_at", self.normalize_at, ">= 0 or null")
 
     def weight(self, s: jnp.ndarray) -> jnp.ndarray:
         raise NotImplementedError
@@ -30,6 +36,8 @@ class StalenessFunction:
     def __call__(self, staleness, **kwargs) -> jnp.ndarray:
         s = jnp.asarray(staleness)
         w = self.weight(s.astype(jnp.result_type(float)), **kwargs)
+        if self.normalize_at is not None:
+            w = w / self.weight(jnp.asarray(self.normalize_at, jnp.result_type(float)), **kwargs)
         if self.max_staleness is not None:
             w = jnp.where(s > self.max_staleness, 0.0, w)
         return w

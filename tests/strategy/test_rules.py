@@ -95,6 +95,21 @@ def test_fedasync_one_step_by_hand():
     assert_tree_close(params, tree([1.5, 1.0], 0.75))
 
 
+def test_fedasync_with_normalized_staleness_by_hand(caplog):
+    # alpha=0.25, Polynomial(0.5) normalized at 3: s(3) = 1, s(0) = 2 -> alpha_t = 1/4 at staleness 3
+    # (as the unnormalized alpha=0.5 above: w = [1.5, 1.0], b = 0.75) and 1/2 at staleness 0
+    strat = FedAsync(alpha=0.25, staleness=Polynomial(a=0.5, normalize_at=3))
+    x = tree([1.0, 2.0], 0.5)
+    batch = make_batch([x], [tree([3.0, -2.0], 1.5)], [3])
+    params, _ = strat.aggregate(to_jax(x), strat.init(to_jax(x)), batch)
+    assert_tree_close(params, tree([1.5, 1.0], 0.75))
+    np.testing.assert_allclose(np.asarray(strat.update_weights((), make_batch([x], [x], [0]))), [0.5])
+    assert not caplog.records
+    # alpha * s(0) above 1 extrapolates: said once, at construction (0.6 * 2 = 1.2)
+    FedAsync(alpha=0.6, staleness=Polynomial(a=0.5, normalize_at=3))
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "1.2 > 1" in caplog.text
+
+
 def test_fedasync_buffer_of_two_mixes_in_order_by_hand():
     # first as above -> w=[1.5, 1.0], b=0.75; second staleness 0 -> alpha_t = 0.5:
     # w = 0.5*[1.5, 1.0] + 0.5*[0.5, 0] = [1.0, 0.5];  b = 0.5*0.75 + 0.5*0.25 = 0.5

@@ -1,4 +1,4 @@
-"""Staleness functions s(.) against hand-computed weights, max_staleness, and parameter validation."""
+"""Staleness functions s(.) against hand-computed weights, max_staleness, normalize_at, and parameter validation."""
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +79,25 @@ def test_max_staleness_drops_older_updates():
     np.testing.assert_allclose(weights(Hinge(max_staleness=5), [2, 5, 6]), [1.0, 1 / 11, 0.0], rtol=1e-6)
 
 
+def test_normalize_at_makes_the_weight_one_at_that_staleness():
+    # FLSim's avg_staleness: s(t) / s(normalize_at)
+    # Polynomial(0.5) at 3: (1 + t)^-0.5 / (1/2): t=0 -> 2, t=3 -> 1, t=8 -> 2/3
+    np.testing.assert_allclose(weights(Polynomial(a=0.5, normalize_at=3), [0, 3, 8]), [2.0, 1.0, 2 / 3], rtol=1e-6)
+    # a staleness between versions: Polynomial(1) at 1.5: (1 + t)^-1 * 2.5: t=0 -> 2.5, t=4 -> 1/2
+    np.testing.assert_allclose(weights(Polynomial(a=1.0, normalize_at=1.5), [0, 4]), [2.5, 0.5], rtol=1e-6)
+    # Hinge(10, 4) paper at 6 (weight 1/21): t <= 4 -> 21, t=5 -> 21/11, t=6 -> 1
+    np.testing.assert_allclose(weights(Hinge(normalize_at=6), [0, 4, 5, 6]), [21.0, 21.0, 21 / 11, 1.0], rtol=1e-6)
+    # inside the hinge's flat part nothing changes; Constant never changes
+    np.testing.assert_allclose(weights(Hinge(normalize_at=2), [0, 6]), [1.0, 1 / 21], rtol=1e-6)
+    np.testing.assert_array_equal(weights(Constant(normalize_at=7), [0, 9]), [1.0, 1.0])
+    # max_staleness still drops older updates: Polynomial(0.5) at 3, max 3: t=4 -> 0
+    np.testing.assert_allclose(weights(Polynomial(a=0.5, max_staleness=3, normalize_at=3), [0, 3, 4]), [2.0, 1.0, 0.0], rtol=1e-6)
+    # a per-client b (FedStaleAsync's personalized_b) normalises each row by its own hinge: b = [4, 6]
+    # at 6: row 0 weighs 1/(10*1+1) at t=5 over 1/21 at 6 -> 21/11; row 1 (b=6) is flat up to 6 -> 1
+    fn = Hinge(normalize_at=6)
+    np.testing.assert_allclose(np.asarray(fn(jnp.asarray([5, 5]), b=jnp.asarray([4.0, 6.0]))), [21 / 11, 1.0], rtol=1e-6)
+
+
 def test_staleness_functions_work_under_jit_and_are_hashable():
     fns = [Constant(), Polynomial(a=0.5), Hinge(variant="inner_plus_one", max_staleness=9)]
     for fn in fns:
@@ -104,6 +123,7 @@ def test_weights_are_floating_point():
         (lambda: Hinge(variant="paperr"), "staleness.variant"),
         (lambda: Constant(max_staleness=-1), "staleness.max_staleness"),
         (lambda: Polynomial(max_staleness=-2), "staleness.max_staleness"),
+        (lambda: Hinge(normalize_at=-1.0), "staleness.normalize_at"),
     ],
 )
 def test_bad_parameters_raise_config_error_naming_the_key(make, key):
