@@ -108,6 +108,12 @@ class FrequencyState(NamedTuple):
     rounds: jnp.ndarray  # float []: aggregations so far
 
 
+class FrequencyAtLastState(NamedTuple):
+    counts: jnp.ndarray  # float [N]: aggregations client i took part in
+    rounds: jnp.ndarray  # float []: aggregations so far
+    at_last: jnp.ndarray  # float [N]: counts_i / rounds right after i last took part (0: never)
+
+
 @dataclasses.dataclass(frozen=True)
 class Frequency(ParticipationEstimator):
     """p_i = (aggregations i took part in) / (aggregations so far).
@@ -115,23 +121,34 @@ class Frequency(ParticipationEstimator):
     With `fractions` (a group table: clients 0.. in group 0 first, sizes by largest remainder,
     see groups.py), each client gets instead the mean frequency of the clients of its group that
     took part at least once (clients of a group nobody from has taken part: `min_probability`).
+
+    `as_of_last_participation`: each client's frequency is taken as it was right after it last
+    took part, not now (the original AsyncFlower's group estimator: a client that stops taking
+    part keeps its last estimate instead of seeing it fall).
     """
 
     fractions: Sequence[float] | None = None
+    as_of_last_participation: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         if self.fractions is not None:
             object.__setattr__(self, "fractions", check_fractions(self.fractions, "participation.fractions"))
+        require(isinstance(self.as_of_last_participation, bool), "participation.as_of_last_participation", self.as_of_last_participation, "true or false")
 
     def init(self, num_clients):
+        if self.as_of_last_participation:
+            return FrequencyAtLastState(jnp.zeros(num_clients), jnp.zeros(()), jnp.zeros(num_clients))
         return FrequencyState(jnp.zeros(num_clients), jnp.zeros(()))
 
     def update(self, state, round_index, participated):
-        return FrequencyState(state.counts + participated, state.rounds + 1)
+        counts, rounds = state.counts + participated, state.rounds + 1
+        if not self.as_of_last_participation:
+            return FrequencyState(counts, rounds)
+        return FrequencyAtLastState(counts, rounds, jnp.where(participated, counts / rounds, state.at_last))
 
     def estimate(self, state, num_clients):
-        freq = state.counts / jnp.maximum(state.rounds, 1)
+        freq = state.at_last if self.as_of_last_participation else state.counts / jnp.maximum(state.rounds, 1)
         if self.fractions is None:
             return freq
         groups = _group_table(self.fractions, num_clients)

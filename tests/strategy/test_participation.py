@@ -57,6 +57,23 @@ def test_group_frequency_is_the_mean_over_seen_group_members():
     np.testing.assert_allclose(run(Frequency(fractions=[0.6, 0.4], min_probability=0.01), 5, [(0, [0])])[0], [1, 1, 1, 0.01, 0.01])
 
 
+def test_frequency_as_of_last_participation():
+    # groups [0,0,0,1,1] (fractions 0.6/0.4), the rounds above; each client's frequency is kept
+    # from right after its last participation:
+    # r0 P={0,3}: at_last [1,-,-,1,-];         g0 over {0}: 1,     g1 over {3}: 1
+    # r1 P={1}:   at_last [1,1/2,-,1,-];       g0 over {0,1}: 3/4, g1 over {3}: 1 (now: 1/2 above)
+    # r2 P={0,4}: at_last [2/3,1/2,-,1,1/3];   g0: 7/12,           g1 over {3,4}: 2/3
+    est = Frequency(fractions=[0.6, 0.4], as_of_last_participation=True)
+    p = run(est, 5, [(0, [0, 3]), (1, [1]), (2, [0, 4])])
+    np.testing.assert_allclose(p[0], [1] * 5, rtol=1e-6)
+    np.testing.assert_allclose(p[1], [0.75, 0.75, 0.75, 1, 1], rtol=1e-6)
+    np.testing.assert_allclose(p[2], [7 / 12, 7 / 12, 7 / 12, 2 / 3, 2 / 3], rtol=1e-6)
+    # per client: [1, 0.5, floor] after r1, then client 1 keeps 1/2 while its frequency now is 1/3
+    p = run(Frequency(as_of_last_participation=True), 3, [(0, [0]), (1, [0, 1]), (2, [0])])
+    np.testing.assert_allclose(p[1], [1, 0.5, 0.001], rtol=1e-6)
+    np.testing.assert_allclose(p[2], [1, 0.5, 0.001], rtol=1e-6)
+
+
 def test_group_lookup_with_smoothing():
     p = run(GroupLookup(fractions=[0.6, 0.4], probabilities=[0.5, 0.1]), 5, [(0, [0])])[0]
     np.testing.assert_allclose(p, [0.5, 0.5, 0.5, 0.1, 0.1], rtol=1e-6)
@@ -88,6 +105,7 @@ def test_interval_fedau_style():
         (lambda: Uniform(min_probability=2.0), "participation.min_probability"),
         (lambda: Interval(cutoff=0), "participation.cutoff"),
         (lambda: Frequency(fractions=[0.5, 0.4]), "participation.fractions"),
+        (lambda: Frequency(as_of_last_participation="yes"), "participation.as_of_last_participation"),
         (lambda: GroupLookup(fractions=[0.5, 0.5], probabilities=[0.5]), "participation.probabilities"),
         (lambda: GroupLookup(fractions=[0.5, 0.5], probabilities=[0.5, 0.0]), "participation.probabilities"),
         (lambda: GroupLookup(fractions=[-0.5, 1.5], probabilities=[0.5, 0.5]), "participation.fractions"),
