@@ -161,6 +161,9 @@ class Experiment:
         if self.clients.validation is not None:  # distributed evaluation on every client's validation split
             self.evaluate = _combined(self.evaluate, make_distributed_evaluator(module.apply, self.clients.validation))
             self.metric_columns = METRIC_COLUMNS + DISTRIBUTED_COLUMNS
+        # The training samples now live in the client store (a copy on the device): the host's are
+        # let go (a synthetic population of a million clients holds 10 GB of them).
+        self.dataset = self.dataset.without_training_samples()
 
     def scheduler(self) -> Scheduler:
         return Scheduler(self.settings.num_clients, self.latency, self.settings.seed, self.settings.faults, self.settings.availability)

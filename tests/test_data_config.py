@@ -98,3 +98,11 @@ def test_synthetic_run_writes_its_partition_summary_and_store_memory(tmp_path):
     assert len((run_dir / "partition.csv").read_text().splitlines()) == 20001
     header = (run_dir / "metrics.csv").read_text().splitlines()[0]
     assert "client_accuracy_worst" in header
+
+
+def test_the_run_lets_the_hosts_training_samples_go_once_they_are_in_the_client_store():
+    exp = Experiment(make_config("dataset=synthetic", "num_clients=50", "validation_fraction=0.2"))
+    assert exp.dataset.x_train.shape == (0, 60) and len(exp.dataset.y_train) == 0 and exp.dataset.input_shape == (60,)
+    assert int(exp.store.counts.sum()) == exp.store.x.shape[0] > 0 and int(exp.clients.validation.counts.sum()) > 0
+    assert len(exp.dataset.y_test) > 0  # (the test set stays: the run scores on it)
+    assert exp.run(None).summary["client_updates"] > 0

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..compilation import jit
 from ..errors import require
+from ..host_memory import physical_bytes
 
 AXIS = "clients"
 CPU_REPLICA_SHARE = 4  # the client data's copies for several CPU devices take at most 1/this of the machine's memory
@@ -77,11 +78,6 @@ def expose_cpu_cores(devices=None) -> int | None:
     return count
 
 
-def memory_bytes() -> int:
-    """The machine's physical memory."""
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def select_devices(devices: int | Sequence | None, replica_bytes: int = 0) -> list:
     """None: every device of every process (jax.devices()); an int k: the first k; or a list of devices.
 
@@ -91,7 +87,7 @@ def select_devices(devices: int | Sequence | None, replica_bytes: int = 0) -> li
     if devices is None:
         available = list(jax.devices())
         if len(available) > 1 and available[0].platform == "cpu" and jax.process_count() == 1 and replica_bytes > 0:
-            fit = max(1, memory_bytes() // (CPU_REPLICA_SHARE * replica_bytes))
+            fit = max(1, physical_bytes() // (CPU_REPLICA_SHARE * replica_bytes))
             if fit < len(available):
                 log.info(
                     "training on %d of the %d CPU devices: each holds a copy of the client data (%.2f GB)",

@@ -38,6 +38,11 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    def without_training_samples(self) -> "Dataset":
+        """This dataset with empty training arrays (same sample shape and dtypes) and its test set:
+        what a run keeps once the training samples are in its client store."""
+        return dataclasses.replace(self, x_train=self.x_train[:0].copy(), y_train=self.y_train[:0].copy(), client_ids=None)
+
     @property
     def nbytes(self) -> int:
         """Bytes of the training features and labels (the raw data a client store holds)."""

@@ -9,7 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..host_memory import require_memory
 from .partition import Partition
+
+
+def takes_all_in_order(order: np.ndarray, num_samples: int) -> bool:
+    """Whether a partition's `order` is every sample index, ascending (its clients' samples already
+    lie back to back): the store then needs no reordered copy."""
+    return len(order) == num_samples and (num_samples < 2 or bool(np.all(order[1:] > order[:-1])))
 
 
 class ClientStore(NamedTuple):
@@ -32,7 +39,17 @@ class ClientStore(NamedTuple):
             parts = Partition.from_parts(parts)
         counts = parts.counts.astype(np.int32)
         offsets = parts.offsets.astype(np.int32)
-        x, y = np.asarray(x)[parts.order].astype(dtype), np.asarray(y)[parts.order]
+        x, y = np.asarray(x), np.asarray(y)
+        reorder = not takes_all_in_order(parts.order, len(y))
+        itemsize = np.dtype(dtype).itemsize * int(np.prod(x.shape[1:])) + y.itemsize
+        copies = 1 + reorder + (np.dtype(dtype) != x.dtype)  # (the device's, and those made on the way)
+        require_memory(
+            copies * itemsize * len(parts.order), f"the clients' data ({len(parts.order)} samples)",
+            "use fewer clients or a smaller dataset (or smaller clients: dataset.max_size, partition.min_size)",
+        )
+        if reorder:  # (a natural partition of a dataset stored client after client takes it as it is)
+            x, y = x[parts.order], y[parts.order]
+        x = x.astype(dtype, copy=False)
         return cls(*jax.device_put((x, y)), offsets, counts)  # (jnp.asarray would compile a program per array)
 
     @property

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import require
+from ..host_memory import require_memory
 from .dataset import Dataset
 
 BLOCK = 512  # clients generated per vectorized block (bounds the temporary per-sample weight gather)
@@ -57,6 +58,13 @@ def synthetic(
     sizes = np.minimum(np.floor(rng.lognormal(size_log_mean, size_log_sigma, n)).astype(np.int64) + min_size, max_size)
     n_test = np.minimum(np.floor(test_fraction * sizes).astype(np.int64), sizes - 1)  # at least one training sample
     n_train = sizes - n_test
+    sample_bytes = 4 * d + 4  # (float32 features, an int32 label)
+    require_memory(  # the samples, and the copy the clients' store puts on the device
+        sample_bytes * (2 * int(n_train.sum()) + 2 * int(n_test.sum())),
+        f"the synthetic data of num_clients={n} ({int(sizes.sum()):,} samples of {d} features)",
+        "lower num_clients, dataset.size_log_mean or dataset.max_size (the mean client has about "
+        f"{sizes.mean():.0f} samples)",
+    )
     scale = np.arange(1, d + 1, dtype=np.float64) ** -0.6  # standard deviations: sqrt(j^-1.2)
     if iid:
         w_global, b_global = rng.normal(0, 1, (d, c)), rng.normal(0, 1, c)

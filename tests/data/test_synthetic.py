@@ -67,6 +67,14 @@ def test_store_memory_for_100000_clients_is_within_2x_of_the_raw_data():
     np.testing.assert_array_equal(store.counts, np.bincount(d.client_ids, minlength=100_000))
 
 
+def test_a_population_larger_than_the_memory_is_refused_before_it_is_generated(monkeypatch):
+    from asyncflower_jax import host_memory
+
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: 10**6)  # 1 MB
+    with pytest.raises(ConfigError, match=r"the synthetic data of num_clients=2000 \(.* samples of 60 features\) needs about .* GB .*dataset\.size_log_mean"):
+        synthetic(2000)
+
+
 @pytest.mark.parametrize(
     "kwargs, key",
     [({"alpha": -1}, "dataset.alpha=-1"), ({"min_size": 1}, "dataset.min_size=1"), ({"max_size": 5}, "dataset.max_size=5"), ({"test_fraction": 1.0}, "dataset.test_fraction=1.0")],

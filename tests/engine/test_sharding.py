@@ -104,7 +104,8 @@ TRAINER_SCRIPT = textwrap.dedent(
     from asyncflower_jax.client.local_train import LocalTraining, make_local_train
     from asyncflower_jax.data.store import ClientStore
     from asyncflower_jax.client import batched
-    from asyncflower_jax.client.sharding import memory_bytes, select_devices
+    from asyncflower_jax.client.sharding import select_devices
+    from asyncflower_jax.host_memory import physical_bytes
 
     batched.CPU_SPLIT_FLOPS = 0  # this linear model's batches are shared out too
     jax.config.update("jax_enable_x64", True)
@@ -131,7 +132,7 @@ TRAINER_SCRIPT = textwrap.dedent(
         out[execution] = {"chunks": trainer.chunks(11), "max_diff": worst, "devices": sorted({d.id for c in chunks for d in c.loss.devices()}),
                           "split_batches": trainer.split_batches}
     # CPU devices share the machine's memory: null takes as many as hold a copy of the data each in a quarter of it
-    out["selected"] = [len(select_devices(None, replica_bytes=b)) for b in (0, memory_bytes() // 8, memory_bytes() // 4, memory_bytes())]
+    out["selected"] = [len(select_devices(None, replica_bytes=b)) for b in (0, physical_bytes() // 8, physical_bytes() // 4, physical_bytes())]
     print("RESULT " + json.dumps(out))
     """
 )

@@ -1,0 +1,40 @@
+"""The host's memory, and a check that a large allocation fits before it is made: the kernel's
+out-of-memory killer ends a process without a word, minutes into building its data."""
+
+from __future__ import annotations
+
+import os
+
+from .errors import ConfigError
+
+
+def physical_bytes() -> int:
+    """The machine's physical memory."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+    """Memory a new allocation can take now without killing anything: the kernel's MemAvailable
+    plus free swap. None where the kernel does not say (not Linux)."""
+    try:
+        with open(meminfo) as f:
+            fields = {line.split(":")[0]: line.split()[1:] for line in f}
+        return sum(int(fields[key][0]) * 1024 for key in ("MemAvailable", "SwapFree") if key in fields) if "MemAvailable" in fields else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def gigabytes(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB"
+
+
+HEADROOM = 0.9  # the share of the available memory an allocation may take (the rest: the runtime, the run)
+
+
+def require_memory(need: int, what: str, advice: str, available: int | None = None) -> None:
+    """Raise a ConfigError when `what` needs more than HEADROOM of the memory available
+    (`available_bytes()` by default; no check where that is unknown): it names both sizes and the
+    `advice`."""
+    available = available_bytes() if available is None else available
+    if available is not None and need > HEADROOM * available:
+        raise ConfigError(f"{what} needs about {gigabytes(need)} of memory, more than the {gigabytes(available)} available (memory and free swap): {advice}")
