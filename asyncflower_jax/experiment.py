@@ -42,6 +42,7 @@ from .engine.latency import NeedsWork
 from .engine.scheduler import Scheduler
 from .engine.simulator import METRIC_COLUMNS, UPDATE_COLUMNS, Interrupted, SimulationResult, SimulationSettings, Simulator, check_strategy
 from .errors import ConfigError
+from .host_memory import require_memory, size_text
 from .models import check_inputs
 from .models.mlp import init_params
 from .results.progress import make_progress
@@ -142,6 +143,16 @@ class Experiment:
         check_inputs(module, self.dataset)  # before flax meets samples the model cannot take
         seed_key = jax.random.key(cfg.seed)
         self.params = init_params(module, self.dataset.input_shape, jax.random.fold_in(seed_key, MODEL_STREAM), dtype)
+        if getattr(self.strategy, "jittable", True):  # (a host rule keeps its state in Python)
+            with jax.disable_jit():  # (traced abstractly: the project's programs are not nested in eval_shape's)
+                state_bytes = tree_bytes(jax.eval_shape(self.strategy.init, self.params))
+            require_memory(
+                2 * state_bytes,  # (aggregations update it in place; a checkpoint, periodic or on a signal, copies it to the host)
+                f"{type(self.strategy).__name__}'s server state ({size_text(state_bytes)} for num_clients={cfg.num_clients} and a model "
+                f"of {tree_bytes(self.params) / 1e6:.2f} MB)",
+                "a rule that keeps a model per client (CA2FL, MIFA, the FedStaleAsync family) needs num_clients x the model: "
+                "use fewer clients or a smaller model",
+            )
         training = build(cfg.client, "client")
         self.local_train = make_local_train(mixed_precision(module.apply, cfg.get("compute_dtype")), training, max_count=int(self.store.counts.max()))
         if isinstance(self.latency, NeedsWork):  # durations follow each client's work and the model size

@@ -24,8 +24,9 @@ def available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
         return None
 
 
-def gigabytes(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.1f} GB"
+def size_text(nbytes: int) -> str:
+    """A size for a message: in GB from 1 GB up, else in MB."""
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 HEADROOM = 0.9  # the share of the available memory an allocation may take (the rest: the runtime, the run)
@@ -37,4 +38,4 @@ def require_memory(need: int, what: str, advice: str, available: int | None = No
     `advice`."""
     available = available_bytes() if available is None else available
     if available is not None and need > HEADROOM * available:
-        raise ConfigError(f"{what} needs about {gigabytes(need)} of memory, more than the {gigabytes(available)} available (memory and free swap): {advice}")
+        raise ConfigError(f"{what} needs about {size_text(need)} of memory, more than the {size_text(available)} available (memory and free swap): {advice}")

@@ -106,3 +106,16 @@ def test_the_run_lets_the_hosts_training_samples_go_once_they_are_in_the_client_
     assert int(exp.store.counts.sum()) == exp.store.x.shape[0] > 0 and int(exp.clients.validation.counts.sum()) > 0
     assert len(exp.dataset.y_test) > 0  # (the test set stays: the run scores on it)
     assert exp.run(None).summary["client_updates"] > 0
+
+
+def test_a_rule_whose_per_client_memory_cannot_fit_is_refused_before_the_run(monkeypatch):
+    from asyncflower_jax import host_memory
+
+    # CA2FL's cache: 50 clients x the MLP 64-2000-10 (150,010 float32: 600,040 bytes) = 30.0 MB
+    # (and 50 bytes of flags), twice that needed; the store (digits, 0.4 MB) fits either way
+    overrides = ("strategy=ca2fl", "num_clients=50", "model.hidden=[2000]")
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: int(2 * 30_002_050 / 0.9) - 100)
+    with pytest.raises(ConfigError, match=r"CA2FL's server state \(30\.0 MB for num_clients=50 and a model of 0\.60 MB\) needs about 60\.0 MB"):
+        Experiment(make_config(*overrides))
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: int(2 * 30_002_050 / 0.9) + 100)
+    Experiment(make_config(*overrides))

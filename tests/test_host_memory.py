@@ -22,6 +22,8 @@ def test_require_memory_keeps_a_tenth_free_and_names_both_sizes():
     host_memory.require_memory(9 * 10**9, "x", "y", available=10 * 10**9)  # 90 %: allowed
     with pytest.raises(ConfigError, match=r"the data needs about 9\.5 GB of memory, more than the 10\.0 GB available .*: use less"):
         host_memory.require_memory(int(9.5e9), "the data", "use less", available=10 * 10**9)
+    with pytest.raises(ConfigError, match=r"needs about 950\.0 MB of memory, more than the 1\.0 GB available"):
+        host_memory.require_memory(int(9.5e8), "the data", "use less", available=10**9)
 
 
 def test_no_check_where_the_available_memory_is_unknown(monkeypatch):
