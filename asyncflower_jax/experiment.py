@@ -42,7 +42,7 @@ from .engine.latency import NeedsWork
 from .engine.scheduler import Scheduler
 from .engine.simulator import METRIC_COLUMNS, UPDATE_COLUMNS, Interrupted, SimulationResult, SimulationSettings, Simulator, check_strategy
 from .errors import ConfigError
-from .host_memory import require_memory, size_text
+from .memory import HEADROOM, available_on, require_memory, size_text
 from .models import check_inputs
 from .models.mlp import init_params
 from .results.progress import make_progress
@@ -153,6 +153,7 @@ class Experiment:
                 "a rule that keeps a model per client (CA2FL, MIFA, the FedStaleAsync family) needs num_clients x the model: "
                 "use fewer clients or a smaller model",
             )
+        self._warn_if_models_in_flight_may_not_fit()
         training = build(cfg.client, "client")
         self.local_train = make_local_train(mixed_precision(module.apply, cfg.get("compute_dtype")), training, max_count=int(self.store.counts.max()))
         if isinstance(self.latency, NeedsWork):  # durations follow each client's work and the model size
@@ -175,6 +176,22 @@ class Experiment:
         # The training samples now live in the client store (a copy on the device): the host's are
         # let go (a synthetic population of a million clients holds 10 GB of them).
         self.dataset = self.dataset.without_training_samples()
+
+    def _warn_if_models_in_flight_may_not_fit(self) -> None:
+        """Warn when the models the engine may hold at once could outgrow the memory: the version
+        table (up to M + 2 versions) and the trained results' store (about M + M/8 + 16 rows)
+        grow as a run needs them, so the worst case is a warning, not a refusal."""
+        m, model = self.settings.concurrency, tree_bytes(self.params)
+        most = (2 * m + m // 8 + 18) * model
+        device = jax.devices()[0]
+        available = available_on(device)
+        if available is not None and most > HEADROOM * available:
+            log.warning(
+                "with concurrency=%d the engine may hold up to %d model versions and %d trained results at once (%s for a model "
+                "of %s), more than the %s available on the %s: FedAsync holds about one version per client in flight, a "
+                "buffered rule about one per K arrivals; if the run runs out of memory, lower concurrency or use a smaller model",
+                m, m + 2, m + m // 8 + 16, size_text(most), size_text(model), size_text(available), device.platform.upper(),
+            )
 
     def scheduler(self) -> Scheduler:
         return Scheduler(self.settings.num_clients, self.latency, self.settings.seed, self.settings.faults, self.settings.availability)

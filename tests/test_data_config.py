@@ -109,13 +109,25 @@ def test_the_run_lets_the_hosts_training_samples_go_once_they_are_in_the_client_
 
 
 def test_a_rule_whose_per_client_memory_cannot_fit_is_refused_before_the_run(monkeypatch):
-    from asyncflower_jax import host_memory
+    from asyncflower_jax import memory
 
     # CA2FL's cache: 50 clients x the MLP 64-2000-10 (150,010 float32: 600,040 bytes) = 30.0 MB
     # (and 50 bytes of flags), twice that needed; the store (digits, 0.4 MB) fits either way
     overrides = ("strategy=ca2fl", "num_clients=50", "model.hidden=[2000]")
-    monkeypatch.setattr(host_memory, "available_bytes", lambda: int(2 * 30_002_050 / 0.9) - 100)
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(2 * 30_002_050 / 0.9) - 100)
     with pytest.raises(ConfigError, match=r"CA2FL's server state \(30\.0 MB for num_clients=50 and a model of 0\.60 MB\) needs about 60\.0 MB"):
         Experiment(make_config(*overrides))
-    monkeypatch.setattr(host_memory, "available_bytes", lambda: int(2 * 30_002_050 / 0.9) + 100)
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(2 * 30_002_050 / 0.9) + 100)
     Experiment(make_config(*overrides))
+
+
+def test_a_warning_when_the_models_in_flight_may_outgrow_the_memory(monkeypatch, caplog):
+    # MLP 64-16-10: 1,210 float32 = 4,840 bytes; concurrency 10: up to 12 versions and 27 results,
+    # (2 * 10 + 1 + 18) x 4,840 = 188,760 bytes
+    monkeypatch.setattr("asyncflower_jax.experiment.available_on", lambda device: 200_000)  # 90 %: 180,000
+    Experiment(make_config("concurrency=10", "model.hidden=[16]"))
+    assert "up to 12 model versions and 27 trained results at once (0.2 MB for a model of 0.0 MB), more than the 0.2 MB available" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr("asyncflower_jax.experiment.available_on", lambda device: 210_000)
+    Experiment(make_config("concurrency=10", "model.hidden=[16]"))
+    assert "model versions" not in caplog.text

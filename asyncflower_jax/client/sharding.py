@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..compilation import jit
 from ..errors import require
-from ..host_memory import physical_bytes
+from ..memory import physical_bytes
 
 AXIS = "clients"
 CPU_REPLICA_SHARE = 4  # the client data's copies for several CPU devices take at most 1/this of the machine's memory

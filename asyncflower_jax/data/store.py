@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..host_memory import require_memory
+from ..memory import require_memory
 from .partition import Partition
 
 

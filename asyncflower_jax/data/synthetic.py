@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import require
-from ..host_memory import require_memory
+from ..memory import require_memory
 from .dataset import Dataset
 
 BLOCK = 512  # clients generated per vectorized block (bounds the temporary per-sample weight gather)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asyncflower_jax import host_memory
+from asyncflower_jax import memory
 from asyncflower_jax.data.partition import Partition
 from asyncflower_jax.data.store import ClientStore, takes_all_in_order
 from asyncflower_jax.errors import ConfigError
@@ -29,9 +29,9 @@ def test_a_partition_in_storage_order_is_taken_as_it_is_and_others_are_reordered
 
 
 def test_a_store_larger_than_the_available_memory_is_refused_naming_its_size(monkeypatch):
-    monkeypatch.setattr(host_memory, "available_bytes", lambda: 1000)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
     x, y = np.zeros((100, 3), np.float32), np.zeros(100, np.int32)
     with pytest.raises(ConfigError, match=r"the clients' data \(100 samples\) needs about 0\.0 MB .*use fewer clients"):
         ClientStore.from_partition(x, y, Partition(np.arange(100), np.array([100])))
-    monkeypatch.setattr(host_memory, "available_bytes", lambda: 10**9)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10**9)
     assert ClientStore.from_partition(x, y, Partition(np.arange(100), np.array([100]))).num_clients == 1

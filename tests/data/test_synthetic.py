@@ -68,9 +68,9 @@ def test_store_memory_for_100000_clients_is_within_2x_of_the_raw_data():
 
 
 def test_a_population_larger_than_the_memory_is_refused_before_it_is_generated(monkeypatch):
-    from asyncflower_jax import host_memory
+    from asyncflower_jax import memory
 
-    monkeypatch.setattr(host_memory, "available_bytes", lambda: 10**6)  # 1 MB
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10**6)  # 1 MB
     with pytest.raises(ConfigError, match=r"the synthetic data of num_clients=2000 \(.* samples of 60 features\) needs about .* MB of memory, more than the 1\.0 MB available.*dataset\.size_log_mean"):
         synthetic(2000)
 

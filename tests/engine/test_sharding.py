@@ -105,7 +105,7 @@ TRAINER_SCRIPT = textwrap.dedent(
     from asyncflower_jax.data.store import ClientStore
     from asyncflower_jax.client import batched
     from asyncflower_jax.client.sharding import select_devices
-    from asyncflower_jax.host_memory import physical_bytes
+    from asyncflower_jax.memory import physical_bytes
 
     batched.CPU_SPLIT_FLOPS = 0  # this linear model's batches are shared out too
     jax.config.update("jax_enable_x64", True)

@@ -1,5 +1,6 @@
-"""The host's memory, and a check that a large allocation fits before it is made: the kernel's
-out-of-memory killer ends a process without a word, minutes into building its data."""
+"""Memory: what the host (or an accelerator) has available, and a check that a large allocation
+fits before it is made: the kernel's out-of-memory killer ends a process without a word, minutes
+into building its data."""
 
 from __future__ import annotations
 
@@ -22,6 +23,15 @@ def available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
         return sum(int(fields[key][0]) * 1024 for key in ("MemAvailable", "SwapFree") if key in fields) if "MemAvailable" in fields else None
     except (OSError, ValueError, IndexError):
         return None
+
+
+def available_on(device) -> int | None:
+    """Memory free on `device`: an accelerator's own (its allocator's limit less what it holds), a
+    CPU device's the host's (`available_bytes`); None where unknown."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return available_bytes()
 
 
 def size_text(nbytes: int) -> str:

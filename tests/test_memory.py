@@ -1,0 +1,46 @@
+"""The host-memory check: what /proc/meminfo says is available, and the error a too-large allocation gets."""
+
+import pytest
+
+from asyncflower_jax import memory
+from asyncflower_jax.errors import ConfigError
+
+
+def test_available_is_memavailable_plus_free_swap(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\nSwapTotal:       4000000 kB\nSwapFree:        3000000 kB\n")
+    assert memory.available_bytes(str(meminfo)) == (20_000_000 + 3_000_000) * 1024
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n")  # no swap lines
+    assert memory.available_bytes(str(meminfo)) == 20_000_000 * 1024
+    meminfo.write_text("MemTotal:       24000000 kB\n")  # a kernel that does not say
+    assert memory.available_bytes(str(meminfo)) is None
+    assert memory.available_bytes(str(tmp_path / "missing")) is None
+    assert memory.available_bytes() is None or memory.available_bytes() > 0  # (this machine's)
+
+
+def test_require_memory_keeps_a_tenth_free_and_names_both_sizes():
+    memory.require_memory(9 * 10**9, "x", "y", available=10 * 10**9)  # 90 %: allowed
+    with pytest.raises(ConfigError, match=r"the data needs about 9\.5 GB of memory, more than the 10\.0 GB available .*: use less"):
+        memory.require_memory(int(9.5e9), "the data", "use less", available=10 * 10**9)
+    with pytest.raises(ConfigError, match=r"needs about 950\.0 MB of memory, more than the 1\.0 GB available"):
+        memory.require_memory(int(9.5e8), "the data", "use less", available=10**9)
+
+
+def test_no_check_where_the_available_memory_is_unknown(monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)
+    memory.require_memory(10**18, "x", "y")  # (nothing raised)
+
+
+class FakeDevice:
+    def __init__(self, platform, stats):
+        self.platform, self.stats = platform, stats
+
+    def memory_stats(self):
+        return self.stats
+
+
+def test_an_accelerators_own_memory_counts_and_a_cpus_is_the_hosts(monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 123)
+    assert memory.available_on(FakeDevice("gpu", {"bytes_limit": 80_000, "bytes_in_use": 30_000})) == 50_000
+    assert memory.available_on(FakeDevice("gpu", None)) == 123  # (an allocator that does not say)
+    assert memory.available_on(FakeDevice("cpu", {"bytes_limit": 1})) == 123
