@@ -146,12 +146,14 @@ class Experiment:
         if getattr(self.strategy, "jittable", True):  # (a host rule keeps its state in Python)
             with jax.disable_jit():  # (traced abstractly: the project's programs are not nested in eval_shape's)
                 state_bytes = tree_bytes(jax.eval_shape(self.strategy.init, self.params))
+            device = jax.devices()[0]
             require_memory(
-                2 * state_bytes,  # (aggregations update it in place; a checkpoint, periodic or on a signal, copies it to the host)
+                state_bytes * (2 if device.platform == "cpu" else 1),  # (updated in place; a checkpoint copies it to the host)
                 f"{type(self.strategy).__name__}'s server state ({size_text(state_bytes)} for num_clients={cfg.num_clients} and a model "
                 f"of {tree_bytes(self.params) / 1e6:.2f} MB)",
                 "a rule that keeps a model per client (CA2FL, MIFA, the FedStaleAsync family) needs num_clients x the model: "
                 "use fewer clients or a smaller model",
+                available=available_on(device),
             )
         self._warn_if_models_in_flight_may_not_fit()
         training = build(cfg.client, "client")

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..memory import require_memory
+from ..memory import available_on, require_memory
 from .partition import Partition
 
 
@@ -42,10 +42,12 @@ class ClientStore(NamedTuple):
         x, y = np.asarray(x), np.asarray(y)
         reorder = not takes_all_in_order(parts.order, len(y))
         itemsize = np.dtype(dtype).itemsize * int(np.prod(x.shape[1:])) + y.itemsize
-        copies = 1 + reorder + (np.dtype(dtype) != x.dtype)  # (the device's, and those made on the way)
+        device = jax.devices()[0]
+        copies = 1 + (reorder + (np.dtype(dtype) != x.dtype) if device.platform == "cpu" else 0)  # (the device's, and on a CPU those made on the way)
         require_memory(
             copies * itemsize * len(parts.order), f"the clients' data ({len(parts.order)} samples)",
             "use fewer clients or a smaller dataset (or smaller clients: dataset.max_size, partition.min_size)",
+            available=available_on(device),
         )
         if reorder:  # (a natural partition of a dataset stored client after client takes it as it is)
             x, y = x[parts.order], y[parts.order]
