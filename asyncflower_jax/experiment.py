@@ -153,7 +153,7 @@ class Experiment:
                 f"of {tree_bytes(self.params) / 1e6:.2f} MB)",
                 "a rule that keeps a model per client (CA2FL, MIFA, the FedStaleAsync family) needs num_clients x the model: "
                 "use fewer clients or a smaller model",
-                available=available_on(device),
+                device=device,
             )
         self._warn_if_models_in_flight_may_not_fit()
         training = build(cfg.client, "client")

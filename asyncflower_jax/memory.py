@@ -42,10 +42,11 @@ def size_text(nbytes: int) -> str:
 HEADROOM = 0.9  # the share of the available memory an allocation may take (the rest: the runtime, the run)
 
 
-def require_memory(need: int, what: str, advice: str, available: int | None = None) -> None:
-    """Raise a ConfigError when `what` needs more than HEADROOM of the memory available
-    (`available_bytes()` by default; no check where that is unknown): it names both sizes and the
-    `advice`."""
-    available = available_bytes() if available is None else available
+def require_memory(need: int, what: str, advice: str, device=None) -> None:
+    """Raise a ConfigError when `what` needs more than HEADROOM of the memory available on
+    `device` (`available_on`; the host's by default; no check where that is unknown): it names
+    both sizes and the `advice`."""
+    available = available_bytes() if device is None else available_on(device)
     if available is not None and need > HEADROOM * available:
-        raise ConfigError(f"{what} needs about {size_text(need)} of memory, more than the {size_text(available)} available (memory and free swap): {advice}")
+        place = "memory and free swap" if device is None or device.platform == "cpu" else f"{device.platform.upper()} memory"
+        raise ConfigError(f"{what} needs about {size_text(need)} of memory, more than the {size_text(available)} available ({place}): {advice}")

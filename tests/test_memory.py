@@ -1,9 +1,17 @@
-"""The host-memory check: what /proc/meminfo says is available, and the error a too-large allocation gets."""
+"""Memory: what the host (or an accelerator) has available, and the error a too-large allocation gets."""
 
 import pytest
 
 from asyncflower_jax import memory
 from asyncflower_jax.errors import ConfigError
+
+
+class FakeDevice:
+    def __init__(self, platform, stats):
+        self.platform, self.stats = platform, stats
+
+    def memory_stats(self):
+        return self.stats
 
 
 def test_available_is_memavailable_plus_free_swap(tmp_path):
@@ -18,25 +26,19 @@ def test_available_is_memavailable_plus_free_swap(tmp_path):
     assert memory.available_bytes() is None or memory.available_bytes() > 0  # (this machine's)
 
 
-def test_require_memory_keeps_a_tenth_free_and_names_both_sizes():
-    memory.require_memory(9 * 10**9, "x", "y", available=10 * 10**9)  # 90 %: allowed
-    with pytest.raises(ConfigError, match=r"the data needs about 9\.5 GB of memory, more than the 10\.0 GB available .*: use less"):
-        memory.require_memory(int(9.5e9), "the data", "use less", available=10 * 10**9)
-    with pytest.raises(ConfigError, match=r"needs about 950\.0 MB of memory, more than the 1\.0 GB available"):
-        memory.require_memory(int(9.5e8), "the data", "use less", available=10**9)
+def test_require_memory_keeps_a_tenth_free_and_names_both_sizes(monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10 * 10**9)
+    memory.require_memory(9 * 10**9, "x", "y")  # 90 %: allowed
+    with pytest.raises(ConfigError, match=r"the data needs about 9\.5 GB of memory, more than the 10\.0 GB available \(memory and free swap\): use less"):
+        memory.require_memory(int(9.5e9), "the data", "use less")
+    gpu = FakeDevice("gpu", {"bytes_limit": 10**9, "bytes_in_use": 0})
+    with pytest.raises(ConfigError, match=r"needs about 950\.0 MB of memory, more than the 1\.0 GB available \(GPU memory\)"):
+        memory.require_memory(int(9.5e8), "the data", "use less", device=gpu)
 
 
 def test_no_check_where_the_available_memory_is_unknown(monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda: None)
     memory.require_memory(10**18, "x", "y")  # (nothing raised)
-
-
-class FakeDevice:
-    def __init__(self, platform, stats):
-        self.platform, self.stats = platform, stats
-
-    def memory_stats(self):
-        return self.stats
 
 
 def test_an_accelerators_own_memory_counts_and_a_cpus_is_the_hosts(monkeypatch):

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..memory import available_on, require_memory
+from ..memory import require_memory
 from .partition import Partition
 
 
@@ -47,7 +47,7 @@ class ClientStore(NamedTuple):
         require_memory(
             copies * itemsize * len(parts.order), f"the clients' data ({len(parts.order)} samples)",
             "use fewer clients or a smaller dataset (or smaller clients: dataset.max_size, partition.min_size)",
-            available=available_on(device),
+            device=device,
         )
         if reorder:  # (a natural partition of a dataset stored client after client takes it as it is)
             x, y = x[parts.order], y[parts.order]

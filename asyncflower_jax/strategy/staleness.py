@@ -1,4 +1,5 @@
-"""Staleness functions s(.): map an update's staleness (versions behind) to a weight in (0, 1].
+"""Staleness functions s(.): map an update's staleness (versions behind) to a weight in (0, 1]
+(above 1 for fresher updates with `normalize_at`).
 
 Each is a frozen dataclass (hashable, so it can be closed over by jitted kernels) whose
 `__call__` works elementwise on a jnp array of staleness values. Two options every function has:
