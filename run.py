@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -28,8 +29,10 @@ log = logging.getLogger("asyncflower_jax")
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "no TPU found" chatter
 
 
-class InvalidJob(Exception):
-    """A sweep's job refused its configuration or stalled (logged, and in its failed.json unless refused before it started)."""
+class InvalidJob(CompactHydraException):
+    """A sweep's job refused its configuration or stalled (logged, and in its failed.json unless
+    refused before it started). Hydra prints its message alone, no traceback, with every launcher
+    (a parallel sweep's job comes back through a dozen of Hydra's own frames)."""
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -36,6 +36,17 @@ def test_joblib_runs_a_two_job_sweep_in_parallel_processes(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_parallel_sweeps_invalid_job_ends_it_with_its_message_alone(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    env = {**os.environ, "EXPERIMENTS_BASE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "run.py", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "concurrency=-1,4", *TINY[:2], *TINY[3:]]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert "\nconcurrency=-1 is invalid: must be an integer >= 1" in proc.stderr and "Traceback" not in proc.stderr  # (not Hydra's frames)
+    assert len(list(tmp_path.glob("multirun/*/*/summary.json"))) == 1  # (the other job ran)
+
+
+@pytest.mark.slow
 def test_submitit_local_executor_runs_a_two_job_sweep(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     runs = sweep(tmp_path, "local_submitit")

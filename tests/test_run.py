@@ -88,7 +88,7 @@ def test_a_bad_job_in_a_sweep_does_not_stop_the_others(tmp_path):
     [failed] = [p.parent for p in tmp_path.rglob("failed.json")]  # the bad job is marked as failed
     assert "fedbuff" in failed.name and not (failed / "summary.json").exists()
     assert "strategy.buffer_size=5 is invalid" in json.loads((failed / "failed.json").read_text())["message"]
-    assert "InvalidJob: strategy.buffer_size=5 is invalid" in proc.stderr and "config_schema.py" not in proc.stderr  # the message, not the code
+    assert "\nstrategy.buffer_size=5 is invalid" in proc.stderr and "Traceback" not in proc.stderr  # the message alone, not the code
 
 
 def test_hydras_own_job_logging_choices_still_work(tmp_path):
