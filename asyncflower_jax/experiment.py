@@ -143,23 +143,12 @@ class Experiment:
         check_inputs(module, self.dataset)  # before flax meets samples the model cannot take
         seed_key = jax.random.key(cfg.seed)
         self.params = init_params(module, self.dataset.input_shape, jax.random.fold_in(seed_key, MODEL_STREAM), dtype)
-        if getattr(self.strategy, "jittable", True):  # (a host rule keeps its state in Python)
-            with jax.disable_jit():  # (traced abstractly: the project's programs are not nested in eval_shape's)
-                state_bytes = tree_bytes(jax.eval_shape(self.strategy.init, self.params))
-            device = jax.devices()[0]
-            require_memory(
-                state_bytes * (2 if device.platform == "cpu" else 1),  # (updated in place; a checkpoint copies it to the host)
-                f"{type(self.strategy).__name__}'s server state ({size_text(state_bytes)} for num_clients={cfg.num_clients} and a model "
-                f"of {tree_bytes(self.params) / 1e6:.2f} MB)",
-                "a rule that keeps a model per client (CA2FL, MIFA, the FedStaleAsync family) needs num_clients x the model: "
-                "use fewer clients or a smaller model",
-                device=device,
-            )
-        self._warn_if_models_in_flight_may_not_fit()
+        model_bytes, device = tree_bytes(self.params), jax.devices()[0]
+        self._check_server_state_fits(model_bytes, device)
+        self._warn_if_models_in_flight_may_not_fit(model_bytes, device)
         training = build(cfg.client, "client")
         self.local_train = make_local_train(mixed_precision(module.apply, cfg.get("compute_dtype")), training, max_count=int(self.store.counts.max()))
         if isinstance(self.latency, NeedsWork):  # durations follow each client's work and the model size
-            model_bytes = tree_bytes(self.params)
             self.latency = self.latency.bind(training.examples_per_task(self.store.counts), model_bytes)
         self.trainer = BatchedTrainer(
             self.local_train,
@@ -179,13 +168,29 @@ class Experiment:
         # let go (a synthetic population of a million clients holds 10 GB of them).
         self.dataset = self.dataset.without_training_samples()
 
-    def _warn_if_models_in_flight_may_not_fit(self) -> None:
-        """Warn when the models the engine may hold at once could outgrow the memory: the version
-        table (up to M + 2 versions) and the trained results' store (about M + M/8 + 16 rows)
-        grow as a run needs them, so the worst case is a warning, not a refusal."""
-        m, model = self.settings.concurrency, tree_bytes(self.params)
+    def _check_server_state_fits(self, model_bytes: int, device) -> None:
+        """Refuse a rule whose server state cannot fit on `device` (CA2FL, MIFA and the FedStaleAsync
+        family keep a model per client); its size comes from tracing `init`, nothing is allocated."""
+        if not getattr(self.strategy, "jittable", True):  # (a host rule keeps its state in Python)
+            return
+        with jax.disable_jit():  # (traced abstractly: the project's programs are not nested in eval_shape's)
+            state_bytes = tree_bytes(jax.eval_shape(self.strategy.init, self.params))
+        require_memory(
+            state_bytes * (2 if device.platform == "cpu" else 1),  # (updated in place; a checkpoint copies it to the host)
+            f"{type(self.strategy).__name__}'s server state ({size_text(state_bytes)} for num_clients={self.settings.num_clients} and a model "
+            f"of {model_bytes / 1e6:.2f} MB)",
+            "a rule that keeps a model per client (CA2FL, MIFA, the FedStaleAsync family) needs num_clients x the model: "
+            "use fewer clients or a smaller model",
+            device=device,
+        )
+
+    def _warn_if_models_in_flight_may_not_fit(self, model: int, device) -> None:
+        """Warn when the models the engine may hold at once (of `model` bytes each) could outgrow the
+        memory of `device`: the version table (up to M + 2 versions) and the trained results' store
+        (about M + M/8 + 16 rows) grow as a run needs them, so the worst case is a warning, not a
+        refusal."""
+        m = self.settings.concurrency
         most = (2 * m + m // 8 + 18) * model
-        device = jax.devices()[0]
         available = available_on(device)
         if available is not None and most > HEADROOM * available:
             log.warning(

@@ -60,7 +60,7 @@ def synthetic(
     n_train = sizes - n_test
     sample_bytes = 4 * d + 4  # (float32 features, an int32 label)
     require_memory(  # the samples, and the copy the clients' store puts on the device
-        sample_bytes * (2 * int(n_train.sum()) + 2 * int(n_test.sum())),
+        2 * sample_bytes * int(sizes.sum()),
         f"the synthetic data of num_clients={n} ({int(sizes.sum()):,} samples of {d} features)",
         "lower num_clients, dataset.size_log_mean or dataset.max_size (the mean client has about "
         f"{sizes.mean():.0f} samples)",
