@@ -395,6 +395,16 @@ class BatchedTrainer:
         `stored_row(result_shapes(...))`), which is donated and returned: on the first device each
         chunk's call writes its rows in place, with no call or copy of its own; another device's
         chunk is moved back and written by one call."""
+        results, writes = self.train_into_first(results, slots, stacked, version_idx, clients, dispatch_ids)
+        for chunk, positions in writes:
+            results = put_trained_in_place(results, chunk, positions)
+        return results
+
+    def train_into_first(self, results, slots: np.ndarray, stacked: PyTree, version_idx: np.ndarray, clients: np.ndarray, dispatch_ids: np.ndarray):
+        """`train_into` that writes only the first device's rows: returns (results, the other
+        devices' chunks as (chunk on the first device, store rows) for `put_trained_in_place`).
+        Written when first read, they let the first device go on with the rows it has while the
+        others still train (a run's earliest arrivals are in the batch's first share)."""
         plan = self._chunk_inputs(stacked, version_idx, clients, dispatch_ids, slots, results[1].shape[0])
         elsewhere = [(device, inputs) for device, _, inputs in plan if device]
         trained = self._train_elsewhere(stacked, [(device, inputs[:, 1:]) for device, inputs in elsewhere])  # (dispatched first: they start at once)
@@ -403,9 +413,7 @@ class BatchedTrainer:
                 results = self._train_chunk_into(results, inputs, stacked, self.store.x, self.store.y)
             elif device is None:
                 results = put_trained_in_place(results, self.mesh.gather(self._sharded_chunk(stacked, inputs[:, 1:])), inputs[:, 0])
-        for (_, inputs), chunk in zip(elsewhere, trained):
-            results = put_trained_in_place(results, chunk, inputs[:, 0])
-        return results
+        return results, [(chunk, inputs[:, 0]) for (_, inputs), chunk in zip(elsewhere, trained)]
 
     def result_shapes(self, stacked: PyTree):
         """(params, loss) of one client's result as ShapeDtypeStructs, from a stacked pytree of

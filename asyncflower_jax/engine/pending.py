@@ -8,6 +8,11 @@ into in place, with a flag saying whether it is finite everywhere (computed by t
 call): the aggregation step gathers a batch drawn from many flushes inside its own call (with
 spread-out durations a queued device call draws from dozens of flushes).
 
+A flush trains its clients in arrival order, so with several devices the first device's share
+(written into the store by its own calls) holds the earliest arrivals; the other devices' rows
+are written when a step first reads them, often after the next flush has started. The
+aggregations that the next flush waits for then need not wait for the other devices.
+
 Tasks with an injected NaN fault are trained like the others and their results then replaced by
 NaNs, so the non-finite check (`is_finite`, one host transfer per flush) sees what a
 diverged client would send. `export`/`restore` carry the trained-but-unconsumed results through
@@ -95,6 +100,8 @@ class PendingResults:
         self._group_refs: dict[int, int] = {}  # group id -> its results not consumed yet
         self._next_group = 0
         self._finite: dict[int, dict[int, bool]] = {}  # group id -> finiteness per dispatch id (fetched once)
+        self._writes: list = []  # other devices' trained chunks not written into the store yet: (chunk, rows) or None once written
+        self._write_of: dict[int, int] = {}  # store slot -> its entry in _writes (while unwritten)
         self.flush_sizes: list[int] = []
 
     def add(self, task: Task) -> None:
@@ -114,6 +121,9 @@ class PendingResults:
             tasks = [t for t, n in zip(tasks, now) if n]
         if not tasks:
             return
+        # in arrival order: the first device's share (whose rows are written at once) holds the
+        # earliest, the other devices' the later ones, needed later or not before the next flush
+        tasks.sort(key=lambda t: (t.finish_time, t.dispatch_id))
         stacked, rows = versions.stacked_rows([t.start_version for t in tasks])
         shapes = lambda: self._stored_row(stacked)  # noqa: E731
         if self._reserved:  # (relaxed runs: some results have their slots already, `slot_for`)
@@ -122,9 +132,14 @@ class PendingResults:
         else:
             slots = self._reserve(len(tasks), shapes)
         clients, ids = np.array([t.client for t in tasks]), [t.dispatch_id for t in tasks]
-        self._store = self.trainer.train_into(self._store, np.asarray(slots, np.int32), stacked, rows, clients, np.array(ids))
+        self._store, writes = self.trainer.train_into_first(self._store, np.asarray(slots, np.int32), stacked, rows, clients, np.array(ids))
+        for chunk, positions in writes:
+            for slot in positions[positions < self._store[1].shape[0]].tolist():
+                self._write_of[slot] = len(self._writes)
+            self._writes.append((chunk, positions))
         poisoned = [slot for t, slot in zip(tasks, slots) if t.fault == NAN]
         if poisoned:
+            self._write(poisoned)
             self._store = _poison_slots(self._store, self._positions(poisoned))
         self._register(ids, slots)
         self.flush_sizes.append(len(tasks))
@@ -143,6 +158,7 @@ class PendingResults:
             self._store = zero_rows(row, capacity, self.trainer.home)
             self._free = list(range(capacity - 1, -1, -1))
         elif len(self._free) < n:
+            self._write(None)  # (their padding rows are out of range only for the store they were made for)
             capacity = self._store[1].shape[0]
             step = min(capacity, self.capacity - capacity) if capacity < self.capacity else capacity // 4
             grown = capacity + max(n - len(self._free), step, 1)
@@ -173,6 +189,7 @@ class PendingResults:
         if flags is None:
             ids = [did for did in self._members[cid] if did in self._where]
             slots = np.resize(np.asarray([self._where[did][1] for did in ids], np.int32), bucket_size(len(ids)))
+            self._write(slots.tolist())
             flags = self._finite[cid] = dict(zip(ids, np.asarray(_flags_at(self._store[2], slots)).tolist()))
         return bool(flags[dispatch_id])
 
@@ -200,7 +217,30 @@ class PendingResults:
     @property
     def store(self):
         """(params with a leading slot axis, losses, finite flags): every stored result, at its `slot_of`."""
+        self._write(None)
         return self._store
+
+    def store_for(self, dispatch_ids) -> tuple:
+        """`store` with (at least) the listed results written: a step that reads only those need not
+        wait for other devices' chunks it does not read."""
+        if self._write_of:
+            where = self._where
+            self._write([where[did][1] for did in dispatch_ids])
+        return self._store
+
+    def _write(self, slots) -> None:
+        """Write the other devices' chunks that hold any of `slots` (None: all) into the store."""
+        if not self._write_of:
+            return
+        due = set(self._write_of.values()) if slots is None else {self._write_of[s] for s in slots if s in self._write_of}
+        for k in sorted(due):
+            chunk, positions = self._writes[k]
+            self._store = put_trained_in_place(self._store, chunk, positions)
+            self._writes[k] = None
+            for slot in positions.tolist():
+                self._write_of.pop(slot, None)
+        if not self._write_of:
+            self._writes = []
 
     def _stored_row(self, start_models):
         """The shapes of one stored result of training from stacked `start_models` (a flush's or the version table)."""
@@ -231,6 +271,7 @@ class PendingResults:
         gather from the store."""
         where = self._where
         slots = np.fromiter((where[did][1] for did in dispatch_ids), np.int32, len(dispatch_ids))
+        self._write(slots.tolist())
         return _gather_rows(self._store[0], self._store[1], slots)
 
     def release(self, dispatch_id: int) -> None:

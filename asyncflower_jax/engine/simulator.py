@@ -975,8 +975,9 @@ class Simulator:
 
             def step(table, slot):
                 columns = step_columns(tasks, len(arrivals), version, counts, pending.slot_of, versions.slot_of, slot)
-                facts = self._facts(state, table, pending.store, columns) if with_facts else None  # (before the step: its state)
-                table, (new_params, new_state, finite, _) = self._step(params, state, all_finite, table, pending.store, columns, with_weights=False)
+                store = pending.store_for(t.dispatch_id for t in arrivals)
+                facts = self._facts(state, table, store, columns) if with_facts else None  # (before the step: its state)
+                table, (new_params, new_state, finite, _) = self._step(params, state, all_finite, table, store, columns, with_weights=False)
                 return table, (new_params, new_state, finite, facts)
 
             new_params, new_state, all_finite, facts = versions.put_by(version + 1, step)
@@ -997,9 +998,10 @@ class Simulator:
         with_facts = self.on_updates is not None
         for call in queue.calls():
             columns = np.array([step.columns for step in call], np.int32)
-            row_facts = self._queued_row_facts(versions.table, pending.store, columns) if with_facts else None
+            store = pending.store_for(did for step in call for did in step.ids)
+            row_facts = self._queued_row_facts(versions.table, store, columns) if with_facts else None
             versions.table, (params, state, all_finite, facts) = self._steps(
-                params, state, all_finite, versions.table, pending.store, columns, row_facts
+                params, state, all_finite, versions.table, store, columns, row_facts
             )
             for k, step in enumerate(call):
                 if step.facts is not None:

@@ -8,6 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pytest
+
+from asyncflower_jax.client.batched import bucket_size, put_trained
 from asyncflower_jax.engine.faults import NAN
 from asyncflower_jax.engine.pending import RATE_SAMPLES, PendingResults, training_limit
 from asyncflower_jax.engine.scheduler import Task
@@ -62,19 +65,42 @@ class RowsOfIds:
     def result_shapes(self, stacked):
         return {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}, jax.ShapeDtypeStruct((), jnp.float32)
 
-    def train_into(self, results, slots, stacked, rows, clients, dispatch_ids):
+    def train_into_first(self, results, slots, stacked, rows, clients, dispatch_ids):
+        return put_trained(results, self.rows(dispatch_ids), slots), []
+
+    @staticmethod
+    def rows(dispatch_ids):
         ids = np.asarray(dispatch_ids, np.float32)
-        params, loss, finite = results
-        return {"w": params["w"].at[slots].set(np.stack([ids, 2 * ids], axis=1))}, loss.at[slots].set(ids), finite.at[slots].set(True)
+        return {"w": jnp.asarray(np.stack([ids, 2 * ids], axis=1))}, jnp.asarray(ids)
+
+
+class RowsOfIdsLater(RowsOfIds):
+    """RowsOfIds as two devices: the first half of a batch written into the store at once, the rest
+    returned as a write for later, padded to a power of two with an out-of-range row (as
+    BatchedTrainer's are)."""
+
+    def train_into_first(self, results, slots, stacked, rows, clients, dispatch_ids):
+        first = (len(slots) + 1) // 2
+        results = put_trained(results, self.rows(dispatch_ids[:first]), slots[:first])
+        n = len(slots) - first
+        if n == 0:
+            return results, []
+        positions = np.full(bucket_size(n), results[1].shape[0], np.int32)
+        positions[:n] = slots[first:]
+        return results, [(self.rows(np.resize(dispatch_ids[first:], len(positions))), positions)]
 
 
 def pending_task(did, fault=None):
     return Task(did, client=did % 5, start_version=0, dispatch_time=0.0, finish_time=float(did), fault=fault)
 
 
-def test_results_from_many_flushes_are_taken_in_order_and_slots_are_reused():
-    versions = SimpleNamespace(stacked_rows=lambda starts: (None, np.zeros(len(starts), np.int32)))
-    pending = PendingResults(RowsOfIds(), capacity=2)  # too small: the store grows
+VERSIONS = SimpleNamespace(stacked_rows=lambda starts: (None, np.zeros(len(starts), np.int32)))
+
+
+@pytest.mark.parametrize("trainer", [RowsOfIds(), RowsOfIdsLater()], ids=["one-device", "two-devices"])
+def test_results_from_many_flushes_are_taken_in_order_and_slots_are_reused(trainer):
+    versions = VERSIONS
+    pending = PendingResults(trainer, capacity=2)  # too small: the store grows
     live, next_id = [], 0
     for flush in range(6):
         for _ in range(flush + 2):  # 2, 3, ... 7 clients per flush
@@ -97,6 +123,35 @@ def test_results_from_many_flushes_are_taken_in_order_and_slots_are_reused():
     untrained, trained, (params, loss) = pending.export()
     assert untrained == [] and trained == sorted(live)
     np.testing.assert_array_equal(np.asarray(loss), np.where(np.asarray(trained) % 7 == 3, np.nan, np.asarray(trained, np.float32)))
+
+
+def test_another_devices_rows_are_written_when_first_read_and_the_first_device_has_the_earliest_arrivals():
+    pending = PendingResults(RowsOfIdsLater(), capacity=8)
+    for did, finish in zip(range(10, 16), [5.0, 1.0, 4.0, 2.0, 3.0, 0.0]):
+        pending.add(Task(did, client=0, start_version=0, dispatch_time=0.0, finish_time=finish))
+    pending.flush(VERSIONS)
+    early, late = [15, 11, 13], [14, 12, 10]  # by finish time
+
+    def losses(store, ids):
+        return [float(store[1][pending.slot_of(did)]) for did in ids]
+
+    store = pending.store_for(early)
+    assert losses(store, early) == early
+    assert losses(store, late) == [0.0, 0.0, 0.0]  # not written: nothing read them yet
+    assert losses(pending.store_for([12]), late) == late
+    assert pending.flush_sizes == [6]
+
+
+def test_rows_waiting_for_their_write_survive_the_store_growing():
+    pending = PendingResults(RowsOfIdsLater(), capacity=4)
+    for did in range(10, 16):  # a store of 6 rows; 13 to 15 wait, padded with row 6
+        pending.add(pending_task(did))
+    pending.flush(VERSIONS)
+    pending.add(pending_task(16))
+    pending.flush(VERSIONS)  # the store grows: row 6 is 16's
+    assert pending.slot_of(16) == 6
+    np.testing.assert_array_equal(np.asarray(pending.take([13, 14, 15, 16])[1]), [13.0, 14.0, 15.0, 16.0])
+    np.testing.assert_array_equal(np.asarray(pending.take([16])[1]), [16.0])
 
 
 def test_the_store_starts_within_the_byte_budget_and_grows_to_the_concurrency_then_by_a_quarter(monkeypatch):
