@@ -145,7 +145,6 @@ class Experiment:
         self.params = init_params(module, self.dataset.input_shape, jax.random.fold_in(seed_key, MODEL_STREAM), dtype)
         model_bytes, device = tree_bytes(self.params), jax.devices()[0]
         self._check_server_state_fits(model_bytes, device)
-        self._warn_if_models_in_flight_may_not_fit(model_bytes, device)
         training = build(cfg.client, "client")
         self.local_train = make_local_train(mixed_precision(module.apply, cfg.get("compute_dtype")), training, max_count=int(self.store.counts.max()))
         if isinstance(self.latency, NeedsWork):  # durations follow each client's work and the model size
@@ -159,6 +158,7 @@ class Experiment:
             map_batch=cfg.get("map_batch", 1),
             devices=cfg.get("devices"),
         )
+        self._warn_if_models_in_flight_may_not_fit(model_bytes, device)
         self.evaluate = make_evaluator(module.apply, self.dataset.x_test.astype(np.dtype(dtype)), self.dataset.y_test)
         self.metric_columns = METRIC_COLUMNS
         if self.clients.validation is not None:  # distributed evaluation on every client's validation split
@@ -188,16 +188,18 @@ class Experiment:
         """Warn when the models the engine may hold at once (of `model` bytes each) could outgrow the
         memory of `device`: the version table (up to M + 2 versions) and the trained results' store
         (about M + M/8 + 16 rows) grow as a run needs them, so the worst case is a warning, not a
-        refusal."""
+        refusal. Several devices in one process add up to M results from the other devices that
+        wait to be written into the store (engine/pending.py)."""
         m = self.settings.concurrency
-        most = (2 * m + m // 8 + 18) * model
+        results = m + m // 8 + 16 + (m if self.trainer.home is not None else 0)
+        most = (m + 2 + results) * model
         available = available_on(device)
         if available is not None and most > HEADROOM * available:
             log.warning(
                 "with concurrency=%d the engine may hold up to %d model versions and %d trained results at once (%s for a model "
                 "of %s), more than the %s available on the %s: FedAsync holds about one version per client in flight, a "
                 "buffered rule about one per K arrivals; if the run runs out of memory, lower concurrency or use a smaller model",
-                m, m + 2, m + m // 8 + 16, size_text(most), size_text(model), size_text(available), device.platform.upper(),
+                m, m + 2, results, size_text(most), size_text(model), size_text(available), device.platform.upper(),
             )
 
     def scheduler(self) -> Scheduler:

@@ -10,8 +10,9 @@ spread-out durations a queued device call draws from dozens of flushes).
 
 A flush trains its clients in arrival order, so with several devices the first device's share
 (written into the store by its own calls) holds the earliest arrivals; the other devices' rows
-are written when a step first reads them, often after the next flush has started. The
-aggregations that the next flush waits for then need not wait for the other devices.
+are written when a step first reads them, often after the next flush has started, and at the
+latest by the flush after that (so at most two flushes' other shares wait, beside the store).
+The aggregations that the next flush waits for then need not wait for the other devices.
 
 Tasks with an injected NaN fault are trained like the others and their results then replaced by
 NaNs, so the non-finite check (`is_finite`, one host transfer per flush) sees what a
@@ -100,8 +101,9 @@ class PendingResults:
         self._group_refs: dict[int, int] = {}  # group id -> its results not consumed yet
         self._next_group = 0
         self._finite: dict[int, dict[int, bool]] = {}  # group id -> finiteness per dispatch id (fetched once)
-        self._writes: list = []  # other devices' trained chunks not written into the store yet: (chunk, rows) or None once written
-        self._write_of: dict[int, int] = {}  # store slot -> its entry in _writes (while unwritten)
+        self._writes: dict[int, tuple] = {}  # other devices' chunks not written into the store yet: number -> (chunk, rows, flush number)
+        self._write_of: dict[int, int] = {}  # store slot -> the number of the chunk that holds it (while unwritten)
+        self._next_write = 0
         self.flush_sizes: list[int] = []
 
     def add(self, task: Task) -> None:
@@ -121,6 +123,7 @@ class PendingResults:
             tasks = [t for t, n in zip(tasks, now) if n]
         if not tasks:
             return
+        self._write_flushed_before(len(self.flush_sizes) - 1)
         # in arrival order: the first device's share (whose rows are written at once) holds the
         # earliest, the other devices' the later ones, needed later or not before the next flush
         tasks.sort(key=lambda t: (t.finish_time, t.dispatch_id))
@@ -135,8 +138,9 @@ class PendingResults:
         self._store, writes = self.trainer.train_into_first(self._store, np.asarray(slots, np.int32), stacked, rows, clients, np.array(ids))
         for chunk, positions in writes:
             for slot in positions[positions < self._store[1].shape[0]].tolist():
-                self._write_of[slot] = len(self._writes)
-            self._writes.append((chunk, positions))
+                self._write_of[slot] = self._next_write
+            self._writes[self._next_write] = (chunk, positions, len(self.flush_sizes))
+            self._next_write += 1
         poisoned = [slot for t, slot in zip(tasks, slots) if t.fault == NAN]
         if poisoned:
             self._write(poisoned)
@@ -233,14 +237,19 @@ class PendingResults:
         if not self._write_of:
             return
         due = set(self._write_of.values()) if slots is None else {self._write_of[s] for s in slots if s in self._write_of}
+        self._write_entries(due)
+
+    def _write_flushed_before(self, flush: int) -> None:
+        """Write the other devices' chunks of flushes before number `flush` (done training by now,
+        most likely: their devices have trained a flush since)."""
+        self._write_entries([k for k, (_, _, flushed) in self._writes.items() if flushed < flush])
+
+    def _write_entries(self, due) -> None:
         for k in sorted(due):
-            chunk, positions = self._writes[k]
+            chunk, positions, _ = self._writes.pop(k)
             self._store = put_trained_in_place(self._store, chunk, positions)
-            self._writes[k] = None
             for slot in positions.tolist():
                 self._write_of.pop(slot, None)
-        if not self._write_of:
-            self._writes = []
 
     def _stored_row(self, start_models):
         """The shapes of one stored result of training from stacked `start_models` (a flush's or the version table)."""

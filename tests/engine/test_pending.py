@@ -142,6 +142,16 @@ def test_another_devices_rows_are_written_when_first_read_and_the_first_device_h
     assert pending.flush_sizes == [6]
 
 
+def test_another_devices_rows_wait_at_most_until_the_flush_after_next():
+    pending = PendingResults(RowsOfIdsLater(), capacity=16)
+    for first in (10, 20, 30):  # three flushes of 4: the last 2 of each wait; nothing reads them
+        for did in range(first, first + 4):
+            pending.add(pending_task(did))
+        pending.flush(VERSIONS)
+    store = pending.store_for([])
+    assert [float(store[1][pending.slot_of(did)]) for did in (12, 13, 22, 23, 32, 33)] == [12.0, 13.0, 0.0, 0.0, 0.0, 0.0]
+
+
 def test_rows_waiting_for_their_write_survive_the_store_growing():
     pending = PendingResults(RowsOfIdsLater(), capacity=4)
     for did in range(10, 16):  # a store of 6 rows; 13 to 15 wait, padded with row 6
