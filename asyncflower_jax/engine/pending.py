@@ -198,7 +198,7 @@ class PendingResults:
         return bool(flags[dispatch_id])
 
     def untrained_ids(self) -> list[int]:
-        """Dispatch ids waiting for the next flush, in the order they will be trained."""
+        """Dispatch ids waiting for the next flush, in dispatch order (a flush trains them in arrival order)."""
         return [t.dispatch_id for t in self._untrained]
 
     def export(self) -> tuple[list[int], list[int], object]:
