@@ -1,12 +1,14 @@
-"""Type checks of a component group's numeric keys, before `hydra.utils.instantiate` builds it.
+"""Type checks of a component group's number and true/false keys, before `hydra.utils.instantiate`
+builds it.
 
 A component's constructor checks the range of its settings (`require(alpha > 0, ...)`), but a
-string given for a number made that comparison raise a bare TypeError that names no key. Here every
-key of a component's config (nested `_target_` nodes included: `strategy.staleness.a`) whose
-parameter is annotated `int` or `float` (optionally `| None`) must hold a number; the message names
-the full dotted key and the range, which is read from the constructor's own check by building the
-component once more with NaN in place of the value (NaN fails every comparison), so each range
-keeps one definition.
+string given for a number made that comparison raise a bare TypeError that names no key, and a
+string given for a flag (`dataset.iid=no`) was simply true. Here every key of a component's config
+(nested `_target_` nodes included: `strategy.staleness.a`) whose parameter is annotated `int`,
+`float` or `bool` (optionally `| None`) must hold a value of that type; the message names the full
+dotted key and what is allowed. A number's range is read from the constructor's own check by
+building the component once more with NaN in place of the value (NaN fails every comparison), so
+each range keeps one definition.
 """
 
 from __future__ import annotations
@@ -21,21 +23,21 @@ from omegaconf import OmegaConf
 from .config_schema import _is_mapping, _plain, fail
 from .errors import ConfigError
 
-NOUNS = {int: "an integer", float: "a number"}
+NOUNS = {int: "an integer", float: "a number", bool: "true or false"}
 RANGE_STARTS = (">", "<", "in ", "between ")  # an allowed text that needs the noun in front of it
 
 
 def check_types(node, group: str, **kwargs) -> None:
-    """Raise a ConfigError naming the dotted key of the first number-typed key of `node` (the
-    config of component group `group`) that holds no number; `kwargs` are instantiate's."""
+    """Raise a ConfigError naming the dotted key of the first number- or bool-typed key of `node`
+    (the config of component group `group`) that holds no value of its type; `kwargs` are instantiate's."""
     node = _plain(node)
-    for path, value, (kind, nullable) in _numeric_keys(node, group):
+    for path, value, (kind, nullable) in _typed_keys(node, group):
         if not _fits(value, kind, nullable):
             fail(path, value, _allowed(node, group, path, kind, nullable, kwargs))
 
 
-def _numeric_keys(node, path: str):
-    """(dotted key, value, (int or float, nullable)) of every key annotated as a number, depth first."""
+def _typed_keys(node, path: str):
+    """(dotted key, value, (int, float or bool, nullable)) of every key annotated as one, depth first."""
     if not _is_mapping(node) or "_target_" not in node:
         return
     try:
@@ -47,33 +49,33 @@ def _numeric_keys(node, path: str):
             continue
         value = node[key]
         if _is_mapping(value):
-            yield from _numeric_keys(value, f"{path}.{key}")
-        elif key in parameters and (kind := _number_kind(parameters[key].annotation)) is not None:
+            yield from _typed_keys(value, f"{path}.{key}")
+        elif key in parameters and (kind := _value_kind(parameters[key].annotation)) is not None:
             yield f"{path}.{key}", value, kind
 
 
-def _number_kind(annotation) -> tuple[type, bool] | None:
-    """(int or float, whether None is allowed) for an annotation `int`, `float`, `float | None`, ...; else None."""
+def _value_kind(annotation) -> tuple[type, bool] | None:
+    """(int, float or bool, whether None is allowed) for an annotation `int`, `float | None`, `bool`, ...; else None."""
     text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
     parts = {part.strip() for part in text.split("|")}
     nullable = "None" in parts
     parts.discard("None")
-    kind = {"int": int, "float": float}.get(parts.pop()) if len(parts) == 1 else None
+    kind = {"int": int, "float": float, "bool": bool}.get(parts.pop()) if len(parts) == 1 else None
     return (kind, nullable) if kind is not None else None
 
 
 def _fits(value, kind: type, nullable: bool) -> bool:
     if value is None:
         return nullable
-    if isinstance(value, bool):
-        return False
+    if isinstance(value, bool) or kind is bool:
+        return isinstance(value, bool) and kind is bool
     return isinstance(value, numbers.Integral) if kind is int else isinstance(value, numbers.Real)
 
 
 def _allowed(node, group: str, path: str, kind: type, nullable: bool, kwargs) -> str:
     """What `path` allows: the range the constructor states for NaN, with the type's noun in front."""
     noun = NOUNS[kind]
-    allowed = _stated_range(node, group, path, kwargs)
+    allowed = None if kind is bool else _stated_range(node, group, path, kwargs)
     if allowed is None:
         allowed = noun
     elif allowed.startswith(RANGE_STARTS):

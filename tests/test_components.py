@@ -1,5 +1,5 @@
-"""Component groups' numeric keys: a value of the wrong type is a ConfigError naming the full dotted
-key and the range the constructor states, before instantiate; every shipped yaml passes."""
+"""Component groups' number and true/false keys: a value of the wrong type is a ConfigError naming
+the full dotted key and the range the constructor states, before instantiate; every shipped yaml passes."""
 
 from pathlib import Path
 
@@ -22,6 +22,13 @@ WRONG_TYPES = [
     (["strategy=fedbuff", "strategy.server_lr=abc"], "strategy.server_lr='abc' is invalid: must be a number > 0 or null"),
     (["strategy=fedbuff", "strategy.buffer_size=2.5"], "strategy.buffer_size=2.5 is invalid: must be an integer >= 1"),
     (["model=char_lstm", "model.layers=two"], "model.layers='two' is invalid: must be an integer >= 1"),
+    # flags: any text but true/false used to be read as true
+    (["dataset=synthetic", "dataset.iid=maybe"], "dataset.iid='maybe' is invalid: must be true or false"),
+    (["dataset=synthetic", "dataset.iid=1"], "dataset.iid=1 is invalid: must be true or false"),
+    (["latency=groups", "latency.shuffle=no"], "latency.shuffle='no' is invalid: must be true or false"),
+    (["strategy=fedstaleasync", "strategy.clear_memory=maybe"], "strategy.clear_memory='maybe' is invalid: must be true or false"),
+    (["participation=frequency", "participation.as_of_last_participation=maybe"], "participation.as_of_last_participation='maybe' is invalid: must be true or false"),
+    (["strategy=fedbuff", "strategy.buffer_size=true"], "strategy.buffer_size=True is invalid: must be an integer >= 1"),
 ]
 
 
