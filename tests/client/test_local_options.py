@@ -171,6 +171,8 @@ def test_examples_per_task():
         ({"proximal_mu": -0.1}, "client.proximal_mu=-0.1"),
         ({"clip_norm": 0.0}, "client.clip_norm=0.0"),
         ({"optimizer": "adam", "momentum": 0.9}, "client.momentum=0.9"),
+        ({"b1": 0.5}, r"client.b1=0.5 is invalid: must be 0.9 with client.optimizer=sgd"),  # SGD would ignore it
+        ({"optimizer": "adam", "b2": 1.0}, "client.b2=1.0"),
     ],
 )
 def test_bad_settings_name_the_key(kwargs, key):
