@@ -138,7 +138,8 @@ class AsyncStrategy(Strategy, abc.ABC):
         return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=int(n)) for n in node_ids]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate replies with the simulator's kernel; replies with errors or bad arrays are failures."""
+        """Aggregate replies with the simulator's kernel; replies with errors, bad arrays or a NaN or
+        infinite entry are failures."""
         if not hasattr(self, "_fl_params"):
             raise RuntimeError("aggregate_train called before configure_train")
         rows, failures = [], 0
@@ -150,6 +151,9 @@ class AsyncStrategy(Strategy, abc.ABC):
                 row = self._reply_to_row(msg)
             except (ValueError, KeyError, StopIteration):
                 failures += 1
+                continue
+            if not all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(row["params"])):
+                failures += 1  # (a NaN would make the global model NaN: the simulator's reject_nonfinite)
                 continue
             rows.append(row)
         if not rows:

@@ -46,7 +46,8 @@ def assert_arrays_close(record, w, b):
 
 
 class FakeGrid(Grid):
-    """Replies synchronously; `modes[node]` makes a node misbehave: "error", "bad_shape", "no_arrays"."""
+    """Replies synchronously; `modes[node]` makes a node misbehave: "error", "bad_shape", "no_arrays",
+    "nan", "inf"."""
 
     def __init__(self, modes=None):
         self.modes = modes or {}
@@ -94,6 +95,8 @@ class FakeGrid(Grid):
         y = {key: np.asarray(x[key] - 0.1 * (x[key] - TARGETS[node][key]), np.float32) for key in x}
         if mode == "bad_shape":
             y["w"] = np.zeros(3, np.float32)
+        if mode in ("nan", "inf"):
+            y["w"][1] = np.nan if mode == "nan" else np.inf
         metrics = MetricRecord({"num-examples": NUM_EXAMPLES[node], "start-version": int(msg.content["config"]["start-version"])})
         content = {"metrics": metrics} if mode == "no_arrays" else {"arrays": ArrayRecord({k: Array(v) for k, v in y.items()}), "metrics": metrics}
         return Message(RecordDict(content), reply_to=msg)
@@ -204,6 +207,21 @@ def test_error_and_wrong_shape_replies_are_failures():
     new, metrics = strat.aggregate_train(1, replies)
     assert_arrays_close(new, [0.1, 0.0], 0.1)
     assert metrics["num-updates"] == 1 and metrics["num-failures"] == 2
+
+
+@pytest.mark.parametrize("rule", [FedAvg(cohort_size=3), FedBuff(buffer_size=3)], ids=["fedavg", "fedbuff"])
+def test_non_finite_replies_are_failures_and_flower_start_keeps_a_finite_model(rule):
+    # nodes 2 (NaN) and 3 (inf) fail: the one valid reply, node 1's (0.1 t1), is the mean
+    grid, strat = FakeGrid(modes={2: "nan", 3: "inf"}), rule
+    new, metrics = strat.aggregate_train(1, grid.send_and_receive(strat.configure_train(1, arrays([0.0, 0.0], 0.0), ConfigRecord(), grid)))
+    assert_arrays_close(new, [0.1, 0.0], 0.1)
+    assert metrics["num-updates"] == 1 and metrics["num-failures"] == 2
+
+    result = type(rule)(**({"cohort_size": 3} if isinstance(rule, FedAvg) else {"buffer_size": 3})).start(
+        grid=FakeGrid(modes={2: "nan"}), initial_arrays=arrays([0.0, 0.0], 0.0), num_rounds=2
+    )
+    assert all(result.train_metrics_clientapp[r]["num-failures"] == 1 for r in (1, 2))
+    assert all(np.all(np.isfinite(v)) for v in as_dict(result.arrays).values())
 
 
 def test_reply_without_arrays_or_with_unknown_version_is_a_failure():
