@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -301,24 +302,25 @@ class Experiment:
             except Interrupted as exc:
                 exc.checkpoint = checkpoints.latest() if checkpoints is not None and exc.checkpointed else None
                 raise
-            result.summary["strategy"] = repr(self.strategy)
-            result.summary["seed"] = self.settings.seed
-            result.summary["training_devices"] = self.trainer.num_devices  # (on a CPU-only machine, its cores: run.py)
-            if "diverged" in result.summary:
-                latest = checkpoints.latest() if checkpoints is not None else None
-                result.summary["diverged"]["last_good_checkpoint"] = str(latest) if latest is not None else None
-                log.error(
-                    "last good checkpoint: %s",
-                    latest if latest is not None else "none (checkpoint_every and checkpoint_min_seconds say when checkpoints of finite models are kept)",
-                )
-            if recorder:
-                recorder.close()
-                from .results.plots import plot_finished_run  # (matplotlib: imported by runs that plot, not by a ClientApp)
+            with finish_before_stopping():
+                result.summary["strategy"] = repr(self.strategy)
+                result.summary["seed"] = self.settings.seed
+                result.summary["training_devices"] = self.trainer.num_devices  # (on a CPU-only machine, its cores: run.py)
+                if "diverged" in result.summary:
+                    latest = checkpoints.latest() if checkpoints is not None else None
+                    result.summary["diverged"]["last_good_checkpoint"] = str(latest) if latest is not None else None
+                    log.error(
+                        "last good checkpoint: %s",
+                        latest if latest is not None else "none (checkpoint_every and checkpoint_min_seconds say when checkpoints of finite models are kept)",
+                    )
+                if recorder:
+                    recorder.close()
+                    from .results.plots import plot_finished_run  # (matplotlib: imported by runs that plot, not by a ClientApp)
 
-                plot_finished_run(run_dir)
-                recorder.write_summary(result.summary)  # last: a run directory with a summary is complete
-                if "diverged" not in result.summary:  # finished: the checkpoints have served their purpose
-                    shutil.rmtree(checkpoints.directory, ignore_errors=True)
+                    plot_finished_run(run_dir)
+                    recorder.write_summary(result.summary)  # last: a run directory with a summary is complete
+                    if "diverged" not in result.summary:  # finished: the checkpoints have served their purpose
+                        shutil.rmtree(checkpoints.directory, ignore_errors=True)
             return result
         finally:
             if recorder:
@@ -346,16 +348,42 @@ class Experiment:
 def stop_on_signals(sim: Simulator):
     """While running: the first SIGTERM/SIGINT asks `sim` to checkpoint and stop after the current
     aggregation; a second one stops at once. Only in the main thread (where Python takes signals)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
-    def handler(signum, frame):
-        if sim.interrupt is not None:
-            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+    def first(signum):
         sim.interrupt = signum
         where = "the current aggregation" if sim.settings.lookahead == 1 else f"the current window of {sim.settings.lookahead} versions (lookahead)"
         log.warning("received %s: stopping after %s (send it again to stop at once)", signal.Signals(signum).name, where)
+
+    with _on_signals(first):
+        yield
+
+
+@contextlib.contextmanager
+def finish_before_stopping():
+    """While a finished run's results are written (seconds: the plots): the first SIGTERM/SIGINT
+    waits for them, so the run stays complete; a second one stops at once."""
+
+    def first(signum):
+        log.warning("received %s after the run's last aggregation: writing its results first (send it again to stop at once)", signal.Signals(signum).name)
+
+    with _on_signals(first):
+        yield
+
+
+@contextlib.contextmanager
+def _on_signals(first: Callable[[int], None]):
+    """Call first(signum) on the first SIGTERM/SIGINT, stop at once on a second one; the previous
+    handlers come back after. Only in the main thread (where Python takes signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        received.append(signum)
+        first(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

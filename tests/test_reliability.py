@@ -164,6 +164,33 @@ def test_a_finished_runs_summary_is_written_after_its_plots(tmp_path, monkeypatc
         assert len(f.read().splitlines()) == 1 + 4  # the header and versions 0, 2, 4, 6: complete when plotted
 
 
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_signal_while_a_finished_run_writes_its_results(tmp_path, monkeypatch, caplog, signals):
+    """One SIGTERM after the last aggregation waits for the results (the run is complete, nothing
+    to resume); a second one stops at once, leaving a directory without summary, to be resumed."""
+    from asyncflower_jax.results import plots
+
+    original = plots.plot_run
+
+    def plot_run(run_dir):
+        for _ in range(signals):
+            os.kill(os.getpid(), signal.SIGTERM)  # (Python runs the handler at once, in this thread)
+        return original(run_dir)
+
+    monkeypatch.setattr(plots, "plot_run", plot_run)
+    cfg = make_config("num_clients=10", "concurrency=3", "max_updates=6", "eval_every=2", "client.num_steps=2", "model.hidden=[16]", "progress=false")
+    before = signal.getsignal(signal.SIGTERM)
+    if signals == 1:
+        assert Experiment(cfg).run(tmp_path).summary["stop_reason"] == "max_updates"
+        assert (tmp_path / "summary.json").is_file()
+        assert "received SIGTERM after the run's last aggregation: writing its results first" in caplog.text
+    else:
+        with pytest.raises(SystemExit) as stop:
+            Experiment(cfg).run(tmp_path)
+        assert stop.value.code == 128 + signal.SIGTERM and not (tmp_path / "summary.json").exists()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_resumed_run_keeps_its_configuration(tmp_path):
     (tmp_path / "config.yaml").write_text("seed: 0\nstrategy:\n  buffer_size: 5\nprogress: true\n")
     cfg = make_config("strategy=fedbuff", "strategy.buffer_size=3", "progress=false", "resume=true")
