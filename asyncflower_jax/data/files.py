@@ -10,6 +10,8 @@ Labels may be integers 0..C-1 (whole-number floats count as integers) or any oth
 per distinct id. The test set is `test_path` (same format and columns) or, without one, a seeded
 `test_fraction` of the samples.
 
+Features are used as they are, as float32 (no scaling: a uint8 file, pixels 0..255, is logged).
+
 Every file is checked as it is read (one vectorized pass per array): at least one sample, numeric
 and finite features, 1-D labels and client ids without NaN or missing values; a test file's labels
 must be among the training file's classes unless `num_classes` covers them.
@@ -17,6 +19,7 @@ must be among the training file's classes unless `num_classes` covers them.
 
 from __future__ import annotations
 
+import logging
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +30,7 @@ from ..errors import ConfigError, require
 from .dataset import Dataset
 
 FORMATS = (".npz", ".parquet")
+log = logging.getLogger(__name__)
 
 
 def local_file(
@@ -99,7 +103,7 @@ def _read(path: Path, key: str, features, label: str, client_id: str | None, sha
             y = column(label, "label")
             ids = column(client_id, "client_id") if client_id is not None else None
     elif path.suffix == ".parquet":
-        x, y, ids = _read_parquet(path, features, label, client_id)
+        x, y, ids = _read_parquet(path, key, features, label, client_id)
     else:
         raise ConfigError(f"{key}={str(path)!r} is invalid: the file must end in one of {FORMATS}")
     x, y = np.asarray(x), np.asarray(y)
@@ -111,6 +115,11 @@ def _read(path: Path, key: str, features, label: str, client_id: str | None, sha
         raise ConfigError(f"dataset.features={features!r} is invalid: must hold numbers (integers or floats); {path} has dtype {x.dtype}")
     if len(x) == 0:
         raise ConfigError(f"{key}={str(path)!r} is invalid: the file has no samples (its features have shape {x.shape})")
+    if x.dtype == np.uint8 and (top := int(x.max())) > 1:
+        log.warning(
+            "dataset.features=%r: %s holds bytes up to %d, used as they are (float32), not scaled to [0, 1]; divide pixels by 255 in the file",
+            features, path, top,
+        )
     wide = np.issubdtype(x.dtype, np.floating) and x.dtype.itemsize > 4
     with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, reported below
         x = np.asarray(x, np.float32)
@@ -146,12 +155,17 @@ def _check_labels(y: np.ndarray, path: Path, label: str) -> None:
         raise ConfigError(f"dataset.label={label!r} is invalid: must be integers >= 0 (or non-integer labels, which are numbered); {path} has {y[first]} at sample {first} (counting from 0)")
 
 
-def _read_parquet(path: Path, features, label, client_id):
+def _read_parquet(path: Path, key: str, features, label, client_id):
     try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
     except ImportError:
-        raise ConfigError(f"dataset.path={str(path)!r} is a Parquet file, which needs pyarrow: pip install -e \".[parquet]\"") from None
-    table = pq.read_table(path)
+        raise ConfigError(f"{key}={str(path)!r} is a Parquet file, which needs pyarrow: pip install -e \".[parquet]\"") from None
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ConfigError(f"{key}={str(path)!r} is invalid: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
     names = table.column_names
 
     def column(name, what):
@@ -161,7 +175,12 @@ def _read_parquet(path: Path, features, label, client_id):
 
     if isinstance(features, str):
         col = column(features, "features")
+        _require_values(col, "features", features, path)
         if hasattr(col, "flatten") and hasattr(col, "value_lengths"):  # a list column: one flattened sample per row
+            items = col.flatten()
+            if items.null_count:
+                row = pc.list_parent_indices(col)[int(np.flatnonzero(items.is_null().to_numpy(zero_copy_only=False))[0])].as_py()
+                raise ConfigError(f"dataset.features={features!r} is invalid: must have a value in every entry; {path} has a missing (null) value in row {row} (counting from 0)")
             lengths = np.asarray(col.value_lengths())
             if len(lengths) and (lengths != lengths[0]).any():
                 raise ConfigError(f"dataset.features={features!r} is invalid: its rows have different lengths ({lengths.min()}..{lengths.max()}); every sample needs the same size")
@@ -169,18 +188,22 @@ def _read_parquet(path: Path, features, label, client_id):
         else:
             x = np.asarray(col)
     else:
-        x = np.stack([np.asarray(column(f, "features")) for f in features], axis=1)
+        x = np.stack([_without_nulls(column(f, "features"), "features", f, path) for f in features], axis=1)
     y = _without_nulls(column(label, "label"), "label", label, path)
     ids = _without_nulls(column(client_id, "client_id"), "client_id", client_id, path) if client_id is not None else None
     return x, y, ids
 
 
 def _without_nulls(col, what: str, name: str, path: Path) -> np.ndarray:
-    """A label or client-id column as a NumPy array; a missing (null) value is a ConfigError naming its row."""
+    """A label, client-id or feature column as a NumPy array; a missing (null) value is a ConfigError naming its row."""
+    _require_values(col, what, name, path)
+    return col.to_numpy(zero_copy_only=False)
+
+
+def _require_values(col, what: str, name: str, path: Path) -> None:
     if col.null_count:
         row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
         raise ConfigError(f"dataset.{what}={name!r} is invalid: must have a value in every row; {path} has a missing (null) value at row {row} (counting from 0)")
-    return col.to_numpy(zero_copy_only=False)
 
 
 def _integral_as_int(labels: np.ndarray) -> np.ndarray:

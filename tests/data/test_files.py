@@ -163,6 +163,38 @@ def test_malformed_files_and_settings_are_one_line_errors(tmp_path):
         local_file(str(tmp_path / "str.npz"))
 
 
+def test_missing_features_and_unreadable_parquet_files_are_one_line_errors(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    x, y, _ = sample_data(n=12)
+    rows = [list(r) for r in x]
+    for name, column, where in (
+        ("row", pa.array([None if i == 9 else r for i, r in enumerate(rows)]), "at row 9"),  # a whole sample missing
+        ("item", pa.array([[None, *r[1:]] if i == 5 else r for i, r in enumerate(rows)]), "in row 5"),  # one value of it
+    ):
+        pq.write_table(pa.table({"x": column, "y": y}), tmp_path / f"{name}.parquet")
+        with pytest.raises(ConfigError, match=rf"dataset.features='x' is invalid: must have a value in every (row|entry); .*{name}.parquet has a missing \(null\) value {where} \(counting from 0\)"):
+            local_file(str(tmp_path / f"{name}.parquet"))
+    pq.write_table(pa.table({"f0": pa.array([None if i == 3 else float(v) for i, v in enumerate(x[:, 0])]), "f1": x[:, 1], "y": y}), tmp_path / "cols.parquet")
+    with pytest.raises(ConfigError, match=r"dataset.features='f0' is invalid: must have a value in every row; .*cols.parquet has a missing \(null\) value at row 3"):
+        local_file(str(tmp_path / "cols.parquet"), features=["f0", "f1"])
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ConfigError, match=r"dataset.path='.*junk.parquet' is invalid: not a readable Parquet file \(.+\)$"):
+        local_file(str(tmp_path / "junk.parquet"))
+
+
+def test_byte_features_are_used_as_given_with_a_warning(tmp_path, caplog):
+    pixels = np.arange(48, dtype=np.uint8).reshape(8, 6) * 5  # up to 235
+    np.savez(tmp_path / "u8.npz", x=pixels, y=np.arange(8) % 2)
+    d = local_file(str(tmp_path / "u8.npz"), test_fraction=0.25)
+    assert d.x_train.dtype == np.float32 and d.x_train.max() > 1  # not scaled
+    assert "holds bytes up to 235, used as they are (float32), not scaled to [0, 1]" in caplog.text
+    caplog.clear()
+    np.savez(tmp_path / "bits.npz", x=(pixels > 100).astype(np.uint8), y=np.arange(8) % 2)
+    local_file(str(tmp_path / "bits.npz"), test_fraction=0.25)  # 0/1 bytes: nothing to say
+    assert "bytes up to" not in caplog.text
+
+
 def test_client_ids_must_be_1d_and_present(tmp_path):
     x, y, ids = sample_data()
     np.savez(tmp_path / "d.npz", x=x, y=y, who=np.stack([ids, ids], 1))
