@@ -277,6 +277,7 @@ class Natural:
             raise ConfigError(
                 f"num_clients={num_clients} is invalid: the dataset has {len(eligible)} natural clients with at least "
                 f"partition.min_size={self.min_size} samples (of {len(ids)}); use at most {len(eligible)} clients"
+                + (f", or a partition.min_size of at most {int(np.sort(sizes)[-num_clients])} for {num_clients}" if num_clients <= len(ids) else "")
             )
         if len(eligible) == num_clients:
             chosen = eligible

@@ -159,6 +159,9 @@ def test_natural_partition_by_id_and_selection():
     assert rand.counts.sum() < len(ids) and len(rand) == 3
     with pytest.raises(ConfigError, match="num_clients=5 is invalid"):
         Natural()(labels, 5, np.random.default_rng(0), client_ids=ids)
+    # sizes b 3, a 2, c 1, d 1: three clients need min_size 1 at most
+    with pytest.raises(ConfigError, match=r"has 1 natural clients with at least partition.min_size=3 samples \(of 4\); use at most 1 clients, or a partition.min_size of at most 1 for 3$"):
+        Natural(min_size=3)(labels, 3, np.random.default_rng(0), client_ids=ids)
     with pytest.raises(ConfigError, match="no natural client ids"):
         Natural()(labels, 2, np.random.default_rng(0))
 
