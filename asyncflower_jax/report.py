@@ -2,7 +2,8 @@
 
     python -m asyncflower_jax.report <results dir> [--target 0.9] [--out DIR]
 
-Runs are grouped by their Hydra overrides without `seed`; per group, report.md / report.csv give
+Runs are grouped by their Hydra overrides without `seed` and the settings that change no result
+(`resume`, `progress`, checkpointing, trackers: a resumed sweep's jobs stay in their groups); per group, report.md / report.csv give
 final and best test accuracy, simulated time and client updates to reach the target accuracy and
 wall time, and PNGs overlay the groups' mean accuracy curves. Runs without summary.json are listed
 as unfinished rather than dropped. Output goes to DIR (default: the results dir).
@@ -25,9 +26,10 @@ import numpy as np
 from .results.plots import new_figure, save_figure
 from .results.recorder import write_atomic
 from .cli import output_directory
+from .results.rundir import RESUME_MUTABLE_KEYS
 from .results.runs import find_run_dirs, num_rows, read_config, read_metrics, read_overrides, read_summary, run_seed
 
-IGNORED_KEYS = ("seed",)  # what varies between the seeds of one group
+IGNORED_KEYS = ("seed", *RESUME_MUTABLE_KEYS)  # what varies between the seeds of one group, and what changes no result (resume=true, progress, ...)
 ACCURACY_TOLERANCE = 1e-6  # float32 accuracies are off by ~1e-8: 324/360 is stored as 0.8999999761581421
 REPORT_MD = "report.md"
 REPORT_CSV = "report.csv"
@@ -96,7 +98,7 @@ def override_name(override: str) -> str:
 
 
 def overrides_key(overrides: Sequence[str]) -> tuple[str, ...]:
-    """Group key from Hydra overrides: sorted, `+` prefixes dropped, seed left out."""
+    """Group key from Hydra overrides: sorted, `+` prefixes dropped, IGNORED_KEYS left out."""
     return tuple(sorted(o.lstrip("+") for o in overrides if override_name(o) not in IGNORED_KEYS))
 
 
@@ -111,7 +113,7 @@ def flatten(node, prefix: str = "") -> dict[str, object]:
 
 
 def config_key(config: dict) -> tuple[str, ...]:
-    """Group key from the resolved config (for runs without .hydra/overrides.yaml): every setting but seed."""
+    """Group key from the resolved config (for runs without .hydra/overrides.yaml): every setting but IGNORED_KEYS."""
     return tuple(sorted(f"{k}={v}" for k, v in flatten(config).items() if k not in IGNORED_KEYS))
 
 

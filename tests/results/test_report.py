@@ -159,10 +159,12 @@ def test_reach_target_is_the_first_evaluation_at_or_above_it():
     assert reach_target(metrics, 0.99) is None
 
 
-def test_group_key_drops_seed_and_plus_prefixes():
+def test_group_key_drops_seed_settings_that_change_no_result_and_plus_prefixes():
     key = overrides_key(["strategy=fedbuff", "seed=1", "+strategy.foo=2", "++max_updates=40", "~latency"])
     assert key == ("max_updates=40", "strategy.foo=2", "strategy=fedbuff", "~latency")
     assert overrides_key(["seed=3"]) == ()
+    # a job first started by a sweep's resume command: the same group as those its first command ran
+    assert overrides_key(["max_updates=40", "seed=1", "progress=false", "resume=true", "checkpoint_every=5"]) == ("max_updates=40",)
 
 
 def test_labels_name_what_tells_groups_apart():
