@@ -156,7 +156,7 @@ def _faults_leave_successes(dropout, failure, nan):
 FIELDS: dict[str, Field] = {
     f.key: f
     for f in (
-        Field("seed", int, 0, "seeds partition, model, schedule and client training", low=0),
+        Field("seed", int, 0, "seeds partition, model, schedule and client training", low=0, high=2**63 - 1),  # (JAX's keys take int64)
         Field("num_clients", int, 100, "population N", low=1),
         Field("concurrency", int, 10, "clients in flight M (at most num_clients)", low=1),
         Field("max_versions", int, None, "stop after this many aggregations", low=1, nullable=True),

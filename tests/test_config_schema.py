@@ -169,6 +169,7 @@ def test_cross_key_rules_run_after_the_types():
         (["max_updates=null"], dict(num_clients=100, concurrency=10)),
         (["checkpoint_every=2.5"], dict(num_clients=100, concurrency=10, max_updates=10, checkpoint_every=2.5)),
         (["seed=-1"], dict(num_clients=100, concurrency=10, max_updates=10, seed=-1)),
+        (["seed=9223372036854775808"], dict(num_clients=100, concurrency=10, max_updates=10, seed=2**63)),  # (JAX's keys: int64)
     ],
 )
 def test_simulation_settings_use_the_schemas_rules(overrides, settings):

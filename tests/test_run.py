@@ -186,7 +186,7 @@ BAD = [
     (["+faults.dropot=0.1"], "faults.dropot=0.1 is invalid: unknown key; did you mean faults.dropout?"),
     (["+bogus_setting=1"], "bogus_setting=1 is invalid: unknown key; must be one of the keys ["),
     (["num_clients=ten"], "num_clients='ten' is invalid: must be an integer >= 1"),
-    (["seed=1.5"], "seed=1.5 is invalid: must be an integer >= 0"),
+    (["seed=1.5"], "seed=1.5 is invalid: must be an integer in [0, 9223372036854775807]"),
     (["max_updates=1e3"], "max_updates=1000.0 is invalid: must be an integer >= 1 or null"),
     (["max_time=fast"], "max_time='fast' is invalid: must be a number > 0 or null"),
     (["progress=maybe"], "progress='maybe' is invalid: must be true or false"),
