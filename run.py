@@ -42,10 +42,10 @@ def main(cfg: DictConfig) -> float:
     if not cfg.get("distributed"):
         expose_cpu_cores(cfg.get("devices"))  # (before anything starts JAX)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    if distributed.initialize(cfg.get("distributed")) and not distributed.is_writer():
-        # multi-host: every process runs the simulation; process 0 alone writes the run directory
-        return Experiment(cfg).run(None).summary["final_test_accuracy"]
     try:
+        if distributed.initialize(cfg.get("distributed")) and not distributed.is_writer():
+            # multi-host: every process runs the simulation; process 0 alone writes the run directory
+            return Experiment(cfg).run(None).summary["final_test_accuracy"]
         s = run_job(cfg, run_dir, list(HydraConfig.get().overrides.task), multirun=multirun)
     except Interrupted as exc:
         if exc.checkpoint:

@@ -19,7 +19,7 @@ CPU devices exchange data across processes with gloo (jax_cpu_collectives_implem
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 
@@ -40,13 +40,34 @@ def initialize(settings) -> bool:
         if os.environ.get("ASYNCFLOWER_PROCESS_ID"):
             kwargs["process_id"] = int(os.environ["ASYNCFLOWER_PROCESS_ID"])
     else:
-        require(isinstance(settings, Mapping), "distributed", settings, "null, true, or a mapping of " + ", ".join(KEYS))
-        unknown = sorted(set(settings) - set(KEYS))
-        require(not unknown, "distributed", dict(settings), f"a mapping with keys among {KEYS} (unknown: {unknown})")
-        kwargs = {k: (list(v) if k == "local_device_ids" and v is not None else v) for k, v in settings.items() if v is not None}
+        kwargs = check_mapping(settings)  # (before JAX: a bad value is a one-line error, not one from inside it)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices' collectives (GPUs use NCCL)
     jax.distributed.initialize(**kwargs)
     return jax.process_count() > 1
+
+
+def check_mapping(settings) -> dict:
+    """The keyword arguments of jax.distributed.initialize for the mapping form of `distributed`,
+    or a ConfigError naming what is wrong."""
+    allowed = "false, true, or a mapping of " + ", ".join(KEYS)
+    require(isinstance(settings, Mapping), "distributed", settings, allowed)
+    unknown = sorted(set(settings) - set(KEYS))
+    require(not unknown, "distributed", dict(settings), f"a mapping with keys among {KEYS} (unknown: {unknown})")
+    kwargs = {k: v for k, v in settings.items() if v is not None}
+    missing = [k for k in KEYS[:3] if k not in kwargs]
+    require(not missing, "distributed", dict(settings), f"a mapping that sets coordinator_address, num_processes and process_id (missing: {missing}); or true to detect them")
+    address = kwargs["coordinator_address"]
+    require(isinstance(address, str) and address.rpartition(":")[2].isdigit(), "distributed.coordinator_address", address, "a string host:port")
+    count = kwargs["num_processes"]
+    require(isinstance(count, int) and not isinstance(count, bool) and count >= 1, "distributed.num_processes", count, "an integer >= 1")
+    index = kwargs["process_id"]
+    require(isinstance(index, int) and not isinstance(index, bool) and 0 <= index < count, "distributed.process_id", index, f"an integer in [0, num_processes={count})")
+    if "local_device_ids" in kwargs:
+        ids = kwargs["local_device_ids"]
+        ok = isinstance(ids, Sequence) and not isinstance(ids, str) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+        require(ok, "distributed.local_device_ids", ids, "a list of integers >= 0 or null")
+        kwargs["local_device_ids"] = list(ids)
+    return kwargs
 
 
 def is_writer() -> bool:

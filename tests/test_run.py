@@ -111,11 +111,18 @@ def test_a_stalled_run_says_why_without_a_traceback(tmp_path):
     assert json.loads((tmp_path / "run" / "failed.json").read_text())["error"] == "RunStalled"
 
 
-def test_invalid_setting_exits_with_message_not_traceback(tmp_path):
-    proc = run_py(["strategy=fedbuff", "strategy.buffer_size=20"], tmp_path)
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["strategy=fedbuff", "strategy.buffer_size=20"], "strategy.buffer_size=20 is invalid: must be <= concurrency (10)"),
+        (["distributed=maybe"], "distributed='maybe' is invalid: must be false, true, or a mapping of"),  # (checked before JAX starts)
+    ],
+)
+def test_invalid_setting_exits_with_message_not_traceback(overrides, message, tmp_path):
+    proc = run_py(overrides, tmp_path)
     assert proc.returncode == 2
     output = proc.stdout + proc.stderr
-    assert "strategy.buffer_size=20 is invalid: must be <= concurrency (10)" in output
+    assert message in output
     assert "Traceback" not in output
     assert finished_runs(tmp_path) == []
 

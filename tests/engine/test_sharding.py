@@ -218,8 +218,21 @@ def test_distributed_settings_are_checked_before_starting_anything():
     assert distributed.initialize(False) is False
     with pytest.raises(ConfigError, match="unknown: \\['hosts'\\]"):
         distributed.initialize({"hosts": 2})
-    with pytest.raises(ConfigError, match="distributed=3 is invalid"):
+    with pytest.raises(ConfigError, match="distributed=3 is invalid: must be false, true, or a mapping of"):
         distributed.initialize(3)
+    with pytest.raises(ConfigError, match="distributed='maybe' is invalid"):
+        distributed.initialize("maybe")
+    good = {"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1}
+    assert distributed.check_mapping(good) == good
+    for bad, message in (
+        ({"num_processes": 2}, r"sets coordinator_address, num_processes and process_id \(missing: \['coordinator_address', 'process_id'\]\)"),
+        ({**good, "num_processes": "abc"}, "distributed.num_processes='abc' is invalid: must be an integer >= 1"),
+        ({**good, "process_id": 2}, r"distributed.process_id=2 is invalid: must be an integer in \[0, num_processes=2\)"),
+        ({**good, "coordinator_address": "localhost"}, "distributed.coordinator_address='localhost' is invalid: must be a string host:port"),
+        ({**good, "local_device_ids": "0"}, "distributed.local_device_ids='0' is invalid"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            distributed.initialize(bad)  # (refused before JAX starts anything)
     assert distributed.is_writer()  # a single process writes its run directory
 
 
