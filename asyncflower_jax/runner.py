@@ -33,8 +33,8 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: list[str] = (), multirun:
     try:
         if resume_requested(cfg.get("resume")):
             if not multirun and not holds_a_run(run_dir):
-                if made_by_this_command(run_dir):
-                    _remove_if_empty(run_dir)
+                for made in made_by_this_command(run_dir):  # (deepest first: each is empty once the one below is gone)
+                    _remove_if_empty(made)
                 raise RunRefused(
                     f"resume={cfg.get('resume')!r} is invalid: {run_dir} holds no run to resume (no config.yaml, metrics or "
                     "checkpoint); pass the directory of a started run (resume=<run dir>, or resume=true hydra.run.dir=<run dir>)"

@@ -109,6 +109,15 @@ def test_a_killed_sweep_resumes_where_it_stopped(uninterrupted, tmp_path):
     assert json.loads((jobs[1] / "summary.json").read_text())["resumed_from_version"] is None
 
 
+def test_resuming_a_sweep_directory_without_jobs_is_refused(tmp_path):
+    """It would run the whole sweep again from scratch: a mistyped or missing hydra.sweep.dir."""
+    for sweep in (tmp_path / "nosweep", tmp_path):  # missing; a directory without job directories
+        proc = run_py(["-m", "seed=0,1", *ARGS, "resume=true", f"hydra.sweep.dir={sweep}"], tmp_path)
+        assert proc.returncode == 2 and f"the sweep directory {sweep} holds no job to resume" in proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "nosweep").exists() and not (tmp_path / "multirun.yaml").exists()
+
+
 def test_a_new_run_never_writes_into_another_runs_directory(tmp_path):
     cfg = make_config("num_clients=20", "concurrency=5", "max_updates=10", "client.num_steps=2", "model.hidden=[16]", "progress=false")
     Experiment(cfg).run(tmp_path)
@@ -136,6 +145,11 @@ def test_a_refused_command_writes_nothing(tmp_path):
     proc = run_py([f"resume={tmp_path / 'nowhere'}"], tmp_path)
     assert proc.returncode == 2 and "holds no run to resume" in proc.stdout + proc.stderr
     assert not (tmp_path / "nowhere").exists()
+    # nor the parents Hydra made for it: a nested run directory, the default results/runs/<time>
+    proc = run_py(["resume=true", f"hydra.run.dir={tmp_path / 'deep' / 'a' / 'b'}"], tmp_path)
+    assert proc.returncode == 2 and "holds no run to resume" in proc.stdout + proc.stderr and not (tmp_path / "deep").exists()
+    proc = run_py(["resume=true"], tmp_path)
+    assert proc.returncode == 2 and "holds no run to resume" in proc.stdout + proc.stderr and not (tmp_path / "runs").exists()
     (tmp_path / "empty").mkdir()  # a directory of the user's, empty: refused, and left there
     assert run_py([f"resume={tmp_path / 'empty'}"], tmp_path).returncode == 2 and (tmp_path / "empty").is_dir()
     (tmp_path / "a_file").write_text("x")

@@ -103,18 +103,28 @@ def refused(resume, run_dir: Path, multirun: bool) -> bool:
     return not multirun and not holds_a_run(run_dir)
 
 
-_EXISTED: dict[str, bool] = {}  # run directory -> whether it existed when Hydra first resolved it (before making it)
+_EXISTING: dict[str, Path] = {}  # run directory -> its deepest ancestor (or itself) that existed when Hydra first resolved it
 
 
 def _run_dir(resume, default):
     path = resume_path(resume) or default
-    _EXISTED.setdefault(str(Path(str(path)).resolve()), Path(str(path)).exists())
+    _remember(path)
     return path
 
 
-def made_by_this_command(run_dir: Path) -> bool:
-    """Whether Hydra made `run_dir` for this command (it did not exist when `af_run_dir` resolved it)."""
-    return _EXISTED.get(str(Path(run_dir).resolve())) is False
+def _remember(run_dir) -> None:
+    resolved = Path(str(run_dir)).resolve()
+    _EXISTING.setdefault(str(resolved), next(p for p in (resolved, *resolved.parents) if p.exists()))
+
+
+def made_by_this_command(run_dir: Path) -> list[Path]:
+    """The directories Hydra made for `run_dir` in this command, deepest first: it and its parents
+    that did not exist when `af_run_dir` resolved it or the run started (ResumeTargetCheck; [] when it existed)."""
+    resolved = Path(run_dir).resolve()
+    existing = _EXISTING.get(str(resolved))
+    if existing is None:
+        return []
+    return [p for p in (resolved, *resolved.parents) if p != existing and existing in p.parents]
 
 
 def _multirun(mode) -> bool:
@@ -136,16 +146,32 @@ def _log_file(resume, output_dir, mode, job_name):
 
 
 class ResumeTargetCheck(Callback):
-    """Refuses `resume=<path>` naming a file before Hydra makes the run directory (it would fail
-    to, with a traceback): a one-line error and exit code 2."""
+    """Refuses, before Hydra makes any directory, `resume=<path>` naming a file (Hydra would fail
+    to make the run directory, with a traceback) and a sweep's `resume=true` where the sweep
+    directory holds no job (it would run the whole sweep again, from scratch, without a word): a
+    one-line error and exit code 2."""
 
     def on_run_start(self, config, **kwargs) -> None:
         path = resume_path(config.get("resume"))
         if path is not None and Path(path).exists() and not Path(path).is_dir():
-            logging.getLogger("asyncflower_jax").error(
-                "invalid configuration: resume=%r is invalid: must be a run directory, and it is a file", path
+            _refuse(f"resume={path!r} is invalid: must be a run directory, and it is a file")
+        if not OmegaConf.is_interpolation(config.hydra.run, "dir"):  # a hydra.run.dir given as it is never meets af_run_dir
+            _remember(config.hydra.run.dir)
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        if not resume_requested(config.get("resume")):
+            return
+        sweep = Path(str(config.hydra.sweep.dir))
+        if not any(p.is_dir() and (p / ".hydra").is_dir() for p in (sweep.iterdir() if sweep.is_dir() else ())):
+            _refuse(
+                f"resume={config.get('resume')!r} is invalid: the sweep directory {sweep} holds no job to resume; pass the "
+                "directory of a started sweep (hydra.sweep.dir=<sweep dir>), or leave resume out to start the sweep"
             )
-            sys.exit(2)
+
+
+def _refuse(message: str) -> None:
+    logging.getLogger("asyncflower_jax").error("invalid configuration: %s", message)
+    sys.exit(2)
 
 
 def register_resolvers() -> None:
