@@ -16,7 +16,7 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from asyncflower_jax import distributed
+from asyncflower_jax import distributed, parallel_sweep
 from asyncflower_jax.client.sharding import expose_cpu_cores
 from asyncflower_jax.compilation import use_compilation_cache
 from asyncflower_jax.engine.checkpoint import CheckpointError, CheckpointManager
@@ -42,11 +42,15 @@ def main(cfg: DictConfig) -> float:
     if not cfg.get("distributed"):
         expose_cpu_cores(cfg.get("devices"))  # (before anything starts JAX)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    stop = parallel_sweep.stop_file(HydraConfig.get()) if multirun else None  # (a parallel sweep's job)
+    if parallel_sweep.requested_signal(stop) is not None:
+        log.warning("not started: the sweep was stopped; resume=true runs this job")
+        return float("nan")
     try:
         if distributed.initialize(cfg.get("distributed")) and not distributed.is_writer():
             # multi-host: every process runs the simulation; process 0 alone writes the run directory
             return Experiment(cfg).run(None).summary["final_test_accuracy"]
-        s = run_job(cfg, run_dir, list(HydraConfig.get().overrides.task), multirun=multirun)
+        s = run_job(cfg, run_dir, list(HydraConfig.get().overrides.task), multirun=multirun, stop_file=stop)
     except Interrupted as exc:
         if exc.checkpoint:
             log.warning(
@@ -58,6 +62,9 @@ def main(cfg: DictConfig) -> float:
                 "stopped by %s at version %d: no checkpoint (this rule cannot be checkpointed); a resume would start again from version 0",
                 signal.Signals(exc.signum).name, exc.version,
             )
+        if stop is not None:  # the whole sweep stops; its main process exits with the code once every job has
+            parallel_sweep.request_stop(stop, exc.signum)
+            return float("nan")
         sys.exit(128 + exc.signum)
     except KeyboardInterrupt:  # a SIGINT before the run set its handler, or a second one
         latest = CheckpointManager(run_dir).latest()

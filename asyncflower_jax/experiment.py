@@ -30,6 +30,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from . import parallel_sweep
 from .client.batched import BatchedTrainer
 from .client.precision import mixed_precision
 from .components import check_types
@@ -233,7 +234,7 @@ class Experiment:
         log.info("resuming %s from %s (version %d)", run_dir, latest.name, snapshot.version)
         return snapshot
 
-    def run(self, run_dir: Path | None = None, console=None) -> SimulationResult:
+    def run(self, run_dir: Path | None = None, console=None, stop_file: Path | None = None) -> SimulationResult:
         """Run the simulation, writing the run directory if one is given.
 
         With `progress: true` and a terminal (or an explicit rich `console` that is one) a live
@@ -243,7 +244,8 @@ class Experiment:
         With a run directory, checkpoints go to <run_dir>/checkpoints/ every `checkpoint_every`
         versions (at least `checkpoint_min_seconds` apart) and when SIGTERM/SIGINT arrives (the run
         then raises Interrupted); `resume: true` continues the directory's run from its newest
-        checkpoint. Without `resume` the directory must not hold another run's files.
+        checkpoint. Without `resume` the directory must not hold another run's files. `stop_file`
+        (a parallel sweep's job, parallel_sweep.py) stops the run as a signal does once it appears.
         """
         record_updates = bool(self.cfg.get("record_updates", True))
         checkpoints = snapshot = recorder = None
@@ -297,7 +299,7 @@ class Experiment:
                     "current version (docs/scaling.md)", self.settings.lookahead, self.settings.lookahead,
                 )
             try:
-                with stop_on_signals(sim), (progress if progress is not None else contextlib.nullcontext()):
+                with stop_on_signals(sim, stop_file), (progress if progress is not None else contextlib.nullcontext()):
                     result = sim.run(resume=snapshot)
             except Interrupted as exc:
                 exc.checkpoint = checkpoints.latest() if checkpoints is not None and exc.checkpointed else None
@@ -345,16 +347,22 @@ class Experiment:
 
 
 @contextlib.contextmanager
-def stop_on_signals(sim: Simulator):
+def stop_on_signals(sim: Simulator, stop_file: Path | None = None):
     """While running: the first SIGTERM/SIGINT asks `sim` to checkpoint and stop after the current
-    aggregation; a second one stops at once. Only in the main thread (where Python takes signals)."""
+    aggregation; a second one stops at once. Only in the main thread (where Python takes signals).
+    So does `stop_file` appearing (a parallel sweep stopped by its main process)."""
+    where = "the current aggregation" if sim.settings.lookahead == 1 else f"the current window of {sim.settings.lookahead} versions (lookahead)"
 
     def first(signum):
         sim.interrupt = signum
-        where = "the current aggregation" if sim.settings.lookahead == 1 else f"the current window of {sim.settings.lookahead} versions (lookahead)"
         log.warning("received %s: stopping after %s (send it again to stop at once)", signal.Signals(signum).name, where)
 
-    with _on_signals(first):
+    def sweep_stopped():
+        if sim.interrupt is None:  # (a Ctrl-C reaches the job itself too)
+            sim.interrupt = parallel_sweep.requested_signal(stop_file) or signal.SIGTERM
+            log.warning("the sweep was stopped (%s): stopping after %s", signal.Signals(sim.interrupt).name, where)
+
+    with _on_signals(first), parallel_sweep.watch(stop_file, sweep_stopped):
         yield
 
 

@@ -22,12 +22,12 @@ from .results.rundir import SUMMARY_FILE, RunRefused, check_fresh, holds_a_run, 
 log = logging.getLogger(__name__)
 
 
-def run_job(cfg: DictConfig, run_dir: Path, overrides: list[str] = (), multirun: bool = False) -> dict:
+def run_job(cfg: DictConfig, run_dir: Path, overrides: list[str] = (), multirun: bool = False, stop_file: Path | None = None) -> dict:
     """Run `cfg` in `run_dir` (continuing it when `cfg.resume` asks to) and return its summary.
 
     `overrides` are the command line's (checked against a resumed run's saved configuration). A
     single run asked to resume a directory without a run is an error; a sweep job that never
-    started is run. Errors propagate after failed.json is written.
+    started is run. Errors propagate after failed.json is written. `stop_file`: Experiment.run's.
     """
     run_dir = Path(run_dir)
     try:
@@ -45,7 +45,7 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: list[str] = (), multirun:
                 return json.loads((run_dir / SUMMARY_FILE).read_text())
         else:
             check_fresh(run_dir)  # (before the experiment is built; Experiment.run checks it too)
-        return Experiment(cfg).run(run_dir).summary
+        return Experiment(cfg).run(run_dir, stop_file=stop_file).summary
     except (RunRefused, Interrupted):
         raise  # refused: write nothing into that directory; an interrupted run is resumable
     except Exception as exc:

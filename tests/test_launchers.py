@@ -3,13 +3,17 @@ executor, and the sbatch scripts the Slurm configs make (checked without a clust
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+
+from asyncflower_jax import parallel_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["max_updates=20", "num_clients=20", "concurrency=4", "client.num_steps=2", "model.hidden=[16]", "progress=false", "eval_every=5"]
@@ -47,6 +51,40 @@ def test_a_parallel_sweeps_invalid_job_ends_it_with_its_message_alone(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_parallel_sweep_stopped_by_sigterm_checkpoints_its_running_jobs_and_resumes(tmp_path):
+    """SIGTERM to the sweep's main process alone (as a scheduler sends it): the two running jobs
+    checkpoint, the third does not start, the sweep exits 143; resume=true finishes all three."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep_dir = tmp_path / "sweep"
+    cmd = [
+        sys.executable, "run.py", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "seed=0,1,2", "max_updates=2000",
+        "progress=false", "checkpoint_every=0", f"hydra.sweep.dir={sweep_dir}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(sweep_dir.glob("*/metrics.csv"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # until both workers' jobs have started their runs
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "the sweep stopped on SIGTERM; continue it with the same command plus: resume=true" in output
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+    assert len(jobs) == 3 and not (sweep_dir / parallel_sweep.STOP_FILE).exists()
+    assert [bool(list(j.glob("checkpoints/ckpt-*"))) for j in jobs] == [True, True, False]
+    assert not list(sweep_dir.glob("*/summary.json")) and not (jobs[2] / "metrics.csv").exists()
+
+    again = subprocess.run([*cmd, "resume=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summaries = [json.loads((j / "summary.json").read_text()) for j in jobs]
+    assert [s["client_updates"] for s in summaries] == [2000] * 3
+    assert [s["resumed_from_version"] is not None for s in summaries] == [True, True, False]
+
+
 def test_submitit_local_executor_runs_a_two_job_sweep(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     runs = sweep(tmp_path, "local_submitit")
