@@ -156,6 +156,9 @@ def test_a_refused_command_writes_nothing(tmp_path):
     proc = run_py([f"resume={tmp_path / 'a_file'}"], tmp_path)
     assert proc.returncode == 2 and "must be a run directory, and it is a file" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr and (tmp_path / "a_file").read_text() == "x"
+    proc = run_py([f"hydra.run.dir={tmp_path / 'a_file'}"], tmp_path)
+    assert proc.returncode == 2 and "hydra.run.dir=" in proc.stdout + proc.stderr and "it is a file" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr and (tmp_path / "a_file").read_text() == "x"
     proc = run_py([f"resume={run_dir}", "seed=3"], tmp_path)
     assert proc.returncode == 2 and "seed=3 is invalid: must be 0" in proc.stdout + proc.stderr
     assert not (run_dir / "failed.json").exists() and {k: v for k, v in files().items() if ".hydra/resumed" not in k and k != "run.log"} == {

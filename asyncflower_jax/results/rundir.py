@@ -146,8 +146,8 @@ def _log_file(resume, output_dir, mode, job_name):
 
 
 class ResumeTargetCheck(Callback):
-    """Refuses, before Hydra makes any directory, `resume=<path>` naming a file (Hydra would fail
-    to make the run directory, with a traceback) and a sweep's `resume=true` where the sweep
+    """Refuses, before Hydra makes any directory, `resume=<path>` or `hydra.run.dir` naming a file
+    (Hydra would fail to make the run directory, with a traceback) and a sweep's `resume=true` where the sweep
     directory holds no job (it would run the whole sweep again, from scratch, without a word): a
     one-line error and exit code 2."""
 
@@ -156,6 +156,8 @@ class ResumeTargetCheck(Callback):
         if path is not None and Path(path).exists() and not Path(path).is_dir():
             _refuse(f"resume={path!r} is invalid: must be a run directory, and it is a file")
         if not OmegaConf.is_interpolation(config.hydra.run, "dir"):  # a hydra.run.dir given as it is never meets af_run_dir
+            if Path(str(config.hydra.run.dir)).is_file():
+                _refuse(f"hydra.run.dir={str(config.hydra.run.dir)!r} is invalid: must be a directory (or a path to make one), and it is a file")
             _remember(config.hydra.run.dir)
 
     def on_multirun_start(self, config, **kwargs) -> None:
