@@ -109,13 +109,23 @@ def test_a_killed_sweep_resumes_where_it_stopped(uninterrupted, tmp_path):
     assert json.loads((jobs[1] / "summary.json").read_text())["resumed_from_version"] is None
 
 
-def test_resuming_a_sweep_directory_without_jobs_is_refused(tmp_path):
-    """It would run the whole sweep again from scratch: a mistyped or missing hydra.sweep.dir."""
+def test_a_sweep_resumed_where_it_would_run_jobs_again_is_refused(tmp_path):
+    """A mistyped or missing hydra.sweep.dir would run the whole sweep again from scratch; values
+    in another order would give its jobs new numbers, so new directories beside the old ones."""
     for sweep in (tmp_path / "nosweep", tmp_path):  # missing; a directory without job directories
         proc = run_py(["-m", "seed=0,1", *ARGS, "resume=true", f"hydra.sweep.dir={sweep}"], tmp_path)
         assert proc.returncode == 2 and f"the sweep directory {sweep} holds no job to resume" in proc.stdout + proc.stderr
         assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "nosweep").exists() and not (tmp_path / "multirun.yaml").exists()
+
+    sweep = tmp_path / "sweep"
+    assert run_py(["-m", "seed=0,1", *ARGS, f"hydra.sweep.dir={sweep}"], tmp_path).returncode == 0
+    before = sorted(p.name for p in sweep.iterdir())
+    proc = run_py(["-m", "seed=1,0", *ARGS, "resume=true", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 2 and "the sweep's values are not in the order it started with, so its job 0 (seed=1 " in proc.stdout + proc.stderr
+    assert "would run again beside job 1 of" in proc.stdout + proc.stderr and sorted(p.name for p in sweep.iterdir()) == before
+    assert run_py(["-m", "seed=0,1", *reversed(ARGS), "resume=true", f"hydra.sweep.dir={sweep}"], tmp_path).returncode == 0  # (the same jobs)
+    assert sorted(p.name for p in sweep.iterdir()) == before
 
 
 def test_a_new_run_never_writes_into_another_runs_directory(tmp_path):

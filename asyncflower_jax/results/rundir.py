@@ -169,6 +169,35 @@ class ResumeTargetCheck(Callback):
                 f"resume={config.get('resume')!r} is invalid: the sweep directory {sweep} holds no job to resume; pass the "
                 "directory of a started sweep (hydra.sweep.dir=<sweep dir>), or leave resume out to start the sweep"
             )
+        started = {}  # a started job's overrides -> its number
+        for job in sweep.iterdir():
+            number, _, _ = job.name.partition("_")
+            if number.isdigit() and (job / ".hydra" / "overrides.yaml").is_file():
+                started.setdefault(_job_key(OmegaConf.load(job / ".hydra" / "overrides.yaml")), int(number))
+        for number, overrides in enumerate(_sweep_jobs(list(config.hydra.overrides.task))):
+            was = started.get(_job_key(overrides), number)
+            if was != number:
+                _refuse(
+                    f"resume={config.get('resume')!r} is invalid: the sweep's values are not in the order it started with, so its "
+                    f"job {number} ({' '.join(o for o in overrides if _override_key(o) != 'resume')}) would run again beside job {was} of {sweep}; "
+                    "give them in the first command's order"
+                )
+
+
+def _sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """Each job's overrides, in the order Hydra's basic sweeper numbers the jobs ([] where they cannot be parsed)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)[0]
+    except Exception:  # (a sweep this check cannot expand: the sweeper itself reports what is wrong)
+        return []
+
+
+def _job_key(overrides) -> frozenset[str]:
+    """A job's overrides as a set, less `resume` (left out of the job directories' names too)."""
+    return frozenset(o.lstrip("+") for o in overrides if _override_key(o) != "resume")
 
 
 def _refuse(message: str) -> None:
