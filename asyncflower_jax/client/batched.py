@@ -321,7 +321,7 @@ class BatchedTrainer:
         self.chunk_traces += 1
         if self.execution == "vmap":
             return self._train_rows(versions, x, y, inputs)
-        rows = _group_rows(inputs.shape[0], self.map_batch)
+        rows = _group_rows(inputs.shape[0], min(self.map_batch, inputs.shape[0]))
         out = jax.tree.map(lambda s: jnp.zeros((rows, *s.shape), s.dtype), self.result_shapes(versions))
 
         def write(out, lo, group):
@@ -345,7 +345,7 @@ class BatchedTrainer:
         the last column says which rows are): padding rows cost no training, and one compiled
         program serves every number of real clients up to the chunk's size. Rows added to make
         whole groups are padding, their first column `slot` if given (a store row out of range)."""
-        b = self.map_batch
+        b = min(self.map_batch, inputs.shape[0])  # (a larger group would only be padding)
         rows = _group_rows(inputs.shape[0], b)
         if rows > inputs.shape[0]:
             pad = jnp.tile(inputs[:1], (rows - inputs.shape[0], 1)).at[:, -1].set(0)

@@ -42,16 +42,19 @@ def setup(dtype=jnp.float64):
     return store, versions
 
 
-@pytest.mark.parametrize("execution, map_batch", [("vmap", 1), ("map", 1), ("map", 2), ("map", 3)])
+@pytest.mark.parametrize("execution, map_batch", [("vmap", 1), ("map", 1), ("map", 2), ("map", 3), ("map", 10**6)])  # (beyond a chunk: one group of it)
 def test_every_execution_equals_one_at_a_time(execution, map_batch):
     with jax.enable_x64(True):
         store, versions = setup()
         train = make_local_train(mlp, LocalTraining(num_steps=3, batch_size=4, learning_rate=0.3))
         trainer = BatchedTrainer(train, store, jax.random.key(7), chunk_size=4, execution=execution, map_batch=map_batch)
         assert trainer.execution == execution
+        traced, train_rows = [], trainer._train_rows
+        trainer._train_rows = lambda versions, x, y, inputs: traced.append(inputs.shape[0]) or train_rows(versions, x, y, inputs)
         version_idx, clients, ids = np.array([1, 0, 1, 1, 0, 0]), np.array([5, 2, 0, 3, 1, 4]), np.arange(100, 106)
         chunks = trainer.train(versions, version_idx, clients, ids)
         assert [c.n for c in chunks] == [4, 2]
+        assert max(traced) == (4 if execution == "vmap" else min(map_batch, 4))  # groups never larger than a chunk
         rows = [(c, r) for c in chunks for r in range(c.n)]
         for i, (chunk, r) in enumerate(rows):
             alone, loss = trainer.train_one(versions[version_idx[i]], int(clients[i]), int(ids[i]))
@@ -60,7 +63,7 @@ def test_every_execution_equals_one_at_a_time(execution, map_batch):
             assert float(chunk.loss[r]) == pytest.approx(float(loss), abs=1e-12)
 
 
-@pytest.mark.parametrize("execution, map_batch", [("vmap", 1), ("map", 1), ("map", 3)])
+@pytest.mark.parametrize("execution, map_batch", [("vmap", 1), ("map", 1), ("map", 3), ("map", 10**6)])
 def test_training_into_rows_writes_what_training_returns_at_the_given_rows(execution, map_batch):
     """The simulator keeps trained results in one store: each chunk's call writes its rows in
     place, the padding rows of the last chunk nowhere (also those "map" adds to make whole groups
