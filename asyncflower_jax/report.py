@@ -132,6 +132,8 @@ def load_run(run_dir: Path) -> Run:
         summary, problem = read_summary(run_dir), None
     except json.JSONDecodeError:
         summary, problem = None, "unreadable summary.json"
+    if summary is not None and (damage := summary_damage(summary)) is not None:
+        summary, problem = None, f"unreadable summary.json: {damage}"
     try:
         metrics = read_metrics(run_dir)
     except ValueError as exc:
@@ -157,6 +159,28 @@ def load_run(run_dir: Path) -> Run:
     overrides = read_overrides(run_dir)
     key = overrides_key(overrides) if overrides is not None else config_key(config)
     return Run(run_dir, key, run_seed(config, summary), metrics, summary, problem)
+
+
+SUMMARY_TYPES = {  # what the report reads of a summary, and the types a run writes there
+    "stop_reason": (str,),
+    "versions": (int,),
+    "wall_time": (int, float),
+    "final_test_accuracy": (int, float, type(None)),
+    "seed": (int, type(None)),
+    "strategy": (str,),
+    "diverged": (dict,),
+}
+
+
+def summary_damage(summary) -> str | None:
+    """What makes a parsed summary.json unusable (not an object, a key of the wrong type), or None."""
+    if not isinstance(summary, dict):
+        return f"not a JSON object but {type(summary).__name__}"
+    for key, types in SUMMARY_TYPES.items():
+        value = summary.get(key)
+        if key in summary and (isinstance(value, bool) or not isinstance(value, types)):
+            return f"{key} is {json.dumps(value)}"
+    return None
 
 
 def group_runs(runs: Sequence[Run]) -> dict[tuple[str, ...], list[Run]]:

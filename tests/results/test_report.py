@@ -125,6 +125,18 @@ def test_a_damaged_metrics_file_is_listed_and_left_out_of_the_statistics(sweep, 
     assert "unreadable metrics.csv: " in section and "line 3: column 'test_accuracy' holds 'abc', not a number" in section
 
 
+@pytest.mark.parametrize(
+    "content, why",
+    [('"x"', "not a JSON object but str"), ("[]", "not a JSON object but list"), ('{"stop_reason": "diverged", "diverged": 5}', "diverged is 5"),
+     ('{"wall_time": "slow"}', 'wall_time is "slow"'), ('{"wall_time": null}', "wall_time is null")],
+)
+def test_a_summary_of_the_wrong_shape_is_listed_as_unreadable(sweep, tmp_path, content, why):
+    (sweep / "1_max_updates=40,seed=1,strategy=fedasync" / "summary.json").write_text(content)  # valid JSON, not a run's summary
+    md = build_report(sweep, 0.9, tmp_path / "out").read_text()
+    assert float(read_report_csv(tmp_path / "out")["strategy=fedasync"]["final_accuracy_mean"]) == pytest.approx(0.91)  # seed 0 alone
+    assert f"unreadable summary.json: {why}" in md.split("## Unfinished or failed runs", 1)[1]
+
+
 def test_overlay_plots_are_valid_pngs(sweep, tmp_path):
     build_report(sweep, 0.9, tmp_path / "out")
     for name in ("accuracy_vs_sim_time.png", "accuracy_vs_client_updates.png"):
