@@ -399,4 +399,7 @@ def _num(x) -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description="Print the schema of conf/config.yaml's top level as a Markdown table.").parse_args()
     print(table())

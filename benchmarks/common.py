@@ -38,6 +38,7 @@ from asyncflower_jax.client.local_train import LocalTraining, make_local_train  
 from asyncflower_jax.client.precision import mixed_precision  # noqa: E402
 from asyncflower_jax.compilation import jit  # noqa: E402
 from asyncflower_jax.data.store import ClientStore  # noqa: E402
+from asyncflower_jax import config_schema  # noqa: E402
 from asyncflower_jax.engine.evaluation import make_evaluator, read_metrics  # noqa: E402
 from asyncflower_jax.engine.latency import Constant, Exponential, LogNormal, Pareto  # noqa: E402
 from asyncflower_jax.engine.pending import training_limit  # noqa: E402
@@ -53,6 +54,8 @@ expose_cpu_cores()  # as run.py does: on a CPU, one device per core (tests pin o
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 positive_int = arguments.positive_int  # the argparse type of every count and size option
 output_directory = arguments.output_directory
+
+EXECUTIONS = config_schema.EXECUTIONS  # the benchmarks' --execution choices
 
 # Task-duration models of the benchmarks, from no spread to a heavy tail; no per-client speed
 # spread, so the per-task spread alone sets how far deferred batching can go.

@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--concurrency", type=common.positive_int, nargs="+")
     parser.add_argument("--latencies", nargs="+", choices=list(common.LATENCIES))
     parser.add_argument("--rules", nargs="+", choices=["fedasync", "fedbuff", "fedavg"])
-    parser.add_argument("--execution", default="auto")
+    parser.add_argument("--execution", default="auto", choices=common.EXECUTIONS)
     parser.add_argument("--chunk-size", type=common.positive_int, default=256)
     parser.add_argument("--eval-every", type=common.positive_int, help="versions between evaluations (default 10); each evaluation waits for the device")
     parser.add_argument("--repeats", type=common.positive_int, help="interleaved timed runs; the fastest counts (default 3; quick 1)")
@@ -59,6 +59,9 @@ def main(argv=None) -> dict:
     for key in ("concurrency", "latencies", "rules", "eval_every"):
         if getattr(args, key):
             p[key] = getattr(args, key)
+    buffer = common.Workload.buffer_size
+    if "fedbuff" in p["rules"] and min(p["concurrency"]) < buffer:
+        parser.error(f"--concurrency {min(p['concurrency'])} is below FedBuff's buffer of {buffer} clients: give M >= {buffer}, or --rules without fedbuff")
     repeats = args.repeats or (1 if args.quick else 3)
     out = {"benchmark": "overhead", "quick": args.quick, "machine": common.machine(), "parameters": {**p, "execution": args.execution, "chunk_size": args.chunk_size, "repeats": repeats}}
     started = time.perf_counter()

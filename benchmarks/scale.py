@@ -85,6 +85,7 @@ def host_events(populations: list[int], concurrency: list[int], events: int, lat
     for n in populations:
         for m in concurrency:
             if m > n:
+                print(f"  N={n:<8} M={m:<6} skipped: M > N", flush=True)
                 continue
             sched = common.Scheduler(n, common.LATENCIES[latency](), 0)
             for _ in range(m):
@@ -102,10 +103,10 @@ def host_events(populations: list[int], concurrency: list[int], events: int, lat
 
 def main(argv=None) -> dict:
     parser = common.common_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), "scale")
-    parser.add_argument("--populations", type=common.positive_int, nargs="+")
+    parser.add_argument("--populations", type=common.positive_int, nargs="+", help="N of the simulator's runs (the scheduler-alone table keeps its own)")
     parser.add_argument("--concurrency", type=common.positive_int, nargs="+")
     parser.add_argument("--updates", type=common.positive_int)
-    parser.add_argument("--execution", default="auto")
+    parser.add_argument("--execution", default="auto", choices=common.EXECUTIONS)
     parser.add_argument("--chunk-size", type=common.positive_int, default=256)
     parser.add_argument("--worker", type=int, nargs=2, metavar=("N", "M"), help=argparse.SUPPRESS)
     parser.add_argument("--latency", default=None, choices=list(common.LATENCIES))
@@ -118,12 +119,15 @@ def main(argv=None) -> dict:
         print("RESULT " + json.dumps(worker(*args.worker, p["updates"], p["latency"], args.execution, args.chunk_size)), flush=True)
         return {}
 
+    if not any(m <= n for n in p["populations"] for m in p["concurrency"]):
+        parser.error(f"no --concurrency M is at most a --populations N ({p['concurrency']} against {p['populations']}): a run needs M <= N")
     out = {"benchmark": "scale", "quick": args.quick, "machine": common.machine(), "parameters": {**p, "execution": args.execution, "chunk_size": args.chunk_size}}
     started = time.perf_counter()
     rows = out["rows"] = []
     for n in p["populations"]:
         for m in p["concurrency"]:
             if m > n:
+                print(f"  N={n:<8} M={m:<6} skipped: M > N", flush=True)
                 continue
             cmd = [sys.executable, __file__, "--worker", str(n), str(m), "--updates", str(p["updates"]), "--latency", p["latency"], "--execution", args.execution, "--chunk-size", str(args.chunk_size)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -159,7 +163,10 @@ def main(argv=None) -> dict:
                 "detail": f"{target['total_s']:.1f} s (setup + first run), {target['peak_rss_mb']:.0f} MB",
             }
         )
-    return common.finish(out, args.out, "scale", plot, started)
+    result = common.finish(out, args.out, "scale", plot, started)
+    if len(ok) < len(rows):
+        raise SystemExit(f"{len(rows) - len(ok)} of {len(rows)} runs failed (their errors are above and in scale.json)")
+    return result
 
 
 def plot(out: dict, path):

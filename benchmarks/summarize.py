@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -85,8 +86,9 @@ def lines(directory: Path) -> list[str]:
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    directory = Path(argv[0]) if argv else Path(__file__).resolve().parent / "results"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("directory", nargs="?", type=Path, default=Path(__file__).resolve().parent / "results", help="a benchmarks' --out directory")
+    directory = parser.parse_args(sys.argv[1:] if argv is None else argv).directory
     if not directory.is_dir():
         sys.exit(f"error: {directory} is not a directory (a benchmarks' --out directory)")
     print("\n".join(lines(directory)))

@@ -1,7 +1,7 @@
 """Client updates per second: the simulator against the sequential baseline, side by side.
 
     python benchmarks/throughput.py            # full sizes: M = 10, 100, 1000, 8192
-    python benchmarks/throughput.py --quick    # seconds: M = 10, 50
+    python benchmarks/throughput.py --quick    # seconds: M = 8, 32
 
 Three parts, all in one process and one run:
   1. deferred batches: the mean training batch exact simulation allows, per latency model and M
@@ -88,9 +88,9 @@ def execution_choice(p: dict) -> list[dict]:
 
 def main(argv=None) -> dict:
     parser = common.common_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), "throughput")
-    parser.add_argument("--concurrency", type=common.positive_int, nargs="+", help="values of M (default: 10 100 1000 8192; quick: 10 50)")
+    parser.add_argument("--concurrency", type=common.positive_int, nargs="+", help="values of M (default: 10 100 1000 8192; quick: 8 32)")
     parser.add_argument("--latencies", nargs="+", choices=list(common.LATENCIES), help="latency models of the timed runs")
-    parser.add_argument("--execution", default="auto", help="the simulator's execution: auto | vmap | map")
+    parser.add_argument("--execution", default="auto", choices=common.EXECUTIONS, help="the simulator's execution")
     parser.add_argument("--chunk-size", type=common.positive_int, default=256)
     parser.add_argument("--map-batch", type=common.positive_int, default=1)
     parser.add_argument("--aggregations-per-call", type=common.positive_int, help="the simulator's aggregations per device call (default: by backend, 1 on a CPU)")

@@ -313,6 +313,23 @@ def test_summary_reads_the_rows_of_a_run_cut_off_and_says_so(tmp_path):
     assert "cut off" not in "\n".join(summarize.lines(tmp_path))  # a finished run's JSON wins
 
 
+@pytest.mark.parametrize(
+    ("main", "args", "message"),
+    [
+        (throughput.main, ["--execution", "foo"], "argument --execution: invalid choice: 'foo'"),
+        (overhead.main, ["--execution", "foo"], "argument --execution: invalid choice: 'foo'"),
+        (scale.main, ["--execution", "bogus"], "argument --execution: invalid choice: 'bogus'"),
+        (overhead.main, ["--concurrency", "5"], "--concurrency 5 is below FedBuff's buffer of 10 clients"),
+        (scale.main, ["--populations", "5", "--concurrency", "10"], "no --concurrency M is at most a --populations N"),
+    ],
+)
+def test_settings_a_run_would_fail_on_are_refused_before_anything_runs(main, args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--out", str(tmp_path), *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_summary_names_an_unreadable_json_and_refuses_a_missing_directory(tmp_path):
     from benchmarks import summarize
 
@@ -322,6 +339,9 @@ def test_summary_names_an_unreadable_json_and_refuses_a_missing_directory(tmp_pa
     assert "overhead       (unreadable overhead.json: JSONDecodeError" in text and "scale          (unreadable scale.json: KeyError: 'machine')" in text
     with pytest.raises(SystemExit, match="is not a directory"):
         summarize.main([str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit) as exit_info:  # its usage, not "--help is not a directory"
+        summarize.main(["--help"])
+    assert exit_info.value.code == 0
 
 
 def test_vectorization_runs_only_the_variants_named_beside_the_ceiling(tmp_path):
