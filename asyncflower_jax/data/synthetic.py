@@ -25,6 +25,7 @@ from ..memory import require_memory
 from .dataset import Dataset
 
 BLOCK = 512  # clients generated per vectorized block (bounds the temporary per-sample weight gather)
+PER_CLIENT_BYTES = 64  # the per-client draws and counts (float64 / int64 arrays), before any sample
 
 
 def synthetic(
@@ -55,10 +56,15 @@ def synthetic(
 
     rng = np.random.default_rng(data_seed)
     n, d, c = num_clients, dimension, num_classes
+    sample_bytes = 4 * d + 4  # (float32 features, an int32 label)
+    require_memory(  # at least min_size samples per client, and the per-client draws below: refused before drawing them
+        n * (2 * sample_bytes * min_size + PER_CLIENT_BYTES),
+        f"the synthetic data of num_clients={n} (at least {n * min_size:,} samples of {d} features: dataset.min_size={min_size} per client)",
+        "lower num_clients or dataset.min_size",
+    )
     sizes = np.minimum(np.floor(rng.lognormal(size_log_mean, size_log_sigma, n)).astype(np.int64) + min_size, max_size)
     n_test = np.minimum(np.floor(test_fraction * sizes).astype(np.int64), sizes - 1)  # at least one training sample
     n_train = sizes - n_test
-    sample_bytes = 4 * d + 4  # (float32 features, an int32 label)
     require_memory(  # the samples, and the copy the clients' store puts on the device
         2 * sample_bytes * int(sizes.sum()),
         f"the synthetic data of num_clients={n} ({int(sizes.sum()):,} samples of {d} features)",

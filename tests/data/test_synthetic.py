@@ -70,9 +70,13 @@ def test_store_memory_for_100000_clients_is_within_2x_of_the_raw_data():
 def test_a_population_larger_than_the_memory_is_refused_before_it_is_generated(monkeypatch):
     from asyncflower_jax import memory
 
-    monkeypatch.setattr(memory, "available_bytes", lambda: 10**6)  # 1 MB
-    with pytest.raises(ConfigError, match=r"the synthetic data of num_clients=2000 \(.* samples of 60 features\) needs about .* MB of memory, more than the 1\.0 MB available.*dataset\.size_log_mean"):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 20 * 10**6)  # 20 MB: more than 2000 clients of min_size 10, less than their drawn sizes
+    with pytest.raises(ConfigError, match=r"the synthetic data of num_clients=2000 \(.* samples of 60 features\) needs about .* MB of memory, more than the 20\.0 MB available.*dataset\.size_log_mean"):
         synthetic(2000)
+    # a billion clients: refused from min_size alone, before a per-client array (8 GB each) is drawn
+    monkeypatch.setattr(memory, "available_bytes", lambda: 20 * 10**9)
+    with pytest.raises(ConfigError, match=r"num_clients=1000000000 \(at least 10,000,000,000 samples of 60 features: dataset.min_size=10 per client\) needs about"):
+        synthetic(10**9)
 
 
 @pytest.mark.parametrize(
