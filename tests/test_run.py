@@ -135,6 +135,13 @@ def test_unknown_strategy_lists_the_valid_ones(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_sweep_with_an_unknown_choice_is_refused_before_its_directory_is_made(tmp_path):
+    proc = run_py(["-m", "strategy=fedasync,fedfoo", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "strategy='fedfoo' is invalid: must be one of ['ace'," in output and "'fedbuff'" in output
+    assert "Traceback" not in output and not (tmp_path / "sweep").exists()
+
+
 BAD = [
     (["concurrency=200"], "concurrency=200 is invalid: must be <= num_clients (100)"),
     (["num_clients=0"], "num_clients=0 is invalid"),

@@ -147,7 +147,8 @@ def _log_file(resume, output_dir, mode, job_name):
 
 class ResumeTargetCheck(Callback):
     """Refuses, before Hydra makes any directory, `resume=<path>` or `hydra.run.dir` naming a file
-    (Hydra would fail to make the run directory, with a traceback) and a sweep's `resume=true` where the sweep
+    (Hydra would fail to make the run directory, with a traceback), a sweep's config group choice
+    that does not exist, and a sweep's `resume=true` where the sweep
     directory holds no job (it would run the whole sweep again, from scratch, without a word): a
     one-line error and exit code 2."""
 
@@ -161,6 +162,8 @@ class ResumeTargetCheck(Callback):
             _remember(config.hydra.run.dir)
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        if not config.hydra.searchpath:  # (a user's own config directories: Hydra alone knows their groups)
+            _refuse_unknown_choices(list(config.hydra.overrides.task))
         if not resume_requested(config.get("resume")):
             return
         sweep = Path(str(config.hydra.sweep.dir))
@@ -182,6 +185,27 @@ class ResumeTargetCheck(Callback):
                     f"job {number} ({' '.join(o for o in overrides if _override_key(o) != 'resume')}) would run again beside job {was} of {sweep}; "
                     "give them in the first command's order"
                 )
+
+
+def _refuse_unknown_choices(overrides: list[str]) -> None:
+    """Refuse a sweep's config group choice that does not exist, before Hydra makes the sweep
+    directory (its own error comes after, and leaves a directory holding only multirun.yaml)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        loader = GlobalHydra.instance().config_loader()
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # (Hydra reports what it cannot parse)
+        return
+    for override in parsed:
+        options = loader.get_group_options(override.key_or_group) if not override.is_delete() else []
+        if not options or override.package is not None:
+            continue
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
+        unknown = [v for v in values if v not in options]
+        if unknown:
+            _refuse(f"{override.key_or_group}={unknown[0]!r} is invalid: must be one of {options}")
 
 
 def _sweep_jobs(overrides: list[str]) -> list[list[str]]:
