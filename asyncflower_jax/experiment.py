@@ -19,8 +19,6 @@ import logging
 import os
 import shutil
 import signal
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -31,6 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from . import parallel_sweep
+from .signals import on_signals
 from .client.batched import BatchedTrainer
 from .client.precision import mixed_precision
 from .components import check_types
@@ -362,7 +361,7 @@ def stop_on_signals(sim: Simulator, stop_file: Path | None = None):
             sim.interrupt = parallel_sweep.requested_signal(stop_file) or signal.SIGTERM
             log.warning("the sweep was stopped (%s): stopping after %s", signal.Signals(sim.interrupt).name, where)
 
-    with _on_signals(first), parallel_sweep.watch(stop_file, sweep_stopped):
+    with on_signals(first), parallel_sweep.watch(stop_file, sweep_stopped):
         yield
 
 
@@ -374,31 +373,8 @@ def finish_before_stopping():
     def first(signum):
         log.warning("received %s after the run's last aggregation: writing its results first (send it again to stop at once)", signal.Signals(signum).name)
 
-    with _on_signals(first):
+    with on_signals(first):
         yield
-
-
-@contextlib.contextmanager
-def _on_signals(first: Callable[[int], None]):
-    """Call first(signum) on the first SIGTERM/SIGINT, stop at once on a second one; the previous
-    handlers come back after. Only in the main thread (where Python takes signals)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-
-    def handler(signum, frame):
-        if received:
-            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
-        received.append(signum)
-        first(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def _crash_hook():

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from . import signals
+
 STOP_FILE = ".stop-requested"
 POLL_SECONDS = 0.5
 
@@ -83,32 +85,27 @@ class SweepStop(Callback):
 
     def __init__(self):
         self._path: Path | None = None
-        self._previous: dict = {}
+        self._restore_handlers = lambda: None  # (the signal handlers are the sweep's from its start to its end)
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        if not is_parallel(config.hydra) or threading.current_thread() is not threading.main_thread():
+        if not is_parallel(config.hydra):
             return
-        self._path = Path(str(config.hydra.sweep.dir)) / STOP_FILE
-        self._path.unlink(missing_ok=True)  # (left by a sweep stopped before, which this one may resume)
-        received = []
+        path = self._path = Path(str(config.hydra.sweep.dir)) / STOP_FILE
+        path.unlink(missing_ok=True)  # (left by a sweep stopped before, which this one may resume)
 
-        def handler(signum, frame):
-            if received:
-                raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
-            received.append(signum)
-            request_stop(self._path, signum)
+        def first(signum):
+            request_stop(path, signum)
             log.warning(
                 "received %s: each running job stops after its current aggregation, with a checkpoint (send it again to stop at once)",
                 signal.Signals(signum).name,
             )
 
-        self._previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._restore_handlers = signals.install(first)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         if self._path is None:
             return
-        for sig, old in self._previous.items():
-            signal.signal(sig, old)
+        self._restore_handlers()
         signum = requested_signal(self._path)
         if signum is not None:
             self._path.unlink(missing_ok=True)
