@@ -321,7 +321,7 @@ class BatchedTrainer:
         self.chunk_traces += 1
         if self.execution == "vmap":
             return self._train_rows(versions, x, y, inputs)
-        rows = _group_rows(inputs.shape[0], min(self.map_batch, inputs.shape[0]))
+        rows = _group_rows(inputs.shape[0], self._map_group(inputs.shape[0]))
         out = jax.tree.map(lambda s: jnp.zeros((rows, *s.shape), s.dtype), self.result_shapes(versions))
 
         def write(out, lo, group):
@@ -339,13 +339,18 @@ class BatchedTrainer:
         train = lambda res, lo, group: put_trained(res, self._train_rows(versions, x, y, group[:, 1:]), group[:, 0])  # noqa: E731
         return self._over_real_clients(inputs, train, results, slot=results[1].shape[0])
 
+    def _map_group(self, rows: int) -> int:
+        """Clients vmapped together in a "map" chunk of `rows`: `map_batch`, at most the chunk (a
+        larger group would only be padding)."""
+        return min(self.map_batch, rows)
+
     def _over_real_clients(self, inputs, step, carry, slot=None):
         """`carry = step(carry, lo, group)` for each group of `map_batch` rows of `inputs` starting at
         row lo, in a loop that stops after the chunk's last real client (real clients come first;
         the last column says which rows are): padding rows cost no training, and one compiled
         program serves every number of real clients up to the chunk's size. Rows added to make
         whole groups are padding, their first column `slot` if given (a store row out of range)."""
-        b = min(self.map_batch, inputs.shape[0])  # (a larger group would only be padding)
+        b = self._map_group(inputs.shape[0])
         rows = _group_rows(inputs.shape[0], b)
         if rows > inputs.shape[0]:
             pad = jnp.tile(inputs[:1], (rows - inputs.shape[0], 1)).at[:, -1].set(0)

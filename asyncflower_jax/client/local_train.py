@@ -72,8 +72,9 @@ class LocalTraining:
         require(0 <= self.b1 < 1, "client.b1", self.b1, "in [0, 1)")
         require(0 <= self.b2 < 1, "client.b2", self.b2, "in [0, 1)")
         require(self.eps > 0, "client.eps", self.eps, "> 0")
-        for key, default in (("b1", 0.9), ("b2", 0.999), ("eps", 1e-8)):  # (Adam's: SGD would ignore them)
-            require(self.optimizer != "sgd" or getattr(self, key) == default, f"client.{key}", getattr(self, key), f"{default} with client.optimizer=sgd (it is Adam's)")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key in ("b1", "b2", "eps"):  # (Adam's: SGD would ignore them)
+            require(self.optimizer != "sgd" or getattr(self, key) == defaults[key], f"client.{key}", getattr(self, key), f"{defaults[key]} with client.optimizer=sgd (it is Adam's)")
 
     def optimizer_transform(self) -> optax.GradientTransformation:
         parts = []
