@@ -186,6 +186,15 @@ def check_strategy(strategy: AsyncStrategy, settings: SimulationSettings) -> Non
             value,
             f"<= concurrency ({settings.concurrency}): a buffer larger than the clients in flight would never fill",
         )
+        # A synchronous rule dispatches a whole cohort after each aggregation; clients beyond the
+        # cohort would arrive in a later round, stale, and be averaged as if they were not.
+        require(
+            strategy.refill != "on_aggregation" or value == settings.concurrency,
+            strategy.buffer_key,
+            value,
+            f"equal to concurrency ({settings.concurrency}) for {type(strategy).__name__}, a synchronous rule: each round "
+            "dispatches `concurrency` clients from the current model and aggregates all of them (set both to the cohort size)",
+        )
     elif kind == "round_duration":
         require(value > 0, "strategy.round_duration", value, "> 0")
     else:

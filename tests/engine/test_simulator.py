@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 
 from asyncflower_jax.engine.reference import run_reference
-from asyncflower_jax.engine.simulator import Simulator
+from asyncflower_jax.engine.simulator import SimulationSettings, Simulator, check_strategy
+from asyncflower_jax.errors import ConfigError
+from asyncflower_jax.strategy import FedAvg
+from asyncflower_jax.strategy.fedstaleasync import FedStaleAsync
 from asyncflower_jax.experiment import Experiment
 from tests.conftest import make_config
 
@@ -252,3 +255,25 @@ def test_every_dispatched_task_is_accounted_for_when_the_time_limit_stops_a_roun
     assert s["stop_reason"] == "max_time"
     assert s["dispatched"] == s["client_updates"] + sum(s["failures"].values()) + s["in_flight_at_end"] + s["arrived_not_aggregated"]
     assert (s["arrived_not_aggregated"] > 0) == (strategy != "fedasync")  # (FedAsync aggregates every arrival)
+
+
+@pytest.mark.parametrize(
+    "strategy, refused",
+    [
+        (lambda: FedAvg(cohort_size=5), "strategy.cohort_size=5"),
+        (lambda: FedStaleAsync(20, buffer_size=5, synchronous=True), "strategy.buffer_size=5"),
+        (lambda: FedAvg(cohort_size=10), None),
+        (lambda: FedStaleAsync(20, buffer_size=5), None),  # asynchronous: a buffer smaller than the clients in flight is the point
+        (lambda: FedStaleAsync(20, round_duration=2.0, synchronous=True), None),  # windows, not cohorts
+    ],
+    ids=["fedavg-small-cohort", "synchronous-small-buffer", "fedavg-full-cohort", "fedbuff-like", "synchronous-windows"],
+)
+def test_synchronous_rule_needs_a_cohort_of_concurrency(strategy, refused):
+    """A synchronous rule whose cohort is smaller than the clients in flight would average the extra
+    clients a round later as if they were fresh: refused, naming the setting."""
+    settings = SimulationSettings(num_clients=20, concurrency=10, max_updates=10)
+    if refused is None:
+        check_strategy(strategy(), settings)
+        return
+    with pytest.raises(ConfigError, match=refused + r" is invalid: must be equal to concurrency \(10\)"):
+        check_strategy(strategy(), settings)
