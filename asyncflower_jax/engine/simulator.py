@@ -893,9 +893,15 @@ class Simulator:
                 if self.on_step is not None and not (replay is not None and version <= replay.reached):
                     self.on_step(version)
         except Exception as error:
-            if evaluating and not isinstance(error, _NonFiniteAggregated):
-                try:  # report the evaluations started before the error, as an unfinished run would have
-                    read_evaluations()
+            if not isinstance(error, _NonFiniteAggregated):
+                # Report the evaluations started and the rows gathered before the error, as an
+                # unfinished run would have: a stalled run's failures.csv says why it stalled. (A
+                # resumed run cuts its files back to its checkpoint's rows.)
+                try:
+                    if evaluating:
+                        read_evaluations()
+                    settle()
+                    flush_updates()
                 except Exception:  # (the original error is the one to raise)
                     pass
             raise

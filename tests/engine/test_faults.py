@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 from collections import Counter
 
 import jax
@@ -160,3 +161,8 @@ def test_a_run_where_every_task_fails_stops_with_an_error_instead_of_hanging(tmp
     failed = json.loads((tmp_path / "failed.json").read_text())
     assert failed["error"] == "RunStalled" and "faults" in failed["message"]
     assert not (tmp_path / "summary.json").exists()
+    # every failure up to the stall is in failures.csv, the ones that stalled it included
+    rows = read_csv(tmp_path / "failures.csv")
+    assert len(rows) == int(re.search(r"(\d+) client tasks in a row failed", failed["message"]).group(1))
+    assert {r["kind"] for r in rows} == {"timeout"}
+    assert [int(r["dispatch_id"]) for r in rows] == sorted(int(r["dispatch_id"]) for r in rows)
