@@ -399,7 +399,7 @@ def problems_table(runs: Sequence[Run], labels: dict, root: Path) -> list[str]:
     for r in runs:
         n = num_rows(r.metrics)
         last = f"{r.metrics['client_updates'][-1]:g}" if n and "client_updates" in r.metrics else "—"
-        lines.append(f"| {cell(labels[r.key])} | {r.seed} | {n} | {last} | {r.problem} | {cell(str(r.path.relative_to(root)))} |")
+        lines.append(f"| {cell(labels[r.key])} | {'?' if r.seed is None else r.seed} | {n} | {last} | {r.problem} | {cell(str(r.path.relative_to(root)))} |")
     return lines
 
 
@@ -412,7 +412,7 @@ def render_markdown(root: Path, rows, runs, labels, common, target: float, image
         "# Results report",
         "",
         f"- Source: `{root}`",
-        f"- Finished runs: {len(done)} in {len(rows)} groups; unfinished or failed runs: {len(problems)}",
+        f"- Finished runs: {len(done)} in {sum(1 for r in rows if r.seeds)} groups; unfinished or failed runs: {len(problems)}",
         f"- Common overrides: {', '.join(cell(c) for c in common) or 'none'}",
         f"- Target test accuracy: {t}",
         "",
@@ -454,7 +454,7 @@ def build_report(root: Path, target: float, out: Path) -> Path:
         )
     groups = group_runs(runs)
     common, labels = group_labels(list(groups))
-    rows = [summarise_group(labels[k], k, members, target) for k, members in groups.items() if any(r.problem is None for r in members)]
+    rows = [summarise_group(labels[k], k, members, target) for k, members in groups.items()]  # (a group of failed runs only: its count)
     finished_groups = [(labels[k], [r for r in members if r.problem is None]) for k, members in groups.items()]
     finished_groups = [(label, members) for label, members in finished_groups if members]
     out.mkdir(parents=True, exist_ok=True)

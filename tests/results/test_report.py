@@ -95,7 +95,11 @@ def test_unfinished_runs_are_listed_and_left_out_of_the_statistics(sweep, tmp_pa
     md = build_report(sweep, 0.9, tmp_path / "out").read_text()
     table = read_report_csv(tmp_path / "out")
 
-    assert list(table) == ["strategy=fedasync", "strategy=fedbuff"]
+    # the group with no finished run keeps its row (no statistics): a configuration never drops out of report.csv
+    assert list(table) == ["strategy=fedasync", "strategy=fedbuff", "strategy.alpha=0.9,strategy=fedbuff"]
+    none_finished = table["strategy.alpha=0.9,strategy=fedbuff"]
+    assert (none_finished["runs"], none_finished["unfinished_runs"], none_finished["final_accuracy_mean"]) == ("0", "1", "")
+    assert "Finished runs: 4 in 2 groups; unfinished or failed runs: 2" in md
     b = table["strategy=fedbuff"]
     assert (b["runs"], b["unfinished_runs"]) == ("2", "1")
     assert float(b["final_accuracy_mean"]) == pytest.approx((0.94 + 0.87) / 2)
