@@ -13,7 +13,7 @@ import pytest
 
 from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.experiment import KILL_AT_VERSION_ENV, Experiment
-from asyncflower_jax.results.rundir import RunDirectoryInUse, resumed_config
+from asyncflower_jax.results.rundir import RESUME_MUTABLE_KEYS, RunDirectoryInUse, resumed_config
 from asyncflower_jax.runner import run_job
 from tests.conftest import make_config
 
@@ -126,6 +126,10 @@ def test_a_sweep_resumed_where_it_would_run_jobs_again_is_refused(tmp_path):
     assert "would run again beside job 1 of" in proc.stdout + proc.stderr and sorted(p.name for p in sweep.iterdir()) == before
     assert run_py(["-m", "seed=0,1", *reversed(ARGS), "resume=true", f"hydra.sweep.dir={sweep}"], tmp_path).returncode == 0  # (the same jobs)
     assert sorted(p.name for p in sweep.iterdir()) == before
+    # keys that change no result may differ when resuming (docs/reliability.md): still the same jobs, in their directories
+    mutable = [a for a in ARGS if not a.startswith(("checkpoint_every=", "progress="))] + ["checkpoint_every=4", "progress=true"]
+    assert run_py(["-m", "seed=0,1", *mutable, "resume=true", f"hydra.sweep.dir={sweep}"], tmp_path).returncode == 0
+    assert sorted(p.name for p in sweep.iterdir()) == before
 
 
 def test_a_new_run_never_writes_into_another_runs_directory(tmp_path):
@@ -216,6 +220,15 @@ def test_a_signal_while_a_finished_run_writes_its_results(tmp_path, monkeypatch,
             Experiment(cfg).run(tmp_path)
         assert stop.value.code == 128 + signal.SIGTERM and not (tmp_path / "summary.json").exists()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sweep_job_directories_leave_out_every_key_a_resume_may_change():
+    """A job's directory is named from its overrides; a key that may change when resuming must not
+    be in the name, or the resumed job would start afresh in a new directory."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "config.yaml")
+    assert sorted(config.hydra.job.config.override_dirname.exclude_keys) == sorted(RESUME_MUTABLE_KEYS)
 
 
 def test_a_resumed_run_keeps_its_configuration(tmp_path):

@@ -220,8 +220,9 @@ def _sweep_jobs(overrides: list[str]) -> list[list[str]]:
 
 
 def _job_key(overrides) -> frozenset[str]:
-    """A job's overrides as a set, less `resume` (left out of the job directories' names too)."""
-    return frozenset(o.lstrip("+") for o in overrides if _override_key(o) != "resume")
+    """A job's overrides as a set, less RESUME_MUTABLE_KEYS (left out of the job directories' names
+    too: a sweep resumed with `progress=false` is the same sweep)."""
+    return frozenset(o.lstrip("+") for o in overrides if _override_key(o) not in RESUME_MUTABLE_KEYS)
 
 
 def _refuse(message: str) -> None:
