@@ -231,6 +231,21 @@ def test_sweep_job_directories_leave_out_every_key_a_resume_may_change():
     assert sorted(config.hydra.job.config.override_dirname.exclude_keys) == sorted(RESUME_MUTABLE_KEYS)
 
 
+def test_a_swept_path_names_one_job_directory_not_nested_ones():
+    """`dataset.path=/data/x.npz` in a sweep: the job's directory is one level under the sweep's (the
+    resume check looks there), with the path's separators written as %2F."""
+    from omegaconf import OmegaConf
+
+    from asyncflower_jax.results.rundir import _job_dirname
+
+    assert _job_dirname("dataset.path=/data/x.npz,seed=0") == "dataset.path=%2Fdata%2Fx.npz,seed=0"
+    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "config.yaml")
+    subdir = OmegaConf.to_container(config.hydra.sweep)["subdir"]
+    assert subdir == "${hydra.job.num}_${af_job_dirname:${hydra.job.override_dirname}}"
+    resolved = OmegaConf.create({"hydra": {"job": {"num": 3, "override_dirname": "dataset.path=/d/x.npz"}}, "subdir": subdir})
+    assert resolved.subdir == "3_dataset.path=%2Fd%2Fx.npz"
+
+
 def test_a_resumed_run_keeps_its_configuration(tmp_path):
     (tmp_path / "config.yaml").write_text("seed: 0\nstrategy:\n  buffer_size: 5\nprogress: true\n")
     cfg = make_config("strategy=fedbuff", "strategy.buffer_size=3", "progress=false", "resume=true")

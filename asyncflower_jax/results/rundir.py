@@ -145,6 +145,13 @@ def _log_file(resume, output_dir, mode, job_name):
     return os.devnull if refused(resume, output_dir, _multirun(mode)) else str(output_dir / f"{job_name}.log")
 
 
+def _job_dirname(override_dirname) -> str:
+    """A sweep job's overrides as one directory name: a value holding a path separator
+    (`dataset.path=/data/x.npz`) would otherwise make nested directories, which the sweep's
+    resume check and a user's `ls` do not see as one job."""
+    return str(override_dirname).replace(os.sep, "%2F")
+
+
 class ResumeTargetCheck(Callback):
     """Refuses, before Hydra makes any directory, `resume=<path>` or `hydra.run.dir` naming a file
     (Hydra would fail to make the run directory, with a traceback), a sweep's config group choice
@@ -231,9 +238,9 @@ def _refuse(message: str) -> None:
 
 
 def register_resolvers() -> None:
-    """Register the resolvers conf/config.yaml uses in `hydra.run.dir`, `hydra.output_subdir` and
-    the log file's name."""
-    for name, fn in (("af_run_dir", _run_dir), ("af_hydra_subdir", _hydra_subdir), ("af_log_file", _log_file)):
+    """Register the resolvers conf/config.yaml uses in `hydra.run.dir`, `hydra.sweep.subdir`,
+    `hydra.output_subdir` and the log file's name."""
+    for name, fn in (("af_run_dir", _run_dir), ("af_hydra_subdir", _hydra_subdir), ("af_log_file", _log_file), ("af_job_dirname", _job_dirname)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
