@@ -32,20 +32,46 @@ DEFAULT_MOMENTUM = 0.9
 DEFAULT_LEARNING_RATES = {"sgd": 1.0, "fedavgm": 0.3, "adam": 0.01, "yogi": 0.01, "adagrad": 0.1}
 
 
+# what the optax constructors' numeric and boolean options may be: (test, allowed) by name
+_KWARG_RANGES = {
+    "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "b1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "b2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "eps": (lambda v: v > 0, "a number > 0"),
+    "eps_root": (lambda v: v >= 0, "a number >= 0"),
+    "initial_accumulator_value": (lambda v: v >= 0, "a number >= 0"),
+}
+_KWARG_FLAGS = ("nesterov",)
+
+
+def _check_kwarg(key: str, value, given: str) -> None:
+    """Type and range of one optimizer option (`given`: the name the user wrote, tau for eps)."""
+    setting = f"strategy.server_optimizer_kwargs.{given}"
+    if key in _KWARG_FLAGS:
+        require(isinstance(value, bool), setting, value, "true or false")
+    elif key in _KWARG_RANGES:
+        test, allowed = _KWARG_RANGES[key]
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        require(is_number and test(value), setting, value, allowed)
+
+
 def server_optimizer(name: str, learning_rate: float, **kwargs) -> optax.GradientTransformation:
     """The optax transformation called `name` (one of SERVER_OPTIMIZERS) with `learning_rate`."""
     require(name in SERVER_OPTIMIZERS, "strategy.server_optimizer", name, f"one of {SERVER_OPTIMIZERS}")
     require(learning_rate > 0, "strategy.server_lr", learning_rate, "> 0")
     kwargs = dict(kwargs)
+    given = {key: key for key in kwargs}
     if name in ("adam", "yogi", "adagrad"):
         if "tau" in kwargs:
             require("eps" not in kwargs, "strategy.server_optimizer_kwargs", kwargs, "either tau or eps, not both")
             kwargs["eps"] = kwargs.pop("tau")
+            given["eps"] = "tau"
         kwargs.setdefault("eps", DEFAULT_TAU)
-        require(kwargs["eps"] > 0, "strategy.server_optimizer_kwargs.eps", kwargs["eps"], "> 0")
     if name == "fedavgm":
         kwargs.setdefault("momentum", DEFAULT_MOMENTUM)
-        require(0 <= kwargs["momentum"] < 1, "strategy.server_optimizer_kwargs.momentum", kwargs["momentum"], "in [0, 1)")
+    for key, value in kwargs.items():
+        if not (name == "sgd" and key == "momentum" and value is None):  # (optax.sgd's own default)
+            _check_kwarg(key, value, given.get(key, key))
     factory = {"sgd": optax.sgd, "fedavgm": optax.sgd, "adam": optax.adam, "yogi": optax.yogi, "adagrad": optax.adagrad}[name]
     try:
         return factory(learning_rate, **kwargs)

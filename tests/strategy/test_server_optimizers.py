@@ -1,5 +1,7 @@
 """Named server optimizers (sgd, fedavgm, adam, yogi, adagrad) in FedBuff/CA2FL/MIFA and from Hydra."""
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import optax
@@ -221,6 +223,15 @@ def test_unknown_name_lists_the_allowed_ones():
         (lambda: server_optimizer("yogi", 0.1, tau=1e-3, eps=1e-3), r"strategy\.server_optimizer_kwargs"),
         (lambda: server_optimizer("fedavgm", 0.1, momentum=1.0), r"strategy\.server_optimizer_kwargs\.momentum"),
         (lambda: server_optimizer("adagrad", 0.1, eps=0.0), r"strategy\.server_optimizer_kwargs\.eps"),
+        (lambda: server_optimizer("adam", 0.1, b1="abc"), r"strategy\.server_optimizer_kwargs\.b1='abc' is invalid: must be a number in \[0, 1\)"),
+        (lambda: server_optimizer("adam", 0.1, b1=1.5), r"strategy\.server_optimizer_kwargs\.b1=1\.5 is invalid"),
+        (lambda: server_optimizer("yogi", 0.1, b2=-0.1), r"strategy\.server_optimizer_kwargs\.b2=-0\.1 is invalid"),
+        (lambda: server_optimizer("adam", 0.1, eps="abc"), r"strategy\.server_optimizer_kwargs\.eps='abc' is invalid: must be a number > 0"),
+        (lambda: server_optimizer("adam", 0.1, tau=-1), r"strategy\.server_optimizer_kwargs\.tau=-1 is invalid"),  # (the name given, not eps)
+        (lambda: server_optimizer("fedavgm", 0.1, momentum="abc"), r"strategy\.server_optimizer_kwargs\.momentum='abc' is invalid"),
+        (lambda: server_optimizer("sgd", 0.1, momentum=True), r"strategy\.server_optimizer_kwargs\.momentum=True is invalid"),
+        (lambda: server_optimizer("sgd", 0.1, momentum=0.5, nesterov="yes"), r"strategy\.server_optimizer_kwargs\.nesterov='yes' is invalid: must be true or false"),
+        (lambda: server_optimizer("adagrad", 0.1, initial_accumulator_value=-1.0), r"strategy\.server_optimizer_kwargs\.initial_accumulator_value"),
         (lambda: FedBuff(server_optimizer=42), r"strategy\.server_optimizer"),
         (lambda: FedBuff(server_optimizer="sgd", server_lr=-1.0), r"strategy\.server_lr"),
     ],
@@ -228,6 +239,12 @@ def test_unknown_name_lists_the_allowed_ones():
 def test_bad_settings_raise_config_error(call, key):
     with pytest.raises(ConfigError, match=key):
         call()
+
+
+def test_good_optimizer_options_are_accepted():
+    for name, kwargs in (("sgd", {}), ("sgd", {"momentum": None}), ("sgd", {"momentum": 0.5, "nesterov": True}), ("adam", {"b1": 0.0, "b2": 0.99, "tau": 1e-2}),
+                         ("yogi", {"b1": 0.9, "b2": 0.999}), ("adagrad", {"eps": 1e-8}), ("fedavgm", {"momentum": 0})):
+        assert isinstance(server_optimizer(name, 0.1, **kwargs), optax.GradientTransformation)
 
 
 def test_null_server_lr_picks_the_optimizer_default():
@@ -265,3 +282,17 @@ def test_hydra_unknown_optimizer_is_a_config_error():
         instantiate(make_config("strategy=fedbuff", "strategy.server_optimizer=lion").strategy)
     assert isinstance(info.value.__cause__, ConfigError)
     assert "strategy.server_optimizer" in str(info.value.__cause__)
+
+
+def test_every_rule_with_a_server_optimizer_takes_its_default_learning_rate():
+    """A rule's yaml leaves server_lr null, so `strategy.server_optimizer=adam` steps at adam's
+    default (a yaml that fixed 1.0 made adam's steps 100 times too large)."""
+    names = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "strategy").glob("*.yaml"))
+    checked = []
+    for name in names:
+        if "server_optimizer" not in make_config(f"strategy={name}").strategy:
+            continue
+        strat = instantiate(make_config(f"strategy={name}", "strategy.server_optimizer=adam").strategy)
+        assert (strat.server_optimizer_name, strat.server_lr) == ("adam", 0.01), name
+        checked.append(name)
+    assert {"fedbuff", "ca2fl", "mifa", "fedstaleasync", "unbiased_fedavg", "unbiased_fedbuff"} <= set(checked)
