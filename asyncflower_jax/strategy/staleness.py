@@ -74,8 +74,12 @@ class Hinge(StalenessFunction):
     """s(t) = 1 if t <= b else a hinge decay; `variant` picks the formula seen in public code.
 
     paper:          1 / (a (t - b) + 1)   (FedAsync paper; the default)
-    no_plus_one:    1 / (a (t - b))
-    inner_plus_one: 1 / (a ((t - b) + 1))
+    no_plus_one:    min(1, 1 / (a (t - b)))
+    inner_plus_one: min(1, 1 / (a ((t - b) + 1)))
+
+    The two variants are capped at 1: just above a b that is not a whole number (or a per-client
+    b / p_i), or with a < 1, their formulas weigh a stale update more than a fresh one, up to
+    without bound, and FedAsync's mixing weight alpha s(t) would then pass 1.
     """
 
     a: float = 10.0
@@ -95,7 +99,7 @@ class Hinge(StalenessFunction):
         if self.variant == "paper":
             decay = 1.0 / (self.a * excess + 1.0)
         elif self.variant == "no_plus_one":
-            decay = 1.0 / (self.a * excess)
+            decay = jnp.minimum(1.0 / (self.a * excess), 1.0)
         else:
-            decay = 1.0 / (self.a * (excess + 1.0))
+            decay = jnp.minimum(1.0 / (self.a * (excess + 1.0)), 1.0)
         return jnp.where(s <= b, 1.0, decay)

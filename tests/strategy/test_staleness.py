@@ -59,6 +59,22 @@ def test_hinge_variants(variant, expected):
     assert np.all(np.isfinite(got))  # no_plus_one divides by zero at t=b; the hinge must pick 1 there
 
 
+@pytest.mark.parametrize(
+    "fn, expected",
+    [
+        # b = 4.95: t=5 -> 1/(10*0.05) = 2, capped; t=6 -> 1/(10*1.05) = 0.0952...
+        (Hinge(a=10.0, b=4.95, variant="no_plus_one"), [1, 1, 1 / 10.5]),
+        # a = 0.4, b = 4: t=5 -> 1/(0.4*2) = 1.25, capped; t=6 -> 1/(0.4*3) = 0.8333...
+        (Hinge(a=0.4, b=4.0, variant="inner_plus_one"), [1, 1, 1 / 1.2]),
+        # a = 0.1, b = 4: t=5 -> 1/0.1 = 10, capped; t=6 -> 1/0.2 = 5, capped
+        (Hinge(a=0.1, b=4.0, variant="no_plus_one"), [1, 1, 1]),
+    ],
+    ids=["fractional-b", "small-a-inner", "small-a"],
+)
+def test_hinge_variants_never_weigh_a_stale_update_above_a_fresh_one(fn, expected):
+    np.testing.assert_allclose(weights(fn, [4, 5, 6]), expected, rtol=1e-6)
+
+
 def test_hinge_default_is_paper_variant():
     # defaults a=10, b=4, paper: t=6 -> 1/21
     np.testing.assert_allclose(weights(Hinge(), [4, 6]), [1.0, 1 / 21], rtol=1e-6)
