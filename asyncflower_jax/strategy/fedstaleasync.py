@@ -7,6 +7,7 @@ settings of this one class; conf/strategy/ has a yaml for each.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -25,6 +26,9 @@ from .staleness import Constant, Hinge, StalenessFunction
 from .updates import PyTree, UpdateBatch, weighted_sum
 
 WEIGHTINGS = ("data_size", "uniform")
+NORMALIZATIONS = ("present", "seen")
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +79,9 @@ class FedStaleAsync(AsyncStrategy):
     since h_i's client started; beta_bar_i: mean of beta(s_h) over the aggregations since i last
     took part, this one included; p_i: `participation` estimate (updated with P first).
     w_i = n_i / sum n over P u H (`weighting="data_size"`, n_i from the fresh update if i is in
-    P) or 1 / |P u H| (`"uniform"`). alpha, beta: staleness functions (staleness.py) or
+    P) or 1 / |P u H| (`"uniform"`); with `normalize_over="seen"` the sums run over every client
+    that has taken part so far instead (the same unless the memory is cleared: then P u H is P
+    alone, and dividing by p_i on top of a mean over P makes the step about N / K too large). alpha, beta: staleness functions (staleness.py) or
     `GroupConstant`; with `personalized_b` a Hinge uses b / p_i instead of b. The sum is a
     pseudo-gradient for `server_optimizer` ("sgd": x <- x - server_lr * sum). Versions play the
     role of the original code's server rounds. `synchronous=True` dispatches a fresh cohort after
@@ -91,6 +97,7 @@ class FedStaleAsync(AsyncStrategy):
         alpha: Scaling | None = None,
         beta: Scaling | None = None,
         weighting: str = "data_size",
+        normalize_over: str = "present",
         participation: ParticipationEstimator | None = None,
         personalized_b: bool = False,
         clear_memory: bool = False,
@@ -101,6 +108,7 @@ class FedStaleAsync(AsyncStrategy):
         check_population(num_clients)
         check_buffer_and_window(buffer_size, round_duration)
         require(weighting in WEIGHTINGS, "strategy.weighting", weighting, f"one of {WEIGHTINGS}")
+        require(normalize_over in NORMALIZATIONS, "strategy.normalize_over", normalize_over, f"one of {NORMALIZATIONS}")
         self.alpha = Constant() if alpha is None else alpha
         self.beta = Constant() if beta is None else beta
         for key, fn in (("strategy.alpha", self.alpha), ("strategy.beta", self.beta)):
@@ -115,6 +123,7 @@ class FedStaleAsync(AsyncStrategy):
         self.buffer_size = buffer_size
         self.round_duration = round_duration
         self.weighting = weighting
+        self.normalize_over = normalize_over
         self.personalized_b = bool(personalized_b)
         self.clear_memory = bool(clear_memory)
         self.synchronous = bool(synchronous)
@@ -122,11 +131,18 @@ class FedStaleAsync(AsyncStrategy):
         self.server_optimizer, self.server_optimizer_name, self.server_lr = resolve_server_optimizer(
             server_optimizer, server_lr, server_optimizer_kwargs
         )
+        if self.clear_memory and normalize_over == "present" and not isinstance(self.participation, Maximum):
+            log.warning(
+                "strategy.clear_memory=true with normalize_over=present and a participation estimator (%s): the weights are "
+                "normalised over this aggregation's participants and then divided by p_i, so each step is about 1 / p times "
+                "too large; strategy.normalize_over=seen normalises over every client seen so far",
+                type(self.participation).__name__,
+            )
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(num_clients={self.num_clients}, buffer_size={self.buffer_size}, round_duration={self.round_duration}, "
-            f"server_lr={self.server_lr}, alpha={self.alpha}, beta={self.beta}, weighting={self.weighting!r}, "
+            f"server_lr={self.server_lr}, alpha={self.alpha}, beta={self.beta}, weighting={self.weighting!r}, normalize_over={self.normalize_over!r}, "
             f"participation={self.participation}, personalized_b={self.personalized_b}, clear_memory={self.clear_memory}, "
             f"synchronous={self.synchronous}, server_optimizer={self.server_optimizer_name!r})"
         )
@@ -174,6 +190,8 @@ class FedStaleAsync(AsyncStrategy):
 
         examples = state.stored_examples.at[slot].set(updates.num_examples.astype(state.stored_examples.dtype), mode="drop")
         present = state.stored | part
+        if self.normalize_over == "seen":  # (a client's n_i is stored at its first aggregation and kept, even when its delta is not)
+            present = present | (state.stored_examples > 0)
         if self.weighting == "data_size":
             w = jnp.where(present, examples, 0.0)
         else:

@@ -86,6 +86,37 @@ def test_unbiased_fedbuff_three_steps_by_hand(jit):
         assert_tree_close(x, tree([want, 0.0], 0.0))
 
 
+# UnbiasedFedBuff-like (memory cleared, alpha = 1, p = 0.5 for everyone, lr 1), N = 4, x0 = 1:
+# v0: clients 0 (n 10, D 0.4) and 1 (n 30, D 0.8).
+#     present (P): w = 10/40, 30/40 -> coefficients w / p = 0.5, 1.5; x1 = 1 - (0.5*0.4 + 1.5*0.8) = -0.4
+#     seen: the same at the first aggregation (nobody else seen yet).
+# v1: client 2 (n 60, D 0.5).
+#     present: w = 1 -> coefficient 2.0; x2 = -0.4 - 1.0 = -1.4
+#     seen ({0, 1, 2}): w = 60/100 -> coefficient 1.2; x2 = -0.4 - 0.6 = -1.0
+@pytest.mark.parametrize("normalize_over, coefficients, xs", [("present", [[0.5, 1.5], [2.0]], [-0.4, -1.4]), ("seen", [[0.5, 1.5], [1.2]], [-0.4, -1.0])])
+def test_cleared_memory_normalised_over_the_participants_or_every_client_seen(normalize_over, coefficients, xs):
+    strat = FedStaleAsync(
+        num_clients=4, buffer_size=2, server_lr=1.0, alpha=Constant(), participation=Scalar(probability=0.5), clear_memory=True,
+        normalize_over=normalize_over,
+    )
+    x = to_jax(tree([1.0, 0.0], 0.0))
+    state = strat.init(x)
+    for (deltas, ids, examples), want_coef, want_x in zip((([0.4, 0.8], [0, 1], [10, 30]), ([0.5], [2], [60])), coefficients, xs):
+        batch = scalar_batch(deltas, ids, [0] * len(ids), examples)
+        np.testing.assert_allclose(np.asarray(strat.update_weights(state, batch)), want_coef, rtol=1e-6)
+        x, state = strat.aggregate(x, state, batch)
+        assert_tree_close(x, tree([want_x, 0.0], 0.0))
+
+
+def test_cleared_memory_with_an_estimator_warns_unless_normalised_over_every_client_seen(caplog):
+    FedStaleAsync(num_clients=4, participation=Scalar(probability=0.5), clear_memory=True)
+    assert "about 1 / p times too large" in caplog.text and "strategy.normalize_over=seen" in caplog.text
+    caplog.clear()
+    FedStaleAsync(num_clients=4, participation=Scalar(probability=0.5), clear_memory=True, normalize_over="seen")
+    FedStaleAsync(num_clients=4, clear_memory=True)  # (p = 1: a mean over the participants)
+    assert "too large" not in caplog.text
+
+
 def test_client_twice_in_one_buffer_counts_once_with_its_last_update():
     # N = 2, alpha = beta = 1, uniform, p = 1: client 0 sends 0.4 then 0.8 in one buffer: only 0.8
     # counts (as the original code's per-client dict): x1 = 1 - 0.8 = 0.2, h0 = 0.8.
@@ -282,6 +313,7 @@ def test_padding_rows_change_nothing(jit, clear):
         ({"buffer_size": 0}, "strategy.buffer_size"),
         ({"buffer_size": -3}, "strategy.buffer_size"),
         ({"weighting": "examples"}, "strategy.weighting"),
+        ({"normalize_over": "population"}, "strategy.normalize_over"),
         ({"alpha": 0.5}, "strategy.alpha"),
         ({"beta": "hinge"}, "strategy.beta"),
         ({"personalized_b": True}, "strategy.alpha"),  # a Constant alpha has no b
