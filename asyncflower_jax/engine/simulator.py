@@ -175,6 +175,12 @@ def aggregations_per_call(setting: int | None) -> int:
 
 def check_strategy(strategy: AsyncStrategy, settings: SimulationSettings) -> None:
     """Reject strategy settings that cannot run with this concurrency (they would wait forever)."""
+    require(
+        all(hasattr(strategy, name) for name in ("round_delimiter", "refill", "init", "aggregate")),
+        "strategy",
+        type(strategy).__name__,
+        "an aggregation rule (an AsyncStrategy: a yaml of conf/strategy/, or a rule of your own)",
+    )
     require(strategy.refill in REFILL_POLICIES, "strategy.refill", strategy.refill, f"one of {REFILL_POLICIES}")
     population = getattr(strategy, "num_clients", settings.num_clients)
     require(population == settings.num_clients, "strategy.num_clients", population, f"equal to num_clients ({settings.num_clients})")

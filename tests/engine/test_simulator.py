@@ -9,6 +9,7 @@ from asyncflower_jax.engine.simulator import SimulationSettings, Simulator, chec
 from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.strategy import FedAvg
 from asyncflower_jax.strategy.fedstaleasync import FedStaleAsync
+from asyncflower_jax.strategy.staleness import Hinge
 from asyncflower_jax.experiment import Experiment
 from tests.conftest import make_config
 
@@ -278,3 +279,9 @@ def test_synchronous_rule_needs_a_cohort_of_concurrency(strategy, refused):
         return
     with pytest.raises(ConfigError, match=refused + r" is invalid: must be equal to concurrency \(10\)"):
         check_strategy(strategy(), settings)
+
+
+def test_a_configuration_that_builds_no_rule_is_refused():
+    """`strategy=staleness/hinge` builds a staleness function, not a rule: a configuration error."""
+    with pytest.raises(ConfigError, match=r"strategy='Hinge' is invalid: must be an aggregation rule"):
+        check_strategy(Hinge(), SimulationSettings(num_clients=20, concurrency=10, max_updates=10))

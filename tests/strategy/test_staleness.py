@@ -4,9 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hydra.utils import instantiate
 
 from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.strategy.staleness import Constant, Hinge, Polynomial
+from tests.conftest import make_config
 
 
 def weights(fn, staleness):
@@ -145,3 +147,16 @@ def test_weights_are_floating_point():
 def test_bad_parameters_raise_config_error_naming_the_key(make, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         make()
+
+
+@pytest.mark.parametrize("rule", ["fedasync", "fedbuff"])
+@pytest.mark.parametrize(
+    "choice, want",
+    [("polynomial", Polynomial(a=0.5)), ("hinge", Hinge(a=10.0, b=4.0)), ("constant", Constant())],
+)
+def test_staleness_function_is_a_config_group_with_its_own_defaults(rule, choice, want):
+    """`strategy/staleness=hinge` gives the paper's hinge (not a hinge with the polynomial's a)."""
+    overrides = [f"strategy={rule}"] + ([] if choice == "polynomial" else [f"strategy/staleness={choice}"])
+    assert instantiate(make_config(*overrides).strategy).staleness == want
+    if choice == "hinge":
+        assert instantiate(make_config(*overrides, "strategy.staleness.b=2").strategy).staleness == Hinge(a=10.0, b=2.0)
