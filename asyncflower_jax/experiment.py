@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -69,9 +70,25 @@ def build(node: DictConfig, group: str, **kwargs):
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as exc:
-        cause = exc.__cause__ if isinstance(exc.__cause__, (ConfigError, TypeError)) else exc
-        message = str(cause)
-        raise ConfigError(message if message.startswith(f"{group}.") else f"{group}: {message}") from None
+        raise ConfigError(instantiation_message(exc, group)) from None
+
+
+def instantiation_message(exc: InstantiationException, group: str) -> str:
+    """The one-line error of a component that could not be built, naming the full key of the node
+    that failed (Hydra's `full_key`): a staleness function's own `staleness.a` under
+    `strategy.alpha` is `strategy.alpha.a`."""
+    found = re.search(r"\nfull_key: (\S+)\s*$", str(exc))
+    where = found.group(1) if found else group
+    cause = exc.__cause__
+    if not isinstance(cause, (ConfigError, TypeError, ValueError)):
+        return f"{group}: {exc}"
+    message = str(cause)
+    if message.startswith(f"{group}.") or message.startswith(f"{where}."):
+        return message
+    local = re.match(r"[A-Za-z_]\w*\.(?=[\w.]*=)", message)  # the component's own key, e.g. "staleness.a=-1 ..."
+    if isinstance(cause, ConfigError) and local and where != group:
+        return f"{where}.{message[local.end():]}"
+    return f"{where}: {message}"
 
 
 def apply_matmul_precision(precision: str | None) -> None:

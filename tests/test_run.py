@@ -158,7 +158,10 @@ BAD = [
     (["strategy=fedbuff", "strategy.normalisation=median"], "strategy.normalisation='median' is invalid"),
     (["strategy=fedbuff", "strategy.round_duration=-1"], "strategy.round_duration=-1 is invalid"),
     (["strategy.alpha=1.5"], "strategy.alpha=1.5 is invalid"),
-    (["strategy.staleness.a=-1"], "staleness.a=-1 is invalid"),
+    (["strategy.staleness.a=-1"], "strategy.staleness.a=-1 is invalid"),
+    (["strategy=fedstaleasync", "strategy.alpha.a=-1"], "strategy.alpha.a=-1 is invalid: must be > 0"),  # (not the function's own staleness.a)
+    (["strategy=fedstaleasync", "strategy.beta.b=-2"], "strategy.beta.b=-2 is invalid: must be >= 0"),
+    (["strategy=fedstaleasync_groups", "strategy.beta.values=[a,b]"], "strategy.beta: could not convert string to float: 'a'"),
     (["+strategy.bogus=1"], "unexpected keyword argument 'bogus'"),
     (["strategy=fedavg", "concurrency=20", "strategy.cohort_size=30"], "strategy.cohort_size=30 is invalid"),
     (["latency=exponential", "latency.rate=-1"], "latency.rate=-1 is invalid"),
