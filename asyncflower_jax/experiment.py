@@ -73,6 +73,20 @@ def build(node: DictConfig, group: str, **kwargs):
         raise ConfigError(instantiation_message(exc, group)) from None
 
 
+def warn_unread_participation(cfg: DictConfig) -> None:
+    """Warn when `participation` was changed but the strategy does not read it (only the
+    FedStaleAsync family does): config.yaml records the estimator, and nothing used it."""
+    chosen = cfg.get("participation")
+    if chosen is None or "participation" in cfg.strategy:
+        return
+    changed = not str(chosen.get("_target_", "")).endswith(".Maximum") or any(v is not None for k, v in chosen.items() if k != "_target_")
+    if changed:
+        log.warning(
+            "participation=%s is not read by strategy %s (only the FedStaleAsync family reads it): it changes nothing in this run",
+            str(chosen.get("_target_", "?")).rsplit(".", 1)[-1], str(cfg.strategy.get("_target_", "?")).rsplit(".", 1)[-1],
+        )
+
+
 def instantiation_message(exc: InstantiationException, group: str) -> str:
     """The one-line error of a component that could not be built, naming the full key of the node
     that failed (Hydra's `full_key`): a staleness function's own `staleness.a` under
@@ -139,6 +153,7 @@ class Experiment:
         self.resume = cfg.get("resume", False)
         self.trackers = tracker_names(cfg.get("trackers"))
         self.strategy = build(cfg.strategy, "strategy")
+        warn_unread_participation(cfg)
         check_strategy(self.strategy, self.settings)
         if self.settings.checkpoint_every is not None and not getattr(self.strategy, "jittable", True):
             log.warning(

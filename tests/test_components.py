@@ -8,7 +8,7 @@ import pytest
 from asyncflower_jax.components import check_types
 from asyncflower_jax.config_schema import COMPONENT_GROUPS
 from asyncflower_jax.errors import ConfigError
-from asyncflower_jax.experiment import build
+from asyncflower_jax.experiment import build, warn_unread_participation
 from tests.conftest import CONF_DIR, make_config
 
 WRONG_TYPES = [
@@ -51,3 +51,17 @@ def test_keys_it_cannot_type_are_left_to_instantiate():
     with pytest.raises(ConfigError, match="unexpected keyword argument 'bogus'"):
         build(make_config("+strategy.bogus=abc").strategy, "strategy")
     check_types({"_target_": "no.such.Target", "alpha": "abc"}, "strategy")  # instantiate reports the target
+
+
+@pytest.mark.parametrize(
+    "overrides, warned",
+    [
+        (["strategy=fedbuff", "participation=uniform"], True),
+        (["strategy=fedasync", "participation=maximum", "+participation.smoothing=2"], True),
+        (["strategy=fedbuff"], False),
+        (["strategy=fedstaleasync", "participation=uniform"], False),  # (it reads it)
+    ],
+)
+def test_a_participation_estimator_the_rule_does_not_read_is_warned_about(overrides, warned, caplog):
+    warn_unread_participation(make_config(*overrides))
+    assert ("is not read by strategy" in caplog.text) is warned
