@@ -89,6 +89,7 @@ class FlowerStrategy(AsyncStrategy):
         strategy = _build_flower_strategy(strategy)
         _check_supported(strategy)
         _check_sampling(strategy, cohort_size)
+        _check_settings(strategy, cohort_size)
         self.strategy = strategy
         self.cohort_size = cohort_size
         self._weight_key = getattr(_innermost(strategy), "weighted_by_key", NUM_EXAMPLES_KEY)
@@ -288,6 +289,47 @@ def _check_sampling(strategy, cohort_size: int) -> None:
         f">= the wrapped strategy's min_available_nodes and min_train_nodes ({needed}): "
         "each round's configure_train sees the cohort's clients as the connected nodes",
     )
+
+
+# The numeric settings of Flower's strategies, by attribute name: (test, allowed). Flower checks
+# none of them (FedTrimmedAvg checks its beta); a negative learning rate or momentum ran, and diverged or stayed at chance.
+_UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
+_SETTINGS = {
+    "eta": (lambda v: v > 0, "> 0"),
+    "eta_l": (lambda v: v > 0, "> 0"),
+    "tau": (lambda v: v > 0, "> 0"),
+    "beta_1": _UNIT,
+    "beta_2": _UNIT,
+    "server_learning_rate": (lambda v: v > 0, "> 0"),
+    "server_momentum": _UNIT,
+    "proximal_mu": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def _check_settings(strategy, cohort_size: int) -> None:
+    """The wrapped strategy's numeric settings, and Krum's counts against the cohort it sees."""
+    inner = _innermost(strategy)
+    for name, (test, allowed) in _SETTINGS.items():
+        if hasattr(inner, name):
+            value = getattr(inner, name)
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            require(is_number and test(value), f"{STRATEGY_KEY}.{name}", value, f"a number {allowed}")
+    if hasattr(inner, "num_malicious_nodes"):  # Krum, MultiKrum: each score sums the distances to n - f - 2 neighbours
+        f = inner.num_malicious_nodes
+        require(
+            isinstance(f, int) and not isinstance(f, bool) and 0 <= f <= cohort_size - 3,
+            f"{STRATEGY_KEY}.num_malicious_nodes",
+            f,
+            f"an integer in [0, strategy.cohort_size - 3] ({cohort_size - 3}): Krum scores each model by its n - f - 2 nearest neighbours",
+        )
+    if hasattr(inner, "num_nodes_to_select"):
+        m = inner.num_nodes_to_select
+        require(
+            isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= cohort_size,
+            f"{STRATEGY_KEY}.num_nodes_to_select",
+            m,
+            f"an integer in [1, strategy.cohort_size] ({cohort_size})",
+        )
 
 
 def _chain(strategy) -> list:

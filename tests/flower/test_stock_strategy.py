@@ -150,6 +150,13 @@ def test_matches_naive_reference_after_30_aggregations(rule):
         (["strategy.cohort_size=0"], "strategy.cohort_size=0 is invalid: must be an integer >= 1"),
         (["strategy.cohort_size=1"], "strategy.cohort_size=1 is invalid: must be >= the wrapped strategy's min_available_nodes"),
         (["strategy.cohort_size=20"], "strategy.cohort_size=20 is invalid: must be <= concurrency (10)"),
+        (["strategy=flower_fedadam", "strategy.strategy.eta=-1"], "strategy.strategy.eta=-1 is invalid: must be a number > 0"),
+        (["strategy=flower_fedyogi", "strategy.strategy.tau=0"], "strategy.strategy.tau=0 is invalid: must be a number > 0"),
+        (["strategy=flower_fedadam", "strategy.strategy.beta_2=1.0"], "strategy.strategy.beta_2=1.0 is invalid: must be a number in [0, 1)"),
+        (["strategy=flower_fedavgm", "strategy.strategy.server_momentum=-5"], "strategy.strategy.server_momentum=-5 is invalid"),
+        (["strategy=flower_fedprox", "strategy.strategy.proximal_mu=-0.1"], "strategy.strategy.proximal_mu=-0.1 is invalid: must be a number >= 0"),
+        (["strategy=flower_krum", "strategy.strategy.num_malicious_nodes=20"], "strategy.strategy.num_malicious_nodes=20 is invalid: must be an integer in [0, strategy.cohort_size - 3] (7)"),
+        (["strategy=flower_multikrum", "strategy.strategy.num_nodes_to_select=50"], "strategy.strategy.num_nodes_to_select=50 is invalid: must be an integer in [1, strategy.cohort_size] (10)"),
     ],
 )
 def test_bad_configuration_names_the_key(overrides, message):
