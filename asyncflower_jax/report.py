@@ -12,6 +12,7 @@ as unfinished rather than dropped. Output goes to DIR (default: the results dir)
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import io
@@ -403,6 +404,21 @@ def problems_table(runs: Sequence[Run], labels: dict, root: Path) -> list[str]:
     return lines
 
 
+def repeated_seeds(rows: Sequence[GroupRow]) -> list[str]:
+    """A warning line per group whose finished runs repeat a seed (a sweep run twice into one
+    folder, or a copied run): its mean and std then count the same run twice."""
+    lines = []
+    for r in rows:
+        counts = collections.Counter(r.seeds)
+        twice = sorted((s for s, n in counts.items() if n > 1 and s is not None))
+        if twice:
+            lines.append(
+                f"- **Warning**: group {cell(r.label)} has seed {', '.join(map(str, twice))} in more than one finished run: "
+                "its statistics count those runs as independent seeds"
+            )
+    return lines
+
+
 def render_markdown(root: Path, rows, runs, labels, common, target: float, images: Sequence[Path]) -> str:
     """The whole report.md."""
     done = [r for r in runs if r.problem is None]
@@ -415,6 +431,7 @@ def render_markdown(root: Path, rows, runs, labels, common, target: float, image
         f"- Finished runs: {len(done)} in {sum(1 for r in rows if r.seeds)} groups; unfinished or failed runs: {len(problems)}",
         f"- Common overrides: {', '.join(cell(c) for c in common) or 'none'}",
         f"- Target test accuracy: {t}",
+        *repeated_seeds(rows),
         "",
         "## Groups",
         "",

@@ -111,6 +111,16 @@ def test_unfinished_runs_are_listed_and_left_out_of_the_statistics(sweep, tmp_pa
     assert "| `strategy.alpha=0.9,strategy=fedbuff` | 0 | 1 | 0 | unfinished: no summary.json" in section
 
 
+def test_a_seed_twice_in_one_group_is_warned_about(sweep, tmp_path):
+    """A copy of a finished run (or a sweep run again into the same folder) counts the same seed twice."""
+    write_run(sweep / "9_max_updates=40,seed=0,strategy=fedasync", "fedasync", 0, CURVES["fedasync", 0], wall_time=2.1)
+    md = build_report(sweep, 0.9, tmp_path / "out").read_text()
+    assert "group `strategy=fedasync` has seed 0 in more than one finished run" in md
+    assert "strategy=fedbuff` has seed" not in md
+    md = build_report(write_sweep(tmp_path / "clean"), 0.9, tmp_path / "out2").read_text()
+    assert "more than one finished run" not in md
+
+
 def test_a_damaged_metrics_file_is_listed_and_left_out_of_the_statistics(sweep, tmp_path):
     cut = sweep / "1_max_updates=40,seed=1,strategy=fedasync" / "metrics.csv"
     text = cut.read_text()
