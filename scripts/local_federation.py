@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -27,7 +28,9 @@ sys.path.insert(0, str(ROOT))
 from asyncflower_jax.errors import ConfigError  # noqa: E402
 from asyncflower_jax.experiment import Experiment  # noqa: E402
 from asyncflower_jax.flower.local import CONNECTION, LocalFederation  # noqa: E402
-from asyncflower_jax.flower.run_config import compose_config  # noqa: E402
+from asyncflower_jax.flower.loop import FederationSettings  # noqa: E402
+from asyncflower_jax.flower.run_config import compose_config, federation_settings  # noqa: E402
+from asyncflower_jax.results.rundir import run_files  # noqa: E402
 
 
 def parse_value(text: str):
@@ -74,11 +77,20 @@ def check_run_config(run_config: dict) -> str | None:
             f"--run-config {unknown[0]} is invalid: must be one of the keys pyproject.toml declares {keys}; "
             f"set other keys through overrides, e.g. -c 'overrides=\"{unknown[0]}=...\"'"
         )
+    full = {**declared, **run_config}
     try:
-        Experiment(compose_config({**declared, **run_config}))  # (what the ServerApp builds first, from what flwr run sends it)
+        exp = Experiment(compose_config(full))  # (what the ServerApp builds first, from what flwr run sends it)
+        deployment = federation_settings(full)
+        FederationSettings.from_simulation(exp.settings, **{k: v for k, v in deployment.items() if k != "run_dir"})
     except ConfigError as exc:
         return f"--run-config is invalid: {exc}"
     return None
+
+
+def _terminate(signum, frame):
+    """SIGTERM (`kill`, `timeout`, a scheduler) ends the launcher as Ctrl-C does: every process it
+    started is stopped on the way out."""
+    raise SystemExit(128 + signum)
 
 
 def main(argv=None) -> int:
@@ -99,12 +111,29 @@ def main(argv=None) -> int:
         run_config[key] = parse_value(value)
     if args.workdir is not None and args.workdir.exists() and not args.workdir.is_dir():
         parser.error(f"--workdir {args.workdir} is a file: must be a directory (made if missing)")
+    if run_config["num_clients"] != args.nodes:
+        parser.error(
+            f"--run-config num_clients={run_config['num_clients']!r} is invalid: must be --nodes ({args.nodes}): each SuperNode holds "
+            "one client's partition"
+        )
     run_config.setdefault("concurrency", args.nodes)
     if not args.serve and (problem := check_run_config({"federation.run_dir": "", **run_config})):
         parser.error(problem)
+    named = run_config.get("federation.run_dir") or (args.workdir / "run" if args.workdir is not None else None)
+    if not args.serve and named and (present := run_files(Path(named))):  # (the ServerApp would refuse it, silently)
+        parser.error(f"the run directory {named} already holds a run ({', '.join(present)}): pass another --workdir (or federation.run_dir)")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="asyncflower-federation-"))  # only once the arguments are valid
     run_config.setdefault("federation.run_dir", str(workdir / "run"))
 
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _launch(args, workdir, run_config)
+    except KeyboardInterrupt:
+        print("stopped (Ctrl-C); every process this launcher started was stopped", file=sys.stderr)
+        return 130
+
+
+def _launch(args, workdir: Path, run_config: dict) -> int:
     with LocalFederation(args.nodes, workdir) as fed:
         print(f"SuperLink on 127.0.0.1:{fed.port}, {args.nodes} SuperNodes; logs in {workdir / 'logs'}", flush=True)
         if args.serve:
@@ -115,9 +144,10 @@ def main(argv=None) -> int:
                     time.sleep(1.0)
             except KeyboardInterrupt:
                 return 0
+        submitted = time.time()
         run_id = fed.submit(ROOT, run_config)
         print(f"run {run_id} started; results in {run_config['federation.run_dir']}", flush=True)
-        summary = fed.wait_for_run_dir(Path(run_config["federation.run_dir"]), args.timeout, run_id)
+        summary = fed.wait_for_run_dir(Path(run_config["federation.run_dir"]), args.timeout, run_id, since=submitted)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 

@@ -248,8 +248,9 @@ class LocalFederation:
     def submit(self, app_dir: Path, run_config: Mapping | None = None) -> int:
         """`flwr run <app_dir> <connection>` with `run_config` as `-c key=value` overrides; the run id."""
         args = ["run", str(Path(app_dir).resolve()), CONNECTION, "--format", "json"]
-        for key, value in (run_config or {}).items():
-            args += ["--run-config", f"{key}={_toml_value(value)}"]
+        if run_config:  # one string: Flower merges several --run-config tables shallowly, so a later
+            # federation.* entry replaced the earlier ones
+            args += ["--run-config", " ".join(f"{key}={_toml_value(value)}" for key, value in run_config.items())]
         done = self.flwr(*args)
         try:
             payload = json.loads(done.stdout)
@@ -265,15 +266,21 @@ class LocalFederation:
         done = self.flwr("log", str(run_id), CONNECTION, "--show", timeout=60)
         return done.stdout + done.stderr
 
-    def wait_for_run_dir(self, run_dir: Path, timeout: float, run_id: int | None = None) -> dict:
+    def wait_for_run_dir(self, run_dir: Path, timeout: float, run_id: int | None = None, since: float | None = None) -> dict:
         """The summary.json the ServerApp writes into `run_dir`; raises if it writes failed.json,
-        if a process exits, or after `timeout` seconds (with the logs)."""
+        if a process exits, or after `timeout` seconds (with the logs). With `since` (a time.time()
+        before the run was submitted), files older than that are an earlier run's and not waited for."""
         run_dir = Path(run_dir)
         deadline = time.monotonic() + timeout
+
+        def written(name: str) -> bool:
+            path = run_dir / name
+            return path.is_file() and (since is None or path.stat().st_mtime >= since)
+
         while time.monotonic() < deadline:
-            if (run_dir / SUMMARY_FILE).is_file():
+            if written(SUMMARY_FILE):
                 return json.loads((run_dir / SUMMARY_FILE).read_text())
-            if (run_dir / FAILED_FILE).is_file():
+            if written(FAILED_FILE):
                 failure = json.loads((run_dir / FAILED_FILE).read_text())
                 raise RuntimeError(f"the ServerApp failed: {failure.get('error')}: {failure.get('message')}\n{failure.get('traceback', '')}")
             self.check_alive()

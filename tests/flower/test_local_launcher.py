@@ -1,7 +1,11 @@
 """scripts/local_federation.py's argument handling (the federation itself: test_deployment.py)."""
 
 import importlib.util
+import os
+import signal
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -35,6 +39,9 @@ def test_run_config_values_from_the_command_line(launcher):
         (["-c", "nosuchkey=1"], "--run-config nosuchkey is invalid: must be one of the keys pyproject.toml declares ['strategy', "),
         (["-c", "max_updates=abc"], "--run-config is invalid: max_updates='abc' is invalid: must be an integer >= 1 or null"),
         (["--nodes", "2", "-c", "overrides=strategy.buffer_size=9"], "strategy.buffer_size=9 is invalid: must be <= concurrency (2)"),
+        (["--nodes", "3", "-c", "num_clients=4"], "--run-config num_clients=4 is invalid: must be --nodes (3)"),
+        (["-c", "federation.node_timeout=-1"], "--run-config is invalid: federation.node_timeout=-1.0 is invalid: must be > 0"),
+        (["-c", "federation.run_dir=5"], "--run-config is invalid: federation.run_dir=5 is invalid: must be a str"),
     ],
 )
 def test_bad_arguments_are_reported(launcher, argv, message, capsys, tmp_path, monkeypatch):
@@ -61,3 +68,46 @@ def test_a_federation_needs_a_node_and_nothing_starts_before_start(tmp_path):
     assert federation.processes == [] and federation.port is None
     federation.stop()  # nothing to stop: a no-op
     assert federation.alive_descendants() == []
+
+
+def test_a_run_directory_that_holds_a_run_is_refused_before_anything_starts(launcher, capsys, tmp_path):
+    """The ServerApp would refuse it without a word; the launcher would then take the old summary.json for the new run's."""
+    (tmp_path / "wd" / "run").mkdir(parents=True)
+    (tmp_path / "wd" / "run" / "summary.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        launcher.main(["--workdir", str(tmp_path / "wd")])
+    assert exit_info.value.code == 2 and "already holds a run (summary.json)" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "wd").iterdir()) == ["run"]  # no federation started
+
+
+def test_sigterm_ends_the_launcher_as_ctrl_c_does(launcher):
+    with pytest.raises(SystemExit) as exit_info:
+        launcher._terminate(signal.SIGTERM, None)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+
+
+def test_every_run_config_entry_reaches_the_server_app(tmp_path):
+    """Flower merges several --run-config tables shallowly: given one by one, a later federation.*
+    entry replaced the earlier ones. They go in one string, which Flower parses back whole."""
+    from flwr.common.config import parse_config_args
+
+    federation = LocalFederation(2, tmp_path)
+    sent = []
+    federation.flwr = lambda *args, **kwargs: (sent.append(args), SimpleNamespace(returncode=0, stdout='{"success": true, "run-id": 7}', stderr=""))[1]
+    config = {"federation.node_timeout": 15.0, "federation.min_nodes": 2, "overrides": "seed=1 strategy.buffer_size=2", "federation.run_dir": "/x y"}
+    assert federation.submit(tmp_path, config) == 7
+    (args,) = sent
+    assert args.count("--run-config") == 1
+    assert parse_config_args([args[args.index("--run-config") + 1]]) == config
+
+
+def test_an_earlier_runs_summary_is_not_taken_for_this_ones(tmp_path):
+    federation = LocalFederation(2, tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text('{"client_updates": 30}')
+    os.utime(run_dir / "summary.json", (time.time() - 60, time.time() - 60))
+    with pytest.raises(TimeoutError):
+        federation.wait_for_run_dir(run_dir, 1.0, since=time.time())
+    (run_dir / "summary.json").write_text('{"client_updates": 10}')
+    assert federation.wait_for_run_dir(run_dir, 5.0, since=time.time() - 5)["client_updates"] == 10
