@@ -8,6 +8,8 @@ that changed was accepted on a CPU and refused on a GPU. Run once per trace, at 
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,28 @@ import numpy as np
 
 class RuleOutputError(TypeError):
     """A rule's `aggregate` returned something the engine cannot use as the next (params, state)."""
+
+
+# What JAX raises when traced code needs a concrete value (a Python branch, float() or numpy on an array)
+_NOT_TRACEABLE = (
+    jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, jax.errors.TracerBoolConversionError,
+    jax.errors.TracerIntegerConversionError,
+)
+
+
+@contextlib.contextmanager
+def traced_rule(strategy, method: str):
+    """Inside the engine's jitted step: a rule method that cannot be traced is a RuleOutputError
+    naming it and the way out, instead of JAX's error pointing into the engine."""
+    try:
+        yield
+    except _NOT_TRACEABLE as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RuleOutputError(
+            f"{type(strategy).__name__}.{method} cannot be compiled ({type(exc).__name__}: {first}): the engine jit-compiles it, so it "
+            "may not branch in Python on array values nor convert them with float(), int() or numpy; rewrite those with "
+            "jnp.where / jax.lax.cond, or set `jittable = False` on the class to run it on the host (docs/strategies.md)"
+        ) from exc
 
 
 def check_aggregate_output(strategy, params, state, out) -> tuple:

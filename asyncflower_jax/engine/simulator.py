@@ -76,7 +76,7 @@ from .availability import AvailabilityModel
 from .faults import FAILURE_KINDS, LOST, NAN, NONFINITE, Faults
 from .pending import PendingResults, training_limit
 from .queued_steps import QueuedSteps, StepFacts
-from .rule_output import check_aggregate_output
+from .rule_output import check_aggregate_output, traced_rule
 from .scheduler import Scheduler, Task
 from .versions import VersionCache, write_row
 
@@ -359,8 +359,11 @@ class Simulator:
         The table comes first, as `VersionCache.put_by` wants it."""
         self.kernel_traces += 1  # runs only while tracing: counts compilations
         updates, _, finite, slot = gather_step(table, results, columns, params)
-        weights = self._weights(state, updates) if with_weights else None
-        params, state = check_aggregate_output(self.strategy, params, state, self.strategy.aggregate(params, state, updates))
+        with traced_rule(self.strategy, "update_weights"):
+            weights = self._weights(state, updates) if with_weights else None
+        with traced_rule(self.strategy, "aggregate"):
+            out = self.strategy.aggregate(params, state, updates)
+        params, state = check_aggregate_output(self.strategy, params, state, out)
         all_finite = all_finite & jnp.all(finite | ~updates.mask)  # (each row's flag was computed by its training call)
         return write_row(table, params, slot), (params, state, all_finite, weights)
 
@@ -382,7 +385,9 @@ class Simulator:
         rule's weights (from `state`, the state before the step) and local losses; a call of its
         own before the step (`_traced_row_facts` says why)."""
         updates, norms, loss = self._updates_and_norms(table, results, columns)
-        return stack_facts(norms, self._weights(state, updates), loss)
+        with traced_rule(self.strategy, "update_weights"):
+            weights = self._weights(state, updates)
+        return stack_facts(norms, weights, loss)
 
     def _traced_queued_row_facts(self, table, results, columns):
         """`_traced_row_facts` of every step of a queued call (`columns` [steps, ...]), vmapped over

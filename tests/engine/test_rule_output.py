@@ -1,6 +1,7 @@
 """engine/rule_output.py: a rule's aggregate must return (params, state) laid out as it was given them."""
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from asyncflower_jax.engine.rule_output import RuleOutputError, check_aggregate_output
@@ -73,3 +74,25 @@ def test_a_python_scalar_in_the_state_may_come_back_as_any_dtype_of_its_kind():
         with pytest.raises(RuleOutputError, match=r"leaf \['t'\] is float64\[\]"):
             step(lambda p, s: (p, {"t": s["t"] * 0.5}))(params, {"t": 0})
     assert isinstance(check_aggregate_output(Rule(), PARAMS, STATE, [PARAMS, STATE]), tuple)
+
+
+class PythonBranch(FedAsync):
+    """FedAsync that reads a staleness with float(): fine on the host, not under jit."""
+
+    def aggregate(self, params, state, updates):
+        if float(updates.staleness[0]) > 100:
+            return params, state
+        return super().aggregate(params, state, updates)
+
+
+class NumpyWeights(FedAsync):
+    def update_weights(self, state, updates):
+        return np.asarray(updates.staleness, np.float32)
+
+
+@pytest.mark.parametrize("rule, method", [(PythonBranch, "aggregate"), (NumpyWeights, "(aggregate|update_weights)")])  # (FedAsync.aggregate calls update_weights)
+def test_a_rule_that_cannot_be_compiled_is_named_with_the_way_out(rule, method):
+    exp = Experiment(make_config("num_clients=10", "concurrency=3", "max_updates=6", "model.hidden=[8]", "client.num_steps=1"))
+    exp.strategy = rule()
+    with pytest.raises(RuleOutputError, match=rf"{rule.__name__}\.{method} cannot be compiled \(\w+Error.*set `jittable = False`"):
+        exp.run()
