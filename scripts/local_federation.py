@@ -81,7 +81,7 @@ def check_run_config(run_config: dict) -> str | None:
     try:
         exp = Experiment(compose_config(full))  # (what the ServerApp builds first, from what flwr run sends it)
         deployment = federation_settings(full)
-        FederationSettings.from_simulation(exp.settings, **{k: v for k, v in deployment.items() if k != "run_dir"})
+        FederationSettings.from_simulation(exp.settings, **deployment)
     except ConfigError as exc:
         return f"--run-config is invalid: {exc}"
     return None

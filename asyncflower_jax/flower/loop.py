@@ -112,7 +112,9 @@ class FederationSettings:
 
     @classmethod
     def from_simulation(cls, sim, **federation) -> "FederationSettings":
-        """The simulator's settings (engine.simulator.SimulationSettings) plus deployment settings."""
+        """The simulator's settings (engine.simulator.SimulationSettings) plus deployment settings
+        (run_config.federation_settings; its `run_dir` is the ServerApp's, not the loop's)."""
+        federation.pop("run_dir", None)
         return cls(
             num_clients=sim.num_clients,
             concurrency=sim.concurrency,

@@ -75,7 +75,7 @@ def run_federation(
             log.warning("faults=%s are the simulator's injected faults; a federation has only the real ones", cfg.faults)
         if exp.settings.lookahead > 1:
             log.warning("lookahead=%d is the simulator's relaxed mode; a federation sends each client the current version", exp.settings.lookahead)
-        settings = FederationSettings.from_simulation(exp.settings, **{k: v for k, v in deployment.items() if k != "run_dir"})
+        settings = FederationSettings.from_simulation(exp.settings, **deployment)
         record_updates = bool(cfg.get("record_updates", True))
         columns = getattr(exp, "metric_columns", METRIC_COLUMNS)  # with validation_fraction > 0: the client-split columns too
         recorder = Recorder(run_dir, columns, UPDATE_COLUMNS if record_updates else None, FAILURE_COLUMNS)
