@@ -32,7 +32,7 @@ import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, is_number
 
 PRECISIONS = ("float32", "float64")  # experiment.PRECISIONS maps them to dtypes
 EXECUTIONS = ("auto", "vmap", "map")  # client.batched.EXECUTIONS
@@ -104,7 +104,7 @@ class Field:
             checked = float(value) if ok else value
         else:
             ok = isinstance(value, tuple(t for t in types if t is not bool))
-        if ok and isinstance(checked, (int, float)) and not isinstance(checked, bool):
+        if ok and is_number(checked):
             ok = _in_range(checked, self.low, self.high, self.low_open, self.high_open)
         if ok and self.choices is not None:
             ok = checked in self.choices

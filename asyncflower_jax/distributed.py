@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 
-from .errors import require
+from .errors import is_integer, require
 
 KEYS = ("coordinator_address", "num_processes", "process_id", "local_device_ids")
 
@@ -59,12 +59,12 @@ def check_mapping(settings) -> dict:
     address = kwargs["coordinator_address"]
     require(isinstance(address, str) and address.rpartition(":")[2].isdigit(), "distributed.coordinator_address", address, "a string host:port")
     count = kwargs["num_processes"]
-    require(isinstance(count, int) and not isinstance(count, bool) and count >= 1, "distributed.num_processes", count, "an integer >= 1")
+    require(is_integer(count) and count >= 1, "distributed.num_processes", count, "an integer >= 1")
     index = kwargs["process_id"]
-    require(isinstance(index, int) and not isinstance(index, bool) and 0 <= index < count, "distributed.process_id", index, f"an integer in [0, num_processes={count})")
+    require(is_integer(index) and 0 <= index < count, "distributed.process_id", index, f"an integer in [0, num_processes={count})")
     if "local_device_ids" in kwargs:
         ids = kwargs["local_device_ids"]
-        ok = isinstance(ids, Sequence) and not isinstance(ids, str) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+        ok = isinstance(ids, Sequence) and not isinstance(ids, str) and all(is_integer(i) and i >= 0 for i in ids)
         require(ok, "distributed.local_device_ids", ids, "a list of integers >= 0 or null")
         kwargs["local_device_ids"] = list(ids)
     return kwargs

@@ -1,8 +1,19 @@
-"""The one error type for bad user input, caught at the entry point and shown without a traceback."""
+"""The one error type for bad user input, caught at the entry point and shown without a traceback,
+and the type tests its checks share."""
 
 
 class ConfigError(ValueError):
     """A setting is out of range or names something that does not exist."""
+
+
+def is_integer(value) -> bool:
+    """An int, not a bool (True is an int to Python, never a count to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def require(condition: bool, key: str, value, allowed: str) -> None:

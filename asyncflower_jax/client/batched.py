@@ -41,7 +41,7 @@ import numpy as np
 
 from ..compilation import jit
 from ..data.store import ClientStore
-from ..errors import require
+from ..errors import is_integer, require
 from ..strategy.updates import PyTree, tree_bytes
 from .sharding import ClientMesh, select_devices
 
@@ -270,7 +270,7 @@ class BatchedTrainer:
         self.execution, self.chunk_size = resolve_execution(execution, int(chunk_size), devices=spanned)
         self.least_rows = None  # a "map" chunk's or another device's start models' fewest rows (`_settle`)
         self.client_flops = None  # one client's local training, in matrix-product flops (`_settle`, for the CPU's split rule)
-        require(isinstance(map_batch, int) and not isinstance(map_batch, bool) and map_batch >= 1, "map_batch", map_batch, "an integer >= 1")
+        require(is_integer(map_batch) and map_batch >= 1, "map_batch", map_batch, "an integer >= 1")
         self.map_batch = map_batch
         self.chunk_traces = 0
         self.split_batches = 0  # batches trained on several devices

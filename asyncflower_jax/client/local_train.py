@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..errors import require
+from ..errors import is_integer, require
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -56,7 +56,7 @@ class LocalTraining:
 
     def __post_init__(self):
         def integer(key, value):
-            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"client.{key}", value, "an integer >= 1")
+            require(is_integer(value) and value >= 1, f"client.{key}", value, "an integer >= 1")
 
         integer("num_steps", self.num_steps)
         integer("batch_size", self.batch_size)

@@ -30,7 +30,7 @@ from ..compilation import use_compilation_cache
 from ..config_schema import check
 from ..data.federated import build_clients
 from ..data.store import ClientStore
-from ..errors import ConfigError
+from ..errors import ConfigError, is_integer
 from ..experiment import PARTITION_STREAM, PRECISIONS, TRAIN_STREAM, apply_matmul_precision, build, uses_x64
 from ..models.mlp import init_params
 from ..strategy.updates import PyTree
@@ -58,9 +58,9 @@ def node_partition(node_config: Mapping) -> tuple[int, int]:
     """(partition id, number of partitions) from a SuperNode's node config; a ConfigError if missing or invalid."""
     pid, parts = node_config.get(PARTITION_ID_KEY), node_config.get(NUM_PARTITIONS_KEY)
     hint = f"start the SuperNode with --node-config '{PARTITION_ID_KEY}=<i> {NUM_PARTITIONS_KEY}=<N>' (0 <= i < N = num_clients)"
-    if not (isinstance(parts, int) and not isinstance(parts, bool) and parts >= 1):
+    if not (is_integer(parts) and parts >= 1):
         raise ConfigError(f"node config {NUM_PARTITIONS_KEY}={parts!r} is invalid: must be an integer >= 1; {hint}")
-    if not (isinstance(pid, int) and not isinstance(pid, bool) and 0 <= pid < parts):
+    if not (is_integer(pid) and 0 <= pid < parts):
         raise ConfigError(f"node config {PARTITION_ID_KEY}={pid!r} is invalid: must be an integer in [0, {parts}); {hint}")
     return pid, parts
 

@@ -47,7 +47,7 @@ from ..engine.rule_output import check_aggregate_output
 from ..engine.faults import DROPOUT, FAILED, FAILURE_KINDS, NONFINITE, TIMEOUT
 from ..engine.simulator import check_strategy, tree_finite, update_norms
 from ..engine.versions import VersionCache
-from ..errors import ConfigError, require
+from ..errors import ConfigError, is_integer, require
 from ..strategy.base import AsyncStrategy, _stack_rows, reply_to_row
 from ..strategy.updates import PyTree
 from .protocol import ARRAYS, CONFIG, DISPATCH_ID_KEY, NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SERVER_ROUND_KEY, START_VERSION_KEY, TRAIN_LOSS_KEY
@@ -86,7 +86,7 @@ class FederationSettings:
 
     def __post_init__(self):
         def integer(key, value, low):
-            require(isinstance(value, int) and not isinstance(value, bool) and value >= low, key, value, f"an integer >= {low}")
+            require(is_integer(value) and value >= low, key, value, f"an integer >= {low}")
 
         integer("num_clients", self.num_clients, 1)
         integer("concurrency", self.concurrency, 1)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ..errors import ConfigError, require
+from ..errors import ConfigError, is_integer, require
 
 #: conf/ beside the package (in a checkout and in an installed Flower App Bundle alike).
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -87,7 +87,7 @@ def federation_settings(run_config: Mapping) -> dict:
     out = {}
     for key, default in FEDERATION_KEYS.items():
         value = run_config.get(key, default)
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(default, float) and is_integer(value):
             value = float(value)
         require(type(value) is type(default), key, value, f"a {type(default).__name__}")
         out[key[len(FEDERATION_PREFIX) :]] = value

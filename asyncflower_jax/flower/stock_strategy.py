@@ -40,7 +40,7 @@ from flwr.serverapp import strategy as flower_strategies
 from flwr.supercore.logger import FLOWER_LOGGER
 from flwr.supercore.task_identity import TaskIdentity
 
-from ..errors import ConfigError, require
+from ..errors import ConfigError, is_integer, is_number, require
 from ..strategy.base import NUM_EXAMPLES_KEY, AsyncStrategy
 from ..strategy.updates import UpdateBatch
 from .in_process_grid import InProcessGrid
@@ -81,7 +81,7 @@ class FlowerStrategy(AsyncStrategy):
 
     def __init__(self, strategy, cohort_size: int = 10):
         require(
-            isinstance(cohort_size, int) and not isinstance(cohort_size, bool) and cohort_size >= 1,
+            is_integer(cohort_size) and cohort_size >= 1,
             COHORT_KEY,
             cohort_size,
             "an integer >= 1",
@@ -312,12 +312,11 @@ def _check_settings(strategy, cohort_size: int) -> None:
     for name, (test, allowed) in _SETTINGS.items():
         if hasattr(inner, name):
             value = getattr(inner, name)
-            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            require(is_number and test(value), f"{STRATEGY_KEY}.{name}", value, f"a number {allowed}")
+            require(is_number(value) and test(value), f"{STRATEGY_KEY}.{name}", value, f"a number {allowed}")
     if hasattr(inner, "num_malicious_nodes"):  # Krum, MultiKrum: each score sums the distances to n - f - 2 neighbours
         f = inner.num_malicious_nodes
         require(
-            isinstance(f, int) and not isinstance(f, bool) and 0 <= f <= cohort_size - 3,
+            is_integer(f) and 0 <= f <= cohort_size - 3,
             f"{STRATEGY_KEY}.num_malicious_nodes",
             f,
             f"an integer in [0, strategy.cohort_size - 3] ({cohort_size - 3}): Krum scores each model by its n - f - 2 nearest neighbours",
@@ -325,7 +324,7 @@ def _check_settings(strategy, cohort_size: int) -> None:
     if hasattr(inner, "num_nodes_to_select"):
         m = inner.num_nodes_to_select
         require(
-            isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= cohort_size,
+            is_integer(m) and 1 <= m <= cohort_size,
             f"{STRATEGY_KEY}.num_nodes_to_select",
             m,
             f"an integer in [1, strategy.cohort_size] ({cohort_size})",

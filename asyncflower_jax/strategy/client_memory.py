@@ -14,14 +14,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ..errors import require
+from ..errors import is_integer, require
 from .updates import PyTree, zero_rows
 
 
 def check_population(num_clients) -> None:
     """Rules with a per-client memory need the population size N."""
     require(
-        isinstance(num_clients, int) and not isinstance(num_clients, bool) and num_clients >= 1,
+        is_integer(num_clients) and num_clients >= 1,
         "strategy.num_clients",
         num_clients,
         "an integer >= 1 (the population size)",

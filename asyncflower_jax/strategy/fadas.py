@@ -7,7 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ..errors import require
+from ..errors import is_integer, require
 from .base import AsyncStrategy, buffer_or_window, check_buffer_and_window
 from .updates import PyTree, UpdateBatch, weighted_sum
 
@@ -47,7 +47,7 @@ class FADAS(AsyncStrategy):
         require(0 <= b1 < 1, "strategy.b1", b1, "in [0, 1)")
         require(0 <= b2 < 1, "strategy.b2", b2, "in [0, 1)")
         require(eps > 0, "strategy.eps", eps, "> 0")
-        require(isinstance(tau_c, int) and not isinstance(tau_c, bool) and tau_c >= 0, "strategy.tau_c", tau_c, "an integer >= 0")
+        require(is_integer(tau_c) and tau_c >= 0, "strategy.tau_c", tau_c, "an integer >= 0")
         require(isinstance(delay_adaptive, bool), "strategy.delay_adaptive", delay_adaptive, "true or false")
         self.buffer_size = buffer_size
         self.round_duration = round_duration

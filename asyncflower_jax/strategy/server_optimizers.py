@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import optax
 
-from ..errors import ConfigError, require
+from ..errors import ConfigError, is_number, require
 
 SERVER_OPTIMIZERS = ("sgd", "fedavgm", "adam", "yogi", "adagrad")
 DEFAULT_TAU = 1e-3
@@ -51,8 +51,7 @@ def _check_kwarg(key: str, value, given: str) -> None:
         require(isinstance(value, bool), setting, value, "true or false")
     elif key in _KWARG_RANGES:
         test, allowed = _KWARG_RANGES[key]
-        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        require(is_number and test(value), setting, value, allowed)
+        require(is_number(value) and test(value), setting, value, allowed)
 
 
 def server_optimizer(name: str, learning_rate: float, **kwargs) -> optax.GradientTransformation:
@@ -95,7 +94,7 @@ def resolve_server_optimizer(
     if isinstance(optimizer, str):
         require(optimizer in SERVER_OPTIMIZERS, "strategy.server_optimizer", optimizer, f"one of {SERVER_OPTIMIZERS}")
         lr = DEFAULT_LEARNING_RATES[optimizer] if server_lr is None else server_lr
-        require(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0, "strategy.server_lr", lr, "> 0")
+        require(is_number(lr) and lr > 0, "strategy.server_lr", lr, "> 0")
         return server_optimizer(optimizer, float(lr), **dict(kwargs or {})), optimizer, float(lr)
     require(
         isinstance(optimizer, optax.GradientTransformation),
