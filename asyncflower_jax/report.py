@@ -3,10 +3,11 @@
     python -m asyncflower_jax.report <results dir> [--target 0.9] [--out DIR]
 
 Runs are grouped by their Hydra overrides without `seed` and the settings that change no result
-(`resume`, `progress`, checkpointing, trackers: a resumed sweep's jobs stay in their groups); per group, report.md / report.csv give
-final and best test accuracy, simulated time and client updates to reach the target accuracy and
-wall time, and PNGs overlay the groups' mean accuracy curves. Runs without summary.json are listed
-as unfinished rather than dropped. Output goes to DIR (default: the results dir).
+(`resume`, `progress`, checkpointing, trackers: a resumed sweep's jobs stay in their groups); per
+group, report.md / report.csv give final and best test accuracy, simulated time and client
+updates to reach the target accuracy and wall time, and PNGs overlay the groups' mean accuracy
+curves. Runs without summary.json are listed as unfinished rather than dropped. Output goes to DIR
+(default: the results dir).
 """
 
 from __future__ import annotations

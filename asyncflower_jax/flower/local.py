@@ -248,8 +248,9 @@ class LocalFederation:
     def submit(self, app_dir: Path, run_config: Mapping | None = None) -> int:
         """`flwr run <app_dir> <connection>` with `run_config` as `-c key=value` overrides; the run id."""
         args = ["run", str(Path(app_dir).resolve()), CONNECTION, "--format", "json"]
-        if run_config:  # one string: Flower merges several --run-config tables shallowly, so a later
-            # federation.* entry replaced the earlier ones
+        # in one string: Flower merges several --run-config tables shallowly, so a later
+        # federation.* entry replaced the earlier ones
+        if run_config:
             args += ["--run-config", " ".join(f"{key}={_toml_value(value)}" for key, value in run_config.items())]
         done = self.flwr(*args)
         try:

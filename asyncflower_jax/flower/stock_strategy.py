@@ -292,7 +292,8 @@ def _check_sampling(strategy, cohort_size: int) -> None:
 
 
 # The numeric settings of Flower's strategies, by attribute name: (test, allowed). Flower checks
-# none of them (FedTrimmedAvg checks its beta); a negative learning rate or momentum ran, and diverged or stayed at chance.
+# none of them (FedTrimmedAvg checks its beta): a negative learning rate or momentum ran, and
+# diverged or stayed at chance.
 _UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
 _SETTINGS = {
     "eta": (lambda v: v > 0, "> 0"),

@@ -81,8 +81,9 @@ class FedStaleAsync(AsyncStrategy):
     w_i = n_i / sum n over P u H (`weighting="data_size"`, n_i from the fresh update if i is in
     P) or 1 / |P u H| (`"uniform"`); with `normalize_over="seen"` the sums run over every client
     that has taken part so far instead (the same unless the memory is cleared: then P u H is P
-    alone, and dividing by p_i on top of a mean over P makes the step about N / K too large). alpha, beta: staleness functions (staleness.py) or
-    `GroupConstant`; with `personalized_b` a Hinge uses b / p_i instead of b. The sum is a
+    alone, and dividing by p_i on top of a mean over P makes the step about N / K too large).
+    alpha, beta: staleness functions (staleness.py) or `GroupConstant`; with `personalized_b` a
+    Hinge uses b / p_i instead of b. The sum is a
     pseudo-gradient for `server_optimizer` ("sgd": x <- x - server_lr * sum). Versions play the
     role of the original code's server rounds. `synchronous=True` dispatches a fresh cohort after
     each aggregation (FedStale, UnbiasedFedAvg) instead of refilling on every arrival.
