@@ -175,9 +175,9 @@ def test_a_refused_command_writes_nothing(tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr and (tmp_path / "a_file").read_text() == "x"
     proc = run_py([f"resume={run_dir}", "seed=3"], tmp_path)
     assert proc.returncode == 2 and "seed=3 is invalid: must be 0" in proc.stdout + proc.stderr
-    assert not (run_dir / "failed.json").exists() and {k: v for k, v in files().items() if ".hydra/resumed" not in k and k != "run.log"} == {
-        k: v for k, v in before.items() if k != "run.log"
-    }
+    assert "Traceback" not in proc.stdout + proc.stderr and files() == before  # not even Hydra's .hydra/resumed/ nor run.log
+    proc = run_py(["resume=true", f"hydra.run.dir={run_dir}", "strategy=fedbuff"], tmp_path)
+    assert proc.returncode == 2 and "strategy=fedbuff is invalid: it changes the run's strategy._target_" in proc.stdout + proc.stderr and files() == before
 
 
 def test_a_finished_runs_summary_is_written_after_its_plots(tmp_path, monkeypatch):

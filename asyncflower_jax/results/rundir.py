@@ -167,6 +167,26 @@ class ResumeTargetCheck(Callback):
             if Path(str(config.hydra.run.dir)).is_file():
                 _refuse(f"hydra.run.dir={str(config.hydra.run.dir)!r} is invalid: must be a directory (or a path to make one), and it is a file")
             _remember(config.hydra.run.dir)
+        self._refuse_contradicting_resume(config)
+
+    @staticmethod
+    def _refuse_contradicting_resume(config) -> None:
+        """A resume whose override contradicts the run's saved configuration, refused before Hydra
+        writes its record (.hydra/resumed/, replacing the last resume's) and appends to run.log."""
+        if not resume_requested(config.get("resume")):
+            return
+        run_dir = resume_path(config.get("resume"))
+        if run_dir is None and not OmegaConf.is_interpolation(config.hydra.run, "dir"):
+            run_dir = str(config.hydra.run.dir)
+        if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
+            return
+        job = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        try:
+            resumed_config(job, Path(run_dir), list(config.hydra.overrides.task))
+        except RunRefused as exc:
+            _refuse(str(exc))
+        except Exception:  # (a value this check cannot resolve: the run itself reports it)
+            return
 
     def on_multirun_start(self, config, **kwargs) -> None:
         if not config.hydra.searchpath:  # (a user's own config directories: Hydra alone knows their groups)
@@ -258,6 +278,18 @@ def _override_key(override: str) -> str:
     return override.lstrip("~+").split("=", 1)[0].strip()
 
 
+def _changed_values(old: dict, new: dict, prefix: str) -> dict:
+    """The dotted keys whose values differ between two plain configs -> (old, new); absent: None."""
+    changed = {}
+    for k in list(old) + [k for k in new if k not in old]:
+        o, n = old.get(k), new.get(k)
+        if isinstance(o, dict) and isinstance(n, dict):
+            changed.update(_changed_values(o, n, f"{prefix}.{k}"))
+        elif o != n:
+            changed[f"{prefix}.{k}"] = (o, n)
+    return changed
+
+
 def resumed_config(cfg, run_dir: Path, overrides: list[str]):
     """The configuration of the run in `run_dir` (its config.yaml) for resuming it. Of the
     RESUME_MUTABLE_KEYS, those overridden on the command line (in `overrides`) are taken from
@@ -276,10 +308,18 @@ def resumed_config(cfg, run_dir: Path, overrides: list[str]):
             continue
         new, old = OmegaConf.select(OmegaConf.create(current), key), OmegaConf.select(saved, key)
         as_plain = lambda v: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v  # noqa: E731
-        if as_plain(new) != as_plain(old):
+        new, old = as_plain(new), as_plain(old)
+        if new != old:
+            if isinstance(new, dict) and isinstance(old, dict):  # a config group's choice: name the values it changes
+                changed = _changed_values(old, new, key)
+                shown = ", ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in list(changed.items())[:4])
+                more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+                raise RunRefused(
+                    f"{override.lstrip('~+')} is invalid: it changes the run's {shown}{more} (saved in {path}; a resumed "
+                    "run keeps the configuration it started with)"
+                )
             raise RunRefused(
-                f"{key}={as_plain(new)!r} is invalid: must be {as_plain(old)!r} as in {path} "
-                "(a resumed run keeps the configuration it started with)"
+                f"{key}={new!r} is invalid: must be {old!r} as in {path} (a resumed run keeps the configuration it started with)"
             )
     overridden = {_override_key(o).split(".", 1)[0] for o in overrides}
     for key in RESUME_MUTABLE_KEYS:
