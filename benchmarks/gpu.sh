@@ -56,9 +56,10 @@ step throughput 160 "$PY" benchmarks/throughput.py --out "$OUT" --repeats 1 --ch
 #    the about 6 us that 200x needs (one aggregation per call against the sequential baseline was
 #    measured before: 1.4 to 1.6x, BENCHMARKS.md)
 step host_loop 45 "$PY" benchmarks/host_loop.py --out "$OUT" --repeats 2 --updates 4000 --concurrency 1000 --per-call 1 1024
-# 2. per-client LEAF CNN against the shared-weights ceiling, M = 128, 512, 1024: the two best
-#    variants of that run (about 9 s each, compilation included)
-step vectorization 140 "$PY" benchmarks/vectorization.py --out "$OUT" --repeats 2 --variants vmap-chunk-64 vmap-chunk-128-bf16
+# 2. per-client LEAF CNN against the shared-weights ceiling, M = 128, 512, 1024: the best float32
+#    variant of that run, with XLA's convolutions and as patches and one matmul (models/conv.py),
+#    each against the faster ceiling (about 9 s each, compilation included; bfloat16 gained 0.05)
+step vectorization 140 "$PY" benchmarks/vectorization.py --out "$OUT" --repeats 2 --no-bf16 --variants vmap-chunk-64 vmap-chunk-64-patches
 # 3. whole simulation / bare training (FedAsync, exponential durations: the smallest batches)
 step overhead 70 "$PY" benchmarks/overhead.py --out "$OUT" --repeats 1 --chunk-size 2048 --rules fedasync --latencies exponential --concurrency 100 1000
 # 4. N = 1e6 at M = 1000 and 10,000 (one process per point; the small sizes are the CPU's)

@@ -64,9 +64,9 @@ def lines(directory: Path) -> list[str]:
             elif name == "vectorization":
                 for r in data["rows"]:
                     if "error" in r:
-                        out.append(f"{name:<14} M={r['M']:<6} {r['variant']:>20}: {r['error'][:80]}")
+                        out.append(f"{name:<14} M={r['M']:<6} {r['variant']:>26}: {r['error'][:80]}")
                     else:
-                        out.append(f"{name:<14} M={r['M']:<6} {r['variant']:>20}: {r['samples_per_s']:10.0f} samples/s  {r.get('of_ceiling', float('nan')):.2f} of the ceiling{quick}")
+                        out.append(f"{name:<14} M={r['M']:<6} {r['variant']:>26}: {r['samples_per_s']:10.0f} samples/s  {r.get('of_ceiling', float('nan')):.2f} of the ceiling{quick}")
             elif name == "vs_flower":
                 for r in data["rows"]:
                     out.append(

@@ -11,8 +11,11 @@ with its own weights, S local steps of batch B on 28x28 images (synthetic: this 
   ...-bf16        the same with the forward and backward passes in bfloat16 (compute_dtype);
   chunk-donated-c chunks of c clients whose start weights are passed in and donated, so the
                   trained weights are written over them (no new buffer per chunk);
+  ...-patches     the same with the model's convolutions as slices and one matmul
+                  (model.conv=patches, models/conv.py) instead of XLA's (model.conv=lax);
 against the shared-weights ceiling: one model trained on batches of M x B for S steps, the same
-arithmetic with one set of weights (`shared`, and `shared-bf16` for the bfloat16 variants).
+arithmetic with one set of weights (`shared`, and `shared-bf16` for the bfloat16 variants), the
+faster of its two convolutions.
 Reported: samples/s (M x S x B / wall, median of --repeats after a compiling call) and the
 fraction of the ceiling. The target (GPU): >= 0.6 of the ceiling at M = 128, 512, 1024.
 
@@ -42,6 +45,7 @@ from asyncflower_jax.client.local_train import LocalTraining, make_local_train  
 from asyncflower_jax.client.precision import mixed_precision  # noqa: E402
 from asyncflower_jax.compilation import jit  # noqa: E402
 from asyncflower_jax.data.store import ClientStore  # noqa: E402
+from asyncflower_jax.models.conv import conv_function  # noqa: E402
 
 FULL = {"concurrency": [128, 512, 1024], "steps": 5, "batch": 32, "widths": (32, 64, 2048), "classes": 62, "samples_per_client": 64, "pool": 16384,
         "chunks": [64, 128], "map_batches": [64], "bf16_chunks": [64, 128], "donated_chunks": [64]}
@@ -54,25 +58,26 @@ class LeafCNN(nn.Module):
 
     widths: tuple[int, int, int] = (32, 64, 2048)
     num_classes: int = 62
+    conv: str = "lax"
 
     @nn.compact
     def __call__(self, x):
         x = x.reshape((x.shape[0], 28, 28, 1))
         for width in self.widths[:2]:
-            x = nn.relu(nn.Conv(width, (5, 5), padding="SAME")(x))
+            x = nn.relu(nn.Conv(width, (5, 5), padding="SAME", conv_general_dilated=conv_function(self.conv))(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = nn.relu(nn.Dense(self.widths[2])(x.reshape((x.shape[0], -1))))
         return nn.Dense(self.num_classes)(x)
 
 
-def setup(p: dict, m: int):
+def setup(p: dict, m: int, conv: str = "lax"):
     rng = np.random.default_rng(0)
     x = rng.random((p["pool"], 784), dtype=np.float32)
     y = rng.integers(0, p["classes"], p["pool"]).astype(np.int32)
     spc = p["samples_per_client"]
     offsets = ((np.arange(m) * spc) % (p["pool"] - spc + 1)).astype(np.int32)
     store = ClientStore(jnp.asarray(x), jnp.asarray(y), offsets, np.full(m, spc, np.int32))
-    module = LeafCNN(tuple(p["widths"]), p["classes"])
+    module = LeafCNN(tuple(p["widths"]), p["classes"], conv)
     params = module.init(jax.random.key(0), jnp.zeros((1, 784)))
     return store, module, params
 
@@ -127,9 +132,16 @@ def shared(p, store, module, params, m, compute_dtype, repeats):
     return time_call(lambda: train(params, store.x, store.y, np.int32(0), n, jax.random.key(2))[0], repeats)
 
 
-def variants_of(p: dict, m, bf16: bool = True) -> list[tuple]:
-    """The variants run at concurrency m, in order: (name, function, its arguments between
-    (p, store, module, params, m) and repeats)."""
+def variants_of(p: dict, m, bf16: bool = True, convs=("lax",)) -> list[tuple]:
+    """The variants run at concurrency m, in order, ceilings first: (name, conv, function, its
+    arguments between (p, store, module, params, m) and repeats); a name ends in -patches where
+    the convolution is (models.conv)."""
+    named = lambda name, conv: name if conv == "lax" else f"{name}-patches"  # noqa: E731
+    ceilings = [(named(n, c), c, f, e) for c in convs for n, f, e in _variants(p, m, bf16) if n.startswith("shared")]
+    return ceilings + [(named(n, c), c, f, e) for c in convs for n, f, e in _variants(p, m, bf16) if not n.startswith("shared")]
+
+
+def _variants(p: dict, m, bf16: bool) -> list[tuple]:
     found = [("shared", shared, (None,))] + ([("shared-bf16", shared, ("bfloat16",))] if bf16 else [])
     found.append(("vmap-all", per_client, ("vmap", m, 1, None)))
     found += [(f"vmap-chunk-{c}", per_client, ("vmap", c, 1, None)) for c in p["chunks"] if c < m]
@@ -146,35 +158,41 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=common.positive_int, default=3)
     parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 variants")
     parser.add_argument("--variants", nargs="+", metavar="NAME", help="run only these variants (e.g. shared vmap-chunk-64); the ceilings 'shared' and 'shared-bf16' are always run")
+    parser.add_argument("--conv", nargs="+", choices=["lax", "patches"], default=["lax", "patches"], help="the models' convolutions to run (default both)")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
     if args.concurrency:
         p["concurrency"] = args.concurrency
-    known = {name for name, _, _ in variants_of(p, math.inf)}
+    known = {name for name, _, _, _ in variants_of(p, math.inf, convs=("lax", "patches"))}
     if args.variants and set(args.variants) - known:
         parser.error(f"--variants: unknown {sorted(set(args.variants) - known)}; choose from {sorted(known)}")
     out = {"benchmark": "vectorization", "quick": args.quick, "machine": common.machine(), "parameters": {**p, "repeats": args.repeats}, "rows": []}
     started = time.perf_counter()
     for m in p["concurrency"]:
-        store, module, params = setup(p, m)
+        built = {conv: setup(p, m, conv) for conv in args.conv}
         samples = m * p["steps"] * p["batch"]
-        ceiling = {}
-        for name, fn, extra in variants_of(p, m, bf16=not args.no_bf16):
+        ceiling = {}  # "shared" / "shared-bf16" -> the faster convolution's samples/s
+        for name, conv, fn, extra in variants_of(p, m, bf16=not args.no_bf16, convs=args.conv):
             if args.variants and not (name.startswith("shared") or name in args.variants):
                 continue
+            store, module, params = built[conv]
             try:
                 wall = fn(p, store, module, params, m, *extra, args.repeats)
-                row = {"M": m, "variant": name, "wall": wall, "samples_per_s": samples / wall}
+                row = {"M": m, "variant": name, "conv": conv, "wall": wall, "samples_per_s": samples / wall}
             except Exception as exc:  # e.g. out of device memory for the widest vmap
-                row = {"M": m, "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                row = {"M": m, "variant": name, "conv": conv, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            precision = "shared-bf16" if "bf16" in name else "shared"
             if name.startswith("shared") and "samples_per_s" in row:
-                ceiling[name] = row["samples_per_s"]
-            reference = ceiling.get("shared-bf16" if name.endswith("bf16") else "shared")
+                ceiling[precision] = max(ceiling.get(precision, 0.0), row["samples_per_s"])
+            reference = None if name.startswith("shared") else ceiling.get(precision)
             if "samples_per_s" in row and reference:
                 row["of_ceiling"] = row["samples_per_s"] / reference
             out["rows"].append(row)
             common.write_partial(out, args.out, "vectorization")
-            print(f"  M={m:<5} {name:>20}: " + (f"{row['samples_per_s']:12.0f} samples/s  {row.get('of_ceiling', float('nan')):.2f} of the ceiling" if "error" not in row else row["error"][:120]), flush=True)
+            print(f"  M={m:<5} {name:>26}: " + (f"{row['samples_per_s']:12.0f} samples/s  {row.get('of_ceiling', float('nan')):.2f} of the ceiling" if "error" not in row else row["error"][:120]), flush=True)
+        for row in out["rows"]:  # each ceiling against the faster of them
+            if row["M"] == m and row["variant"].startswith("shared") and "samples_per_s" in row:
+                row["of_ceiling"] = row["samples_per_s"] / ceiling["shared-bf16" if "bf16" in row["variant"] else "shared"]
     ok = [r for r in out["rows"] if "error" not in r]
     print(f"\n# per-client LEAF CNN{' (narrow, quick)' if args.quick else ''}: samples/s, {p['steps']} steps of batch {p['batch']} per client")
     print(common.table(ok, [("M", "M", "d"), ("variant", "variant", "s"), ("samples_per_s", "samples/s", ".0f"), ("of_ceiling", "of ceiling", ".2f")]))

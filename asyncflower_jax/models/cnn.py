@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 
 from . import Inputs, positive_int, positive_ints
+from .conv import conv_function
 
 IMAGES = "images [H, W] or [H, W, C] (or square gray images flattened)"
 
@@ -25,18 +26,20 @@ class LeafCNN(nn.Module):
     num_classes: int
     features: tuple[int, int] = (32, 64)
     hidden: int = 2048
+    conv: str = "auto"  # models.conv.conv_function
     INPUTS = Inputs(f"{IMAGES} of side >= 4 (two 2x2 poolings), e.g. dataset=femnist or fashion_mnist", min_side=4)
 
     def __post_init__(self):
         positive_ints("model.features", self.features)
         positive_int("model.hidden", self.hidden)
+        conv_function(self.conv)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x):
         x = _images(x)
         for width in self.features:
-            x = nn.relu(nn.Conv(width, (5, 5), padding="SAME")(x))
+            x = nn.relu(nn.Conv(width, (5, 5), padding="SAME", conv_general_dilated=conv_function(self.conv))(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(self.hidden)(x))
@@ -51,18 +54,20 @@ class CifarCNN(nn.Module):
     num_classes: int
     features: tuple[int, int] = (6, 16)
     hidden: tuple[int, int] = (120, 84)
+    conv: str = "auto"  # models.conv.conv_function
     INPUTS = Inputs(f"{IMAGES} of side >= 16 (two unpadded 5x5 convolutions and 2x2 poolings), e.g. dataset=cifar10", min_side=16)
 
     def __post_init__(self):
         positive_ints("model.features", self.features)
         positive_ints("model.hidden", self.hidden)
+        conv_function(self.conv)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x):
         x = _images(x)
         for width in self.features:
-            x = nn.relu(nn.Conv(width, (5, 5), padding="VALID")(x))
+            x = nn.relu(nn.Conv(width, (5, 5), padding="VALID", conv_general_dilated=conv_function(self.conv))(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
         for width in self.hidden:

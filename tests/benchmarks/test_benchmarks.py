@@ -282,10 +282,15 @@ def test_vectorization_quick(tmp_path):
     rows = [r for r in data["rows"] if "error" not in r]
     assert {r["M"] for r in rows} == {4}
     variants = {r["variant"] for r in rows}
-    assert {"shared", "shared-bf16", "vmap-all", "vmap-chunk-2", "map-vmap-2", "vmap-chunk-2-bf16", "chunk-donated-2"} <= variants
+    lax = {"shared", "shared-bf16", "vmap-all", "vmap-chunk-2", "map-vmap-2", "vmap-chunk-2-bf16", "chunk-donated-2"}
+    assert lax | {f"{v}-patches" for v in lax} <= variants
     for r in rows:
-        assert r["samples_per_s"] > 0
-        assert r["of_ceiling"] == pytest.approx(1.0) if r["variant"].startswith("shared") else r["of_ceiling"] > 0
+        assert r["samples_per_s"] > 0 and r["conv"] == ("patches" if r["variant"].endswith("-patches") else "lax")
+        # each against the faster ceiling of its precision, whichever convolution that is
+        ceiling = max(c["samples_per_s"] for c in rows if c["variant"] in ("shared-bf16", "shared-bf16-patches") if "bf16" in r["variant"]) if "bf16" in r["variant"] else max(
+            c["samples_per_s"] for c in rows if c["variant"] in ("shared", "shared-patches"))
+        assert r["of_ceiling"] == pytest.approx(r["samples_per_s"] / ceiling)
+    assert max(r["of_ceiling"] for r in rows if r["variant"] in ("shared", "shared-patches")) == pytest.approx(1.0)
 
 
 def test_summary_reads_what_the_benchmarks_write(tmp_path):
@@ -351,4 +356,6 @@ def test_vectorization_runs_only_the_variants_named_beside_the_ceiling(tmp_path)
         vectorization.main(["--quick", "--out", str(tmp_path), "--variants", "vmap-chunk-3"])
     vectorization.main(["--quick", "--out", str(tmp_path), "--repeats", "1", "--concurrency", "4", "--no-bf16", "--variants", "vmap-chunk-2"])
     data = read(tmp_path / "vectorization.json")
-    assert [r["variant"] for r in data["rows"]] == ["shared", "vmap-chunk-2"]
+    assert [r["variant"] for r in data["rows"]] == ["shared", "shared-patches", "vmap-chunk-2"]
+    vectorization.main(["--quick", "--out", str(tmp_path), "--repeats", "1", "--concurrency", "4", "--no-bf16", "--conv", "patches", "--variants", "vmap-chunk-2-patches"])
+    assert [r["variant"] for r in read(tmp_path / "vectorization.json")["rows"]] == ["shared-patches", "vmap-chunk-2-patches"]

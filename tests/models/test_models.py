@@ -114,6 +114,8 @@ BAD_SETTINGS = [
     (lambda: CifarCNN(10, features=(6, 0)), "model.features=[6, 0] is invalid: must be a list of integers >= 1"),
     (lambda: resnet8(10, norm_groups=3), "model.norm_groups=3 is invalid: must be an integer >= 1 that divides every width (16, 32, 64) (GroupNorm)"),
     (lambda: resnet18(10, norm_groups=0), "model.norm_groups=0 is invalid: must be an integer >= 1"),
+    (lambda: LeafCNN(10, conv="cudnn"), "model.conv='cudnn' is invalid: must be one of ['auto', 'patches', 'lax']"),
+    (lambda: resnet8(10, conv="im2col"), "model.conv='im2col' is invalid: must be one of ['auto', 'patches', 'lax']"),
 ]
 
 
