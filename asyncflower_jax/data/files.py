@@ -150,6 +150,9 @@ def _check_labels(y: np.ndarray, path: Path, label: str) -> None:
         bad = np.flatnonzero(~np.isfinite(y))
         if len(bad):
             raise ConfigError(f"dataset.label={label!r} is invalid: must be a label for every sample (an integer 0..C-1, a string, ...), not NaN or infinity; {path} has {y[bad[0]]} at sample {int(bad[0])} (counting from 0)")
+        if np.issubdtype(y.dtype, np.floating) and len(y) and np.all(y == np.round(y)) and y.min() < 0:  # (whole numbers are integers)
+            first = int(np.argmax(y < 0))
+            raise ConfigError(f"dataset.label={label!r} is invalid: must be integers >= 0 (or non-integer labels, which are numbered); {path} has {y[first]} at sample {first} (counting from 0)")
     elif np.issubdtype(y.dtype, np.integer) and len(y) and y.min() < 0:
         first = int(np.argmax(y < 0))
         raise ConfigError(f"dataset.label={label!r} is invalid: must be integers >= 0 (or non-integer labels, which are numbered); {path} has {y[first]} at sample {first} (counting from 0)")
@@ -206,21 +209,31 @@ def _require_values(col, what: str, name: str, path: Path) -> None:
         raise ConfigError(f"dataset.{what}={name!r} is invalid: must have a value in every row; {path} has a missing (null) value at row {row} (counting from 0)")
 
 
-def _integral_as_int(labels: np.ndarray) -> np.ndarray:
-    """Float labels that are whole numbers >= 0 (0.0, 1.0, ...) as integers: numbered as text,
-    "10.0" came before "2.0", and a file of 0.0/1.0 beside one of 0/1 made four classes."""
-    if labels.dtype.kind == "f" and len(labels) and labels.min() >= 0 and np.all(labels == np.round(labels)):
-        return labels.astype(np.int64)
-    return labels
+def _whole_numbers(y: np.ndarray, y_test: np.ndarray) -> bool:
+    """Whether every label of both files is a number with no fractional part that fits an int32
+    (float labels 0.0, 1.0, ... count as those integers: as text, "10.0" came before "2.0")."""
+    both = np.concatenate([y.ravel(), y_test.ravel()])
+    if both.dtype.kind not in "iuf":
+        return False
+    return both.dtype.kind in "iu" or bool(np.all(both == np.round(both)) and (not len(both) or np.abs(both).max() < 2**31))
 
 
 def _encode_labels(y: np.ndarray, y_test: np.ndarray, num_classes: int | None, test_path: str | None = None):
-    """Integer labels 0..C-1 as they are; any other labels numbered in sorted order. With a separate
-    test file and no `num_classes`, the classes are the training file's, and the test labels must be among them."""
-    y, y_test = _integral_as_int(y), _integral_as_int(y_test)
-    if np.issubdtype(y.dtype, np.integer) and np.issubdtype(y_test.dtype, np.integer):
+    """Integer labels 0..C-1 as they are; any other labels numbered in sorted order (numbers by
+    value, text as text). Both files are judged together, so they share one numbering. With a
+    separate test file and no `num_classes`, the classes are the training file's, and the test
+    labels must be among them."""
+    if _whole_numbers(y, y_test):
+        y, y_test = y.astype(np.int64), y_test.astype(np.int64)
         high = int(max(y.max(initial=0), y_test.max(initial=0)))
         if num_classes is None:
+            distinct = len(np.unique(np.concatenate([y, y_test])))
+            if high + 1 > max(1000, 10 * distinct):  # (labels used as output indices: a model of `high + 1` outputs)
+                raise ConfigError(
+                    f"dataset.label is invalid: integer labels are the classes 0..C-1, and these go up to {high} with only {distinct} "
+                    f"distinct values (a model of {high + 1} outputs); renumber them 0..{distinct - 1} in the file, or set "
+                    f"dataset.num_classes > {high} to keep them"
+                )
             classes = int(y.max(initial=0)) + 1 if test_path is not None else high + 1
             outside = np.flatnonzero(y_test >= classes)
             if len(outside):
@@ -232,7 +245,14 @@ def _encode_labels(y: np.ndarray, y_test: np.ndarray, num_classes: int | None, t
             classes = int(num_classes)
         require(classes > high, "dataset.num_classes", num_classes, f"> the largest label ({high})")
         return y.astype(np.int32), y_test.astype(np.int32), classes
-    y, y_test = y.astype(str), y_test.astype(str)
+    if y.dtype.kind in "iuf" and y_test.dtype.kind in "iuf":  # numbers, some not whole: numbered by value ("2.5" before "10.5")
+        y, y_test = y.astype(np.float64), y_test.astype(np.float64)
+        return _number_labels(y, y_test, num_classes, test_path)
+    return _number_labels(y.astype(str), y_test.astype(str), num_classes, test_path)
+
+
+def _number_labels(y: np.ndarray, y_test: np.ndarray, num_classes: int | None, test_path: str | None):
+    """Labels that are not class numbers, numbered 0..C-1 in sorted order."""
     if num_classes is None and test_path is not None:
         known = np.unique(y)
         outside = np.flatnonzero(~np.isin(y_test, known))

@@ -217,3 +217,34 @@ def test_whole_number_float_labels_are_the_integers_and_a_column_of_labels_is_on
     assert ds.num_classes == 12 and np.array_equal(ds.y_train, y) and np.array_equal(ds.y_test, y[:24])
     np.savez(tmp_path / "column.npz", x=x, y=y[:, None])  # [N, 1], as Keras stores labels
     assert np.array_equal(local_file(str(tmp_path / "column.npz"), test_fraction=0.25).num_classes, 12)
+
+
+def test_both_files_labels_share_one_numbering_and_numbers_are_numbered_by_value(tmp_path):
+    """Float labels that are not all whole numbers: the classes are numbered once over both
+    files, by value ("2.5" before "10.5"), and whole numbers beside them keep their order too."""
+    x = np.zeros((6, 2), np.float32)
+    np.savez(tmp_path / "train.npz", x=x, y=np.array([10.5, 2.5, 0.0, 1.0, 2.0, 0.0]))
+    np.savez(tmp_path / "test.npz", x=x[:4], y=np.array([0, 1, 2, 2]))  # integers beside the training file's floats
+    ds = local_file(str(tmp_path / "train.npz"), test_path=str(tmp_path / "test.npz"))
+    # values 0, 1, 2, 2.5, 10.5 -> classes 0..4; before, the test file's 1 and 2 were other classes than the training file's 1.0 and 2.0
+    assert ds.num_classes == 5 and ds.y_train.tolist() == [4, 3, 0, 1, 2, 0] and ds.y_test.tolist() == [0, 1, 2, 2]
+    # within one file too: a single fractional label no longer splits the whole numbers from their test copies
+    y = np.array([0.0, 1.0, 2.0, 0.5] * 5)
+    np.savez(tmp_path / "one.npz", x=np.arange(20, dtype=np.float32)[:, None], y=y)
+    ds = local_file(str(tmp_path / "one.npz"), test_fraction=0.5, split_seed=0)
+    codes = {0.0: 0, 0.5: 1, 1.0: 2, 2.0: 3}
+    rows = ds.x_train[:, 0].astype(int), ds.x_test[:, 0].astype(int)
+    assert ds.num_classes == 4 and ds.y_train.tolist() == [codes[v] for v in y[rows[0]]] and ds.y_test.tolist() == [codes[v] for v in y[rows[1]]]
+
+
+def test_huge_labels_are_classes_by_value_or_refused_by_name(tmp_path):
+    x = np.zeros((4, 2), np.float32)
+    np.savez(tmp_path / "big.npz", x=x, y=np.array([0.0, 1e20, 0.0, 1e20]))  # beyond int64: two classes, not one
+    ds = local_file(str(tmp_path / "big.npz"), test_path=str(tmp_path / "big.npz"))
+    assert ds.num_classes == 2 and ds.y_train.tolist() == [0, 1, 0, 1]
+    np.savez(tmp_path / "sparse.npz", x=x, y=np.array([0, 10**9, 0, 10**9]))  # a model of 10**9 + 1 outputs
+    with pytest.raises(ConfigError, match=r"dataset.label is invalid: .* up to 1000000000 with only 2 distinct values .* renumber them 0..1"):
+        local_file(str(tmp_path / "sparse.npz"), test_path=str(tmp_path / "sparse.npz"))
+    np.savez(tmp_path / "negative.npz", x=x, y=np.array([0.0, -1.0, 1.0, 2.0]))  # as negative integers are
+    with pytest.raises(ConfigError, match=r"dataset.label='y' is invalid: must be integers >= 0 .* has -1.0 at sample 1"):
+        local_file(str(tmp_path / "negative.npz"), test_path=str(tmp_path / "negative.npz"))
