@@ -115,6 +115,8 @@ def _read(path: Path, key: str, features, label: str, client_id: str | None, sha
         raise ConfigError(f"dataset.features={features!r} is invalid: must hold numbers (integers or floats); {path} has dtype {x.dtype}")
     if len(x) == 0:
         raise ConfigError(f"{key}={str(path)!r} is invalid: the file has no samples (its features have shape {x.shape})")
+    if x.size == 0:
+        raise ConfigError(f"dataset.features={features!r} is invalid: must hold at least one value per sample; {path} has shape {x.shape}")
     if x.dtype == np.uint8 and (top := int(x.max())) > 1:
         log.warning(
             "dataset.features=%r: %s holds bytes up to %d, used as they are (float32), not scaled to [0, 1]; divide pixels by 255 in the file",

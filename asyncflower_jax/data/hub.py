@@ -92,6 +92,7 @@ def hub_dataset(
         fetch(name, path.parent)
     splits = _datasets().load_from_disk(str(path))
     rng = np.random.default_rng(split_seed)
+    require("train" in splits, "dataset.name", name, f"a cached dataset with a 'train' split ({path} has {list(splits)})")
     x, y, ids = _arrays(splits["train"], spec)
     if spec.test_split is not None:
         require(spec.test_split in splits, "dataset.name", name, f"a cached dataset with a {spec.test_split!r} split ({path} has {list(splits)})")
@@ -99,6 +100,7 @@ def hub_dataset(
     else:
         test = np.zeros(len(y), bool)
         test[rng.permutation(len(y))[: max(1, int(round(test_fraction * len(y))))]] = True
+        require(test.sum() < len(y), "dataset.test_fraction", test_fraction, f"small enough to leave training samples ({name} has {len(y)})")
         x_test, y_test = x[test], y[test]
         x, y, ids = x[~test], y[~test], None if ids is None else ids[~test]
     if max_train_samples is not None and max_train_samples < len(y):

@@ -14,6 +14,7 @@ samples is retried up to `max_retries` times, then a ConfigError says which clie
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -184,6 +185,24 @@ class TwoTierDirichlet:
         return _balanced_allocation(inverse, num_classes, rng, mixes, _near_equal_sizes(len(labels), num_clients))
 
 
+def _label(value) -> int:
+    """An integer label of a label subset (a whole float counts), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, numbers.Real, str)) or (isinstance(value, str) and not value.strip().lstrip("-").isdigit()):
+        raise ValueError(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and value != int(value):
+        raise ValueError(value)
+    return int(value)
+
+
+def _plain(value):
+    """A config value (ListConfig, tuples) as plain lists, for an error message."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value)
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupLabelSubsets:
     """Each client group sees only its own subset of labels; inside a group, Dirichlet(alpha) skew.
@@ -203,7 +222,11 @@ class GroupLabelSubsets:
         object.__setattr__(self, "fractions", check_fractions(self.fractions, "partition.fractions"))
         require(self.alpha > 0, "partition.alpha", self.alpha, "> 0")
         if self.label_subsets is not None:
-            subsets = tuple(tuple(int(v) for v in s) for s in self.label_subsets)
+            try:
+                subsets = tuple(tuple(_label(v) for v in s) for s in self.label_subsets)
+            except (TypeError, ValueError):
+                subsets = None
+            require(subsets is not None, "partition.label_subsets", _plain(self.label_subsets), f"a list of {len(self.fractions)} lists of integer labels, one per group of partition.fractions (e.g. [[0, 1], [2, 3]])")
             require(len(subsets) == len(self.fractions) and all(subsets), "partition.label_subsets", [list(s) for s in subsets], f"{len(self.fractions)} non-empty label lists, one per group of partition.fractions")
             object.__setattr__(self, "label_subsets", subsets)
 

@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from ..errors import require
+
 
 def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
     """Per class, how many of `draws` samples it gets: the floors of its proportional share, plus
@@ -37,6 +39,7 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np
     n = len(y)
     n_test = math.ceil(test_fraction * n)
     n_train = n - n_test
+    require(n_train >= 1, "dataset.test_fraction", test_fraction, f"small enough to leave training samples (the dataset has {n})")
     _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
     by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
     rng = np.random.RandomState(seed)

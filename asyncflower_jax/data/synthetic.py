@@ -51,7 +51,9 @@ def synthetic(
     require(size_log_sigma >= 0, "dataset.size_log_sigma", size_log_sigma, ">= 0")
     require(isinstance(min_size, int) and min_size >= 2, "dataset.min_size", min_size, "an integer >= 2 (one training and one test sample)")
     require(isinstance(max_size, int) and max_size >= min_size, "dataset.max_size", max_size, f"an integer >= dataset.min_size ({min_size})")
-    require(0 <= test_fraction < 1, "dataset.test_fraction", test_fraction, "in [0, 1)")
+    require(0 < test_fraction < 1, "dataset.test_fraction", test_fraction, "in (0, 1)")
+    require(np.isfinite(size_log_mean), "dataset.size_log_mean", size_log_mean, "a finite number")
+    require(np.isfinite(size_log_sigma), "dataset.size_log_sigma", size_log_sigma, "a finite number >= 0")
     require(max_test_samples is None or (isinstance(max_test_samples, int) and max_test_samples >= 1), "dataset.max_test_samples", max_test_samples, "an integer >= 1 or null")
 
     rng = np.random.default_rng(data_seed)
@@ -62,8 +64,13 @@ def synthetic(
         f"the synthetic data of num_clients={n} (at least {n * min_size:,} samples of {d} features: dataset.min_size={min_size} per client)",
         "lower num_clients or dataset.min_size",
     )
-    sizes = np.minimum(np.floor(rng.lognormal(size_log_mean, size_log_sigma, n)).astype(np.int64) + min_size, max_size)
+    with np.errstate(over="ignore"):  # (a huge size_log_mean: every size is capped at max_size)
+        sizes = np.minimum(np.floor(np.minimum(rng.lognormal(size_log_mean, size_log_sigma, n), max_size)).astype(np.int64) + min_size, max_size)
     n_test = np.minimum(np.floor(test_fraction * sizes).astype(np.int64), sizes - 1)  # at least one training sample
+    require(
+        n_test.sum() > 0, "dataset.test_fraction", test_fraction,
+        f"large enough to give a test sample: each client gives floor(test_fraction x its size), and the largest has {int(sizes.max())} (at least {1 / sizes.max():.3g})",
+    )
     n_train = sizes - n_test
     require_memory(  # the samples, and the copy the clients' store puts on the device
         2 * sample_bytes * int(sizes.sum()),
@@ -106,8 +113,6 @@ def synthetic(
         x_test_parts.append(x[is_test])
         y_test_parts.append(y[is_test])
     x_test, y_test = np.concatenate(x_test_parts), np.concatenate(y_test_parts)
-    if len(y_test) == 0:  # test_fraction 0: score on a sample of the training data
-        x_test, y_test = x_train, y_train
     if max_test_samples is not None and len(y_test) > max_test_samples:
         keep = np.sort(rng.choice(len(y_test), max_test_samples, replace=False))
         x_test, y_test = x_test[keep], y_test[keep]

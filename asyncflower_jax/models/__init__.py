@@ -45,6 +45,9 @@ def check_inputs(module, dataset) -> None:
     """Raise a ConfigError when `module` does not take `dataset`'s samples (its INPUTS)."""
     inputs: Inputs | None = getattr(module, "INPUTS", None)
     problem = inputs and inputs.problem(dataset.input_shape, dataset.x_train, dataset.num_classes)
+    if inputs and not problem and inputs.codes:  # (codes outside the vocabulary in the test set alone: a NaN test loss)
+        problem = inputs.problem(dataset.input_shape, dataset.x_test, dataset.num_classes)
+        problem = problem and problem.replace("its samples", "its test samples")
     if problem:
         name = type(module).__name__
         raise ConfigError(f"model {name} does not fit dataset {dataset.name or '(unnamed)'}: {problem}; {name} takes {inputs.text}")

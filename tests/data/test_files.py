@@ -248,3 +248,9 @@ def test_huge_labels_are_classes_by_value_or_refused_by_name(tmp_path):
     np.savez(tmp_path / "negative.npz", x=x, y=np.array([0.0, -1.0, 1.0, 2.0]))  # as negative integers are
     with pytest.raises(ConfigError, match=r"dataset.label='y' is invalid: must be integers >= 0 .* has -1.0 at sample 1"):
         local_file(str(tmp_path / "negative.npz"), test_path=str(tmp_path / "negative.npz"))
+
+
+def test_features_with_no_value_per_sample_are_refused_by_name(tmp_path):
+    np.savez(tmp_path / "empty.npz", x=np.zeros((5, 0), np.float32), y=np.arange(5) % 2)
+    with pytest.raises(ConfigError, match=r"dataset.features='x' is invalid: must hold at least one value per sample; .*empty.npz has shape \(5, 0\)"):
+        local_file(str(tmp_path / "empty.npz"), test_fraction=0.2)

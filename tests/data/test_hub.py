@@ -155,3 +155,13 @@ def test_femnist_experiment_end_to_end_through_the_loader(tmp_path):
     assert all(len(w) == 1 for w in writers_of)
     assert len({next(iter(w)) for w in writers_of[:6]}) == 6
     assert [next(iter(w)) for w in writers_of[:6]] == [next(iter(w)) for w in writers_of[6:]]
+
+
+def test_a_cache_without_a_train_split_or_a_test_share_leaving_no_training_sample_is_refused_by_name(tmp_path):
+    ds, *_ = femnist_like()
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(cache_path("femnist", tmp_path)))
+    with pytest.raises(ConfigError, match=r"dataset.test_fraction=0.999 is invalid: must be small enough to leave training samples \(femnist has 60\)"):
+        hub_dataset("femnist", cache_dir=str(tmp_path), test_fraction=0.999)
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(cache_path("femnist", tmp_path / "other")))
+    with pytest.raises(ConfigError, match=r"dataset.name='femnist' is invalid: must be a cached dataset with a 'train' split .* has \['test'\]"):
+        hub_dataset("femnist", cache_dir=str(tmp_path / "other"))

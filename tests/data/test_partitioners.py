@@ -144,6 +144,10 @@ def test_group_label_subsets_keep_each_group_to_its_labels():
         GroupLabelSubsets(fractions=[0.5, 0.5], label_subsets=[[0, 1], [2, 3]])(labels, 6, np.random.default_rng(0))
     with pytest.raises(ConfigError, match="partition.label_subsets"):
         GroupLabelSubsets(fractions=[0.5, 0.5], label_subsets=[[0, 1]])
+    for bad in ([0, 1], [["a"], [1]], [[0.5], [1]], [[True], [1]]):  # not lists of integer labels: named, not Python's error
+        with pytest.raises(ConfigError, match=r"partition.label_subsets=.* is invalid: must be a list of 2 lists of integer labels, one per group"):
+            GroupLabelSubsets(fractions=[0.5, 0.5], label_subsets=bad)
+    assert GroupLabelSubsets(fractions=[0.5, 0.5], label_subsets=[["0", 1.0], [2]]).label_subsets == ((0, 1), (2,))
 
 
 def test_natural_partition_by_id_and_selection():

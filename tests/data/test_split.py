@@ -41,3 +41,10 @@ def test_digits_equal_scikit_learns():
     np.testing.assert_array_equal(d.y_test, y_test)
     np.testing.assert_array_equal(d.x_test, x_test)
     np.testing.assert_array_equal(d.y_train, y_train)
+
+
+def test_a_test_fraction_that_leaves_no_training_sample_is_refused_by_name():
+    from asyncflower_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dataset.test_fraction=0.9999 is invalid: must be small enough to leave training samples \(the dataset has 1797\)"):
+        digits(test_fraction=0.9999)

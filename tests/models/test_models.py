@@ -147,6 +147,12 @@ def test_a_model_that_cannot_take_the_datasets_samples_names_both():
         check_inputs(resnet8(10), digits)
     with pytest.raises(ConfigError, match="its samples of shape \\(60,\\) are no square image"):
         check_inputs(LeafCNN(10), dataset(np.zeros((4, 60), np.float32)))
+    from asyncflower_jax.data.dataset import Dataset
+
+    codes = np.zeros((4, 5), np.float32)
+    tokens = Dataset(codes, np.zeros(4, np.int32), codes + 12, np.zeros(4, np.int32), num_classes=10, name="tokens")  # test codes beyond the vocabulary
+    with pytest.raises(ConfigError, match="model CharRNN does not fit dataset tokens: its test samples are not integer codes in \\[0, 10\\)"):
+        check_inputs(CharRNN(10), tokens)
 
 
 def test_models_take_the_samples_they_are_made_for():
