@@ -49,9 +49,9 @@ def local_file(
         require(0 < test_fraction < 1, "dataset.test_fraction", test_fraction, "in (0, 1) (or set dataset.test_path)")
     features = features if isinstance(features, str) else [str(f) for f in features]
     shape = _check_shape(shape)
-    x, y, ids = _read(Path(path), "dataset.path", features, label, client_id, shape)
+    x, y, ids = _read(Path(path).expanduser(), "dataset.path", features, label, client_id, shape)
     if test_path is not None:
-        x_test, y_test, _ = _read(Path(test_path), "dataset.test_path", features, label, None, shape)
+        x_test, y_test, _ = _read(Path(test_path).expanduser(), "dataset.test_path", features, label, None, shape)
         require(x_test.shape[1:] == x.shape[1:], "dataset.test_path", test_path, f"samples of the training file's shape {x.shape[1:]}, not {x_test.shape[1:]}")
     else:
         test = np.zeros(len(y), bool)

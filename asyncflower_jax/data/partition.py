@@ -14,6 +14,7 @@ samples is retried up to `max_retries` times, then a ConfigError says which clie
 from __future__ import annotations
 
 import dataclasses
+import logging
 import numbers
 from collections.abc import Sequence
 
@@ -141,6 +142,11 @@ class Shards:
         classes, inverse = np.unique(labels, return_inverse=True)
         k, num_classes = self.classes_per_client, len(classes)
         require(k <= num_classes, "partition.classes_per_client", k, f"<= the number of classes ({num_classes})")
+        if num_clients * k < num_classes:
+            logging.getLogger(__name__).warning(
+                "partition=shards: %d clients x classes_per_client=%d hold %d of the %d classes; the other classes' samples are left out",
+                num_clients, k, num_clients * k, num_classes,
+            )
 
         def draw():
             cycle = rng.permutation(num_classes)

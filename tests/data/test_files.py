@@ -254,3 +254,11 @@ def test_features_with_no_value_per_sample_are_refused_by_name(tmp_path):
     np.savez(tmp_path / "empty.npz", x=np.zeros((5, 0), np.float32), y=np.arange(5) % 2)
     with pytest.raises(ConfigError, match=r"dataset.features='x' is invalid: must hold at least one value per sample; .*empty.npz has shape \(5, 0\)"):
         local_file(str(tmp_path / "empty.npz"), test_fraction=0.2)
+
+
+def test_a_path_under_the_home_directory_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    x, y, _ = sample_data()
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    d = local_file("~/train.npz", test_path="~/train.npz")
+    assert len(d.y_train) == 50 and d.num_classes == 4

@@ -102,9 +102,11 @@ def test_shards_give_exactly_k_classes_per_client_and_equal_class_holders():
         Shards(classes_per_client=11)(labels, 20, np.random.default_rng(0))
 
 
-def test_shards_with_fewer_slots_than_classes_leave_classes_out():
+def test_shards_with_fewer_slots_than_classes_leave_classes_out(caplog):
     labels = np.repeat(np.arange(10), 10)
-    p = Shards(classes_per_client=2)(labels, 3, np.random.default_rng(0))  # 6 class slots for 10 classes
+    with caplog.at_level("WARNING"):
+        p = Shards(classes_per_client=2)(labels, 3, np.random.default_rng(0))  # 6 class slots for 10 classes
+    assert "3 clients x classes_per_client=2 hold 6 of the 10 classes; the other classes' samples are left out" in caplog.text
     hist = p.label_counts(labels, 10)
     assert ((hist > 0).sum(1) == 2).all() and (hist.sum(0) > 0).sum() == 6
     assert p.counts.sum() == 60
