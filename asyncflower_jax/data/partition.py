@@ -431,15 +431,18 @@ def _balanced_allocation(inverse: np.ndarray, num_classes: int, rng, draw_mixes,
     """Client c takes sizes[c] samples with labels drawn from its mix without replacement.
 
     Class pools are shuffled once; a client's draw is multinomial on its mix restricted to the
-    classes that still have samples, repeated until it has its size. Clients take samples from
-    the front of each pool in client order.
+    classes that still have samples, repeated until it has its size. Clients draw in a random
+    order: the last to draw get what is left of the classes, so in client order the last clients'
+    mixes were skewed whatever alpha (at alpha = 1e6, 5.6 classes on average for the last 10 of
+    100 digits clients against 7.8 for the first 50), which a latency or strategy group of the
+    last clients then shared.
     """
     pools = [rng.permutation(np.flatnonzero(inverse == k)) for k in range(num_classes)]
     remaining = np.array([len(p) for p in pools])
     mixes = draw_mixes(pools)
     num_clients = len(sizes)
     counts = np.zeros((num_clients, num_classes), np.int64)
-    for client in range(num_clients):
+    for client in rng.permutation(num_clients):
         need = sizes[client]
         while need > 0:
             probs = mixes[client] * (remaining > 0)
