@@ -75,7 +75,7 @@ class DiurnalPlan(AvailabilityPlan):
 
     def following(self, clients, index, previous_end):
         start = self.phase[clients] + (np.asarray(index, np.float64) - 1.0) * self.period
-        return start, start + self.window
+        return start, _after(start, start + self.window)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -82,6 +82,18 @@ def test_diurnal_offset_outside_the_period_and_window_across_time_zero():
     assert av.available.tolist() == [False, False] and av.next_start(np.ones(2, bool)) == 9.0
 
 
+def test_a_diurnal_window_too_small_for_float64_is_still_an_interval():
+    """fraction * period below the spacing of floats at the window's start gave intervals with
+    end == start: the loop waiting for a client woke at each start and found none, forever."""
+    plan = Diurnal(period=24, fraction=1e-17, offsets=[10.0]).plan(3, seed=0)
+    start, end = plan.following(np.arange(3), np.full(3, 5), np.zeros(3))
+    assert (end > start).all() and (end == np.nextafter(start, np.inf)).all()
+    av = ClientAvailability(plan, 3)
+    at = av.next_start(np.ones(3, bool))
+    changed, flags = av.sync(at)
+    assert av.available.all() and flags.all()
+
+
 def test_diurnal_random_phases_share_and_zone_fractions():
     n = 20000
     plan = Diurnal(period=24, fraction=0.25).plan(n, seed=1)
