@@ -14,8 +14,8 @@ from tests.conftest import CONF_DIR, make_config
 WRONG_TYPES = [
     (["strategy.alpha=abc"], "strategy.alpha='abc' is invalid: must be a number in (0, 1]"),
     (["strategy.staleness.a=abc"], "strategy.staleness.a='abc' is invalid: must be a number >= 0"),
-    (["latency=exponential", "latency.rate=abc"], "latency.rate='abc' is invalid: must be a number > 0"),
-    (["latency=uniform", "latency.high=abc"], "latency.high='abc' is invalid: must be a number >= latency.low (0.5)"),
+    (["latency=exponential", "latency.rate=abc"], "latency.rate='abc' is invalid: must be a finite number > 0"),
+    (["latency=uniform", "latency.high=abc"], "latency.high='abc' is invalid: must be a finite number >= latency.low (0.5)"),
     (["partition.alpha=abc"], "partition.alpha='abc' is invalid: must be a number > 0"),
     (["partition.min_size=[1]"], "partition.min_size=[1] is invalid: must be an integer >= 1"),
     (["client.learning_rate=abc"], "client.learning_rate='abc' is invalid: must be a number > 0"),

@@ -168,7 +168,7 @@ BAD = [
     (["latency=lognormal", "latency.sigma=-0.1"], "latency.sigma=-0.1 is invalid"),
     (["latency=constant", "latency.duration=0"], "latency.duration=0 is invalid"),
     (["latency.fractions=[0.5,0.2]"], "latency.fractions=(0.5, 0.2) is invalid"),
-    (["latency.rates=[1,0]"], "latency.rates=(1.0, 0.0) is invalid"),
+    (["latency.rates=[1,0]"], "latency.rates=[1.0, 0.0] is invalid"),
     (["partition.alpha=0"], "partition.alpha=0 is invalid"),
     (["client.learning_rate=0"], "client.learning_rate=0 is invalid"),
     (["strategy=mifa", "strategy.num_clients=50"], "strategy.num_clients=50 is invalid: must be equal to num_clients (100)"),

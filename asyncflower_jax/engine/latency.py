@@ -10,12 +10,34 @@ it with scalar draws (a numpy call on a one-entry array costs microseconds, the 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import require
+from ..errors import ConfigError, require
 from ..groups import contiguous_groups
+
+
+def _finite(key: str, value, low: float = 0.0, strict: bool = True, low_is: str | None = None) -> None:
+    """latency.`key` must be a finite number > `low` (>= with strict False; `low_is` names the
+    setting it comes from): an infinite one made every time in the run inf, or the clock stand still."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and (value > low if strict else value >= low)
+    bound = f"{low_is} ({low:g})" if low_is else f"{low:g}"
+    require(ok, f"latency.{key}", value, f"a finite number {'>' if strict else '>='} {bound}")
+
+
+def check_profile(profile: np.ndarray, latency) -> None:
+    """Every client's profile (its rate, scale or duration) finite and > 0: a wide client_sigma
+    drew profiles of 0 and 1e30, so tasks that took no time or forever."""
+    with np.errstate(divide="ignore", over="ignore"):
+        bad = np.flatnonzero(~(np.isfinite(profile) & (profile > 0) & np.isfinite(1.0 / profile)))
+    if len(bad):
+        raise ConfigError(
+            f"latency: client {int(bad[0])}'s speed profile (its rate or scale) is {profile[bad[0]]} under {latency}, and must be "
+            "finite and > 0 with a finite reciprocal; lower latency.client_sigma, or choose a rate or scale nearer 1"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +62,7 @@ class Constant(LatencyModel):
     duration: float = 1.0
 
     def __post_init__(self):
-        require(self.duration > 0, "latency.duration", self.duration, "> 0")
+        _finite("duration", self.duration)
 
     def sample(self, rng, profile):
         return np.full(len(profile), self.duration)
@@ -67,8 +89,8 @@ class Exponential(ExponentialDurations):
     client_sigma: float = 0.0
 
     def __post_init__(self):
-        require(self.rate > 0, "latency.rate", self.rate, "> 0")
-        require(self.client_sigma >= 0, "latency.client_sigma", self.client_sigma, ">= 0")
+        _finite("rate", self.rate)
+        _finite("client_sigma", self.client_sigma, strict=False)
 
     def client_profile(self, rng, num_clients):
         return self.rate * rng.lognormal(0.0, self.client_sigma, num_clients)
@@ -83,9 +105,9 @@ class LogNormal(LatencyModel):
     client_sigma: float = 0.5
 
     def __post_init__(self):
-        require(self.median > 0, "latency.median", self.median, "> 0")
-        require(self.sigma >= 0, "latency.sigma", self.sigma, ">= 0")
-        require(self.client_sigma >= 0, "latency.client_sigma", self.client_sigma, ">= 0")
+        _finite("median", self.median)
+        _finite("sigma", self.sigma, strict=False)
+        _finite("client_sigma", self.client_sigma, strict=False)
 
     def client_profile(self, rng, num_clients):
         return self.median * rng.lognormal(0.0, self.client_sigma, num_clients)
@@ -109,9 +131,9 @@ class Pareto(LatencyModel):
     client_sigma: float = 0.0
 
     def __post_init__(self):
-        require(self.shape > 0, "latency.shape", self.shape, "> 0")
-        require(self.minimum > 0, "latency.minimum", self.minimum, "> 0")
-        require(self.client_sigma >= 0, "latency.client_sigma", self.client_sigma, ">= 0")
+        _finite("shape", self.shape)
+        _finite("minimum", self.minimum)
+        _finite("client_sigma", self.client_sigma, strict=False)
 
     def client_profile(self, rng, num_clients):
         return self.minimum * rng.lognormal(0.0, self.client_sigma, num_clients)
@@ -136,7 +158,7 @@ class ClientGroups(ExponentialDurations):
         object.__setattr__(self, "rates", tuple(float(r) for r in self.rates))
         require(len(self.fractions) == len(self.rates) >= 1, "latency.fractions", self.fractions, "as long as latency.rates (and non-empty)")
         require(all(f >= 0 for f in self.fractions) and abs(sum(self.fractions) - 1) < 1e-6, "latency.fractions", self.fractions, "non-negative and summing to 1")
-        require(all(r > 0 for r in self.rates), "latency.rates", self.rates, "all > 0")
+        require(all(math.isfinite(r) and r > 0 for r in self.rates), "latency.rates", list(self.rates), "finite numbers, all > 0")
 
     def client_groups(self, rng, num_clients) -> np.ndarray:
         """Group index of every client: f * N clients per group (largest remainder rounding), in random
@@ -158,9 +180,9 @@ class Uniform(LatencyModel):
     client_sigma: float = 0.0
 
     def __post_init__(self):
-        require(self.low > 0, "latency.low", self.low, "> 0")
-        require(self.high >= self.low, "latency.high", self.high, f">= latency.low ({self.low})")
-        require(self.client_sigma >= 0, "latency.client_sigma", self.client_sigma, ">= 0")
+        _finite("low", self.low)
+        _finite("high", self.high, self.low, strict=False, low_is="latency.low")
+        _finite("client_sigma", self.client_sigma, strict=False)
 
     def client_profile(self, rng, num_clients):
         return rng.lognormal(0.0, self.client_sigma, num_clients)
@@ -213,10 +235,10 @@ class WorkProportional(NeedsWork, LatencyModel):
     model_bytes: float | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
-        require(self.seconds_per_example >= 0, "latency.seconds_per_example", self.seconds_per_example, ">= 0")
-        require(self.bandwidth > 0, "latency.bandwidth", self.bandwidth, "> 0 (bytes per unit of time)")
+        _finite("seconds_per_example", self.seconds_per_example, strict=False)
+        _finite("bandwidth", self.bandwidth)
         for key in ("speed_sigma", "bandwidth_sigma", "noise_sigma"):
-            require(getattr(self, key) >= 0, f"latency.{key}", getattr(self, key), ">= 0")
+            _finite(key, getattr(self, key), strict=False)
 
     def client_profile(self, rng, num_clients):
         examples, model_bytes = self._bound()

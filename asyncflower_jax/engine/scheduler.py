@@ -18,9 +18,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import ConfigError
 from .availability import AvailabilityModel, ClientAvailability
 from .faults import DROPOUT, FAULT_STREAM, Faults
-from .latency import LatencyModel
+from .latency import LatencyModel, check_profile
+
+_INF = float("inf")
 
 PROFILE_STREAM = 1
 SCHEDULE_STREAM = 2
@@ -144,6 +147,7 @@ class Scheduler:
         self.num_clients = num_clients
         self.latency = latency
         self.profile = latency.client_profile(np.random.default_rng([seed, PROFILE_STREAM]), num_clients)
+        check_profile(self.profile, latency)
         self.rng = np.random.default_rng([seed, SCHEDULE_STREAM])
         self.faults = faults if faults is not None and faults.enabled else None
         self.fault_rng = np.random.default_rng([seed, FAULT_STREAM])
@@ -200,6 +204,11 @@ class Scheduler:
             raise RuntimeError("no idle client to dispatch" if self.availability is None else "no idle and available client to dispatch")
         client = self.idle.take_kth(int(self.rng.integers(self.idle.count)))
         duration = self.latency.sample_one(self.rng, self.profile[client])
+        if not duration < _INF:  # (NaN too)
+            raise ConfigError(
+                f"latency: client {client}'s task took {duration} (beyond float64's range) under {self.latency}; choose settings "
+                "whose durations are finite (a larger Pareto shape, a smaller median or client_sigma, a larger rate)"
+            )
         fault = None
         if self.faults is not None:
             fault, duration = self.faults.draw(self.fault_rng, duration)
