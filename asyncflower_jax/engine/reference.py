@@ -52,6 +52,8 @@ def run_reference(
     profile = latency.client_profile(np.random.default_rng([s.seed, PROFILE_STREAM]), s.num_clients)
     rng = np.random.default_rng([s.seed, SCHEDULE_STREAM])
     idle = np.ones(s.num_clients, dtype=bool)
+    held: list[int] = []  # clients whose task ended in this synchronous round: not drawn again before its aggregation
+    cohort = strategy.refill == "on_aggregation"
     in_flight: list[dict] = []  # each: id, client, start_version, finish
     trained: dict[int, PyTree] = {}
     models = {0: params}
@@ -119,7 +121,7 @@ def run_reference(
             waits += 1
 
     def exhausted() -> bool:
-        return avail is not None and not in_flight and not len(dispatchable()) and next_wake() == float("inf")
+        return avail is not None and not in_flight and not len(dispatchable()) and next_wake() == float("inf") and not held
 
     def earliest():
         return min(in_flight, key=lambda t: (t["finish"], t["id"])) if in_flight else None
@@ -128,7 +130,10 @@ def run_reference(
         nonlocal clock
         in_flight.remove(task)
         clock = max(clock, task["finish"])
-        idle[task["client"]] = True
+        if cohort:
+            held.append(task["client"])
+        else:
+            idle[task["client"]] = True
         if task["fault"] in LOST:
             failures[task["fault"]] += 1
             return False
@@ -159,6 +164,8 @@ def run_reference(
                         timed_out = True  # nobody left to wait for: stop
                         break
                     task = earliest()
+                    if task is None and held:
+                        break  # the cohort's failed slots found no client outside it: the round ends short
                     if s.max_time is not None and (task is None or task["finish"] > s.max_time):
                         timed_out = True
                         break
@@ -213,6 +220,8 @@ def run_reference(
             models[version] = params
         server_round += 1
         if strategy.refill == "on_aggregation":
+            idle[held] = True
+            held.clear()
             fill()
         if timed_out:
             break

@@ -157,6 +157,7 @@ class Scheduler:
         self.next_dispatch_id = 0
         self._heap: list[tuple[float, int]] = []
         self.in_flight: dict[int, Task] = {}
+        self.held: list[int] = []  # clients out of the draw until release_held (pop(hold=True))
         # availability (None: every client always available, and none of its work is done)
         self.availability: ClientAvailability | None = None
         self.drop_on_leave = False
@@ -240,13 +241,24 @@ class Scheduler:
         earlier = int(np.count_nonzero(finishes < finish))
         return float(finish), int(np.sort(ids[finishes == finish])[k - 1 - earlier])
 
-    def pop(self) -> Task:
-        """Complete the earliest task: advance the clock to its finish and make its client idle."""
+    def pop(self, hold: bool = False) -> Task:
+        """Complete the earliest task: advance the clock to its finish and make its client idle, or
+        with `hold`, keep it out of the draw until `release_held` (a synchronous round's cohort:
+        a client whose task ended in this round is not drawn again to refill it)."""
         finish_time, dispatch_id = heapq.heappop(self._heap)
         task = self.in_flight.pop(dispatch_id)
         self.clock = max(self.clock, finish_time)
-        self.idle.put(task.client)
+        if hold:
+            self.held.append(task.client)
+        else:
+            self.idle.put(task.client)
         return task
+
+    def release_held(self) -> None:
+        """Make the clients held by `pop(hold=True)` idle (the round they were in has ended)."""
+        for client in self.held:
+            self.idle.put(client)
+        self.held = []
 
     def advance_to(self, time: float) -> None:
         """Move the clock forward (never backwards) to `time`."""
@@ -264,6 +276,8 @@ class Scheduler:
             "injected": dict(self.injected),
             "in_flight": [list(task) for task in sorted(self.in_flight.values())],
         }
+        if self.held:
+            state["held"] = list(self.held)
         if self.availability is not None:
             state["availability"] = {"time": self.availability.time, "waits": self.waits, "left": self.left}
         return state
@@ -302,3 +316,6 @@ class Scheduler:
             self.in_flight[task.dispatch_id] = task
             self._heap.append((task.finish_time, task.dispatch_id))
         heapq.heapify(self._heap)
+        self.held = [int(c) for c in state.get("held", ())]
+        for client in self.held:
+            self.idle.take(client)

@@ -9,7 +9,9 @@ Order of operations (the reference in engine/reference.py follows the same):
      with refill "on_arrival" each arrival is replaced at once by a client starting from the
      then-current version;
   3. aggregate the arrivals (staleness = current version - start version) into a new version;
-     with refill "on_aggregation" idle slots are then filled from the new version;
+     with refill "on_aggregation" idle slots are then filled from the new version (a client whose
+     task ended in the round is not drawn again before this: a failed slot is refilled from
+     outside the cohort, and where no client is left there, the round aggregates what arrived);
   4. evaluate every `eval_every` versions; stop at max versions / updates / simulated time.
 With `aggregations_per_call` > 1 (the default on GPUs and TPUs) step 3 is planned on the host and
 queued, and the queue is applied on the device in one scanned call per run of steps before the
@@ -569,10 +571,11 @@ class Simulator:
                 sched.wake(wake)
 
         def exhausted() -> bool:
-            """Nothing in flight, and no idle client available now or ever again (availability only)."""
+            """Nothing in flight, and no idle client available now or ever again (availability only;
+            a round's held cohort is drawn again after its aggregation)."""
             return (
                 sched.availability is not None and sched.num_in_flight == 0 and sched.num_dispatchable() == 0
-                and sched.next_wake() == float("inf")
+                and sched.next_wake() == float("inf") and not sched.held
             )
 
         def lose(task: Task, kind: str) -> None:
@@ -610,7 +613,7 @@ class Simulator:
         def receive(arrivals: list[Task]) -> None:
             """Pop the next event: a lost task is counted and its slot refilled at once; an arrival
             joins `arrivals` (and, refilling on arrival, is replaced from the current version)."""
-            task = sched.pop()
+            task = sched.pop(hold=strategy.refill == "on_aggregation")
             if task.fault in LOST:
                 lose(task, task.fault)
                 fill(limit=1)
@@ -779,6 +782,8 @@ class Simulator:
                                 if exhausted():
                                     stop_reason = "unavailable"
                                     break
+                            if sched.num_in_flight == 0 and sched.held:
+                                break  # a cohort whose failed slots found no client outside it: the round ends short
                             if s.max_time is not None and sched.next_finish_time() > s.max_time:
                                 stop_reason = "max_time"
                                 break
@@ -858,6 +863,7 @@ class Simulator:
                         versions.release(version - s.lookahead)
                 server_round += 1
                 if strategy.refill == "on_aggregation":
+                    sched.release_held()
                     fill()
                 if s.max_versions is not None and version >= s.max_versions:
                     stop_reason = "max_versions"

@@ -210,6 +210,7 @@ class AsyncServerLoop:
             client = self._client_of.pop(node)
             del self._node_of[client]
             self._idle.discard(client)
+            self._held.discard(client)
             log.warning("node %d (client %d) left the federation", node, client)
             for mid, task in [(m, t) for m, t in self._in_flight.items() if t.node_id == node]:
                 del self._in_flight[mid]
@@ -311,8 +312,12 @@ class AsyncServerLoop:
             if not self._inbox:
                 self.sleep(self.settings.poll_interval)
 
-    def _fill(self) -> None:
-        while len(self._active) < self.settings.concurrency and self._idle:
+    def _fill(self, limit: int | None = None) -> None:
+        """Dispatch idle clients into the empty slots (at most `limit`): up to `concurrency`, less
+        this round's arrivals for a synchronous rule (its cohort never has more clients)."""
+        cohort = self._arrived_in_round if self.strategy.refill == "on_aggregation" else 0
+        while len(self._active) + cohort < self.settings.concurrency and self._idle and limit != 0:
+            limit = None if limit is None else limit - 1
             client = int(self.choose(sorted(self._idle), self._version))
             if client not in self._idle:
                 raise RuntimeError(f"the node chooser picked client {client}, which is not idle")
@@ -346,8 +351,8 @@ class AsyncServerLoop:
         """Consume one reply or lost task: a failure, or an arrival for this round."""
         kind, task = item[0], item[1]
         self._active.discard(task.dispatch_id)
-        if self._node_of.get(task.client) == task.node_id:
-            self._idle.add(task.client)
+        if self._node_of.get(task.client) == task.node_id:  # (held in a synchronous round: not drawn again to refill it)
+            (self._held if self.strategy.refill == "on_aggregation" else self._idle).add(task.client)
         if kind == "lost":
             self._lose(task, item[2], item[3])
             return
@@ -370,6 +375,7 @@ class AsyncServerLoop:
             return
         loss = metrics.get(TRAIN_LOSS_KEY, float("nan"))
         arrivals.append((task, row, float(loss), self.clock() - self._t0))
+        self._arrived_in_round += 1
         if self.strategy.refill == "on_arrival":
             self._fill()
 
@@ -387,7 +393,7 @@ class AsyncServerLoop:
         self._versions.release(task.start_version)
         if self.on_failures is not None:
             self.on_failures([row])
-        self._fill()
+        self._fill(limit=1)  # its own slot only (a synchronous cohort's arrivals keep theirs)
 
     # ---- the run ---------------------------------------------------------------------------------
     def run(self) -> FederationResult:
@@ -395,6 +401,8 @@ class AsyncServerLoop:
         self._client_of: dict[int, int] = {}  # node id -> client index
         self._node_of: dict[int, int] = {}  # client index -> node id
         self._idle: set[int] = set()
+        self._held: set[int] = set()  # clients whose task ended in this synchronous round (refill on_aggregation)
+        self._arrived_in_round = 0
         self._rejected: set[int] = set()
         self._identifying: dict[str, int] = {}  # message id -> node id
         self._in_flight: dict[str, Task] = {}  # message id -> task awaiting its reply
@@ -472,7 +480,10 @@ class AsyncServerLoop:
                 all_staleness.extend(stale)
                 updates_done += len(arrivals)
             self._round += 1
+            self._arrived_in_round = 0
             if strategy.refill == "on_aggregation":
+                self._idle |= {c for c in self._held if c in self._node_of}
+                self._held.clear()
                 self._fill()
             if s.max_versions is not None and self._version >= s.max_versions:
                 stop_reason = "max_versions"

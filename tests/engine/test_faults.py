@@ -122,6 +122,26 @@ def test_faults_match_the_naive_reference(rule):
         assert diff < 1e-5
         if rule == ("strategy=fedavg",):
             assert result.summary["max_staleness"] == 0  # failed slots are refilled from the same version
+            assert all(len(set(r["clients"])) == len(r["clients"]) for r in ref_log)  # ... by clients outside the cohort
+
+
+def test_a_cohort_of_the_whole_population_ends_short_when_a_slot_fails():
+    """FedAvg with every client in the cohort: a failed slot finds no client outside it, so the
+    round aggregates the arrivals it has (before: the failed client, or one whose update was in,
+    was drawn again). Simulator and reference agree, and no round holds a client twice."""
+    with jax.enable_x64(True):
+        cfg = make_config("num_clients=8", "concurrency=8", "client.num_steps=3", "client.batch_size=8", "model.hidden=[32]", "strategy=fedavg",
+                          "eval_every=1000", "max_versions=12", "max_updates=null", "precision=float64", "latency=lognormal")
+        exp = Experiment(cfg)
+        exp.settings = dataclasses.replace(exp.settings, faults=Faults(failure=0.2))
+        result = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings).run()
+        ref_params, ref_log = run_reference(exp.strategy, exp.params, exp.trainer, exp.latency, exp.settings)
+    assert result.summary["versions"] == len(ref_log) == 12 and result.summary["failures"] == ref_log[-1]["failures"]
+    sizes = [len(r["clients"]) for r in ref_log]
+    assert all(len(set(r["clients"])) == len(r["clients"]) for r in ref_log) and min(sizes) < 8 and max(sizes) <= 8
+    assert result.summary["client_updates"] == sum(sizes)
+    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax.tree.leaves(result.params), jax.tree.leaves(ref_params)))
+    assert diff < 1e-5
 
 
 def test_stragglers_past_the_timeout_are_abandoned():

@@ -322,3 +322,20 @@ def test_fedavg_cohorts_start_together_and_fewer_nodes_than_the_cohort_give_a_sm
     assert sent == [(1, 0), (1, 0), (2, 1), (2, 1), (3, 2), (3, 2), (4, 3), (4, 3)]
     # node 200 returns at t = 1.5 per cohort: versions at 1.5, 3.0, 4.5 (up to the polling steps)
     assert [round(u["sim_time"], 1) for u in updates if u["client"] == 1] == pytest.approx([1.5, 3.0, 4.5], abs=0.2)
+
+
+def test_a_synchronous_rounds_failed_slot_is_refilled_from_outside_its_cohort():
+    """FedAvg, cohorts of 2 among 3 nodes. Round 1 sends clients 0 and 1; client 1 replies at 0.5,
+    client 0 fails at 1.0. Its slot alone is refilled, and not by client 1 (whose update is in) nor
+    client 0: by client 2. Before, every slot was refilled from every idle client: clients 0 and 1
+    again, and client 1's update counted twice in the round."""
+    from asyncflower_jax.strategy import FedAvg
+
+    clock = FakeClock()
+    grid = ScriptedGrid(clock, {100: 0, 200: 1, 300: 2}, {100: 1.0, 200: 0.5, 300: 0.7}, modes={100: "error"})
+    updates, failures = [], []
+    result = make_loop(grid, clock, FedAvg(cohort_size=2), updates, failures, concurrency=2, max_updates=None, max_versions=1).run()
+    assert result.summary["versions"] == 1
+    assert sorted(u["client"] for u in updates) == [1, 2] and [f["client"] for f in failures] == [0]
+    sent = [(int(m.content["config"]["server-round"]), int(m.content["config"]["dispatch-id"])) for m in grid.train_messages]
+    assert [grid.nodes[m.metadata.dst_node_id] for m in grid.train_messages[:3]] == [0, 1, 2] and [r for r, _ in sent[:3]] == [1, 1, 1]
