@@ -2,8 +2,8 @@
 
 Why: the simulator trains each client with its own weights under `vmap`, and a vmapped convolution
 whose kernel is batched becomes one grouped convolution with a group per client, which XLA runs far
-below its dense speed (on a 2-core CPU the LEAF CNN trained 14x slower per sample than this
-form; BENCHMARKS.md). Written as shifted slices of the padded input stacked into patches and one
+below its dense speed (on a 2-core CPU the LEAF CNN trained 12x slower per sample than this
+form, and 13x slower with shared weights; BENCHMARKS.md). Written as shifted slices of the padded input stacked into patches and one
 matmul with the kernel, a vmapped convolution is a batched matmul instead, and its gradient is
 slices, pads and matmuls. The results equal the convolution's up to floating-point rounding.
 `models.cnn` and `models.resnet` take it by their `conv` setting (CONV_CHOICES).
