@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +187,13 @@ def main(argv=None) -> None:
     parser.add_argument("--cache-dir", default=None, help=f"default: {default_cache_dir()}")
     parser.add_argument("--source", default=None, help="another Hub id or a local directory to read instead of the default repository")
     args = parser.parse_args(argv)
-    print(fetch(args.name, args.cache_dir, args.source))
+    try:
+        path = fetch(args.name, args.cache_dir, args.source)
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+    except Exception as exc:  # (offline, a repository that moved: the datasets package's own error, in one line)
+        sys.exit(f"error: could not fetch {args.name} from {args.source or HUB[args.name].repo}: {type(exc).__name__}: {exc}")
+    print(path)
 
 
 if __name__ == "__main__":

@@ -165,3 +165,15 @@ def test_a_cache_without_a_train_split_or_a_test_share_leaving_no_training_sampl
     datasets.DatasetDict({"test": ds}).save_to_disk(str(cache_path("femnist", tmp_path / "other")))
     with pytest.raises(ConfigError, match=r"dataset.name='femnist' is invalid: must be a cached dataset with a 'train' split .* has \['test'\]"):
         hub_dataset("femnist", cache_dir=str(tmp_path / "other"))
+
+
+def test_the_fetch_command_says_in_one_line_why_it_could_not_fetch(tmp_path):
+    from asyncflower_jax.data.hub import main
+
+    empty = tmp_path / "not_a_repository"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as exit_info:  # (a source with no data files: the datasets package's error)
+        main(["mnist", "--cache-dir", str(tmp_path / "cache"), "--source", str(empty)])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: could not fetch mnist from {empty}: ") and "\n" not in message
+    assert not cache_path("mnist", tmp_path / "cache").exists()
