@@ -249,3 +249,17 @@ def test_bad_configuration_is_rejected_at_start_up(overrides, fragment, tmp_path
     assert fragment in str(err.value)
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["failed.json"]
     assert fragment in json.loads((tmp_path / "run" / "failed.json").read_text())["message"]
+
+
+def test_a_run_or_sweep_directory_that_cannot_be_made_is_refused_in_one_line(tmp_path):
+    """A file on the path, or a directory nobody may write into: Hydra's own error was a traceback."""
+    (tmp_path / "a_file").write_text("x")
+    cases = [
+        ([f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"], tmp_path, f"hydra.run.dir='{tmp_path / 'a_file' / 'run'}' is invalid: must be a directory (or a path to make one), and {tmp_path / 'a_file'} is a file"),
+        (["hydra.run.dir=/proc/run"], tmp_path, "hydra.run.dir='/proc/run' is invalid: must be a directory this user can make and write into, and /proc is not writable"),
+        (["-m", "seed=0,1"], tmp_path / "a_file", f"hydra.sweep.dir='{tmp_path / 'a_file'}/multirun/"),  # (EXPERIMENTS_BASE_DIR is the file)
+    ]
+    for args, base, message in cases:
+        proc = run_py([*args, *TINY], base)
+        assert proc.returncode == 2 and message in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -166,7 +167,10 @@ class ResumeTargetCheck(Callback):
         if not OmegaConf.is_interpolation(config.hydra.run, "dir"):  # a hydra.run.dir given as it is never meets af_run_dir
             if Path(str(config.hydra.run.dir)).is_file():
                 _refuse(f"hydra.run.dir={str(config.hydra.run.dir)!r} is invalid: must be a directory (or a path to make one), and it is a file")
+            _refuse_unwritable("hydra.run.dir", str(config.hydra.run.dir))
             _remember(config.hydra.run.dir)
+        elif path is None and os.environ.get("EXPERIMENTS_BASE_DIR"):
+            _refuse_unwritable("EXPERIMENTS_BASE_DIR", os.environ["EXPERIMENTS_BASE_DIR"])
         self._refuse_contradicting_resume(config)
 
     @staticmethod
@@ -189,6 +193,12 @@ class ResumeTargetCheck(Callback):
             return
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        try:
+            sweep_dir = str(config.hydra.sweep.dir)
+        except Exception:  # (an interpolation this check cannot resolve: Hydra reports it)
+            sweep_dir = None
+        if sweep_dir is not None:
+            _refuse_unwritable("hydra.sweep.dir", sweep_dir)
         if not config.hydra.searchpath:  # (a user's own config directories: Hydra alone knows their groups)
             _refuse_unknown_choices(list(config.hydra.overrides.task))
         if not resume_requested(config.get("resume")):
@@ -250,6 +260,19 @@ def _job_key(overrides) -> frozenset[str]:
     """A job's overrides as a set, less RESUME_MUTABLE_KEYS (left out of the job directories' names
     too: a sweep resumed with `progress=false` is the same sweep)."""
     return frozenset(o.lstrip("+") for o in overrides if _override_key(o) not in RESUME_MUTABLE_KEYS)
+
+
+def _refuse_unwritable(key: str, directory: str) -> None:
+    """Refuse a run or sweep directory that cannot be made and written (a file on its path, a
+    directory this user may not write into): Hydra would fail making it, with a traceback."""
+    path = Path(directory).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        _refuse(f"{key}={directory!r} is invalid: must be a directory (or a path to make one), and {existing} is a file")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError:
+        _refuse(f"{key}={directory!r} is invalid: must be a directory this user can make and write into, and {existing} is not writable")
 
 
 def _refuse(message: str) -> None:
