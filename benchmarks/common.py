@@ -480,9 +480,13 @@ def peak_rss_mb() -> float:
 
 
 def write_json(path: Path, data: dict) -> Path:
+    """Written whole or not at all (a temporary file renamed): a run killed while writing leaves
+    the previous file, never a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    os.replace(temporary, path)
     return path
 
 
@@ -497,8 +501,10 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 def write_partial(out: dict, directory: Path, name: str) -> None:
     """The rows measured so far, as <name>.partial.json: a run cut off by a time limit keeps them
-    (finish() removes the file once <name>.json is written)."""
+    (finish() removes the file once <name>.json is written). An earlier run's <name>.json in the
+    same directory goes: the summary would show it instead of this run's rows."""
     write_json(Path(directory) / f"{name}.partial.json", out)
+    (Path(directory) / f"{name}.json").unlink(missing_ok=True)
 
 
 def finish(out: dict, directory: Path, name: str, plot, started: float, note: str = "") -> dict:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -101,6 +102,27 @@ def host_events(populations: list[int], concurrency: list[int], events: int, lat
     return rows
 
 
+_running: list[subprocess.Popen] = []  # the worker process of the point being measured
+
+
+def _stop(signum, frame):
+    """SIGTERM: stop the running worker too (alone, a run of N = 1e6 goes on holding gigabytes),
+    then leave as SIGTERM does (exit 143)."""
+    for worker_process in _running:
+        worker_process.kill()
+    raise SystemExit(128 + signum)
+
+
+def _run_worker(cmd: list[str]) -> subprocess.CompletedProcess:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as worker_process:
+        _running.append(worker_process)
+        try:
+            stdout, stderr = worker_process.communicate()
+        finally:
+            _running.remove(worker_process)
+    return subprocess.CompletedProcess(cmd, worker_process.returncode, stdout, stderr)
+
+
 def main(argv=None) -> dict:
     parser = common.common_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), "scale")
     parser.add_argument("--populations", type=common.positive_int, nargs="+", help="N of the simulator's runs (the scheduler-alone table keeps its own)")
@@ -124,22 +146,26 @@ def main(argv=None) -> dict:
     out = {"benchmark": "scale", "quick": args.quick, "machine": common.machine(), "parameters": {**p, "execution": args.execution, "chunk_size": args.chunk_size}}
     started = time.perf_counter()
     rows = out["rows"] = []
-    for n in p["populations"]:
-        for m in p["concurrency"]:
-            if m > n:
-                print(f"  N={n:<8} M={m:<6} skipped: M > N", flush=True)
-                continue
-            cmd = [sys.executable, __file__, "--worker", str(n), str(m), "--updates", str(p["updates"]), "--latency", p["latency"], "--execution", args.execution, "--chunk-size", str(args.chunk_size)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                row = {"N": n, "M": m, "error": (proc.stderr or proc.stdout)[-2000:]}
-                print(f"  N={n:<8} M={m:<6} FAILED: {row['error'][-300:]}", flush=True)
-            else:
-                row = json.loads(lines[-1][len("RESULT ") :])
-                print(f"  N={n:<8} M={m:<6} {row['updates_per_s']:8.0f} updates/s  first run {row['first_run_s']:6.1f} s  peak {row['peak_rss_mb']:7.0f} MB  batch {row['mean_batch']:.1f}", flush=True)
-            rows.append(row)
-            common.write_partial(out, args.out, "scale")
+    previous = signal.signal(signal.SIGTERM, _stop)  # (restored after: main() also runs inside other processes, e.g. the tests)
+    try:
+        for n in p["populations"]:
+            for m in p["concurrency"]:
+                if m > n:
+                    print(f"  N={n:<8} M={m:<6} skipped: M > N", flush=True)
+                    continue
+                cmd = [sys.executable, __file__, "--worker", str(n), str(m), "--updates", str(p["updates"]), "--latency", p["latency"], "--execution", args.execution, "--chunk-size", str(args.chunk_size)]
+                proc = _run_worker(cmd)
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+                if proc.returncode != 0 or not lines:
+                    row = {"N": n, "M": m, "error": (proc.stderr or proc.stdout)[-2000:]}
+                    print(f"  N={n:<8} M={m:<6} FAILED: {row['error'][-300:]}", flush=True)
+                else:
+                    row = json.loads(lines[-1][len("RESULT ") :])
+                    print(f"  N={n:<8} M={m:<6} {row['updates_per_s']:8.0f} updates/s  first run {row['first_run_s']:6.1f} s  peak {row['peak_rss_mb']:7.0f} MB  batch {row['mean_batch']:.1f}", flush=True)
+                rows.append(row)
+                common.write_partial(out, args.out, "scale")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"\n# scale: FedAsync, {p['updates']} updates, latency {p['latency']}, tiled-digits MLP 64-200-200-10 (one process per row)")
     ok = [r for r in rows if "error" not in r]
     print(

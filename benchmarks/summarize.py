@@ -39,7 +39,7 @@ def lines(directory: Path) -> list[str]:
                     share = f"  aggregation {r['aggregation_share']:.2f} of wall" if "aggregation_share" in r else ""  # (not in a run cut off before it)
                     out.append(
                         f"{name:<14} {r['latency']:>15} M={r['M']:<6} batch {r['mean_batch']:8.1f}  simulator {r['sim_updates_per_s']:9.0f} upd/s  "
-                        f"sequential {r['seq_updates_per_s']:7.0f}  ratio {r['ratio']:7.1f}  efficiency {r['efficiency']:.2f}{share}{quick}"
+                        f"sequential {r['seq_updates_per_s']:7.0f}  ratio {r['ratio']:7.2f}  efficiency {r['efficiency']:.2f}{share}{quick}"
                     )
                 if data["throughput"] and "flat_aggregation_us_per_step" in data:
                     out.append(

@@ -166,6 +166,12 @@ def main(argv=None) -> dict:
     known = {name for name, _, _, _ in variants_of(p, math.inf, convs=("lax", "patches"))}
     if args.variants and set(args.variants) - known:
         parser.error(f"--variants: unknown {sorted(set(args.variants) - known)}; choose from {sorted(known)}")
+    runnable = {name for m in p["concurrency"] for name, *_ in variants_of(p, m, bf16=not args.no_bf16, convs=args.conv)}
+    if args.variants and set(args.variants) - runnable:
+        parser.error(
+            f"--variants: {sorted(set(args.variants) - runnable)} run at none of M = {p['concurrency']} with these options "
+            "(a chunk or group must be smaller than M; -bf16 variants need no --no-bf16; -patches variants need --conv patches)"
+        )
     out = {"benchmark": "vectorization", "quick": args.quick, "machine": common.machine(), "parameters": {**p, "repeats": args.repeats}, "rows": []}
     started = time.perf_counter()
     for m in p["concurrency"]:
@@ -205,7 +211,7 @@ def main(argv=None) -> dict:
         {
             "target": "per-client CNN >= 0.6 of the shared-weights ceiling at every M",
             "met": bool(best) and all(r["of_ceiling"] >= 0.6 for r in best.values()),
-            "detail": ", ".join(f"M={m}: {r['variant']} {r['of_ceiling']:.2f}" for m, r in sorted(best.items())),
+            "detail": ", ".join(f"M={m}: {r['variant']} {r['of_ceiling']:.2f}" for m, r in sorted(best.items())) or "no per-client variant ran",
         }
     ]
     return common.finish(out, args.out, "vectorization", plot, started)

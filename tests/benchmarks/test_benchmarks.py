@@ -5,6 +5,7 @@ benchmarks, never asserted here.)"""
 import json
 import math
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -220,7 +221,11 @@ def test_overhead_quick(tmp_path):
 def test_scale_quick(tmp_path, monkeypatch):
     for name, value in compilation_cache_env().items():  # the worker processes compile into the tests' cache
         monkeypatch.setenv(name, value)
+    import signal
+
+    handler = signal.getsignal(signal.SIGTERM)
     scale.main(["--quick", "--concurrency", "10", "--out", str(tmp_path)])  # two worker processes
+    assert signal.getsignal(signal.SIGTERM) is handler  # (its own handler is this run's alone)
     data = read(tmp_path / "scale.json")
     assert (tmp_path / "scale.png").is_file()
     rows = data["rows"]
@@ -316,6 +321,20 @@ def test_summary_reads_the_rows_of_a_run_cut_off_and_says_so(tmp_path):
     assert "overhead       (cut off before its end" in text and "M=100    overhead 1.20  efficiency 0.85" in text
     common.write_json(tmp_path / "overhead.json", {**out, "targets": []})
     assert "cut off" not in "\n".join(summarize.lines(tmp_path))  # a finished run's JSON wins
+    # a later run in the same directory, cut off: its rows, not the finished run's
+    common.write_partial({**out, "rows": [{**out["rows"][0], "M": 300}]}, tmp_path, "overhead")
+    text = "\n".join(summarize.lines(tmp_path))
+    assert "overhead       (cut off before its end" in text and "M=300" in text and "M=100 " not in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overhead.partial.json"]  # (no temporary file left)
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # a directory nobody may write into, root included
+        host_loop.main(["--quick", "--out", "/proc"])
+    assert "cannot write into directory /proc" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        host_loop.main(["--quick", "--out", ""])
+    assert "an empty path: must name a directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -359,3 +378,58 @@ def test_vectorization_runs_only_the_variants_named_beside_the_ceiling(tmp_path)
     assert [r["variant"] for r in data["rows"]] == ["shared", "shared-patches", "vmap-chunk-2"]
     vectorization.main(["--quick", "--out", str(tmp_path), "--repeats", "1", "--concurrency", "4", "--no-bf16", "--conv", "patches", "--variants", "vmap-chunk-2-patches"])
     assert [r["variant"] for r in read(tmp_path / "vectorization.json")["rows"]] == ["shared-patches", "vmap-chunk-2-patches"]
+
+
+def _process_state(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a live process from /proc, None when it is gone (a zombie counts as gone)."""
+    try:
+        state, parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+    except OSError:
+        return None
+    return None if state == "Z" else (state, int(parent))
+
+
+def test_scale_stopped_by_sigterm_stops_its_worker_too(tmp_path):
+    """The worker process measuring a point (at N = 1e6, gigabytes) went on alone when the
+    benchmark was stopped."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def workers_of(parent: int) -> list[int]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and b"--worker" in (proc / "cmdline").read_bytes() and (_process_state(int(proc.name)) or ("", 0))[1] == parent:
+                    found.append(int(proc.name))
+            except OSError:
+                pass
+        return found
+
+    script = Path(common.__file__).with_name("scale.py")
+    command = [sys.executable, str(script), "--quick", "--out", str(tmp_path), "--populations", "100", "--concurrency", "10"]
+    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (running := workers_of(parent.pid)) and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.1)
+        assert running, "no worker started"
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) == 143
+        deadline = time.monotonic() + 10
+        while _process_state(running[0]) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _process_state(running[0]) is None, "the worker outlived the benchmark"
+    finally:
+        parent.kill()
+
+
+def test_vectorization_refuses_variants_that_would_run_at_no_m(tmp_path, capsys):
+    from benchmarks import vectorization
+
+    for extra, name in ((["--no-bf16"], "vmap-chunk-2-bf16"), (["--conv", "lax"], "vmap-chunk-2-patches"), ([], "vmap-chunk-2")):
+        with pytest.raises(SystemExit):  # at M = 2 a chunk of 2 is no chunk; the others are excluded by the options
+            vectorization.main(["--quick", "--out", str(tmp_path), "--concurrency", "2", *extra, "--variants", name])
+        assert f"['{name}'] run at none of M = [2] with these options" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
