@@ -128,7 +128,7 @@ def make_local_train(apply_fn: Callable, settings: LocalTraining, max_count: int
         def local_train(params, x, y, offset, count, key):
             def step(carry, step_key):
                 p, opt_state = carry
-                rows = offset + jax.random.randint(step_key, (batch,), 0, count)
+                rows = offset + jax.random.randint(step_key, (batch,), 0, count, dtype=jnp.int32)  # (int32 in float64 runs too: the same draws)
                 p, opt_state, loss = sgd_step(p, opt_state, params, x[rows], y[rows])
                 return (p, opt_state), loss
 
@@ -146,7 +146,7 @@ def make_local_train(apply_fn: Callable, settings: LocalTraining, max_count: int
 
         def epoch(carry, epoch_key):
             # one uniform key per position (fold_in), so a client's order never depends on max_count
-            u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(epoch_key, i)))(jnp.arange(slots))
+            u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(epoch_key, i), dtype=jnp.float32))(jnp.arange(slots))
             perm = jnp.argsort(jnp.where(jnp.arange(slots) < count, u, 2.0))  # first `count` entries: a random order of 0 .. count-1
 
             def step(carry, j):

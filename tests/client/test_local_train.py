@@ -71,3 +71,25 @@ def test_batched_equals_one_at_a_time_from_mixed_versions(chunk_size):
 def test_bucket_sizes_are_powers_of_two_capped():
     assert [bucket_size(n) for n in (0, 1, 2, 3, 5, 8, 9)] == [1, 1, 2, 4, 8, 8, 16]
     assert bucket_size(300, cap=256) == 256
+
+
+@pytest.mark.parametrize("epochs", [None, 2])
+def test_float64_draws_the_minibatches_of_float32(epochs):
+    """A float64 run differs from a float32 one by rounding only: in 64-bit mode randint and
+    uniform drew int64 / float64 from other random bits, so other samples (update norms apart from
+    the first update, accuracies up to 0.1 apart at the end)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 3)), rng.integers(0, 4, 40).astype(np.int32)
+    w, b = rng.normal(size=(3, 4)), rng.normal(size=4)
+    settings = LocalTraining(num_steps=5, epochs=epochs, batch_size=4, learning_rate=0.5)
+
+    def train(dtype):
+        local = jax.jit(make_local_train(linear, settings, max_count=17))
+        params = {"w": jnp.asarray(w, dtype), "b": jnp.asarray(b, dtype)}
+        out, _ = local(params, jnp.asarray(x, dtype), jnp.asarray(y), 3, 17, jax.random.key(7))
+        return np.asarray(out["w"], np.float64)
+
+    single = train(jnp.float32)
+    with jax.enable_x64(True):
+        double = train(jnp.float64)
+    np.testing.assert_allclose(single, double, rtol=1e-4, atol=1e-5)
