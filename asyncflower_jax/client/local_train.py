@@ -75,6 +75,10 @@ class LocalTraining:
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for key in ("b1", "b2", "eps"):  # (Adam's: SGD would ignore them)
             require(self.optimizer != "sgd" or getattr(self, key) == defaults[key], f"client.{key}", getattr(self, key), f"{defaults[key]} with client.optimizer=sgd (it is Adam's)")
+        require(  # (epochs decide the steps: another num_steps, e.g. ACE's preset of 1, would be silently ignored)
+            self.epochs is None or self.num_steps == defaults["num_steps"], "client.num_steps", self.num_steps,
+            f"{defaults['num_steps']} (its default) with client.epochs={self.epochs}, which decides the steps; set client.epochs=null to train num_steps steps",
+        )
 
     def optimizer_transform(self) -> optax.GradientTransformation:
         parts = []

@@ -167,6 +167,7 @@ def test_examples_per_task():
     [
         ({"optimizer": "rmsprop"}, "client.optimizer='rmsprop'"),
         ({"epochs": 0}, "client.epochs=0"),
+        ({"epochs": 2, "num_steps": 1}, r"client.num_steps=1 is invalid: must be 10 \(its default\) with client.epochs=2, which decides the steps"),
         ({"weight_decay": -1.0}, "client.weight_decay=-1.0"),
         ({"proximal_mu": -0.1}, "client.proximal_mu=-0.1"),
         ({"clip_norm": 0.0}, "client.clip_norm=0.0"),

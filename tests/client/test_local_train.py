@@ -81,7 +81,7 @@ def test_float64_draws_the_minibatches_of_float32(epochs):
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(40, 3)), rng.integers(0, 4, 40).astype(np.int32)
     w, b = rng.normal(size=(3, 4)), rng.normal(size=4)
-    settings = LocalTraining(num_steps=5, epochs=epochs, batch_size=4, learning_rate=0.5)
+    settings = LocalTraining(num_steps=5, batch_size=4, learning_rate=0.5) if epochs is None else LocalTraining(epochs=epochs, batch_size=4, learning_rate=0.5)
 
     def train(dtype):
         local = jax.jit(make_local_train(linear, settings, max_count=17))
