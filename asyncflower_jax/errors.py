@@ -1,6 +1,8 @@
 """The one error type for bad user input, caught at the entry point and shown without a traceback,
 and the type tests its checks share."""
 
+import math
+
 
 class ConfigError(ValueError):
     """A setting is out of range or names something that does not exist."""
@@ -14,6 +16,11 @@ def is_integer(value) -> bool:
 def is_number(value) -> bool:
     """An int or a float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """An int or a float, not a bool, neither infinite nor NaN."""
+    return is_number(value) and math.isfinite(value)
 
 
 def require(condition: bool, key: str, value, allowed: str) -> None:

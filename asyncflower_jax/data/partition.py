@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..config_schema import _plain
 from ..errors import ConfigError, require
 from ..groups import check_fractions, contiguous_groups
 
@@ -198,15 +199,6 @@ def _label(value) -> int:
     if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and value != int(value):
         raise ValueError(value)
     return int(value)
-
-
-def _plain(value):
-    """A config value (ListConfig, tuples) as plain lists, for an error message."""
-    from omegaconf import OmegaConf
-
-    if OmegaConf.is_config(value):
-        return OmegaConf.to_container(value)
-    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,7 +46,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..errors import is_number, require
+from ..errors import is_finite_number, is_number, require
 from ..groups import check_fractions, contiguous_groups
 
 AVAILABILITY_STREAM = 8  # the numpy stream (seed, 8) of phases, group membership and the hash key
@@ -170,7 +170,7 @@ class Always(AvailabilityModel):
 
 def _positive(key: str, value) -> float:
     require(
-        is_number(value) and math.isfinite(value) and value > 0,
+        is_finite_number(value) and value > 0,
         key,
         value,
         "a finite number > 0",
@@ -259,7 +259,7 @@ class Diurnal(AvailabilityModel):
         if offsets is not None:
             require(
                 isinstance(offsets, list) and len(offsets) >= 1
-                and all(is_number(o) and math.isfinite(o) for o in offsets),
+                and all(is_finite_number(o) for o in offsets),
                 "availability.offsets",
                 self.offsets,
                 "null or a non-empty list of finite numbers (the window start of each time zone)",

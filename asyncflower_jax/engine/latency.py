@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, require
+from ..errors import ConfigError, is_finite_number, require
 from ..groups import contiguous_groups
 
 
 def _finite(key: str, value, low: float = 0.0, strict: bool = True, low_is: str | None = None) -> None:
     """latency.`key` must be a finite number > `low` (>= with strict False; `low_is` names the
     setting it comes from): an infinite one made every time in the run inf, or the clock stand still."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and (value > low if strict else value >= low)
+    ok = is_finite_number(value) and (value > low if strict else value >= low)
     bound = f"{low_is} ({low:g})" if low_is else f"{low:g}"
     require(ok, f"latency.{key}", value, f"a finite number {'>' if strict else '>='} {bound}")
 
