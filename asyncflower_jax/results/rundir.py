@@ -165,8 +165,6 @@ class ResumeTargetCheck(Callback):
         if path is not None and Path(path).exists() and not Path(path).is_dir():
             _refuse(f"resume={path!r} is invalid: must be a run directory, and it is a file")
         if not OmegaConf.is_interpolation(config.hydra.run, "dir"):  # a hydra.run.dir given as it is never meets af_run_dir
-            if Path(str(config.hydra.run.dir)).is_file():
-                _refuse(f"hydra.run.dir={str(config.hydra.run.dir)!r} is invalid: must be a directory (or a path to make one), and it is a file")
             _refuse_unwritable("hydra.run.dir", str(config.hydra.run.dir))
             _remember(config.hydra.run.dir)
         elif path is None and os.environ.get("EXPERIMENTS_BASE_DIR"):
@@ -268,7 +266,7 @@ def _refuse_unwritable(key: str, directory: str) -> None:
     path = Path(directory).expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        _refuse(f"{key}={directory!r} is invalid: must be a directory (or a path to make one), and {existing} is a file")
+        _refuse(f"{key}={directory!r} is invalid: must be a directory (or a path to make one), and {'it' if existing == path else existing} is a file")
     try:
         tempfile.TemporaryFile(dir=existing).close()
     except OSError:
