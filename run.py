@@ -16,13 +16,8 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from asyncflower_jax import distributed, parallel_sweep
-from asyncflower_jax.client.sharding import expose_cpu_cores
-from asyncflower_jax.compilation import use_compilation_cache
-from asyncflower_jax.engine.checkpoint import CheckpointError, CheckpointManager
-from asyncflower_jax.engine.simulator import Interrupted, RunStalled
-from asyncflower_jax.errors import ConfigError
-from asyncflower_jax.experiment import Experiment
+from asyncflower_jax import parallel_sweep
+from asyncflower_jax.errors import CheckpointError, ConfigError, Interrupted, RunStalled
 from asyncflower_jax.runner import run_job
 
 log = logging.getLogger("asyncflower_jax")
@@ -35,22 +30,37 @@ class InvalidJob(CompactHydraException):
     (a parallel sweep's job comes back through a dozen of Hydra's own frames)."""
 
 
+def start_jax(cfg: DictConfig) -> None:
+    """The compilation cache, and one CPU device per core (before anything starts JAX). Called once
+    a job is accepted: a refused command answers without importing JAX."""
+    from asyncflower_jax.client.sharding import expose_cpu_cores
+    from asyncflower_jax.compilation import use_compilation_cache
+
+    use_compilation_cache(cfg.xla_cache_dir)
+    if not cfg.get("distributed"):
+        expose_cpu_cores(cfg.get("devices"))
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    use_compilation_cache(cfg.xla_cache_dir)
-    if not cfg.get("distributed"):
-        expose_cpu_cores(cfg.get("devices"))  # (before anything starts JAX)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     stop = parallel_sweep.stop_file(HydraConfig.get()) if multirun else None  # (a parallel sweep's job)
     if parallel_sweep.requested_signal(stop) is not None:
         log.warning("not started: the sweep was stopped; resume=true runs this job")
         return float("nan")
     try:
-        if distributed.initialize(cfg.get("distributed")) and not distributed.is_writer():
-            # multi-host: every process runs the simulation; process 0 alone writes the run directory
-            return Experiment(cfg).run(None).summary["final_test_accuracy"]
-        s = run_job(cfg, run_dir, list(HydraConfig.get().overrides.task), multirun=multirun, stop_file=stop)
+        before_start = lambda: start_jax(cfg)  # noqa: E731
+        if cfg.get("distributed"):
+            from asyncflower_jax import distributed
+            from asyncflower_jax.experiment import Experiment
+
+            start_jax(cfg)
+            before_start = None
+            if distributed.initialize(cfg.get("distributed")) and not distributed.is_writer():
+                # multi-host: every process runs the simulation; process 0 alone writes the run directory
+                return Experiment(cfg).run(None).summary["final_test_accuracy"]
+        s = run_job(cfg, run_dir, list(HydraConfig.get().overrides.task), multirun=multirun, stop_file=stop, before_start=before_start)
     except Interrupted as exc:
         if exc.checkpoint:
             log.warning(
@@ -67,6 +77,8 @@ def main(cfg: DictConfig) -> float:
             return float("nan")
         sys.exit(128 + exc.signum)
     except KeyboardInterrupt:  # a SIGINT before the run set its handler, or a second one
+        from asyncflower_jax.engine.checkpoint import CheckpointManager
+
         latest = CheckpointManager(run_dir).latest()
         if latest is not None:
             log.warning("stopped at once by SIGINT; the newest checkpoint is %s: continue with: python run.py resume=%s", latest.name, run_dir)

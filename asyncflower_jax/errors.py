@@ -1,11 +1,29 @@
 """The one error type for bad user input, caught at the entry point and shown without a traceback,
-and the type tests its checks share."""
+the type tests its checks share, and the other ways a run ends without finishing. They live here,
+apart from the engine, so the entry point can catch them without starting JAX."""
 
 import math
 
 
 class ConfigError(ValueError):
     """A setting is out of range or names something that does not exist."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not fit the run being resumed."""
+
+
+class RunStalled(RuntimeError):
+    """Client tasks keep failing and nothing is aggregated: the run would never reach its stop condition."""
+
+
+class Interrupted(Exception):
+    """The run was asked to stop (SIGTERM/SIGINT) and stopped at the end of an aggregation, after
+    handing a checkpoint to `on_checkpoint` when it has one."""
+
+    def __init__(self, signum: int, version: int, checkpointed: bool):
+        super().__init__(f"stopped by signal {signum} at version {version}")
+        self.signum, self.version, self.checkpointed = signum, version, checkpointed
 
 
 def is_integer(value) -> bool:

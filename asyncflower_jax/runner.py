@@ -11,23 +11,32 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .engine.simulator import Interrupted
-from .experiment import Experiment
+from .errors import Interrupted
 from .results.rundir import SUMMARY_FILE, RunRefused, check_fresh, holds_a_run, made_by_this_command, resume_requested, resumed_config, write_failure
 
 log = logging.getLogger(__name__)
 
 
-def run_job(cfg: DictConfig, run_dir: Path, overrides: list[str] = (), multirun: bool = False, stop_file: Path | None = None) -> dict:
+def run_job(
+    cfg: DictConfig,
+    run_dir: Path,
+    overrides: list[str] = (),
+    multirun: bool = False,
+    stop_file: Path | None = None,
+    before_start: Callable[[], None] | None = None,
+) -> dict:
     """Run `cfg` in `run_dir` (continuing it when `cfg.resume` asks to) and return its summary.
 
     `overrides` are the command line's (checked against a resumed run's saved configuration). A
     single run asked to resume a directory without a run is an error; a sweep job that never
     started is run. Errors propagate after failed.json is written. `stop_file`: Experiment.run's.
+    `before_start` is called once the job is accepted, before the experiment is built (JAX is
+    imported only then, so a refusal comes quickly).
     """
     run_dir = Path(run_dir)
     try:
@@ -45,6 +54,10 @@ def run_job(cfg: DictConfig, run_dir: Path, overrides: list[str] = (), multirun:
                 return json.loads((run_dir / SUMMARY_FILE).read_text())
         else:
             check_fresh(run_dir)  # (before the experiment is built; Experiment.run checks it too)
+        if before_start is not None:
+            before_start()
+        from .experiment import Experiment
+
         return Experiment(cfg).run(run_dir, stop_file=stop_file).summary
     except (RunRefused, Interrupted):
         raise  # refused: write nothing into that directory; an interrupted run is resumable

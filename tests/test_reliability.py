@@ -180,6 +180,17 @@ def test_a_refused_command_writes_nothing(tmp_path):
     assert proc.returncode == 2 and "strategy=fedbuff is invalid: it changes the run's strategy._target_" in proc.stdout + proc.stderr and files() == before
 
 
+def test_a_refused_command_answers_without_importing_jax_or_flower(tmp_path):
+    """A mistyped resume is refused before the heavy imports (a second, not three)."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "run.py", f"resume={tmp_path / 'nowhere'}"],
+        cwd=ROOT, env={**os.environ, "EXPERIMENTS_BASE_DIR": str(tmp_path)}, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 2 and "holds no run to resume" in proc.stdout + proc.stderr
+    imported = {line.rpartition("|")[2].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "hydra" in imported and not imported & {"jax", "flax", "optax", "flwr"}
+
+
 def test_a_finished_runs_summary_is_written_after_its_plots(tmp_path, monkeypatch):
     """summary.json marks a complete run directory: a run stopped while plotting is resumed, not taken as done."""
     from asyncflower_jax.results import plots

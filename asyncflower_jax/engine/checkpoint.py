@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
@@ -40,10 +42,6 @@ CHECKPOINT_DIR = "checkpoints"
 PREFIX = "ckpt-"
 ARRAYS_FILE = "arrays.npz"
 META_FILE = "meta.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read or does not fit the run being resumed."""
 
 
 @dataclasses.dataclass

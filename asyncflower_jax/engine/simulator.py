@@ -69,7 +69,7 @@ import numpy as np
 from .. import config_schema
 from ..client.batched import BatchedTrainer, bucket_size, row_bytes, rows_finite, stack_trees
 from ..compilation import jit
-from ..errors import ConfigError, require
+from ..errors import ConfigError, Interrupted, RunStalled, require
 from ..strategy.base import REFILL_POLICIES, AsyncStrategy
 from ..strategy.updates import PyTree, UpdateBatch
 from .checkpoint import Snapshot, capture_run, restore_run
@@ -88,9 +88,6 @@ STALL_FAILURES_PER_SLOT = 100  # this many failures per client slot in a row, wi
 PROBE_EVERY = 64  # the optimistic check reads a flag every this many versions (a read costs a GPU hundreds of microseconds)
 EVALUATIONS_IN_FLIGHT = 4  # evaluations started and not read yet, at most: the oldest is read (waited for) to start another
 
-
-class RunStalled(RuntimeError):
-    """Client tasks keep failing and nothing is aggregated: the run would never reach its stop condition."""
 
 METRIC_COLUMNS = (
     "version",
@@ -229,15 +226,6 @@ class SimulationResult:
     state: Any
     history: list[dict]
     summary: dict
-
-
-class Interrupted(Exception):
-    """The run was asked to stop (SIGTERM/SIGINT) and stopped at the end of an aggregation, after
-    handing a checkpoint to `on_checkpoint` when it has one."""
-
-    def __init__(self, signum: int, version: int, checkpointed: bool):
-        super().__init__(f"stopped by signal {signum} at version {version}")
-        self.signum, self.version, self.checkpointed = signum, version, checkpointed
 
 
 class _NonFiniteAggregated(Exception):
