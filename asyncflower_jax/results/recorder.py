@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 
@@ -23,6 +24,17 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def finite_or_null(value):
+    """`value` with every non-finite float inside its dicts and lists replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 class Recorder:
@@ -111,8 +123,11 @@ class Recorder:
         self._updates.flush()
 
     def write_summary(self, summary: dict) -> None:
+        """summary.json as strict JSON: a figure that is not a finite number (a loss that overflowed)
+        is written as null, which every JSON parser reads (NaN and Infinity are not JSON)."""
         self.close()
-        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(finite_or_null(summary), indent=2, sort_keys=True, allow_nan=False)
+        write_atomic(self.run_dir / "summary.json", text + "\n")
 
     def close(self) -> None:
         for f in (self._metrics, self._updates, self._failures):

@@ -1,7 +1,8 @@
-"""The run directory's CSV tables: the bytes Python's csv.DictWriter writes for the same rows."""
+"""The run directory's CSV tables: the bytes Python's csv.DictWriter writes for the same rows; summary.json: strict JSON."""
 
 import csv
 import io
+import json
 import math
 
 from asyncflower_jax.engine.faults import FAILURE_COLUMNS
@@ -39,3 +40,28 @@ def test_the_tables_are_what_a_dict_writer_writes_with_the_columns_in_order(tmp_
     for name, columns in tables.items():
         want = dict_writer_text(columns, [{c: r[c] for c in columns} for r in rows[name]])
         assert (tmp_path / name).read_bytes().decode() == want
+
+
+def test_summary_json_is_strict_json_with_null_for_figures_that_are_not_finite(tmp_path):
+    summary = {
+        "final_test_loss": math.nan,
+        "sim_time": 2.5,
+        "nested": {"best": -math.inf, "runs": [1, math.inf, 0.25], "pair": (math.nan, "x")},
+        "flag": True,
+        "none": None,
+    }
+    rec = Recorder(tmp_path, METRIC_COLUMNS)
+    rec.write_summary(summary)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    written = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert written == {
+        "final_test_loss": None,
+        "sim_time": 2.5,
+        "nested": {"best": None, "runs": [1, None, 0.25], "pair": [None, "x"]},
+        "flag": True,
+        "none": None,
+    }
+    assert math.isnan(summary["final_test_loss"])  # (the caller's dict is left as it was)
