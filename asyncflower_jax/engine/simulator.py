@@ -774,6 +774,7 @@ class Simulator:
                                 break  # a cohort whose failed slots found no client outside it: the round ends short
                             if s.max_time is not None and sched.next_finish_time() > s.max_time:
                                 stop_reason = "max_time"
+                                sched.advance_to(s.max_time)  # (nothing happens before it: the run ends there, as a time window does)
                                 break
                             if sched.num_in_flight == 0:
                                 raise RuntimeError(f"round {server_round} waits for {value} arrivals but no client is in flight")

@@ -106,11 +106,16 @@ def test_stops_at_budget(stop, key, expected):
     assert result.summary[key] == expected
 
 
-def test_stops_at_max_time_without_passing_it():
-    result, _ = simulate(Experiment(make_config(*SMALL, "strategy=fedbuff", "strategy.buffer_size=3", "max_updates=null", "max_time=5.0")))
+@pytest.mark.parametrize("rule", [["strategy=fedbuff", "strategy.buffer_size=3"], ["strategy=fedasync"], ["strategy=fedbuff", "strategy.round_duration=0.7"]], ids=["buffer", "arrival", "window"])
+def test_stops_at_max_time_without_passing_it(rule):
+    """Every rule, whether its rounds end at arrivals or at times, ends at the time limit itself,
+    with the final model evaluated there; no aggregation comes after it."""
+    exp, updates = Experiment(make_config(*SMALL, *rule, "max_updates=null", "max_time=5.0")), []
+    result = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings, on_updates=updates.extend).run()
     assert result.summary["stop_reason"] == "max_time"
-    assert result.summary["sim_time"] <= 5.0
-    assert result.history[-1]["version"] == result.summary["versions"]  # final model evaluated
+    assert result.summary["sim_time"] == 5.0 and result.history[-1]["sim_time"] == 5.0
+    assert result.history[-1]["version"] == result.summary["versions"] == max(u["version"] for u in updates) > 0  # final model evaluated
+    assert 0 < max(u["sim_time"] for u in updates) <= 5.0
 
 
 def run_logged(exp: Experiment, fail_at: int | None = None):
