@@ -19,3 +19,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is invalid: must be >= 1")
     return value
+
+
+class DistinctValues(argparse.Action):
+    """A list option's values, each at most once: a value given twice would be timed twice, as two
+    rows of one point (`--concurrency 100 100`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        repeated = list(dict.fromkeys(v for i, v in enumerate(values) if v in values[:i]))
+        if repeated:
+            parser.error(f"argument {option_string}: {' '.join(map(str, repeated))} given more than once")
+        setattr(namespace, self.dest, values)

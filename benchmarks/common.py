@@ -53,6 +53,7 @@ expose_cpu_cores()  # as run.py does: on a CPU, one device per core (tests pin o
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 positive_int = arguments.positive_int  # the argparse type of every count and size option
+DistinctValues = arguments.DistinctValues  # the argparse action of every list option
 output_directory = arguments.output_directory
 
 EXECUTIONS = config_schema.EXECUTIONS  # the benchmarks' --execution choices

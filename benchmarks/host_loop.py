@@ -35,12 +35,12 @@ GPU_BUDGET_US = 6.0  # host work per update that 200x the sequential baseline le
 
 def main(argv=None) -> dict:
     parser = common.common_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), "host_loop")
-    parser.add_argument("--concurrency", type=common.positive_int, nargs="+")
-    parser.add_argument("--latencies", nargs="+", choices=list(common.LATENCIES))
-    parser.add_argument("--per-call", type=common.positive_int, nargs="+", help="values of aggregations_per_call (default 1 64)")
+    parser.add_argument("--concurrency", type=common.positive_int, nargs="+", action=common.DistinctValues)
+    parser.add_argument("--latencies", nargs="+", action=common.DistinctValues, choices=list(common.LATENCIES))
+    parser.add_argument("--per-call", type=common.positive_int, nargs="+", action=common.DistinctValues, help="values of aggregations_per_call (default 1 64)")
     parser.add_argument("--updates", type=common.positive_int, help="client updates per run (default 20000; quick 200)")
     parser.add_argument("--repeats", type=common.positive_int, default=3, help="timed runs of each point; the fastest counts")
-    parser.add_argument("--lookahead", type=common.positive_int, nargs="+", help="values of the relaxed mode's lookahead (default 1: exact runs only); > 1 is not exact")
+    parser.add_argument("--lookahead", type=common.positive_int, nargs="+", action=common.DistinctValues, help="values of the relaxed mode's lookahead (default 1: exact runs only); > 1 is not exact")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
     for key in ("concurrency", "latencies", "per_call", "updates", "lookahead"):

@@ -47,9 +47,9 @@ QUICK = {
 
 def main(argv=None) -> dict:
     parser = common.common_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), "overhead")
-    parser.add_argument("--concurrency", type=common.positive_int, nargs="+")
-    parser.add_argument("--latencies", nargs="+", choices=list(common.LATENCIES))
-    parser.add_argument("--rules", nargs="+", choices=["fedasync", "fedbuff", "fedavg"])
+    parser.add_argument("--concurrency", type=common.positive_int, nargs="+", action=common.DistinctValues)
+    parser.add_argument("--latencies", nargs="+", action=common.DistinctValues, choices=list(common.LATENCIES))
+    parser.add_argument("--rules", nargs="+", action=common.DistinctValues, choices=["fedasync", "fedbuff", "fedavg"])
     parser.add_argument("--execution", default="auto", choices=common.EXECUTIONS)
     parser.add_argument("--chunk-size", type=common.positive_int, default=256)
     parser.add_argument("--eval-every", type=common.positive_int, help="versions between evaluations (default 10); each evaluation waits for the device")

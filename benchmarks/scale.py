@@ -125,8 +125,8 @@ def _run_worker(cmd: list[str]) -> subprocess.CompletedProcess:
 
 def main(argv=None) -> dict:
     parser = common.common_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), "scale")
-    parser.add_argument("--populations", type=common.positive_int, nargs="+", help="N of the simulator's runs (the scheduler-alone table keeps its own)")
-    parser.add_argument("--concurrency", type=common.positive_int, nargs="+")
+    parser.add_argument("--populations", type=common.positive_int, nargs="+", action=common.DistinctValues, help="N of the simulator's runs (the scheduler-alone table keeps its own)")
+    parser.add_argument("--concurrency", type=common.positive_int, nargs="+", action=common.DistinctValues)
     parser.add_argument("--updates", type=common.positive_int)
     parser.add_argument("--execution", default="auto", choices=common.EXECUTIONS)
     parser.add_argument("--chunk-size", type=common.positive_int, default=256)

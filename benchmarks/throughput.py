@@ -88,8 +88,8 @@ def execution_choice(p: dict) -> list[dict]:
 
 def main(argv=None) -> dict:
     parser = common.common_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), "throughput")
-    parser.add_argument("--concurrency", type=common.positive_int, nargs="+", help="values of M (default: 10 100 1000 8192; quick: 8 32)")
-    parser.add_argument("--latencies", nargs="+", choices=list(common.LATENCIES), help="latency models of the timed runs")
+    parser.add_argument("--concurrency", type=common.positive_int, nargs="+", action=common.DistinctValues, help="values of M (default: 10 100 1000 8192; quick: 8 32)")
+    parser.add_argument("--latencies", nargs="+", action=common.DistinctValues, choices=list(common.LATENCIES), help="latency models of the timed runs")
     parser.add_argument("--execution", default="auto", choices=common.EXECUTIONS, help="the simulator's execution")
     parser.add_argument("--chunk-size", type=common.positive_int, default=256)
     parser.add_argument("--map-batch", type=common.positive_int, default=1)
@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
     def updates_of(m: int) -> int:
         return max(p["min_updates"], p["updates_per_client"] * m)
 
-    out = {"benchmark": "throughput", "quick": args.quick, "machine": common.machine(), "parameters": {**p, "execution": args.execution, "chunk_size": args.chunk_size, "repeats": args.repeats, "aggregations_per_call": args.aggregations_per_call}}
+    out = {"benchmark": "throughput", "quick": args.quick, "machine": common.machine(), "parameters": {**p, "execution": args.execution, "chunk_size": args.chunk_size, "map_batch": args.map_batch, "repeats": args.repeats, "aggregations_per_call": args.aggregations_per_call, "skip_execution": args.skip_execution}}
     started = time.perf_counter()
 
     print(f"# deferred training batches (FedAsync, mean clients per flush), N = {population(p)}, updates = max({p['min_updates']}, {p['updates_per_client']}M)")

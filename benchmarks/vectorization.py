@@ -154,11 +154,11 @@ def _variants(p: dict, m, bf16: bool) -> list[tuple]:
 
 def main(argv=None) -> dict:
     parser = common.common_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), "vectorization")
-    parser.add_argument("--concurrency", type=common.positive_int, nargs="+")
+    parser.add_argument("--concurrency", type=common.positive_int, nargs="+", action=common.DistinctValues)
     parser.add_argument("--repeats", type=common.positive_int, default=3)
     parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 variants")
-    parser.add_argument("--variants", nargs="+", metavar="NAME", help="run only these variants (e.g. shared vmap-chunk-64); the ceilings 'shared' and 'shared-bf16' are always run")
-    parser.add_argument("--conv", nargs="+", choices=["lax", "patches"], default=["lax", "patches"], help="the models' convolutions to run (default both)")
+    parser.add_argument("--variants", nargs="+", action=common.DistinctValues, metavar="NAME", help="run only these variants (e.g. shared vmap-chunk-64); the ceilings 'shared' and 'shared-bf16' are always run")
+    parser.add_argument("--conv", nargs="+", action=common.DistinctValues, choices=["lax", "patches"], default=["lax", "patches"], help="the models' convolutions to run (default both)")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
     if args.concurrency:

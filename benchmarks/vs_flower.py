@@ -42,9 +42,9 @@ import time
 from pathlib import Path
 
 try:
-    from .arguments import output_directory, positive_int
+    from .arguments import DistinctValues, output_directory, positive_int
 except ImportError:
-    from arguments import output_directory, positive_int
+    from arguments import DistinctValues, output_directory, positive_int
 
 STARTED = time.perf_counter()
 HERE = Path(__file__).resolve().parent
@@ -203,7 +203,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 FedAvg rounds, 30 FedAsync updates")
     parser.add_argument("--out", type=output_directory, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--modes", nargs="+", default=["fedavg", "fedasync"], choices=["fedavg", "fedasync"])
+    parser.add_argument("--modes", nargs="+", action=DistinctValues, default=["fedavg", "fedasync"], choices=["fedavg", "fedasync"])
     parser.add_argument("--actors", type=positive_int, default=os.cpu_count() or 1, help="Ray actors for Flower's clients (default: one per core)")
     parser.add_argument("--seeds", type=positive_int, help="seeds run on each side (default 3; quick 1): final accuracies are their mean, steady updates/s their fastest; whole-run times come from seed 0")
     parser.add_argument("--reinstall", action="store_true", help="recreate Flower's environment")

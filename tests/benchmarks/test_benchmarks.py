@@ -82,6 +82,7 @@ def test_throughput_quick(tmp_path):
     throughput.main(["--quick", "--out", str(tmp_path)])
     data = read(tmp_path / "throughput.json")
     assert (tmp_path / "throughput.png").stat().st_size > 10_000
+    assert {"execution": "auto", "map_batch": 1, "skip_execution": False}.items() <= data["parameters"].items()
     assert {row["latency"] for row in data["mean_deferred_batch"]} == set(common.LATENCIES)
     batches = {row["latency"]: row for row in data["mean_deferred_batch"]}
     assert batches["identical"]["M=32"] > batches["exponential"]["M=32"] >= 1
@@ -345,6 +346,11 @@ def test_an_out_that_cannot_be_written_is_refused_before_anything_runs(tmp_path,
         (scale.main, ["--execution", "bogus"], "argument --execution: invalid choice: 'bogus'"),
         (overhead.main, ["--concurrency", "5"], "--concurrency 5 is below FedBuff's buffer of 10 clients"),
         (scale.main, ["--populations", "5", "--concurrency", "10"], "no --concurrency M is at most a --populations N"),
+        (throughput.main, ["--concurrency", "8", "32", "8"], "argument --concurrency: 8 given more than once"),
+        (overhead.main, ["--rules", "fedasync", "fedasync", "fedbuff", "fedbuff"], "argument --rules: fedasync fedbuff given more than once"),
+        (host_loop.main, ["--per-call", "1", "1"], "argument --per-call: 1 given more than once"),
+        (scale.main, ["--populations", "100", "100"], "argument --populations: 100 given more than once"),
+        (vs_flower.main, ["--modes", "fedasync", "fedasync"], "argument --modes: fedasync given more than once"),
     ],
 )
 def test_settings_a_run_would_fail_on_are_refused_before_anything_runs(main, args, message, tmp_path, capsys):
@@ -432,4 +438,7 @@ def test_vectorization_refuses_variants_that_would_run_at_no_m(tmp_path, capsys)
         with pytest.raises(SystemExit):  # at M = 2 a chunk of 2 is no chunk; the others are excluded by the options
             vectorization.main(["--quick", "--out", str(tmp_path), "--concurrency", "2", *extra, "--variants", name])
         assert f"['{name}'] run at none of M = [2] with these options" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        vectorization.main(["--quick", "--out", str(tmp_path), "--variants", "shared", "vmap-all", "shared"])
+    assert "argument --variants: shared given more than once" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
