@@ -49,7 +49,7 @@ from .models import check_inputs
 from .models.mlp import init_params
 from .results.progress import make_progress
 from .results.recorder import Recorder
-from .results.rundir import RESUME_MUTABLE_KEYS, SUMMARY_FILE, check_fresh, clear_failure, resume_requested, run_files
+from .results.rundir import EXECUTION_KEYS, RESUME_MUTABLE_KEYS, SUMMARY_FILE, check_fresh, clear_failure, resume_requested, run_files
 from .results.trackers import close_all, make_trackers, tracker_names
 from .strategy.updates import tree_bytes
 
@@ -238,10 +238,13 @@ class Experiment:
     def scheduler(self) -> Scheduler:
         return Scheduler(self.settings.num_clients, self.latency, self.settings.seed, self.settings.faults, self.settings.availability)
 
-    def fingerprint(self) -> str:
-        """Digest of the settings that decide the results (all but RESUME_MUTABLE_KEYS)."""
+    def fingerprint(self, execution: bool = False) -> str:
+        """Digest of the settings that decide the results (all but RESUME_MUTABLE_KEYS and
+        EXECUTION_KEYS; with `execution`, the EXECUTION_KEYS too, as checkpoints written before
+        those could change on resume have it)."""
         config = OmegaConf.to_container(self.cfg, resolve=True)
-        return config_fingerprint({k: v for k, v in config.items() if k not in RESUME_MUTABLE_KEYS})
+        left_out = RESUME_MUTABLE_KEYS if execution else RESUME_MUTABLE_KEYS + EXECUTION_KEYS
+        return config_fingerprint({k: v for k, v in config.items() if k not in left_out})
 
     def _start(self, run_dir: Path, checkpoints: CheckpointManager) -> Snapshot | None:
         """Check the run directory and, when resuming, load its newest checkpoint (None: start at version 0)."""
@@ -257,7 +260,7 @@ class Experiment:
                 log.warning("resume: %s has no checkpoint; running it again from version 0", run_dir)
             return None
         latest, snapshot = newest
-        if snapshot.meta.get("fingerprint") != self.fingerprint():
+        if snapshot.meta.get("fingerprint") not in (self.fingerprint(), self.fingerprint(execution=True)):
             raise CheckpointError(
                 f"{latest} was written with other settings than this run's (config fingerprint {snapshot.meta.get('fingerprint')} "
                 f"!= {self.fingerprint()}): a resumed run keeps the configuration it started with (config.yaml)"

@@ -124,6 +124,10 @@ def test_a_sweep_resumed_where_it_would_run_jobs_again_is_refused(tmp_path):
     proc = run_py(["-m", "seed=1,0", *ARGS, "resume=true", f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 2 and "the sweep's values are not in the order it started with, so its job 0 (seed=1 " in proc.stdout + proc.stderr
     assert "would run again beside job 1 of" in proc.stdout + proc.stderr and sorted(p.name for p in sweep.iterdir()) == before
+    changed = [a if not a.startswith("max_updates=") else "max_updates=7" for a in ARGS]  # (its jobs would run again in new directories)
+    proc = run_py(["-m", "seed=0,1", *changed, "resume=true", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 2 and "the sweep's job 0 started with max_updates=60 and this command gives it max_updates=7" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in sweep.iterdir()) == before
     assert run_py(["-m", "seed=0,1", *reversed(ARGS), "resume=true", f"hydra.sweep.dir={sweep}"], tmp_path).returncode == 0  # (the same jobs)
     assert sorted(p.name for p in sweep.iterdir()) == before
     # keys that change no result may differ when resuming (docs/reliability.md): still the same jobs, in their directories
@@ -274,6 +278,65 @@ def test_a_resumed_run_keeps_its_checkpointing_and_trackers_unless_overridden(tm
     assert saved.resume is True
     saved = resumed_config(make_config("resume=true", "checkpoint_every=7", "trackers=[]"), tmp_path, ["resume=true", "checkpoint_every=7", "trackers=[]"])
     assert saved.checkpoint_every == 7 and list(saved.trackers) == [] and saved.checkpoint_min_seconds == 0
+
+
+def test_a_run_resumes_with_other_execution_settings_and_ends_where_the_uninterrupted_one_does(tmp_path, monkeypatch, caplog):
+    """How training is laid out (chunks, a loop or vmap, queued aggregations) may change on resume,
+    e.g. smaller chunks after running out of memory: the same clients are trained, so in float64
+    the results equal the uninterrupted run's to rounding. The run's config.yaml is left as it started."""
+    import numpy as np
+
+    from asyncflower_jax import experiment as experiment_module
+    from asyncflower_jax.errors import Interrupted
+
+    args = ["num_clients=30", "concurrency=8", "max_updates=60", "client.num_steps=2", "model.hidden=[16]", "eval_every=4", "latency=lognormal",
+            "precision=float64", "checkpoint_every=0", "progress=false", "execution=map", "chunk_size=256"]
+
+    def sigterm_at(version):
+        return lambda v: os.kill(os.getpid(), signal.SIGTERM) if v == version else None
+
+    monkeypatch.setattr(experiment_module, "_crash_hook", lambda: sigterm_at(20))
+    with pytest.raises(Interrupted):
+        run_job(make_config(*args), tmp_path / "run")
+    monkeypatch.setattr(experiment_module, "_crash_hook", lambda: None)
+    started = (tmp_path / "run" / "config.yaml").read_text()
+    changed = ["execution=vmap", "chunk_size=3", "aggregations_per_call=5"]
+    with caplog.at_level("WARNING", logger="asyncflower_jax"):
+        resumed = run_job(make_config(*args, *changed, "resume=true"), tmp_path / "run", ["resume=true", *changed])
+    assert sum("results equal an uninterrupted run's up to float rounding" in r.getMessage() for r in caplog.records) == 3
+    assert resumed["resumed_from_version"] == 21 and (tmp_path / "run" / "config.yaml").read_text() == started
+    full = Experiment(make_config(*args)).run(None)
+    keys = ("versions", "client_updates", "sim_time", "mean_staleness")
+    assert {k: resumed[k] for k in keys} == {k: full.summary[k] for k in keys}
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [int(r["version"]) for r in rows] == [r["version"] for r in full.history]
+    for column in ("test_loss", "test_accuracy"):
+        np.testing.assert_allclose([float(r[column]) for r in rows], [r[column] for r in full.history], rtol=0, atol=1e-9)
+    # any other key is still refused
+    with pytest.raises(ConfigError, match="client.num_steps=3 is invalid: must be 2"):
+        resumed_config(make_config(*args, "client.num_steps=3", "resume=true"), tmp_path / "run", ["client.num_steps=3", "resume=true"])
+
+
+def test_a_checkpoint_written_when_execution_settings_were_part_of_the_fingerprint_still_resumes(tmp_path, monkeypatch):
+    """Checkpoints written before execution settings could change on resume carry a fingerprint of
+    them too: such a run resumes with its own settings and is refused with others."""
+    from asyncflower_jax import experiment as experiment_module
+    from asyncflower_jax.engine.checkpoint import CheckpointError, CheckpointManager
+    from asyncflower_jax.errors import Interrupted
+
+    args = ["num_clients=20", "concurrency=5", "max_updates=20", "client.num_steps=2", "model.hidden=[16]", "checkpoint_every=0", "progress=false"]
+    monkeypatch.setattr(experiment_module, "_crash_hook", lambda: lambda v: os.kill(os.getpid(), signal.SIGTERM) if v == 6 else None)
+    exp = Experiment(make_config(*args))
+    with pytest.raises(Interrupted):
+        exp.run(tmp_path)
+    meta_path = CheckpointManager(tmp_path).latest() / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["fingerprint"] == exp.fingerprint() != exp.fingerprint(execution=True)
+    meta["fingerprint"] = exp.fingerprint(execution=True)  # (as written before)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="was written with other settings"):
+        Experiment(make_config(*args, "chunk_size=4", "resume=true"))._start(tmp_path, CheckpointManager(tmp_path))
+    assert Experiment(make_config(*args, "resume=true"))._start(tmp_path, CheckpointManager(tmp_path)).version == 7
 
 
 def test_resuming_a_directory_without_a_run_is_an_error(tmp_path):

@@ -28,6 +28,8 @@ from omegaconf import OmegaConf
 from ..errors import ConfigError
 from .recorder import write_atomic
 
+log = logging.getLogger(__name__)
+
 FAILED_FILE = "failed.json"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS = "checkpoints"
@@ -184,7 +186,7 @@ class ResumeTargetCheck(Callback):
             return
         job = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         try:
-            resumed_config(job, Path(run_dir), list(config.hydra.overrides.task))
+            resumed_config(job, Path(run_dir), list(config.hydra.overrides.task), announce=False)
         except RunRefused as exc:
             _refuse(str(exc))
         except Exception:  # (a value this check cannot resolve: the run itself reports it)
@@ -207,13 +209,24 @@ class ResumeTargetCheck(Callback):
                 f"resume={config.get('resume')!r} is invalid: the sweep directory {sweep} holds no job to resume; pass the "
                 "directory of a started sweep (hydra.sweep.dir=<sweep dir>), or leave resume out to start the sweep"
             )
-        started = {}  # a started job's overrides -> its number
+        started, numbered = {}, {}  # a started job's overrides -> its number, and the reverse
         for job in sweep.iterdir():
             number, _, _ = job.name.partition("_")
             if number.isdigit() and (job / ".hydra" / "overrides.yaml").is_file():
-                started.setdefault(_job_key(OmegaConf.load(job / ".hydra" / "overrides.yaml")), int(number))
+                key = _job_key(OmegaConf.load(job / ".hydra" / "overrides.yaml"))
+                started.setdefault(key, int(number))
+                numbered.setdefault(int(number), key)
         for number, overrides in enumerate(_sweep_jobs(list(config.hydra.overrides.task))):
-            was = started.get(_job_key(overrides), number)
+            key = _job_key(overrides)
+            if key not in started and number in numbered:
+                added = sorted(key - numbered[number], key=lambda o: _override_key(o))
+                gone = sorted(numbered[number] - key, key=lambda o: _override_key(o))
+                _refuse(
+                    f"resume={config.get('resume')!r} is invalid: the sweep's job {number} started with {' '.join(gone) or 'no such override'} "
+                    f"and this command gives it {' '.join(added) or 'none'}, so it would run again beside job {number} of {sweep}; "
+                    "a resumed sweep keeps the configuration it started with (give the first command's values)"
+                )
+            was = started.get(key, number)
             if was != number:
                 _refuse(
                     f"resume={config.get('resume')!r} is invalid: the sweep's values are not in the order it started with, so its "
@@ -293,6 +306,11 @@ register_resolvers()
 RESUME_MUTABLE_KEYS = (
     "resume", "progress", "xla_cache_dir", "checkpoint_every", "checkpoint_min_seconds", "keep_checkpoints", "trackers", "tracker_project",
 )
+# Keys a resumed run may change too: how training is laid out on the devices. The same clients are
+# trained, batched otherwise, so results equal the uninterrupted run's up to float rounding; a run
+# continues on a machine with fewer devices, or with smaller chunks after running out of memory.
+# Unlike the keys above, they name a sweep's jobs (a sweep over devices has a job per count).
+EXECUTION_KEYS = ("devices", "chunk_size", "execution", "map_batch", "aggregations_per_call")
 
 
 def _override_key(override: str) -> str:
@@ -311,13 +329,13 @@ def _changed_values(old: dict, new: dict, prefix: str) -> dict:
     return changed
 
 
-def resumed_config(cfg, run_dir: Path, overrides: list[str]):
+def resumed_config(cfg, run_dir: Path, overrides: list[str], announce: bool = True):
     """The configuration of the run in `run_dir` (its config.yaml) for resuming it. Of the
-    RESUME_MUTABLE_KEYS, those overridden on the command line (in `overrides`) are taken from
-    `cfg`, the others keep their saved values (a resumed run goes on checkpointing and tracking as
-    it did). A command-line override of any other key must agree with the saved value: a resumed
-    run keeps the configuration it started with. Returns `cfg` unchanged when the directory has no
-    config.yaml (nothing was started there)."""
+    RESUME_MUTABLE_KEYS and EXECUTION_KEYS, those overridden on the command line (in `overrides`)
+    are taken from `cfg`, the others keep their saved values (a resumed run goes on checkpointing
+    and tracking as it did). A command-line override of any other key must agree with the saved
+    value: a resumed run keeps the configuration it started with. Returns `cfg` unchanged when the
+    directory has no config.yaml (nothing was started there). `announce`: log a changed EXECUTION_KEY."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         return cfg
@@ -325,7 +343,7 @@ def resumed_config(cfg, run_dir: Path, overrides: list[str]):
     current = OmegaConf.to_container(cfg, resolve=True)
     for override in overrides:
         key = _override_key(override)
-        if key in RESUME_MUTABLE_KEYS or key.startswith("hydra."):
+        if key in RESUME_MUTABLE_KEYS or key in EXECUTION_KEYS or key.startswith("hydra."):
             continue
         new, old = OmegaConf.select(OmegaConf.create(current), key), OmegaConf.select(saved, key)
         as_plain = lambda v: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v  # noqa: E731
@@ -345,5 +363,13 @@ def resumed_config(cfg, run_dir: Path, overrides: list[str]):
     overridden = {_override_key(o).split(".", 1)[0] for o in overrides}
     for key in RESUME_MUTABLE_KEYS:
         if key in current and (key == "resume" or key in overridden or key not in saved):
+            saved[key] = current[key]
+    for key in EXECUTION_KEYS:
+        if key in current and key in overridden and current[key] != saved.get(key):
+            if announce:
+                log.warning(
+                    "resuming %s with %s=%s (it started with %s): the same clients are trained, batched otherwise, so its "
+                    "results equal an uninterrupted run's up to float rounding", run_dir, key, current[key], saved.get(key),
+                )
             saved[key] = current[key]
     return saved

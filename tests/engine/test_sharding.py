@@ -71,9 +71,9 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run_on_four_devices(script: str) -> dict:
+def run_on_four_devices(script: str, *args: str) -> dict:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **compilation_cache_env()}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
@@ -94,6 +94,50 @@ def test_four_devices_equal_one_device_and_the_reference():
         # results coming back from the other devices are committed to the first, and so is
         # everything there from the start: no program compiles twice for the two kinds of arrays
         assert r["step_programs"] == [1, 1], (name, r)
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import csv, json, os, signal, sys
+    from pathlib import Path
+    import jax
+    from asyncflower_jax import experiment
+    from asyncflower_jax.errors import Interrupted
+    from asyncflower_jax.runner import run_job
+    from tests.conftest import make_config
+    import asyncflower_jax.client.batched as batched
+
+    batched.CPU_SPLIT_FLOPS = 0  # this small model's batches are shared out too
+    assert len(jax.devices()) == 4, jax.devices()
+    ARGS = ["num_clients=30", "concurrency=8", "max_updates=40", "client.num_steps=2", "model.hidden=[16]", "eval_every=5",
+            "latency=lognormal", "precision=float64", "checkpoint_every=0", "progress=false"]
+    run_dir = Path(sys.argv[1])
+    experiment._crash_hook = lambda: (lambda v: os.kill(os.getpid(), signal.SIGTERM) if v == 12 else None)
+    try:
+        run_job(make_config(*ARGS, "devices=4"), run_dir)
+    except Interrupted:
+        pass
+    experiment._crash_hook = lambda: None
+    resumed = run_job(make_config(*ARGS, "devices=2", "resume=true"), run_dir, ["devices=2", "resume=true"])
+    full = experiment.Experiment(make_config(*ARGS, "devices=1")).run(None)
+    print("RESULT " + json.dumps({
+        "resumed_from": resumed["resumed_from_version"],
+        "devices": [resumed["training_devices"], full.summary["training_devices"]],
+        "versions": [resumed["versions"], full.summary["versions"]],
+        "loss": [[float(r["test_loss"]) for r in csv.DictReader(open(run_dir / "metrics.csv"))], [r["test_loss"] for r in full.history]],
+    }))
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_run_checkpointed_on_four_devices_resumes_on_two_and_ends_as_on_one(tmp_path):
+    """A run stopped on a machine with four devices continues on one with two (devices is an
+    execution setting a resume may change): in float64 its metrics equal a one-device run's."""
+    out = run_on_four_devices(RESUME_SCRIPT, str(tmp_path / "run"))
+    assert out["resumed_from"] == 13 and out["versions"] == [40, 40] and out["devices"] == [2, 1]
+    assert len(out["loss"][0]) == len(out["loss"][1]) > 5
+    np.testing.assert_allclose(out["loss"][0], out["loss"][1], rtol=0, atol=1e-9)
 
 
 TRAINER_SCRIPT = textwrap.dedent(
