@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from asyncflower_jax import parallel_sweep
 from asyncflower_jax.errors import CheckpointError, ConfigError, Interrupted, RunStalled
+from asyncflower_jax.memory import jobs_sharing_memory
 from asyncflower_jax.runner import run_job
 
 log = logging.getLogger("asyncflower_jax")
@@ -49,6 +50,8 @@ def main(cfg: DictConfig) -> float:
     if parallel_sweep.requested_signal(stop) is not None:
         log.warning("not started: the sweep was stopped; resume=true runs this job")
         return float("nan")
+    if stop is not None and jobs_sharing_memory() > 1:
+        log.info("one of %d jobs running at once: its memory checks count 1/%d of this machine's memory", jobs_sharing_memory(), jobs_sharing_memory())
     try:
         before_start = lambda: start_jax(cfg)  # noqa: E731
         if cfg.get("distributed"):

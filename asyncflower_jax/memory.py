@@ -14,13 +14,30 @@ def physical_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+# Set by a parallel sweep's main process for its jobs (parallel_sweep.SweepStop): how many of them
+# run at once. Each job then counts its share of the host's memory, as they all start on a machine
+# that none of them has taken memory from yet.
+JOBS_AT_ONCE_ENV = "ASYNCFLOWER_JAX_JOBS_AT_ONCE"
+
+
+def jobs_sharing_memory() -> int:
+    """The jobs of a parallel sweep that share this machine's memory (1 for any other run)."""
+    try:
+        return max(1, int(os.environ.get(JOBS_AT_ONCE_ENV, "1")))
+    except ValueError:
+        return 1
+
+
 def available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
     """Memory a new allocation can take now without killing anything: the kernel's MemAvailable
-    plus free swap. None where the kernel does not say (not Linux)."""
+    plus free swap, divided among a parallel sweep's jobs (`jobs_sharing_memory`). None where the
+    kernel does not say (not Linux)."""
     try:
         with open(meminfo) as f:
             fields = {line.split(":")[0]: line.split()[1:] for line in f}
-        return sum(int(fields[key][0]) * 1024 for key in ("MemAvailable", "SwapFree") if key in fields) if "MemAvailable" in fields else None
+        if "MemAvailable" not in fields:
+            return None
+        return sum(int(fields[key][0]) * 1024 for key in ("MemAvailable", "SwapFree") if key in fields) // jobs_sharing_memory()
     except (OSError, ValueError, IndexError):
         return None
 
@@ -49,4 +66,6 @@ def require_memory(need: int, what: str, advice: str, device=None) -> None:
     available = available_bytes() if device is None else available_on(device)
     if available is not None and need > HEADROOM * available:
         place = "memory and free swap" if device is None or device.platform == "cpu" else f"{device.platform.upper()} memory"
+        if jobs_sharing_memory() > 1:
+            place += f", this job's share with {jobs_sharing_memory()} jobs of the sweep at once"
         raise ConfigError(f"{what} needs about {size_text(need)} of memory, more than the {size_text(available)} available ({place}): {advice}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -24,6 +25,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from . import signals
+from .memory import JOBS_AT_ONCE_ENV
 
 STOP_FILE = ".stop-requested"
 POLL_SECONDS = 0.5
@@ -39,6 +41,41 @@ def is_parallel(hydra_cfg) -> bool:
 def stop_file(hydra_cfg) -> Path | None:
     """The stop file of a parallel sweep's job (None for any other run)."""
     return Path(str(hydra_cfg.sweep.dir)) / STOP_FILE if is_parallel(hydra_cfg) else None
+
+
+GPU_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+GPU_FRACTION = 0.75  # JAX's default share of an accelerator's memory for one process
+
+
+def jobs_at_once(n_jobs, num_jobs: int | None) -> int:
+    """How many of a parallel sweep's `num_jobs` jobs (None: not known) run at the same time with
+    joblib's `n_jobs` (None: 1; negative: the usable cores + 1 + n_jobs, as joblib counts)."""
+    from joblib import cpu_count
+
+    n = 1 if n_jobs is None else int(n_jobs)
+    if n < 0:
+        n = cpu_count() + 1 + n
+    return max(1, min(n, num_jobs) if num_jobs else n)
+
+
+def share_memory(jobs: int) -> Callable[[], None]:
+    """Make each of `jobs` jobs started from now on count its share of the machine's memory: the
+    host's (memory.available_bytes) and an accelerator's (JAX's allocator takes GPU_FRACTION / jobs
+    of it, unless the user set XLA_PYTHON_CLIENT_MEM_FRACTION: several jobs each taking JAX's
+    default three quarters of one GPU cannot start). Returns what restores the environment."""
+    before = {name: os.environ.get(name) for name in (JOBS_AT_ONCE_ENV, GPU_FRACTION_ENV)}
+    os.environ[JOBS_AT_ONCE_ENV] = str(jobs)
+    if before[GPU_FRACTION_ENV] is None and jobs > 1:
+        os.environ[GPU_FRACTION_ENV] = f"{GPU_FRACTION / jobs:.3f}"
+
+    def restore():
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    return restore
 
 
 def request_stop(path: Path, signum: int) -> None:
@@ -86,10 +123,21 @@ class SweepStop(Callback):
     def __init__(self):
         self._path: Path | None = None
         self._restore_handlers = lambda: None  # (the signal handlers are the sweep's from its start to its end)
+        self._restore_environment = lambda: None
 
     def on_multirun_start(self, config, **kwargs) -> None:
         if not is_parallel(config.hydra):
             return
+        from .results.rundir import sweep_jobs
+
+        jobs = jobs_at_once(config.hydra.launcher.get("n_jobs"), len(sweep_jobs(list(config.hydra.overrides.task))) or None)
+        before_fraction = os.environ.get(GPU_FRACTION_ENV)
+        self._restore_environment = share_memory(jobs)
+        if jobs > 1:
+            log.info(
+                "%d jobs run at once: each one's memory checks count 1/%d of this machine's memory%s", jobs, jobs,
+                f" (on a GPU, each takes at most {os.environ[GPU_FRACTION_ENV]} of its memory)" if os.environ.get(GPU_FRACTION_ENV) != before_fraction else "",
+            )
         path = self._path = Path(str(config.hydra.sweep.dir)) / STOP_FILE
         path.unlink(missing_ok=True)  # (left by a sweep stopped before, which this one may resume)
 
@@ -106,6 +154,7 @@ class SweepStop(Callback):
         if self._path is None:
             return
         self._restore_handlers()
+        self._restore_environment()
         signum = requested_signal(self._path)
         if signum is not None:
             self._path.unlink(missing_ok=True)

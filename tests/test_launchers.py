@@ -37,6 +37,7 @@ def test_joblib_runs_a_two_job_sweep_in_parallel_processes(tmp_path):
     assert runs[0]["final_test_accuracy"] != runs[1]["final_test_accuracy"] or runs[0]["sim_time"] != runs[1]["sim_time"]
     logs = [p.read_text() for p in tmp_path.glob("multirun/*/*/run.log")]
     assert len(logs) == 2 and all("done: max_updates" in text and "libtpu" not in text for text in logs)  # (JAX's backend chatter stays out)
+    assert all("one of 2 jobs running at once: its memory checks count 1/2 of this machine's memory" in text for text in logs)
 
 
 @pytest.mark.slow
@@ -50,7 +51,6 @@ def test_a_parallel_sweeps_invalid_job_ends_it_with_its_message_alone(tmp_path):
     assert len(list(tmp_path.glob("multirun/*/*/summary.json"))) == 1  # (the other job ran)
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_a_parallel_sweep_stopped_by_sigterm_checkpoints_its_running_jobs_and_resumes(tmp_path):
     """SIGTERM to the sweep's main process alone (as a scheduler sends it): the two running jobs

@@ -46,3 +46,16 @@ def test_an_accelerators_own_memory_counts_and_a_cpus_is_the_hosts(monkeypatch):
     assert memory.available_on(FakeDevice("gpu", {"bytes_limit": 80_000, "bytes_in_use": 30_000})) == 50_000
     assert memory.available_on(FakeDevice("gpu", None)) == 123  # (an allocator that does not say)
     assert memory.available_on(FakeDevice("cpu", {"bytes_limit": 1})) == 123
+
+
+def test_a_parallel_sweeps_job_counts_its_share_of_the_memory(tmp_path, monkeypatch):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\nSwapFree:        1000000 kB\n")
+    monkeypatch.setenv(memory.JOBS_AT_ONCE_ENV, "3")
+    assert memory.jobs_sharing_memory() == 3
+    assert memory.available_bytes(str(meminfo)) == 21_000_000 * 1024 // 3
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10 * 10**9 // 3)
+    with pytest.raises(ConfigError, match=r"more than the 3\.3 GB available \(memory and free swap, this job's share with 3 jobs of the sweep at once\)"):
+        memory.require_memory(4 * 10**9, "the data", "use less")
+    monkeypatch.setenv(memory.JOBS_AT_ONCE_ENV, "x")  # (unreadable: counted as a run alone)
+    assert memory.jobs_sharing_memory() == 1

@@ -216,7 +216,7 @@ class ResumeTargetCheck(Callback):
                 key = _job_key(OmegaConf.load(job / ".hydra" / "overrides.yaml"))
                 started.setdefault(key, int(number))
                 numbered.setdefault(int(number), key)
-        for number, overrides in enumerate(_sweep_jobs(list(config.hydra.overrides.task))):
+        for number, overrides in enumerate(sweep_jobs(list(config.hydra.overrides.task))):
             key = _job_key(overrides)
             if key not in started and number in numbered:
                 added = sorted(key - numbered[number], key=lambda o: _override_key(o))
@@ -256,7 +256,7 @@ def _refuse_unknown_choices(overrides: list[str]) -> None:
             _refuse(f"{override.key_or_group}={unknown[0]!r} is invalid: must be one of {options}")
 
 
-def _sweep_jobs(overrides: list[str]) -> list[list[str]]:
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     """Each job's overrides, in the order Hydra's basic sweeper numbers the jobs ([] where they cannot be parsed)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
