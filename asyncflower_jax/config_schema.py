@@ -205,6 +205,7 @@ FIELDS: dict[str, Field] = {
             choices=MATMUL_PRECISIONS, nullable=True,
         ),
         Field("progress", bool, True, "live progress display in a terminal"),
+        Field("plots", bool, True, "the run's PNG plots in its directory"),
         Field("record_updates", bool, True, "write updates.csv (one row per aggregated client update)"),
         Field("trackers", list, (), "experiment trackers every metrics row also goes to", choices=TRACKERS, nullable=True),
         Field("tracker_project", str, "asyncflower-jax", "the W&B project wandb runs are logged to", nullable=True),

@@ -351,9 +351,10 @@ class Experiment:
                     )
                 if recorder:
                     recorder.close()
-                    from .results.plots import plot_finished_run  # (matplotlib: imported by runs that plot, not by a ClientApp)
+                    if self.cfg.get("plots", True):
+                        from .results.plots import plot_finished_run  # (matplotlib: imported by runs that plot, not by a ClientApp)
 
-                    plot_finished_run(run_dir)
+                        plot_finished_run(run_dir)
                     recorder.write_summary(result.summary)  # last: a run directory with a summary is complete
                     if "diverged" not in result.summary:  # finished: the checkpoints have served their purpose
                         shutil.rmtree(checkpoints.directory, ignore_errors=True)

@@ -80,7 +80,7 @@ def test_local_file_dataset_runs_with_its_client_ids(tmp_path):
     x = rng.normal(size=(400, 5)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
     np.savez(tmp_path / "data.npz", x=x, y=y, user=rng.integers(0, 12, 400))
-    cfg = make_config("dataset=file", f"dataset.path={tmp_path / 'data.npz'}", "dataset.client_id=user", "partition=natural", "num_clients=12", "concurrency=4", "max_updates=40", "model.hidden=[8]", "progress=false", "checkpoint_every=0")
+    cfg = make_config("dataset=file", f"dataset.path={tmp_path / 'data.npz'}", "dataset.client_id=user", "partition=natural", "num_clients=12", "concurrency=4", "max_updates=40", "model.hidden=[8]", "progress=false", "plots=false", "checkpoint_every=0")
     exp = Experiment(cfg)
     assert exp.store.num_clients == 12 and exp.store.counts.sum() == 320
     result = exp.run(tmp_path / "run")
@@ -89,7 +89,7 @@ def test_local_file_dataset_runs_with_its_client_ids(tmp_path):
 
 @pytest.mark.slow
 def test_synthetic_run_writes_its_partition_summary_and_store_memory(tmp_path):
-    proc = run_py(["dataset=synthetic", "num_clients=20000", "max_updates=50", "validation_fraction=0.2", "record_updates=false"], tmp_path)
+    proc = run_py(["dataset=synthetic", "num_clients=20000", "max_updates=50", "validation_fraction=0.2", "record_updates=false", "plots=false"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "client store: 20000 clients" in proc.stdout + proc.stderr
     [run_dir] = finished_runs(tmp_path)

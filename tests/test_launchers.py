@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from asyncflower_jax import parallel_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["max_updates=20", "num_clients=20", "concurrency=4", "client.num_steps=2", "model.hidden=[16]", "progress=false", "eval_every=5"]
+TINY = ["max_updates=20", "num_clients=20", "concurrency=4", "client.num_steps=2", "model.hidden=[16]", "progress=false", "eval_every=5", "plots=false"]
 
 
 def sweep(tmp_path, launcher: str, *extra: str) -> list[dict]:
@@ -59,7 +59,7 @@ def test_a_parallel_sweep_stopped_by_sigterm_checkpoints_its_running_jobs_and_re
     sweep_dir = tmp_path / "sweep"
     cmd = [
         sys.executable, "run.py", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "seed=0,1,2", "max_updates=2000",
-        "progress=false", "checkpoint_every=0", f"hydra.sweep.dir={sweep_dir}",
+        "progress=false", "plots=false", "checkpoint_every=0", f"hydra.sweep.dir={sweep_dir}",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -25,7 +25,7 @@ KILLED = ("ca2fl",)
 # eval every version, checkpoint every 3, with faults (their random stream must resume too)
 ARGS = [
     "num_clients=20", "concurrency=5", "max_updates=60", "client.num_steps=2", "model.hidden=[16]", "eval_every=1",
-    "checkpoint_every=3", "checkpoint_min_seconds=0", "faults.dropout=0.1", "faults.nan=0.05", "progress=false",
+    "checkpoint_every=3", "checkpoint_min_seconds=0", "faults.dropout=0.1", "faults.nan=0.05", "progress=false", "plots=false",
 ]
 # checkpoints at 3 and 6 survive; the rows of version 7 (an evaluation is read at the next one:
 # at version 8) are written, then cut on resume
@@ -152,7 +152,7 @@ def test_a_refused_command_writes_nothing(tmp_path):
     """Through run.py: a new run in another run's directory, a resume of a directory without a
     run, and a resume whose override contradicts the run leave no file behind or changed (not
     Hydra's record .hydra/, not run.log, no failed.json)."""
-    run_dir, args = tmp_path / "run", ["num_clients=20", "concurrency=5", "max_updates=5", "model.hidden=[16]", "progress=false"]
+    run_dir, args = tmp_path / "run", ["num_clients=20", "concurrency=5", "max_updates=5", "model.hidden=[16]", "progress=false", "plots=false"]
     assert run_py([*args, f"hydra.run.dir={run_dir}"], tmp_path).returncode == 0
     files = lambda: {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}  # noqa: E731
     before = files()
@@ -290,7 +290,7 @@ def test_a_run_resumes_with_other_execution_settings_and_ends_where_the_uninterr
     from asyncflower_jax.errors import Interrupted
 
     args = ["num_clients=30", "concurrency=8", "max_updates=60", "client.num_steps=2", "model.hidden=[16]", "eval_every=4", "latency=lognormal",
-            "precision=float64", "checkpoint_every=0", "progress=false", "execution=map", "chunk_size=256"]
+            "precision=float64", "checkpoint_every=0", "progress=false", "plots=false", "execution=map", "chunk_size=256"]
 
     def sigterm_at(version):
         return lambda v: os.kill(os.getpid(), signal.SIGTERM) if v == version else None

@@ -17,7 +17,7 @@ from asyncflower_jax.runner import run_job
 from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["num_clients=20", "concurrency=5", "max_updates=24", "client.num_steps=2", "model.hidden=[16]"]
+TINY = ["num_clients=20", "concurrency=5", "max_updates=24", "client.num_steps=2", "model.hidden=[16]", "plots=false"]
 
 
 def run_py(args, results_dir: Path):
@@ -50,7 +50,7 @@ def test_default_experiment_reaches_90_percent(strategy, tmp_path):
 
 
 def test_sweep_writes_one_directory_per_job(tmp_path):
-    proc = run_py(["-m", "strategy=fedbuff,fedavg", "seed=0,1", *TINY], tmp_path)
+    proc = run_py(["-m", "strategy=fedbuff,fedavg", "seed=0,1", *[a for a in TINY if a != "plots=false"]], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = finished_runs(tmp_path)
     assert len(runs) == 4

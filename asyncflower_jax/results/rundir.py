@@ -304,7 +304,7 @@ register_resolvers()
 
 # Keys a resumed run may change: they do not affect what is computed (nor the config fingerprint).
 RESUME_MUTABLE_KEYS = (
-    "resume", "progress", "xla_cache_dir", "checkpoint_every", "checkpoint_min_seconds", "keep_checkpoints", "trackers", "tracker_project",
+    "resume", "progress", "plots", "xla_cache_dir", "checkpoint_every", "checkpoint_min_seconds", "keep_checkpoints", "trackers", "tracker_project",
 )
 # Keys a resumed run may change too: how training is laid out on the devices. The same clients are
 # trained, batched otherwise, so results equal the uninterrupted run's up to float rounding; a run

@@ -134,6 +134,7 @@ def test_femnist_experiment_end_to_end_through_the_loader(tmp_path):
         "client.batch_size=4",
         "validation_fraction=0.2",
         "progress=false",
+        "plots=false",
         "checkpoint_every=0",
     )
     exp = Experiment(cfg)

@@ -15,7 +15,7 @@ from asyncflower_jax.engine.simulator import Simulator
 from asyncflower_jax.experiment import Experiment
 from tests.conftest import make_config
 
-SMALL = ("num_clients=40", "concurrency=8", "eval_every=1000", "client.num_steps=3", "client.batch_size=8", "model.hidden=[32]", "latency=lognormal")
+SMALL = ("num_clients=40", "concurrency=8", "eval_every=1000", "client.num_steps=3", "client.batch_size=8", "model.hidden=[32]", "latency=lognormal", "plots=false")
 RULES = {
     "fedasync": ("strategy=fedasync",),
     "fedbuff": ("strategy=fedbuff", "strategy.buffer_size=3"),

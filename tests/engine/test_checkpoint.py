@@ -18,7 +18,7 @@ from asyncflower_jax.experiment import Experiment
 from asyncflower_jax.results.recorder import Recorder
 from tests.conftest import make_config
 
-SMALL = ("num_clients=40", "concurrency=8", "eval_every=5", "client.num_steps=3", "model.hidden=[32]", "latency=lognormal")
+SMALL = ("num_clients=40", "concurrency=8", "eval_every=5", "client.num_steps=3", "model.hidden=[32]", "latency=lognormal", "plots=false")
 RULES = {
     "fedasync": ("strategy=fedasync", "max_updates=60"),
     "fedbuff": ("strategy=fedbuff", "strategy.buffer_size=3", "max_updates=90"),

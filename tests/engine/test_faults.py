@@ -22,7 +22,7 @@ from asyncflower_jax.experiment import Experiment
 from asyncflower_jax.runner import run_job
 from tests.conftest import make_config
 
-SMALL = ("num_clients=40", "concurrency=8", "client.num_steps=3", "client.batch_size=8", "model.hidden=[32]")
+SMALL = ("num_clients=40", "concurrency=8", "client.num_steps=3", "client.batch_size=8", "model.hidden=[32]", "plots=false")
 
 
 def read_csv(path):

@@ -90,3 +90,14 @@ def test_find_run_dirs_keeps_sweep_order_and_skips_hidden_folders(tmp_path):
     write_run(tmp_path / "sweep" / "10_late", "fedbuff", 9, CURVES["fedbuff", 0])
     found = [p.name.split("_", 1)[0] for p in find_run_dirs(tmp_path)]
     assert found == ["0", "1", "2", "3", "10"]  # not ".hydra", and 10 after 3
+
+
+@pytest.mark.parametrize("plots", [True, False])
+def test_a_finished_run_writes_its_plots_unless_plots_is_false(plots, tmp_path):
+    from asyncflower_jax.experiment import Experiment
+    from tests.conftest import make_config
+
+    Experiment(make_config("num_clients=20", "concurrency=5", "max_updates=5", "model.hidden=[16]", "progress=false", f"plots={plots}")).run(tmp_path)
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert (tmp_path / "summary.json").is_file() and (tmp_path / "updates.csv").is_file()
+    assert pngs == (sorted(["accuracy_loss.png", "staleness.png", "staleness_histogram.png", "arrival_rate.png", "participation.png", "in_flight.png"]) if plots else [])

@@ -267,7 +267,7 @@ def read_metrics_csv(run_dir: Path) -> list[dict[str, float]]:
 @pytest.mark.slow
 def test_report_on_a_real_sweep_matches_each_runs_metrics(tmp_path):
     # concurrency 5: FedBuff's default buffer of 5 must fit among the clients in flight
-    tiny = ["num_clients=20", "concurrency=5", "max_updates=40", "client.num_steps=2", "eval_every=2"]
+    tiny = ["num_clients=20", "concurrency=5", "max_updates=40", "client.num_steps=2", "eval_every=2", "plots=false"]  # (plotted below)
     env = {**os.environ, "EXPERIMENTS_BASE_DIR": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, "run.py", "-m", "strategy=fedasync,fedbuff", "seed=0,1", *tiny],

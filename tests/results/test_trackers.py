@@ -17,7 +17,7 @@ from asyncflower_jax.results.trackers import TENSORBOARD_DIR, close_all, make_tr
 from tests.conftest import make_config
 
 # FedBuff with buffers of 2: the step (version) differs from client_updates
-TINY = ("num_clients=20", "concurrency=5", "strategy=fedbuff", "strategy.buffer_size=2", "max_updates=30", "eval_every=4", "client.num_steps=2", "model.hidden=[16]")
+TINY = ("num_clients=20", "concurrency=5", "strategy=fedbuff", "strategy.buffer_size=2", "max_updates=30", "eval_every=4", "client.num_steps=2", "model.hidden=[16]", "plots=false")
 SCALAR_COLUMNS = [c for c in METRIC_COLUMNS if c != "version"]
 
 
