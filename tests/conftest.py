@@ -1,5 +1,7 @@
 """Shared fixtures: compose the project's Hydra config with overrides, as run.py would."""
 
+import copy
+import functools
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,15 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def make_config(*overrides: str):
-    """The composed config for `python run.py <overrides>`."""
+    """The composed config for `python run.py <overrides>`: a copy of its own (the tests change some)."""
+    return copy.deepcopy(_composed(overrides))
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(overrides: tuple[str, ...]):
+    """Composing takes a quarter of a second, and the tests compose the same few configs many
+    times over (interpolations such as ${oc.env:...} are left unresolved, so a copy reads the
+    environment when used, as a fresh one would; an override Hydra refuses raises each time)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
 
