@@ -50,20 +50,22 @@ def main(cfg: DictConfig) -> float:
     if parallel_sweep.requested_signal(stop) is not None:
         log.warning("not started: the sweep was stopped; resume=true runs this job")
         return float("nan")
-    if stop is not None and jobs_sharing_memory() > 1:
-        log.info("one of %d jobs running at once: its memory checks count 1/%d of this machine's memory", jobs_sharing_memory(), jobs_sharing_memory())
+    jobs = jobs_sharing_memory()
+    if stop is not None and jobs > 1:
+        log.info("one of %d jobs running at once: its memory checks count 1/%d of this machine's memory", jobs, jobs)
     try:
-        before_start = lambda: start_jax(cfg)  # noqa: E731
-        if cfg.get("distributed"):
+        if cfg.get("distributed"):  # (JAX starts before the job's checks: initialize() must come first)
             from asyncflower_jax import distributed
             from asyncflower_jax.experiment import Experiment
 
             start_jax(cfg)
-            before_start = None
             if distributed.initialize(cfg.get("distributed")) and not distributed.is_writer():
                 # multi-host: every process runs the simulation; process 0 alone writes the run directory
                 return Experiment(cfg).run(None).summary["final_test_accuracy"]
-        s = run_job(cfg, run_dir, list(HydraConfig.get().overrides.task), multirun=multirun, stop_file=stop, before_start=before_start)
+        s = run_job(
+            cfg, run_dir, list(HydraConfig.get().overrides.task), multirun=multirun, stop_file=stop,
+            before_start=None if cfg.get("distributed") else lambda: start_jax(cfg),
+        )
     except Interrupted as exc:
         if exc.checkpoint:
             log.warning(

@@ -19,11 +19,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import ConfigError
-from .availability import AvailabilityModel, ClientAvailability
+from .availability import INF, AvailabilityModel, ClientAvailability
 from .faults import DROPOUT, FAULT_STREAM, Faults
 from .latency import LatencyModel, check_profile
-
-_INF = float("inf")
 
 PROFILE_STREAM = 1
 SCHEDULE_STREAM = 2
@@ -205,7 +203,7 @@ class Scheduler:
             raise RuntimeError("no idle client to dispatch" if self.availability is None else "no idle and available client to dispatch")
         client = self.idle.take_kth(int(self.rng.integers(self.idle.count)))
         duration = self.latency.sample_one(self.rng, self.profile[client])
-        if not duration < _INF:  # (NaN too)
+        if not duration < INF:  # (NaN too)
             raise ConfigError(
                 f"latency: client {client}'s task took {duration} (beyond float64's range) under {self.latency}; choose settings "
                 "whose durations are finite (a larger Pareto shape, a smaller median or client_sigma, a larger rate)"

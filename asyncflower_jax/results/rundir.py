@@ -219,8 +219,8 @@ class ResumeTargetCheck(Callback):
         for number, overrides in enumerate(sweep_jobs(list(config.hydra.overrides.task))):
             key = _job_key(overrides)
             if key not in started and number in numbered:
-                added = sorted(key - numbered[number], key=lambda o: _override_key(o))
-                gone = sorted(numbered[number] - key, key=lambda o: _override_key(o))
+                added = sorted(key - numbered[number], key=_override_key)
+                gone = sorted(numbered[number] - key, key=_override_key)
                 _refuse(
                     f"resume={config.get('resume')!r} is invalid: the sweep's job {number} started with {' '.join(gone) or 'no such override'} "
                     f"and this command gives it {' '.join(added) or 'none'}, so it would run again beside job {number} of {sweep}; "
