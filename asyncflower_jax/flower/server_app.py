@@ -53,9 +53,10 @@ def run_federation(
     choose: Chooser | None = None,
     clock: Callable[[], float] | None = None,
     sleep: Callable[[float], None] | None = None,
-    plot: bool = True,
+    plot: bool | None = None,
 ) -> FederationResult:
-    """Build the run from `run_config`, run it over `grid` and write its run directory."""
+    """Build the run from `run_config`, run it over `grid` and write its run directory (with the
+    plots if `plot`, by default as the config's `plots` key says)."""
     deployment = federation_settings(run_config)
     run_dir = Path(deployment["run_dir"]) if deployment["run_dir"] else default_run_dir(run_config)
     check_fresh(run_dir)
@@ -97,7 +98,7 @@ def run_federation(
         result = loop.run()
         result.summary.update({"strategy": repr(exp.strategy), "seed": cfg.seed, "federation": deployment, "run_dir": str(run_dir)})
         recorder.close()
-        if plot:
+        if cfg.get("plots", True) if plot is None else plot:
             from ..results.plots import plot_finished_run
 
             plot_finished_run(run_dir)

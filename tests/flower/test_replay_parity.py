@@ -88,11 +88,13 @@ def test_a_federation_ignores_lookahead_and_sends_each_client_the_current_versio
     exp = Experiment(compose_config(exact_config))
     sim_rows = []
     Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings, on_updates=sim_rows.extend).run()
-    run_config = {**exact_config, "overrides": SMALL + " lookahead=3"}
+    run_config = {**exact_config, "overrides": SMALL + " lookahead=3", "plots": False}
     grid = ReplayGrid(client_app.app, run_config, Experiment(compose_config(run_config)).scheduler())
     with caplog.at_level(logging.WARNING, logger="asyncflower_jax.flower.server_app"):
-        run_federation(grid, run_config, choose=grid.choose, plot=False)
+        run_federation(grid, run_config, choose=grid.choose)
     assert "lookahead=3 is the simulator's relaxed mode" in caplog.text
+    # `plots=false` in the run config: a run directory without plots, complete otherwise
+    assert not list((tmp_path / "run").glob("*.png")) and (tmp_path / "run" / "summary.json").is_file()
     with open(tmp_path / "run" / "updates.csv", newline="") as f:
         starts = [int(float(r["start_version"])) for r in csv.DictReader(f)]
     assert starts == [r["start_version"] for r in sim_rows] and any(v % 3 for v in starts)
