@@ -50,7 +50,8 @@ class Field:
     `low`/`high` bound numbers (inclusive unless `low_open`/`high_open`); `choices` is the allowed
     set of a str (or of each name of a list); `nullable` also allows null; `noun` replaces the
     type's word in messages ("a probability"); `allowed_text` replaces the generated description
-    where the type alone does not say it; `note` is appended to it in parentheses.
+    where the type alone does not say it; `note` is appended to it in parentheses; `blank_ok=False`
+    refuses an empty (or all-space) string.
     """
 
     key: str
@@ -66,6 +67,7 @@ class Field:
     noun: str | None = None
     allowed_text: str | None = None
     note: str | None = None
+    blank_ok: bool = True
 
     @property
     def allowed(self) -> str:
@@ -108,6 +110,8 @@ class Field:
             ok = _in_range(checked, self.low, self.high, self.low_open, self.high_open)
         if ok and self.choices is not None:
             ok = checked in self.choices
+        if ok and not self.blank_ok and isinstance(checked, str):
+            ok = bool(checked.strip())
         if not ok:
             fail(path, value, self.allowed)
         return checked
@@ -225,7 +229,7 @@ FIELDS: dict[str, Field] = {
         Field("keep_checkpoints", int, 2, "the newest checkpoints kept", low=1),
         Field(
             "resume", (bool, str), False, "continue the run in the run directory, or in the directory given, from its newest checkpoint",
-            nullable=True, allowed_text="true, false or a run directory",
+            nullable=True, allowed_text="true, false or a run directory", blank_ok=False,
         ),
         Field("reject_nonfinite", bool, True, "drop client updates with a NaN or infinite entry before aggregation"),
     )

@@ -13,6 +13,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be read or does not fit the run being resumed."""
 
 
+class ResumeRefused(CheckpointError):
+    """A resume refused before the run continued (its checkpoints or result files cannot be
+    continued): the run directory is left as it was, resumable once they are restored."""
+
+
 class RunStalled(RuntimeError):
     """Client tasks keep failing and nothing is aggregated: the run would never reach its stop condition."""
 

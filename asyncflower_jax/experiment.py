@@ -43,7 +43,7 @@ from .engine.faults import FAILURE_COLUMNS, build_faults
 from .engine.latency import NeedsWork
 from .engine.scheduler import Scheduler
 from .engine.simulator import METRIC_COLUMNS, UPDATE_COLUMNS, Interrupted, SimulationResult, SimulationSettings, Simulator, check_strategy
-from .errors import ConfigError
+from .errors import ConfigError, ResumeRefused
 from .memory import HEADROOM, available_on, require_memory, size_text
 from .models import check_inputs
 from .models.mlp import init_params
@@ -254,7 +254,6 @@ class Experiment:
         if (run_dir / SUMMARY_FILE).is_file():
             raise ConfigError(f"resume={self.resume!r} is invalid: {run_dir} holds a finished run (summary.json); there is nothing to resume")
         newest = checkpoints.load_newest()
-        clear_failure(run_dir)
         if newest is None:
             if run_files(run_dir):
                 log.warning("resume: %s has no checkpoint; running it again from version 0", run_dir)
@@ -286,14 +285,19 @@ class Experiment:
         if run_dir is not None:
             run_dir = Path(run_dir)
             checkpoints = CheckpointManager(run_dir, self.keep_checkpoints)
-            snapshot = self._start(run_dir, checkpoints)
-            recorder = Recorder(
-                run_dir,
-                self.metric_columns,
-                UPDATE_COLUMNS if record_updates else None,
-                FAILURE_COLUMNS,
-                resume_at=snapshot.meta["recorder"] if snapshot is not None else None,
-            )
+            try:  # (a resume refused here leaves the directory as it was: the checks come before any change)
+                snapshot = self._start(run_dir, checkpoints)
+                recorder = Recorder(
+                    run_dir,
+                    self.metric_columns,
+                    UPDATE_COLUMNS if record_updates else None,
+                    FAILURE_COLUMNS,
+                    resume_at=snapshot.meta["recorder"] if snapshot is not None else None,
+                )
+            except CheckpointError as exc:
+                raise ResumeRefused(str(exc)) from None
+            if resume_requested(self.resume):
+                clear_failure(run_dir)
         progress = make_progress(bool(self.cfg.get("progress", False)), self.settings, title=type(self.strategy).__name__, console=console)
         trackers = []
         try:

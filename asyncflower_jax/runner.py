@@ -4,7 +4,8 @@
 - stopped by SIGTERM/SIGINT: a checkpoint, and `Interrupted` is raised (resume it later);
 - failed (bad configuration, unreadable checkpoint, any error): failed.json with the error;
 - refused before it started (RunRefused: another run's directory, nothing to resume there, an
-  override that contradicts the resumed run's configuration): nothing is written.
+  override that contradicts the resumed run's configuration or that its checks refuse;
+  ResumeRefused: checkpoints or result files that cannot be continued): nothing is written.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .errors import Interrupted
+from .errors import ConfigError, Interrupted, ResumeRefused
 from .results.rundir import SUMMARY_FILE, RunRefused, check_fresh, holds_a_run, made_by_this_command, resume_requested, resumed_config, write_failure
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def run_job(
     imported only then, so a refusal comes quickly).
     """
     run_dir = Path(run_dir)
+    continuing = False  # resuming a run that started (its configuration is config.yaml's)
     try:
         if resume_requested(cfg.get("resume")):
             if not multirun and not holds_a_run(run_dir):
@@ -49,6 +51,7 @@ def run_job(
                     "checkpoint); pass the directory of a started run (resume=<run dir>, or resume=true hydra.run.dir=<run dir>)"
                 )
             cfg = resumed_config(cfg, run_dir, list(overrides))
+            continuing = holds_a_run(run_dir)
             if (run_dir / SUMMARY_FILE).is_file():
                 log.info("%s already finished (summary.json): nothing to resume", run_dir)
                 return json.loads((run_dir / SUMMARY_FILE).read_text())
@@ -58,9 +61,15 @@ def run_job(
             before_start()
         from .experiment import Experiment
 
-        return Experiment(cfg).run(run_dir, stop_file=stop_file).summary
-    except (RunRefused, Interrupted):
-        raise  # refused: write nothing into that directory; an interrupted run is resumable
+        try:
+            experiment = Experiment(cfg)
+        except ConfigError as exc:
+            if continuing:  # (a value the resuming command gave, or one this version no longer accepts)
+                raise RunRefused(str(exc)) from None
+            raise
+        return experiment.run(run_dir, stop_file=stop_file).summary
+    except (RunRefused, ResumeRefused, Interrupted):
+        raise  # refused: write nothing into that directory (a resume leaves it resumable); an interrupted run is resumable
     except Exception as exc:
         write_failure(run_dir, exc)
         raise

@@ -131,6 +131,7 @@ def test_accepted_values(path, value, expected):
         ("compute_dtype", "float32", "compute_dtype='float32' is invalid: must be one of ('bfloat16', 'float16') or null"),
         ("xla_cache_dir", 5, "xla_cache_dir=5 is invalid: must be a string or null"),
         ("resume", 0, "resume=0 is invalid: must be true, false or a run directory"),
+        ("resume", " ", "resume=' ' is invalid: must be true, false or a run directory"),  # (not a new run: a path left empty)
         ("trackers", "tensorbored", "trackers=['tensorbored'] is invalid"),
         ("trackers", [1], "trackers=[1] is invalid: must be null or a list of names"),
         ("trackers", ["wandb", "wandb"], "(a name is repeated)"),

@@ -182,6 +182,12 @@ def test_a_refused_command_writes_nothing(tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr and files() == before  # not even Hydra's .hydra/resumed/ nor run.log
     proc = run_py(["resume=true", f"hydra.run.dir={run_dir}", "strategy=fedbuff"], tmp_path)
     assert proc.returncode == 2 and "strategy=fedbuff is invalid: it changes the run's strategy._target_" in proc.stdout + proc.stderr and files() == before
+    (run_dir / "summary.json").unlink()  # (an unfinished run) whose config.yaml is damaged
+    (run_dir / "config.yaml").write_text(": : bad [")
+    before = files()
+    proc = run_py([f"resume={run_dir}"], tmp_path)
+    assert proc.returncode == 2 and "config.yaml cannot be read" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr and files() == before
 
 
 def test_a_refused_command_answers_without_importing_jax_or_flower(tmp_path):
@@ -337,6 +343,49 @@ def test_a_checkpoint_written_when_execution_settings_were_part_of_the_fingerpri
     with pytest.raises(CheckpointError, match="was written with other settings"):
         Experiment(make_config(*args, "chunk_size=4", "resume=true"))._start(tmp_path, CheckpointManager(tmp_path))
     assert Experiment(make_config(*args, "resume=true"))._start(tmp_path, CheckpointManager(tmp_path)).version == 7
+
+
+def test_a_resume_refused_for_damaged_or_contradicting_input_leaves_the_run_as_it_was(tmp_path, monkeypatch):
+    """A resume that cannot continue the run (its config.yaml missing or unreadable, a results file
+    cut short or removed since the checkpoint, a value the checks refuse, a key the run does not
+    have) is refused with a message naming what is wrong, and changes nothing in the directory (no
+    failed.json, no table cut back): once the file is restored, the run resumes."""
+    import shutil
+
+    from asyncflower_jax import experiment as experiment_module
+    from asyncflower_jax.errors import CheckpointError, Interrupted
+
+    args = ["num_clients=20", "concurrency=5", "max_updates=30", "client.num_steps=2", "model.hidden=[16]", "checkpoint_every=0", "progress=false", "plots=false"]
+    monkeypatch.setattr(experiment_module, "_crash_hook", lambda: lambda v: os.kill(os.getpid(), signal.SIGTERM) if v == 12 else None)
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        run_job(make_config(*args), run_dir)
+    monkeypatch.setattr(experiment_module, "_crash_hook", lambda: None)
+    files = lambda: {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}  # noqa: E731
+    intact = files()
+
+    def refused(error, match, *overrides, damage=lambda: None):
+        damage()
+        before = files()
+        with pytest.raises(error, match=match):
+            run_job(make_config(*args, *overrides, "resume=true"), run_dir, ["resume=true", *overrides])
+        assert files() == before  # nothing written, nothing cut back
+        shutil.rmtree(run_dir)
+        shutil.copytree(backup, run_dir)
+
+    backup = tmp_path / "backup"
+    shutil.copytree(run_dir, backup)
+    refused(ConfigError, "holds a run .* but not its config.yaml", damage=lambda: (run_dir / "config.yaml").unlink())
+    refused(ConfigError, r"config.yaml cannot be read \(ParserError", damage=lambda: (run_dir / "config.yaml").write_text(": : bad ["))
+    cut = lambda: (run_dir / "metrics.csv").write_bytes((run_dir / "metrics.csv").read_bytes()[:60])  # noqa: E731
+    refused(CheckpointError, r"cannot continue .*metrics.csv: the checkpoint records \d+ bytes of it, the file has 60", damage=cut)
+    refused(CheckpointError, "cannot continue .*updates.csv: .* the file is missing", damage=lambda: (run_dir / "updates.csv").unlink())
+    refused(ConfigError, r"checkpoint_every=-1 is invalid: must be an integer >= 0", "checkpoint_every=-1")
+    refused(ConfigError, "chunk_size=0 is invalid: must be an integer >= 1", "chunk_size=0")
+    refused(ConfigError, r"num_client=3 is invalid: unknown key; .* did you mean num_clients\?", "+num_client=3")
+    assert files() == intact
+    summary = run_job(make_config(*args, "resume=true"), run_dir, ["resume=true"])
+    assert summary["client_updates"] == 30 and summary["resumed_from_version"] == 13
 
 
 def test_resuming_a_directory_without_a_run_is_an_error(tmp_path):

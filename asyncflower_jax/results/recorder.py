@@ -15,6 +15,8 @@ import math
 import os
 from pathlib import Path
 
+from ..errors import CheckpointError
+
 
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` via a temporary file and a rename, so readers never see half a file."""
@@ -54,6 +56,10 @@ class Recorder:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.columns = columns
         self._resume_at = resume_at
+        if resume_at is not None:  # every table checked before any is cut back: a refused resume changes nothing
+            for name, table_columns in (("metrics.csv", columns), ("updates.csv", update_columns), ("failures.csv", failure_columns)):
+                if table_columns is not None:
+                    self._check_continuable(name, table_columns)
         self._metrics, self._writer = self._open_table("metrics.csv", columns)
         self.update_columns = update_columns
         self._updates = None
@@ -64,6 +70,23 @@ class Recorder:
         if failure_columns is not None:
             self._failures, self._failure_writer = self._open_table("failures.csv", failure_columns)
 
+    def _check_continuable(self, name: str, columns: tuple[str, ...]) -> None:
+        """Refuse (CheckpointError) a table that cannot be continued from `resume_at`: missing,
+        shorter than the checkpoint recorded, or with other columns."""
+        path = self.run_dir / name
+        offset = self._resume_at.get(name)
+        size = path.stat().st_size if path.is_file() else None
+        if offset is None or size is None or size < offset:
+            found = "is missing" if size is None else f"has {size}"
+            raise CheckpointError(
+                f"cannot continue {path}: the checkpoint records {offset} bytes of it, the file {found}; it was changed or "
+                "removed since the checkpoint (restore it, or start the run again in another directory)"
+            )
+        with open(path, newline="") as f:
+            header = f.readline().rstrip("\r\n")
+        if header != ",".join(columns):
+            raise CheckpointError(f"cannot continue {path}: its columns ({header}) are not this run's ({','.join(columns)})")
+
     def _open_table(self, name: str, columns: tuple[str, ...]):
         """A CSV file and its writer: new with a header, or cut back to `resume_at[name]` bytes."""
         path = self.run_dir / name
@@ -73,19 +96,8 @@ class Recorder:
             writer.writeheader()
             f.flush()
             return f, writer
-        offset = self._resume_at.get(name)
-        size = path.stat().st_size if path.is_file() else None
-        if offset is None or size is None or size < offset:
-            raise RuntimeError(
-                f"cannot continue {path}: the checkpoint records {offset} bytes of it, the file has {size}; "
-                "it was changed or removed since the checkpoint"
-            )
-        with open(path, newline="") as f:
-            header = f.readline().rstrip("\r\n")
-        if header != ",".join(columns):
-            raise RuntimeError(f"cannot continue {path}: its columns ({header}) are not this run's ({','.join(columns)})")
-        with open(path, "r+b") as f:
-            f.truncate(offset)
+        with open(path, "r+b") as f:  # (checked by _check_continuable)
+            f.truncate(self._resume_at[name])
         f = open(path, "a", newline="")
         return f, csv.DictWriter(f, fieldnames=columns)
 

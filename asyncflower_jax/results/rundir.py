@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import traceback
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ..errors import ConfigError
 from .recorder import write_atomic
@@ -182,7 +183,7 @@ class ResumeTargetCheck(Callback):
         run_dir = resume_path(config.get("resume"))
         if run_dir is None and not OmegaConf.is_interpolation(config.hydra.run, "dir"):
             run_dir = str(config.hydra.run.dir)
-        if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
+        if run_dir is None or not Path(run_dir).is_dir():
             return
         job = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         try:
@@ -335,17 +336,36 @@ def resumed_config(cfg, run_dir: Path, overrides: list[str], announce: bool = Tr
     are taken from `cfg`, the others keep their saved values (a resumed run goes on checkpointing
     and tracking as it did). A command-line override of any other key must agree with the saved
     value: a resumed run keeps the configuration it started with. Returns `cfg` unchanged when the
-    directory has no config.yaml (nothing was started there). `announce`: log a changed EXECUTION_KEY."""
+    directory has no run (nothing was started there). The result passes the schema's checks
+    (config_schema). `announce`: log a changed EXECUTION_KEY. A refusal is a RunRefused."""
     path = Path(run_dir) / "config.yaml"
+    resume = cfg.get("resume")
     if not path.is_file():
+        if holds_a_run(run_dir):  # (its files without the configuration they came from: the defaults would continue them)
+            raise RunRefused(
+                f"resume={resume!r} is invalid: {run_dir} holds a run ({', '.join(run_files(run_dir))}) but not its config.yaml, "
+                "the configuration it started with; restore that file to continue the run"
+            )
         return cfg
-    saved = OmegaConf.load(path)
+    try:
+        saved = OmegaConf.load(path)
+        if not isinstance(saved, DictConfig):
+            raise ValueError(f"it holds a {type(saved).__name__}, not a mapping of settings")
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RunRefused(
+            f"resume={resume!r} is invalid: {path} cannot be read ({type(exc).__name__}: {first_line}); restore the run's "
+            "configuration to continue it"
+        ) from None
     current = OmegaConf.to_container(cfg, resolve=True)
     for override in overrides:
         key = _override_key(override)
         if key in RESUME_MUTABLE_KEYS or key in EXECUTION_KEYS or key.startswith("hydra."):
             continue
+        key = key.replace("/", ".")  # (a nested group's choice, strategy/staleness=..., is its package's value)
         new, old = OmegaConf.select(OmegaConf.create(current), key), OmegaConf.select(saved, key)
+        if new is not None and old is None:
+            _refuse_unknown_key(saved, key, override, path)
         as_plain = lambda v: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v  # noqa: E731
         new, old = as_plain(new), as_plain(old)
         if new != old:
@@ -372,4 +392,23 @@ def resumed_config(cfg, run_dir: Path, overrides: list[str], announce: bool = Tr
                     "results equal an uninterrupted run's up to float rounding", run_dir, key, current[key], saved.get(key),
                 )
             saved[key] = current[key]
+    from ..config_schema import validate_config
+
+    try:  # (the values the resuming command gave; before the run directory is touched)
+        validate_config(saved)
+    except ConfigError as exc:
+        raise RunRefused(str(exc)) from None
     return saved
+
+
+def _refuse_unknown_key(saved, key: str, override: str, path: Path) -> None:
+    """Refuse an override of a key the run's configuration does not have, naming the closest one."""
+    node, parts = saved, key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, DictConfig) or part not in node:
+            known = [str(k) for k in node] if isinstance(node, DictConfig) else []
+            where = ".".join(parts[:depth])
+            close = difflib.get_close_matches(part, known, n=1, cutoff=0.6)
+            hint = f"did you mean {where + '.' if where else ''}{close[0]}?" if close else f"its keys{' under ' + where if where else ''} are {sorted(known)}"
+            raise RunRefused(f"{override.lstrip('~+')} is invalid: unknown key; the run's configuration ({path}) has no {key}: {hint}")
+        node = node[part]
