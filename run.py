@@ -28,7 +28,15 @@ logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "no TPU
 class InvalidJob(CompactHydraException):
     """A sweep's job refused its configuration or stalled (logged, and in its failed.json unless
     refused before it started). Hydra prints its message alone, no traceback, with every launcher
-    (a parallel sweep's job comes back through a dozen of Hydra's own frames)."""
+    (a parallel sweep's job comes back through a dozen of Hydra's own frames); the sweep exits with
+    `exit_code`, a single run's."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def __reduce__(self):  # (a parallel sweep's job sends it back to the main process pickled)
+        return type(self), (str(self), self.exit_code)
 
 
 def start_jax(cfg: DictConfig) -> None:
@@ -93,12 +101,12 @@ def main(cfg: DictConfig) -> float:
     except (ConfigError, CheckpointError) as exc:
         log.error("invalid configuration: %s" if isinstance(exc, ConfigError) else "cannot resume: %s", exc)
         if multirun:  # Hydra runs the sweep's other jobs, then reports the first failed one
-            raise InvalidJob(str(exc)) from None  # (its message alone: the error was the input, not the code)
+            raise InvalidJob(str(exc), 2) from None  # (its message alone: the error was the input, not the code)
         sys.exit(2)
     except RunStalled as exc:  # (the settings make every task fail: the message says which)
         log.error("run stalled: %s (in %s)", exc, run_dir / "failed.json")
         if multirun:
-            raise InvalidJob(str(exc)) from None
+            raise InvalidJob(str(exc), 1) from None
         sys.exit(1)
     except Exception as exc:
         log.error("run failed: %s: %s (details in %s)", type(exc).__name__, exc, run_dir / "failed.json")
@@ -125,9 +133,11 @@ LAUNCHER_PLUGINS = {  # conf/hydra/launcher/<name>.yaml -> the Hydra plugin it n
 
 
 def missing_launcher_plugin(argv: list[str]) -> str | None:
-    """Why `hydra/launcher=<name>` on the command line cannot load (its plugin is not installed),
-    or None; Hydra itself says only "Could not load 'hydra/launcher/joblib'"."""
+    """Why `hydra/launcher=<name>` on the command line cannot work here (its plugin is not
+    installed, or a Slurm launcher off a Slurm cluster), or None; Hydra itself says only "Could not
+    load 'hydra/launcher/joblib'", and submitit fails with a traceback."""
     import importlib.util
+    import shutil
 
     for arg in argv:
         name = arg.partition("hydra/launcher=")[2]
@@ -135,10 +145,55 @@ def missing_launcher_plugin(argv: list[str]) -> str | None:
             module, package = LAUNCHER_PLUGINS[name]
             if importlib.util.find_spec(module) is None:
                 return f"hydra/launcher={name} needs the {package} plugin, which is not installed: pip install -e \".[launchers]\""
+            if name.startswith("slurm_") and shutil.which("srun") is None:
+                return (
+                    f"hydra/launcher={name} submits the jobs to Slurm, and this machine has no srun (not a Slurm node): run the "
+                    "sweep from a Slurm login node, or here with hydra/launcher=parallel or hydra/launcher=local_submitit"
+                )
     return None
+
+
+# Hydra's errors for a command line it cannot compose into a config (an unknown config group
+# option, a key that does not exist, an override it cannot parse): a refused input, like ConfigError.
+HYDRA_INPUT_ERRORS = ("ConfigCompositionException", "MissingConfigException", "OverrideParseException")
+
+
+def exit_code(stop: SystemExit) -> int | str | None:
+    """The exit code of a command Hydra ended: a sweep whose job was refused exits as that single run
+    would (2 for a configuration, 1 for a stalled run), and a command line Hydra could not compose
+    exits 2, where Hydra exits 1 for both (it ends every error with sys.exit(1), inside the except
+    block that caught it: the error is the SystemExit's context)."""
+    error = stop.__context__
+    if stop.code != 1 or error is None:
+        return stop.code
+    if isinstance(error, InvalidJob):
+        return error.exit_code
+    if type(error).__name__ in HYDRA_INPUT_ERRORS:
+        if hint := unknown_key_hint(error):
+            print(hint, file=sys.stderr)
+        return 2
+    return stop.code
+
+
+def unknown_key_hint(error: Exception) -> str | None:
+    """For `num_client=5` (a top-level key that does not exist, given without +): the closest key,
+    which Hydra does not name."""
+    import difflib
+
+    from asyncflower_jax.config_schema import BLOCKS, COMPONENT_GROUPS, FIELDS, SCHEMA_COMMAND
+
+    key = getattr(error.__cause__, "full_key", None)
+    if not key or "." in str(key) or "not in struct" not in str(error.__cause__):
+        return None
+    close = difflib.get_close_matches(str(key), [*FIELDS, *BLOCKS, *COMPONENT_GROUPS], n=1, cutoff=0.6)
+    return f"did you mean {close[0]}? (every key: {SCHEMA_COMMAND})" if close else None
 
 
 if __name__ == "__main__":
     if problem := missing_launcher_plugin(sys.argv[1:]):
-        sys.exit(f"error: {problem}")
-    main()
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        main()
+    except SystemExit as stop:
+        sys.exit(exit_code(stop))

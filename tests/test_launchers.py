@@ -46,7 +46,7 @@ def test_a_parallel_sweeps_invalid_job_ends_it_with_its_message_alone(tmp_path):
     env = {**os.environ, "EXPERIMENTS_BASE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "run.py", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "concurrency=-1,4", *TINY[:2], *TINY[3:]]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # (as a single run with that value)
     assert "\nconcurrency=-1 is invalid: must be an integer >= 1" in proc.stderr and "Traceback" not in proc.stderr  # (not Hydra's frames)
     assert len(list(tmp_path.glob("multirun/*/*/summary.json"))) == 1  # (the other job ran)
 
@@ -137,3 +137,19 @@ def test_a_launcher_whose_plugin_is_missing_says_how_to_install_it(monkeypatch):
         'hydra/launcher=slurm_gpu needs the hydra-submitit-launcher plugin, which is not installed: pip install -e ".[launchers]"'
     )
     assert run_script.missing_launcher_plugin(["-m", "seed=0,1"]) is None
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # (off a Slurm cluster)
+    assert "this machine has no srun (not a Slurm node)" in run_script.missing_launcher_plugin(["-m", "hydra/launcher=slurm_cpu"])
+
+
+def test_a_slurm_sweep_off_a_slurm_cluster_is_refused_in_one_line(tmp_path):
+    import shutil
+
+    if shutil.which("srun") is not None:
+        pytest.skip("this machine is a Slurm node")
+    env = {**os.environ, "EXPERIMENTS_BASE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "run.py", "-m", "hydra/launcher=slurm_cpu", "seed=0,1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "hydra/launcher=slurm_cpu submits the jobs to Slurm" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())  # (no sweep directory)

@@ -81,7 +81,7 @@ def test_a_sweep_over_devices_trains_each_job_on_its_own_count(tmp_path):
 def test_a_bad_job_in_a_sweep_does_not_stop_the_others(tmp_path):
     overrides = [o for o in TINY if not o.startswith("concurrency=")] + ["concurrency=4"]  # fedbuff's K=5 > 4
     proc = run_py(["-m", "strategy=fedbuff,fedasync", *overrides], tmp_path)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # (as the bad job alone)
     assert "strategy.buffer_size=5 is invalid" in proc.stdout + proc.stderr
     [run_dir] = finished_runs(tmp_path)
     assert json.loads((run_dir / "summary.json").read_text())["strategy"].startswith("FedAsync")
@@ -129,16 +129,32 @@ def test_invalid_setting_exits_with_message_not_traceback(overrides, message, tm
 
 def test_unknown_strategy_lists_the_valid_ones(tmp_path):
     proc = run_py(["strategy=fedfoo"], tmp_path)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # (Hydra's own refusal, exit code 1 of its own: a refused input all the same)
     for name in ("fedasync", "fedbuff", "fedavg"):
         assert name in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_key_that_does_not_exist_is_refused_with_the_closest_one(tmp_path):
+    proc = run_py(["num_client=5"], tmp_path)
+    assert proc.returncode == 2 and "To append to your config use +num_client=5" in proc.stderr  # (Hydra's message)
+    assert "did you mean num_clients?" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_sweep_whose_job_stalls_exits_as_that_run_would(tmp_path):
+    proc = run_py(["-m", *TINY, "faults.timeout=0.0001,1000"], tmp_path)
+    assert proc.returncode == 1 and "run stalled" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert len(finished_runs(tmp_path)) == 1  # (the other job ran)
 
 
 def test_a_sweep_with_an_unknown_choice_is_refused_before_its_directory_is_made(tmp_path):
     proc = run_py(["-m", "strategy=fedasync,fedfoo", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "strategy='fedfoo' is invalid: must be one of ['ace'," in output and "'fedbuff'" in output
+    assert "Traceback" not in output and not (tmp_path / "sweep").exists()
+    proc = run_py(["-m", "num_client=3,4", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)  # a key that does not exist
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "num_client='3,4' is invalid: unknown key; did you mean num_clients?" in output
     assert "Traceback" not in output and not (tmp_path / "sweep").exists()
 
 

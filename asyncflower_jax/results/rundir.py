@@ -202,6 +202,7 @@ class ResumeTargetCheck(Callback):
             _refuse_unwritable("hydra.sweep.dir", sweep_dir)
         if not config.hydra.searchpath:  # (a user's own config directories: Hydra alone knows their groups)
             _refuse_unknown_choices(list(config.hydra.overrides.task))
+        _refuse_unknown_keys(list(config.hydra.overrides.task), config)
         if not resume_requested(config.get("resume")):
             return
         sweep = Path(str(config.hydra.sweep.dir))
@@ -255,6 +256,30 @@ def _refuse_unknown_choices(overrides: list[str]) -> None:
         unknown = [v for v in values if v not in options]
         if unknown:
             _refuse(f"{override.key_or_group}={unknown[0]!r} is invalid: must be one of {options}")
+
+
+def _refuse_unknown_keys(overrides: list[str], config) -> None:
+    """Refuse a sweep's top-level key that does not exist (`num_client=3,4`), naming the closest
+    one, before Hydra makes the sweep directory (each job would fail on it, and leave the directory
+    holding only multirun.yaml). Keys under a config group are left to the jobs: the group's choice
+    may differ from job to job."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ..config_schema import BLOCKS, COMPONENT_GROUPS, FIELDS, reject_unknown
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # (Hydra reports what it cannot parse)
+        return
+    known = [*FIELDS, *BLOCKS, *COMPONENT_GROUPS, *(str(k) for k in config if k != "hydra")]
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_delete() or override.package is not None or "." in key or "/" in key or key in known or key == "hydra":
+            continue
+        try:
+            reject_unknown(key, (override.input_line or "").partition("=")[2], known)
+        except ConfigError as exc:
+            _refuse(str(exc))
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:
