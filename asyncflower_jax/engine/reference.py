@@ -9,8 +9,8 @@ With `lookahead` L > 1 (the relaxed mode) a client sent out while the server is 
 starts from version v - (v mod L).
 Injected faults (settings.faults) follow engine/faults.py with the same random stream: a lost task
 (dropout, failed, timeout) is counted at its event and refilled at once; a NaN task is trained,
-poisoned and, with `reject_nonfinite`, dropped when its round is aggregated, then refilled; a
-buffer waits for finite arrivals only.
+poisoned and, with `reject_nonfinite`, dropped at its arrival (as any non-finite result) and
+refilled at once; a buffer waits for finite arrivals only.
 
 Availability (settings.availability, engine/availability.py) is kept as a Python list of intervals
 per client, extended from the same plan as needed: a dispatch picks among the idle clients whose
@@ -140,43 +140,34 @@ def run_reference(
         result, _ = trainer.train_one(models[task["start_version"]], task["client"], task["id"])
         if task["fault"] == NAN:
             result = jax.tree.map(lambda leaf: jnp.full_like(leaf, jnp.nan), result)
+        if s.reject_nonfinite and not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result)):
+            failures[NONFINITE] += 1
+            return False
         trained[task["id"]] = result
         return True
-
-    def drop_nonfinite(arrivals) -> bool:
-        bad = [t for t in arrivals if not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(trained[t["id"]]))]
-        for task in bad:
-            arrivals.remove(task)
-            failures[NONFINITE] += 1
-        if bad:
-            fill(limit=len(bad))
-        return bool(bad)
 
     fill()
     while True:
         kind, value = strategy.round_delimiter(server_round)
         arrivals, timed_out = [], False
         if kind == "buffer_size":
-            while True:
-                while len(arrivals) < value:
-                    wait(arrivals, float("inf") if s.max_time is None else s.max_time)
-                    if exhausted():
-                        timed_out = True  # nobody left to wait for: stop
-                        break
-                    task = earliest()
-                    if task is None and held:
-                        break  # the cohort's failed slots found no client outside it: the round ends short
-                    if s.max_time is not None and (task is None or task["finish"] > s.max_time):
-                        timed_out = True
-                        break
-                    if not arrive(task):
-                        fill(limit=1)
-                        continue
-                    arrivals.append(task)
-                    if strategy.refill == "on_arrival":
-                        fill()
-                if timed_out or not s.reject_nonfinite or not drop_nonfinite(arrivals):
+            while len(arrivals) < value:
+                wait(arrivals, float("inf") if s.max_time is None else s.max_time)
+                if exhausted():
+                    timed_out = True  # nobody left to wait for: stop
                     break
+                task = earliest()
+                if task is None and held:
+                    break  # the cohort's failed slots found no client outside it: the round ends short
+                if s.max_time is not None and (task is None or task["finish"] > s.max_time):
+                    timed_out = True
+                    break
+                if not arrive(task):
+                    fill(limit=1)
+                    continue
+                arrivals.append(task)
+                if strategy.refill == "on_arrival":
+                    fill()
             if timed_out:
                 break
         else:
@@ -195,8 +186,6 @@ def run_reference(
                 if strategy.refill == "on_arrival":
                     fill()
             clock = max(clock, end)
-            if arrivals and s.reject_nonfinite:
-                drop_nonfinite(arrivals)
             if exhausted():
                 timed_out = True  # this window is still aggregated
         if arrivals:

@@ -28,9 +28,10 @@ rows and its finite checks reach the host and the callbacks then, in order, so t
 waits for the device there; the last evaluation of a run is read at once.
 
 Failures (engine/faults.py): a dropout, an error or a timeout is seen at its event, a result with a
-NaN or infinite entry when its round is aggregated (`reject_nonfinite`); either way it is counted,
-told to the strategy (`on_failures`), never enters the update batch, never counts toward a buffer,
-and its slot is refilled at once from the current version. The non-finite check is optimistic
+NaN or infinite entry at its arrival (`reject_nonfinite`: its result is trained then, if it was
+not yet); either way it is counted, told to the strategy (`on_failures`), never enters the update
+batch, never counts toward a buffer, and its slot is refilled at once from the current version,
+as the deployment's server loop does with a reply. The non-finite check is optimistic
 when no NaN fault is injected: the loop aggregates without waiting for the training results to
 reach the host, the kernel records whether every aggregated row was finite, and that flag is read
 at every evaluation and checkpoint (before anything is reported) and every PROBE_EVERY versions
@@ -598,35 +599,32 @@ class Simulator:
                     "updates, client.learning_rate"
                 )
 
-        def receive(arrivals: list[Task]) -> None:
-            """Pop the next event: a lost task is counted and its slot refilled at once; an arrival
-            joins `arrivals` (and, refilling on arrival, is replaced from the current version)."""
+        def receive(arrivals: list[Task]) -> bool:
+            """Pop the next event: a lost task is counted and its slot refilled at once; so is, with
+            the check at every flush, a result with a NaN or infinite entry (trained first if it was
+            not); an arrival joins `arrivals` (and, refilling on arrival, is replaced from the
+            current version). False when a rejected result found the global model itself non-finite."""
             task = sched.pop(hold=strategy.refill == "on_aggregation")
             if task.fault in LOST:
                 lose(task, task.fault)
                 fill(limit=1)
-                return
+                return True
+            if check_each_flush:
+                train([task])
+                if not pending.is_finite(task.dispatch_id):
+                    lose(task, NONFINITE)
+                    fill(limit=1)
+                    return not server_diverged(task)
             arrivals.append(task)
             if strategy.refill == "on_arrival":
                 fill()
+            return True
 
-        def reject_nonfinite(arrivals: list[Task]) -> list[Task]:
-            """Drop the arrivals whose results have a NaN or infinite entry (training them first if
-            needed); their slots are refilled at once. The dropped ones (none: an empty list)."""
-            train(arrivals)
-            bad = [t for t in arrivals if not pending.is_finite(t.dispatch_id)]
-            for task in bad:
-                arrivals.remove(task)
-                lose(task, NONFINITE)
-            if bad:
-                fill(limit=len(bad))
-            return bad
-
-        def server_diverged(dropped: list[Task]) -> bool:
-            """After `reject_nonfinite` dropped a result that was not an injected NaN: whether the
+        def server_diverged(rejected: Task) -> bool:
+            """After a result that was not an injected NaN was rejected as non-finite: whether the
             global model itself is non-finite (then every later client result would be too, and the
             run would stall on rejections that are not the clients' doing). A device read, only then."""
-            if not any(t.fault != NAN for t in dropped) or healthy():
+            if rejected.fault == NAN or healthy():
                 return False
             read_evaluations()  # (the rows of the finite versions evaluated before are reported)
             return True
@@ -763,28 +761,21 @@ class Simulator:
                 kind, value = strategy.round_delimiter(server_round)
                 arrivals: list[Task] = []
                 if kind == "buffer_size":
-                    while True:  # until `value` finite arrivals (or the time limit)
-                        while len(arrivals) < value:
-                            if sched.availability is not None:
-                                wait_for_clients(arrivals, float("inf") if s.max_time is None else s.max_time)
-                                if exhausted():
-                                    stop_reason = "unavailable"
-                                    break
-                            if sched.num_in_flight == 0 and sched.held:
-                                break  # a cohort whose failed slots found no client outside it: the round ends short
-                            if s.max_time is not None and sched.next_finish_time() > s.max_time:
-                                stop_reason = "max_time"
-                                sched.advance_to(s.max_time)  # (nothing happens before it: the run ends there, as a time window does)
+                    while len(arrivals) < value:  # until `value` arrivals (finite ones: rejected as they arrive), or the time limit
+                        if sched.availability is not None:
+                            wait_for_clients(arrivals, float("inf") if s.max_time is None else s.max_time)
+                            if exhausted():
+                                stop_reason = "unavailable"
                                 break
-                            if sched.num_in_flight == 0:
-                                raise RuntimeError(f"round {server_round} waits for {value} arrivals but no client is in flight")
-                            receive(arrivals)
-                        if stop_reason is not None or not check_each_flush:
+                        if sched.num_in_flight == 0 and sched.held:
+                            break  # a cohort whose failed slots found no client outside it: the round ends short
+                        if s.max_time is not None and sched.next_finish_time() > s.max_time:
+                            stop_reason = "max_time"
+                            sched.advance_to(s.max_time)  # (nothing happens before it: the run ends there, as a time window does)
                             break
-                        dropped = reject_nonfinite(arrivals)
-                        if not dropped:
-                            break
-                        if server_diverged(dropped):
+                        if sched.num_in_flight == 0:
+                            raise RuntimeError(f"round {server_round} waits for {value} arrivals but no client is in flight")
+                        if not receive(arrivals):
                             stop_reason = "diverged"
                             break
                 else:
@@ -795,12 +786,11 @@ class Simulator:
                         wait_for_clients(arrivals, end)
                         if sched.next_finish_time() > end:
                             break
-                        receive(arrivals)
-                    sched.advance_to(end)
-                    if arrivals and check_each_flush:
-                        dropped = reject_nonfinite(arrivals)
-                        if dropped and server_diverged(dropped):
+                        if not receive(arrivals):
                             stop_reason = "diverged"
+                            break
+                    if stop_reason != "diverged":
+                        sched.advance_to(end)
                     if stop_reason is None and exhausted():
                         stop_reason = "unavailable"  # this window is still aggregated
                 if round_failures:

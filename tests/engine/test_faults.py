@@ -125,6 +125,26 @@ def test_faults_match_the_naive_reference(rule):
             assert all(len(set(r["clients"])) == len(r["clients"]) for r in ref_log)  # ... by clients outside the cohort
 
 
+@pytest.mark.parametrize("rule", [("strategy=fedavg",), ("strategy=fedbuff", "strategy.buffer_size=3")], ids=["fedavg", "fedbuff"])
+def test_a_non_finite_result_is_rejected_and_its_slot_refilled_when_it_arrives(rule):
+    """As the deployment's server loop does with a reply: a NaN result is a failure at its arrival,
+    not when its round is aggregated; a synchronous round refills its slot then (before, the slot
+    waited for the rest of the cohort), and failures.csv lists failures in the order they happened."""
+    cfg = make_config(*SMALL, *rule, "eval_every=1000", "max_versions=20", "max_updates=null", "latency=lognormal")
+    exp = Experiment(cfg)
+    exp.settings = dataclasses.replace(exp.settings, faults=Faults(dropout=0.1, nan=0.2))
+    sched, dispatched_at = exp.scheduler(), []
+    dispatch = sched.dispatch
+    sched.dispatch = lambda version: dispatched_at.append(sched.clock) or dispatch(version)
+    failures = []
+    Simulator(exp.strategy, exp.params, exp.trainer, sched, exp.evaluate, exp.settings, on_failures=failures.extend).run()
+    times = [f["sim_time"] for f in failures]
+    assert times == sorted(times)
+    nonfinite = [f for f in failures if f["kind"] == "nonfinite"]
+    assert len(nonfinite) >= 5
+    assert all(f["sim_time"] in dispatched_at for f in nonfinite)  # refilled at once
+
+
 def test_a_cohort_of_the_whole_population_ends_short_when_a_slot_fails():
     """FedAvg with every client in the cohort: a failed slot finds no client outside it, so the
     round aggregates the arrivals it has (before: the failed client, or one whose update was in,
