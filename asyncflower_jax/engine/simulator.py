@@ -139,9 +139,9 @@ class SimulationSettings:
 
     def __post_init__(self):
         # the rules of config_schema, the one definition of each top-level setting's range
-        values = {key: getattr(self, key) for key in SCHEMA_KEYS}
-        for key, value in values.items():
-            config_schema.check(key, value)
+        values = {key: config_schema.check(key, getattr(self, key)) for key in SCHEMA_KEYS}
+        for key, value in values.items():  # normalised: max_time=9 is 9.0, so simulated times are floats everywhere
+            object.__setattr__(self, key, value)
         config_schema.check_rules(values)
         if self.checkpoint_every == 0:
             object.__setattr__(self, "checkpoint_every", None)

@@ -110,10 +110,11 @@ def test_stops_at_budget(stop, key, expected):
 def test_stops_at_max_time_without_passing_it(rule):
     """Every rule, whether its rounds end at arrivals or at times, ends at the time limit itself,
     with the final model evaluated there; no aggregation comes after it."""
-    exp, updates = Experiment(make_config(*SMALL, *rule, "max_updates=null", "max_time=5.0")), []
+    exp, updates = Experiment(make_config(*SMALL, *rule, "max_updates=null", "max_time=5")), []
     result = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings, on_updates=updates.extend).run()
     assert result.summary["stop_reason"] == "max_time"
     assert result.summary["sim_time"] == 5.0 and result.history[-1]["sim_time"] == 5.0
+    assert type(result.summary["sim_time"]) is type(result.history[-1]["sim_time"]) is float  # (max_time=5 as typed: written 5.0 as every time)
     assert result.history[-1]["version"] == result.summary["versions"] == max(u["version"] for u in updates) > 0  # final model evaluated
     assert 0 < max(u["sim_time"] for u in updates) <= 5.0
 
