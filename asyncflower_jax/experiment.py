@@ -41,7 +41,7 @@ from .engine.checkpoint import CheckpointError, CheckpointManager, Snapshot, con
 from .engine.evaluation import DISTRIBUTED_COLUMNS, make_distributed_evaluator, make_evaluator
 from .engine.faults import FAILURE_COLUMNS, build_faults
 from .engine.latency import NeedsWork
-from .engine.scheduler import Scheduler
+from .engine.scheduler import Scheduler, client_profile
 from .engine.simulator import METRIC_COLUMNS, UPDATE_COLUMNS, Interrupted, SimulationResult, SimulationSettings, Simulator, check_strategy
 from .errors import ConfigError, ResumeRefused
 from .memory import HEADROOM, available_on, require_memory, size_text
@@ -182,6 +182,7 @@ class Experiment:
         self.local_train = make_local_train(mixed_precision(module.apply, cfg.get("compute_dtype")), training, max_count=int(self.store.counts.max()))
         if isinstance(self.latency, NeedsWork):  # durations follow each client's work and the model size
             self.latency = self.latency.bind(training.examples_per_task(self.store.counts), model_bytes)
+        client_profile(self.latency, cfg.num_clients, cfg.seed)  # (a profile the scheduler would refuse stops the run before it writes anything)
         self.trainer = BatchedTrainer(
             self.local_train,
             self.store,

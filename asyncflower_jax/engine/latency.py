@@ -10,6 +10,7 @@ it with scalar draws (a numpy call on a one-entry array costs microseconds, the 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 
@@ -17,6 +18,11 @@ import numpy as np
 
 from ..errors import ConfigError, is_finite_number, require
 from ..groups import contiguous_groups
+
+
+log = logging.getLogger(__name__)
+# float64's largest exponent over ln 1e12: exp(E / shape) overflows with probability exp(-709.78 shape) <= 1e-12
+MIN_PARETO_SHAPE = math.log(1e12) / math.log(np.finfo(np.float64).max)
 
 
 def _finite(key: str, value, low: float = 0.0, strict: bool = True, low_is: str | None = None) -> None:
@@ -123,7 +129,9 @@ class Pareto(LatencyModel):
     """Heavy-tailed durations = minimum_c * Pareto(`shape`) (support [minimum_c, inf), mean
     minimum_c * shape / (shape - 1) for shape > 1); client minimums are `minimum` * lognormal(0, `client_sigma`).
 
-    shape <= 2 has infinite variance: a few tasks take many times the median (stragglers)."""
+    shape <= 2 has infinite variance: a few tasks take many times the median (stragglers); shape
+    <= 1 an infinite mean (a warning says so). A duration is minimum_c * exp(E / shape), E ~ Exp(1),
+    so below MIN_PARETO_SHAPE durations beyond float64's range become likely (p > 1e-12 per task)."""
 
     shape: float = 1.5
     minimum: float = 1.0
@@ -131,8 +139,14 @@ class Pareto(LatencyModel):
 
     def __post_init__(self):
         _finite("shape", self.shape)
+        require(
+            self.shape >= MIN_PARETO_SHAPE, "latency.shape", self.shape,
+            f">= {MIN_PARETO_SHAPE:.4g}: a smaller shape draws durations beyond float64's range (minimum x exp(E / shape), E ~ Exp(1))",
+        )
         _finite("minimum", self.minimum)
         _finite("client_sigma", self.client_sigma, strict=False)
+        if self.shape <= 1:
+            log.warning("latency.shape=%g <= 1: Pareto durations have an infinite mean (a few tasks take far longer than all others)", self.shape)
 
     def client_profile(self, rng, num_clients):
         return self.minimum * rng.lognormal(0.0, self.client_sigma, num_clients)

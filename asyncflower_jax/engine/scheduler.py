@@ -28,6 +28,14 @@ SCHEDULE_STREAM = 2
 KTH_BY_HEAP = 256  # kth_finish below this k walks the heap; above, numpy partitions the finish times
 
 
+def client_profile(latency: LatencyModel, num_clients: int, seed: int) -> np.ndarray:
+    """Every client's latency profile (speed) for `seed`, checked finite and > 0 (ConfigError):
+    an experiment checks it before writing anything, the scheduler draws the same."""
+    profile = latency.client_profile(np.random.default_rng([seed, PROFILE_STREAM]), num_clients)
+    check_profile(profile, latency)
+    return profile
+
+
 class Task(NamedTuple):
     """One dispatched piece of client work."""
 
@@ -144,8 +152,7 @@ class Scheduler:
     ):
         self.num_clients = num_clients
         self.latency = latency
-        self.profile = latency.client_profile(np.random.default_rng([seed, PROFILE_STREAM]), num_clients)
-        check_profile(self.profile, latency)
+        self.profile = client_profile(latency, num_clients, seed)
         self.rng = np.random.default_rng([seed, SCHEDULE_STREAM])
         self.faults = faults if faults is not None and faults.enabled else None
         self.fault_rng = np.random.default_rng([seed, FAULT_STREAM])
@@ -214,6 +221,11 @@ class Scheduler:
             if fault is not None:
                 self.injected[fault] = self.injected.get(fault, 0) + 1
         finish = self.clock + duration
+        if not finish < INF:
+            raise ConfigError(
+                f"latency: the simulated clock passed float64's range at {self.clock:.6g} + {duration:.6g} (client {client}'s task) "
+                f"under {self.latency}; choose shorter durations (a smaller duration, median or minimum)"
+            )
         if self.drop_on_leave:
             leave = float(self.availability.end[client])  # the end of the interval the client is in
             if finish > leave:

@@ -192,16 +192,38 @@ def test_bad_values_raise_config_error_naming_the_key(make, key):
 
 
 def test_durations_beyond_float64_are_refused_naming_the_latency():
-    """Finite settings can still overflow: Pareto's draw at a tiny shape, 1 / a tiny rate."""
+    """Finite settings can still overflow: a task's draw at a huge sigma, 1 / a tiny rate, a clock
+    that sums long tasks; a Pareto shape that makes overflows likely is refused when it is set."""
     from asyncflower_jax.engine.scheduler import Scheduler
+    from asyncflower_jax.experiment import Experiment
+    from tests.conftest import make_config
 
-    sched = Scheduler(10, Pareto(shape=0.0005), seed=0)
-    with pytest.raises(ConfigError, match=r"latency: client \d+'s task took inf \(beyond float64's range\) under Pareto"):
-        for _ in range(10):
+    with pytest.raises(ConfigError, match=r"latency.shape=0.0005 is invalid: must be >= 0.03893: a smaller shape draws durations beyond"):
+        Pareto(shape=0.0005)
+    Pareto(shape=0.04)
+    sched = Scheduler(50, LogNormal(sigma=1000.0, client_sigma=0.0), seed=0)
+    with pytest.raises(ConfigError, match=r"latency: client \d+'s task took inf \(beyond float64's range\) under LogNormal"):
+        for _ in range(50):
             sched.dispatch(0)
+    sched = Scheduler(10, Constant(duration=1e308), seed=0)
+    sched.dispatch(0)
+    sched.pop()  # (the clock at 1e308)
+    with pytest.raises(ConfigError, match=r"latency: the simulated clock passed float64's range at 1e\+308 \+ 1e\+308 .* choose shorter durations"):
+        sched.dispatch(1)
     for latency in (LogNormal(client_sigma=400.0), Exponential(rate=1e-320)):  # refused before the run
         with pytest.raises(ConfigError, match=r"latency: client \d+'s speed profile \(its rate or scale\) is .* lower latency.client_sigma"):
             Scheduler(50, latency, seed=0)
+    # ... by the experiment, before it writes anything (it was refused at the first dispatch, after metrics.csv)
+    with pytest.raises(ConfigError, match=r"latency: client \d+'s speed profile"):
+        Experiment(make_config("num_clients=20", "concurrency=4", "latency=exponential", "latency.client_sigma=1000"))
+
+
+def test_a_pareto_shape_of_1_or_less_warns_of_an_infinite_mean(caplog):
+    with caplog.at_level("WARNING", logger="asyncflower_jax.engine.latency"):
+        Pareto(shape=1.5)
+        assert not caplog.records
+        Pareto(shape=0.8)
+    assert "latency.shape=0.8 <= 1: Pareto durations have an infinite mean" in caplog.text
 
 
 def sample_one_models(tmp_path):
