@@ -124,6 +124,9 @@ def apply_precision(precision: str) -> None:
     jax.config.update("jax_enable_x64", uses_x64(precision))
 
 
+MODELS_AT_LEAST = 3  # models the engine holds beside the initial one in any run: the version table's first two and a trained result
+
+
 class Experiment:
     """All components of one run, built from a config; `run()` executes it."""
 
@@ -177,6 +180,7 @@ class Experiment:
         seed_key = jax.random.key(cfg.seed)
         self.params = init_params(module, self.dataset.input_shape, jax.random.fold_in(seed_key, MODEL_STREAM), dtype)
         model_bytes, device = tree_bytes(self.params), jax.devices()[0]
+        self._check_models_fit(model_bytes, device)
         self._check_server_state_fits(model_bytes, device)
         training = build(cfg.client, "client")
         self.local_train = make_local_train(mixed_precision(module.apply, cfg.get("compute_dtype")), training, max_count=int(self.store.counts.max()))
@@ -201,6 +205,17 @@ class Experiment:
         # The training samples now live in the client store (a copy on the device): the host's are
         # let go (a synthetic population of a million clients holds 10 GB of them).
         self.dataset = self.dataset.without_training_samples()
+
+    def _check_models_fit(self, model_bytes: int, device) -> None:
+        """Refuse a model of which the engine cannot hold the fewest copies any run needs beside the
+        initial one (MODELS_AT_LEAST: two versions and a trained result) on `device`."""
+        name = str(self.cfg.model.get("_target_", "model")).rsplit(".", 1)[-1]
+        require_memory(
+            MODELS_AT_LEAST * model_bytes,
+            f"holding {MODELS_AT_LEAST} copies of the model ({name}, {size_text(model_bytes)} in {self.cfg.precision}: two versions and a trained result, the fewest a run needs)",
+            "use a smaller model (model.*) or a machine with more memory",
+            device=device,
+        )
 
     def _check_server_state_fits(self, model_bytes: int, device) -> None:
         """Refuse a rule whose server state cannot fit on `device` (CA2FL, MIFA and the FedStaleAsync

@@ -121,6 +121,18 @@ def test_a_rule_whose_per_client_memory_cannot_fit_is_refused_before_the_run(mon
     Experiment(make_config(*overrides))
 
 
+def test_a_model_of_which_the_engine_cannot_hold_three_copies_is_refused_before_the_run(monkeypatch):
+    """It was only warned about, then the version table's first allocation failed deep inside JAX."""
+    from asyncflower_jax import memory
+
+    overrides = ("model.hidden=[2000]",)  # MLP 64-2000-10: 150,010 float32, 600,040 bytes; three copies 1,800,120
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(1_800_120 / 0.9) - 100)
+    with pytest.raises(ConfigError, match=r"holding 3 copies of the model \(MLP, 0\.6 MB in float32: two versions and a trained result, the fewest a run needs\) needs about 1\.8 MB of memory, more than"):
+        Experiment(make_config(*overrides))
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(1_800_120 / 0.9) + 100)
+    Experiment(make_config(*overrides))
+
+
 def test_a_warning_when_the_models_in_flight_may_outgrow_the_memory(monkeypatch, caplog):
     # MLP 64-16-10: 1,210 float32 = 4,840 bytes; concurrency 10: up to 12 versions and 27 results,
     # (2 * 10 + 1 + 18) x 4,840 = 188,760 bytes

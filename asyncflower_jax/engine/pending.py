@@ -33,7 +33,7 @@ from ..compilation import jit
 from ..strategy.updates import tree_bytes, zero_rows
 from .faults import NAN
 from .scheduler import Task
-from .versions import FIRST_TABLE_BYTES, VersionCache, grow_rows
+from .versions import VersionCache, first_rows, grow_rows
 
 
 @jit
@@ -150,15 +150,14 @@ class PendingResults:
 
     def _reserve(self, n: int, shapes) -> list[int]:
         """n free slots of the store. It is made (`shapes()`: one row's (params, loss, finite) shapes)
-        with `capacity` slots, or as many as fit in FIRST_TABLE_BYTES if fewer (a large model whose
+        with `capacity` slots, or `versions.first_rows` if fewer (a large model whose
         runs never train that many at once), and grows when full: by doubling up to `capacity`,
         by a quarter beyond (a buffer of arrivals waiting beside the clients in flight: FedBuff
         with a large K). Growing copies the store and compiles the programs that read it anew, so
         it is rare."""
         if self._store is None:
             row = shapes()
-            row_bytes = max(1, tree_bytes(row))
-            capacity = max(n, min(self.capacity, max(16, FIRST_TABLE_BYTES // row_bytes)))
+            capacity = max(n, min(self.capacity, first_rows(tree_bytes(row))))
             self._store = zero_rows(row, capacity, self.trainer.home)
             self._free = list(range(capacity - 1, -1, -1))
         elif len(self._free) < n:

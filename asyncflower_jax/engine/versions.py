@@ -24,6 +24,14 @@ FIRST_CAPACITY = 16  # slots of a new table at least ...
 FIRST_TABLE_BYTES = 2 << 30  # ... and as many more as fit in this (also the first size of the pending results' store): growing copies the table and compiles the programs that read it again
 
 
+def first_rows(row_bytes: int) -> int:
+    """Rows of a new table (of versions, or of trained results) with rows of `row_bytes`: at least
+    FIRST_CAPACITY and as many more as fit in FIRST_TABLE_BYTES; for a model so large that
+    FIRST_CAPACITY rows do not fit there, as many as do, at least 2 (the table grows when needed)."""
+    fits = FIRST_TABLE_BYTES // max(1, row_bytes)
+    return max(FIRST_CAPACITY, fits) if fits >= FIRST_CAPACITY else max(2, fits)
+
+
 def write_row(table, params, slot):
     """The table with `params` in row `slot` (traceable: the simulator's aggregation step uses it)."""
     return jax.tree.map(lambda t, p: jax.lax.dynamic_update_index_in_dim(t, p.astype(t.dtype), slot, 0), table, params)
@@ -78,8 +86,7 @@ class VersionCache:
             if size == 0:
                 grown = FIRST_CAPACITY
                 if self.capacity is not None:  # bounded: start with what fits the byte budget
-                    model_bytes = max(1, tree_bytes(params))
-                    grown = max(FIRST_CAPACITY, FIRST_TABLE_BYTES // model_bytes)
+                    grown = first_rows(tree_bytes(params))
             else:
                 grown = 2 * size
             if self.capacity is not None:

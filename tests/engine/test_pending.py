@@ -165,9 +165,9 @@ def test_rows_waiting_for_their_write_survive_the_store_growing():
 
 
 def test_the_store_starts_within_the_byte_budget_and_grows_to_the_concurrency_then_by_a_quarter(monkeypatch):
-    import asyncflower_jax.engine.pending as pending_module
+    import asyncflower_jax.engine.versions as versions_module
 
-    monkeypatch.setattr(pending_module, "FIRST_TABLE_BYTES", 20 * 13)  # 20 results of 13 bytes (2 + 1 float32, a flag)
+    monkeypatch.setattr(versions_module, "FIRST_TABLE_BYTES", 20 * 13)  # 20 results of 13 bytes (2 + 1 float32, a flag): versions.first_rows
     versions = SimpleNamespace(stacked_rows=lambda starts: (None, np.zeros(len(starts), np.int32)))
     pending = PendingResults(RowsOfIds(), capacity=100)
     sizes = []

@@ -77,6 +77,11 @@ def test_a_bounded_table_starts_with_what_fits_the_byte_budget(monkeypatch):
     small = VersionCache(stacked=True, capacity=12)
     small.put(0, model(0.0))
     assert small.slots == 12  # never beyond the capacity
+    monkeypatch.setattr(module, "FIRST_TABLE_BYTES", 5 * 32)  # a model so large that FIRST_CAPACITY rows do not fit
+    large = VersionCache(stacked=True, capacity=1000)
+    large.put(0, model(0.0))
+    assert large.slots == 5  # (16 before: a 10 GB model asked for 160 GB at once)
+    assert [module.first_rows(b) for b in (1, 32, 33, 64, 1000)] == [160, 5, 4, 2, 2]
 
 
 def test_a_version_written_by_the_caller_takes_a_free_slot_and_reads_back():
