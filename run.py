@@ -63,6 +63,9 @@ def main(cfg: DictConfig) -> float:
         log.info("one of %d jobs running at once: its memory checks count 1/%d of this machine's memory", jobs, jobs)
     try:
         if cfg.get("distributed"):  # (JAX starts before the job's checks: initialize() must come first)
+            from asyncflower_jax.config_schema import validate_config
+
+            validate_config(cfg)  # (the settings first: initialize() waits for the other processes)
             from asyncflower_jax import distributed
             from asyncflower_jax.experiment import Experiment
 

@@ -193,9 +193,11 @@ FIELDS: dict[str, Field] = {
             low=1, nullable=True, note="at most the devices JAX sees; on a CPU-only machine run.py makes that many",
         ),
         Field(
-            "distributed", bool, False,
+            "distributed", (bool, dict), False,
             "multi-host: start jax.distributed (settings detected, e.g. under Slurm, or from JAX_COORDINATOR_ADDRESS, "
-            "ASYNCFLOWER_NUM_PROCESSES, ASYNCFLOWER_PROCESS_ID); every process simulates, process 0 writes the run directory",
+            "ASYNCFLOWER_NUM_PROCESSES, ASYNCFLOWER_PROCESS_ID; or given as a mapping); every process simulates, process 0 "
+            "writes the run directory",
+            allowed_text="false, true, or a mapping of coordinator_address, num_processes, process_id (and local_device_ids)",
         ),
         Field("precision", str, "float32", "dtype of data, parameters and training", choices=PRECISIONS),
         Field(

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 
-from .errors import is_integer, require
+from .errors import ConfigError, is_integer, require
 
 KEYS = ("coordinator_address", "num_processes", "process_id", "local_device_ids")
 
@@ -42,7 +42,13 @@ def initialize(settings) -> bool:
     else:
         kwargs = check_mapping(settings)  # (before JAX: a bad value is a one-line error, not one from inside it)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices' collectives (GPUs use NCCL)
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except ValueError as exc:  # (true, off a cluster: "coordinator_address should be defined")
+        raise ConfigError(
+            f"distributed={settings!r} is invalid here: JAX found no cluster to join ({exc}); on one machine leave "
+            "distributed=false, or give coordinator_address, num_processes and process_id (docs/scaling.md)"
+        ) from None
     return jax.process_count() > 1
 
 

@@ -103,6 +103,8 @@ def test_an_unlisted_component_group_is_left_to_its_constructor_but_a_plain_mapp
         ("checkpoint_every", 0, 0),
         ("resume", "/tmp/run", "/tmp/run"),
         ("resume", None, None),
+        # the mapping form of `distributed` (its keys are checked by distributed.check_mapping); the schema refused it
+        ("distributed", {"coordinator_address": "host:1234", "num_processes": 2, "process_id": 0}, {"coordinator_address": "host:1234", "num_processes": 2, "process_id": 0}),
         ("trackers", None, None),
         ("trackers", ["wandb", "tensorboard"], ("wandb", "tensorboard")),
         ("compute_dtype", "bfloat16", "bfloat16"),

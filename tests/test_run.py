@@ -116,6 +116,9 @@ def test_a_stalled_run_says_why_without_a_traceback(tmp_path):
     [
         (["strategy=fedbuff", "strategy.buffer_size=20"], "strategy.buffer_size=20 is invalid: must be <= concurrency (10)"),
         (["distributed=maybe"], "distributed='maybe' is invalid: must be false, true, or a mapping of"),  # (checked before JAX starts)
+        (["distributed=true"], "distributed=True is invalid here: JAX found no cluster to join"),  # (off a cluster: a traceback from inside JAX)
+        # the settings are checked before initialize(), which waits for the other processes
+        (["num_clients=0", "distributed={coordinator_address:localhost:23457,num_processes:2,process_id:0}"], "num_clients=0 is invalid"),
     ],
 )
 def test_invalid_setting_exits_with_message_not_traceback(overrides, message, tmp_path):
