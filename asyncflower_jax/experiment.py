@@ -70,7 +70,7 @@ def build(node: DictConfig, group: str, **kwargs):
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as exc:
-        raise ConfigError(instantiation_message(exc, group)) from None
+        raise ConfigError(instantiation_message(exc, group, node)) from None
 
 
 def warn_unread_participation(cfg: DictConfig) -> None:
@@ -87,22 +87,50 @@ def warn_unread_participation(cfg: DictConfig) -> None:
         )
 
 
-def instantiation_message(exc: InstantiationException, group: str) -> str:
+def instantiation_message(exc: InstantiationException, group: str, node: DictConfig | None = None) -> str:
     """The one-line error of a component that could not be built, naming the full key of the node
     that failed (Hydra's `full_key`): a staleness function's own `staleness.a` under
-    `strategy.alpha` is `strategy.alpha.a`."""
+    `strategy.alpha` is `strategy.alpha.a`. A key the component does not take is named with the
+    closest one it does."""
     found = re.search(r"\nfull_key: (\S+)\s*$", str(exc))
     where = found.group(1) if found else group
     cause = exc.__cause__
     if not isinstance(cause, (ConfigError, TypeError, ValueError)):
         return f"{group}: {exc}"
     message = str(cause)
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", message) if isinstance(cause, TypeError) else None
+    if unexpected and node is not None:
+        return unknown_key_message(node, group, where, unexpected.group(1)) or f"{where}: {message}"
     if message.startswith(f"{group}.") or message.startswith(f"{where}."):
         return message
     local = re.match(r"[A-Za-z_]\w*\.(?=[\w.]*=)", message)  # the component's own key, e.g. "staleness.a=-1 ..."
     if isinstance(cause, ConfigError) and local and where != group:
         return f"{where}.{message[local.end():]}"
     return f"{where}: {message}"
+
+
+def unknown_key_message(node: DictConfig, group: str, where: str, key: str) -> str | None:
+    """`<where>.<key>=<value> is invalid: unknown key of <Target>; did you mean ...?`, from the
+    parameters of the node's `_target_` (None where they cannot be read)."""
+    import difflib
+    import inspect
+
+    from hydra.utils import get_object
+
+    sub = node if where == group else OmegaConf.select(node, where[len(group) + 1 :]) if where.startswith(f"{group}.") else None
+    if not isinstance(sub, DictConfig) or "_target_" not in sub:
+        return None
+    try:
+        target = get_object(str(sub._target_))
+        known = [name for name, p in inspect.signature(target).parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if isinstance(target, type) and any(c.__module__.startswith("flax.") for c in target.__mro__):
+            known = [name for name in known if name not in ("parent", "name")]  # (flax's own, not settings)
+    except Exception:  # (a target or signature that cannot be read: the caller says what Python said)
+        return None
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean {where}.{close[0]}?" if close else f"its keys are {known}"
+    value = sub.get(key)
+    return f"{where}.{key}={value!r} is invalid: unknown key of {getattr(target, '__name__', sub._target_)}; {hint}"
 
 
 def apply_matmul_precision(precision: str | None) -> None:

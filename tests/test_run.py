@@ -181,7 +181,7 @@ BAD = [
     (["strategy=fedstaleasync", "strategy.alpha.a=-1"], "strategy.alpha.a=-1 is invalid: must be > 0"),  # (not the function's own staleness.a)
     (["strategy=fedstaleasync", "strategy.beta.b=-2"], "strategy.beta.b=-2 is invalid: must be >= 0"),
     (["strategy=fedstaleasync_groups", "strategy.beta.values=[a,b]"], "strategy.beta: could not convert string to float: 'a'"),
-    (["+strategy.bogus=1"], "unexpected keyword argument 'bogus'"),
+    (["+strategy.bogus=1"], "strategy.bogus=1 is invalid: unknown key of FedAsync"),
     (["strategy=fedavg", "concurrency=20", "strategy.cohort_size=30"], "strategy.cohort_size=30 is invalid"),
     (["latency=exponential", "latency.rate=-1"], "latency.rate=-1 is invalid"),
     (["latency=lognormal", "latency.sigma=-0.1"], "latency.sigma=-0.1 is invalid"),
