@@ -93,7 +93,8 @@ def _read(path: Path, key: str, features, label: str, client_id: str | None, sha
                 try:
                     return data[name]
                 except ValueError:  # an object array: a pickle, not read
-                    raise ConfigError(f"dataset.{what}={name!r} is invalid: must hold numbers or strings; in {path} it holds Python objects (dtype object)") from None
+                    held = "numbers (integers or floats)" if what == "features" else "numbers or strings"
+                    raise ConfigError(f"dataset.{what}={name!r} is invalid: must hold {held}; in {path} it holds Python objects (dtype object)") from None
                 except (OSError, EOFError, zipfile.BadZipFile) as exc:  # a damaged member
                     raise ConfigError(f"{key}={str(path)!r} is invalid: not a valid .npz archive (its array {name!r} cannot be read: {exc})") from None
 

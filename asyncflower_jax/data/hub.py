@@ -90,7 +90,15 @@ def hub_dataset(
                 f"`python -m asyncflower_jax.data.hub {name} --cache-dir {path.parent}` on a machine with network access "
                 f"(and copy {path} here), or run with dataset.offline=false to download it now"
             )
-        fetch(name, path.parent)
+        try:
+            fetch(name, path.parent)
+        except Exception as exc:  # (no network, the Hub down, a proxy: not a setting, but this run cannot have the data)
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            raise ConfigError(
+                f"dataset={name} could not be downloaded with dataset.offline=false ({type(exc).__name__}: {first}); check the "
+                f"network, or fetch it on a machine with network access with `python -m asyncflower_jax.data.hub {name} "
+                f"--cache-dir {path.parent}` and copy {path} here"
+            ) from None
     splits = _datasets().load_from_disk(str(path))
     rng = np.random.default_rng(split_seed)
     require("train" in splits, "dataset.name", name, f"a cached dataset with a 'train' split ({path} has {list(splits)})")

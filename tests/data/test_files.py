@@ -142,6 +142,9 @@ def test_malformed_files_and_settings_are_one_line_errors(tmp_path):
     np.savez(tmp_path / "obj.npz", x=x, y=np.array([1, "a", None] * 16 + [0, 0], dtype=object))
     with pytest.raises(ConfigError, match=r"dataset.label='y' is invalid: must hold numbers or strings; in .*obj.npz it holds Python objects"):
         local_file(str(tmp_path / "obj.npz"))
+    np.savez(tmp_path / "objx.npz", x=np.array([[1.0, None]] * 50, dtype=object), y=y)  # (features: numbers only, never strings)
+    with pytest.raises(ConfigError, match=r"dataset.features='x' is invalid: must hold numbers \(integers or floats\); in .*objx.npz it holds Python objects"):
+        local_file(str(tmp_path / "objx.npz"))
     np.savez(tmp_path / "scalar.npz", x=np.float32(3), y=y)
     with pytest.raises(ConfigError, match=r"dataset.features='x' is invalid: must be an array with one row per sample; .*scalar.npz holds a scalar"):
         local_file(str(tmp_path / "scalar.npz"))

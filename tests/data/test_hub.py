@@ -40,6 +40,21 @@ def test_offline_dataset_missing_from_the_cache_says_how_to_fetch_it(tmp_path):
         hub_dataset("emnist", cache_dir=str(tmp_path))
 
 
+def test_a_download_that_fails_is_one_line_saying_how_to_fetch_it_elsewhere(tmp_path, monkeypatch):
+    """dataset.offline=false without network: was Hydra's multi-line "Error in call to target" after a long wait."""
+    from asyncflower_jax.data import hub
+
+    def no_network(name, cache_dir=None, source=None):
+        raise ConnectionError("Couldn't reach 'ylecun/mnist' on the Hub (LocalEntryNotFoundError)\nmore lines")
+
+    monkeypatch.setattr(hub, "fetch", no_network)
+    with pytest.raises(ConfigError) as err:
+        hub_dataset("mnist", cache_dir=str(tmp_path), offline=False)
+    message = str(err.value)
+    assert message.startswith("dataset=mnist could not be downloaded with dataset.offline=false (ConnectionError: Couldn't reach")
+    assert f"python -m asyncflower_jax.data.hub mnist --cache-dir {tmp_path}" in message and "\n" not in message
+
+
 def test_femnist_from_the_cache_keeps_pixels_labels_and_writers(tmp_path):
     ds, pixels, writer, character = femnist_like()
     datasets.DatasetDict({"train": ds}).save_to_disk(str(cache_path("femnist", tmp_path)))
