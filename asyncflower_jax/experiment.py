@@ -211,7 +211,13 @@ class Experiment:
         self._check_models_fit(model_bytes, device)
         self._check_server_state_fits(model_bytes, device)
         training = build(cfg.client, "client")
-        self.local_train = make_local_train(mixed_precision(module.apply, cfg.get("compute_dtype")), training, max_count=int(self.store.counts.max()))
+        largest = int(self.store.counts.max())
+        if training.epochs is None and training.batch_size > largest:
+            log.warning(
+                "client.batch_size=%d is more than any client holds (at most %d samples): each step draws %d samples with "
+                "replacement, repeats of the same few, at the cost of a batch that size", training.batch_size, largest, training.batch_size,
+            )
+        self.local_train = make_local_train(mixed_precision(module.apply, cfg.get("compute_dtype")), training, max_count=largest)
         if isinstance(self.latency, NeedsWork):  # durations follow each client's work and the model size
             self.latency = self.latency.bind(training.examples_per_task(self.store.counts), model_bytes)
         client_profile(self.latency, cfg.num_clients, cfg.seed)  # (a profile the scheduler would refuse stops the run before it writes anything)

@@ -143,3 +143,17 @@ def test_a_warning_when_the_models_in_flight_may_outgrow_the_memory(monkeypatch,
     monkeypatch.setattr("asyncflower_jax.experiment.available_on", lambda device: 210_000)
     Experiment(make_config("concurrency=10", "model.hidden=[16]"))
     assert "model versions" not in caplog.text
+
+
+def test_a_batch_larger_than_every_client_warns_that_its_samples_repeat(caplog):
+    """Steps draw with replacement, so it runs; at 100,000 it took a minute for what 32 does in a second."""
+    with caplog.at_level("WARNING", logger="asyncflower_jax.experiment"):
+        exp = Experiment(make_config("num_clients=20", "client.batch_size=32"))
+        assert "client.batch_size" not in caplog.text
+        largest = int(exp.store.counts.max())
+        Experiment(make_config("num_clients=20", f"client.batch_size={largest + 1}"))
+    assert f"client.batch_size={largest + 1} is more than any client holds (at most {largest} samples)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="asyncflower_jax.experiment"):
+        Experiment(make_config("num_clients=20", f"client.batch_size={largest + 1}", "client.epochs=1"))  # (an epoch is one partial batch)
+    assert "client.batch_size" not in caplog.text
