@@ -146,6 +146,16 @@ def run_reference(
         trained[task["id"]] = result
         return True
 
+    def receive(task, arrivals) -> None:
+        """The task's event: lost or rejected, its slot is refilled at once; else it joins `arrivals`
+        (and, refilling on arrival, is replaced at once)."""
+        if not arrive(task):
+            fill(limit=1)
+            return
+        arrivals.append(task)
+        if strategy.refill == "on_arrival":
+            fill()
+
     fill()
     while True:
         kind, value = strategy.round_delimiter(server_round)
@@ -162,12 +172,7 @@ def run_reference(
                 if s.max_time is not None and (task is None or task["finish"] > s.max_time):
                     timed_out = True
                     break
-                if not arrive(task):
-                    fill(limit=1)
-                    continue
-                arrivals.append(task)
-                if strategy.refill == "on_arrival":
-                    fill()
+                receive(task, arrivals)
             if timed_out:
                 break
         else:
@@ -179,12 +184,7 @@ def run_reference(
                 task = earliest()
                 if task is None or task["finish"] > end:
                     break
-                if not arrive(task):
-                    fill(limit=1)
-                    continue
-                arrivals.append(task)
-                if strategy.refill == "on_arrival":
-                    fill()
+                receive(task, arrivals)
             clock = max(clock, end)
             if exhausted():
                 timed_out = True  # this window is still aggregated
