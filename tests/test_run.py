@@ -161,6 +161,22 @@ def test_a_sweep_with_an_unknown_choice_is_refused_before_its_directory_is_made(
     assert "Traceback" not in output and not (tmp_path / "sweep").exists()
 
 
+def test_a_sweep_over_presets_passes_the_unknown_key_check(tmp_path):
+    """`task=` and `+experiment=` are config groups (presets), not keys: a sweep over them runs."""
+    from hydra import compose, initialize_config_dir
+
+    from asyncflower_jax.results.rundir import _refuse_unknown_keys
+
+    proc = run_py(["-m", "task=synthetic_logreg", "num_clients=10", "concurrency=2", "max_updates=5", "seed=0,1", "plots=false"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(finished_runs(tmp_path)) == 2
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):  # (the 9-job comparison, checked without running it)
+        cfg = compose("config", overrides=["+experiment=comparison"])
+        _refuse_unknown_keys(["+experiment=comparison", "seed=0,1,2"], cfg)
+        with pytest.raises(SystemExit):
+            _refuse_unknown_keys(["+experiment=comparison", "num_client=3,4"], cfg)
+
+
 BAD = [
     (["concurrency=200"], "concurrency=200 is invalid: must be <= num_clients (100)"),
     (["num_clients=0"], "num_clients=0 is invalid"),

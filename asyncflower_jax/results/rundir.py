@@ -263,18 +263,27 @@ def _refuse_unknown_keys(overrides: list[str], config) -> None:
     one, before Hydra makes the sweep directory (each job would fail on it, and leave the directory
     holding only multirun.yaml). Keys under a config group are left to the jobs: the group's choice
     may differ from job to job."""
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from ..config_schema import BLOCKS, COMPONENT_GROUPS, FIELDS, reject_unknown
+    from ..config_schema import BLOCKS, COMPONENT_GROUPS, FIELDS, PRESET_GROUPS, reject_unknown
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
+        loader = GlobalHydra.instance().config_loader()
     except Exception:  # (Hydra reports what it cannot parse)
         return
-    known = [*FIELDS, *BLOCKS, *COMPONENT_GROUPS, *(str(k) for k in config if k != "hydra")]
+
+    def is_group(key: str) -> bool:  # (a config group of any search path: +experiment=comparison, task=..., a user's own)
+        try:
+            return bool(loader.get_group_options(key))
+        except Exception:
+            return False
+
+    known = list(dict.fromkeys([*FIELDS, *BLOCKS, *COMPONENT_GROUPS, *PRESET_GROUPS, *(str(k) for k in config if k != "hydra")]))
     for override in parsed:
         key = override.key_or_group
-        if override.is_delete() or override.package is not None or "." in key or "/" in key or key in known or key == "hydra":
+        if override.is_delete() or override.package is not None or "." in key or "/" in key or key in known or key == "hydra" or is_group(key):
             continue
         try:
             reject_unknown(key, (override.input_line or "").partition("=")[2], known)
