@@ -142,13 +142,16 @@ def missing_launcher_plugin(argv: list[str]) -> str | None:
     import importlib.util
     import shutil
 
+    submits = any(a in ("-m", "--multirun") or a.startswith("hydra.mode=MULTIRUN") for a in argv) and not any(
+        a.split("=")[0] in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--resolve", "--package", "-p") for a in argv
+    )  # (a Slurm launcher is used by a sweep only; printing the config submits nothing)
     for arg in argv:
         name = arg.partition("hydra/launcher=")[2]
         if arg.startswith("hydra/launcher=") and name in LAUNCHER_PLUGINS:
             module, package = LAUNCHER_PLUGINS[name]
             if importlib.util.find_spec(module) is None:
                 return f"hydra/launcher={name} needs the {package} plugin, which is not installed: pip install -e \".[launchers]\""
-            if name.startswith("slurm_") and shutil.which("srun") is None:
+            if name.startswith("slurm_") and submits and shutil.which("srun") is None:
                 return (
                     f"hydra/launcher={name} submits the jobs to Slurm, and this machine has no srun (not a Slurm node): run the "
                     "sweep from a Slurm login node, or here with hydra/launcher=parallel or hydra/launcher=local_submitit"

@@ -142,6 +142,8 @@ def test_a_launcher_whose_plugin_is_missing_says_how_to_install_it(monkeypatch):
 
     monkeypatch.setattr(shutil, "which", lambda name: None)  # (off a Slurm cluster)
     assert "this machine has no srun (not a Slurm node)" in run_script.missing_launcher_plugin(["-m", "hydra/launcher=slurm_cpu"])
+    assert run_script.missing_launcher_plugin(["hydra/launcher=slurm_cpu", "seed=1"]) is None  # (a single run: the launcher is not used)
+    assert run_script.missing_launcher_plugin(["--cfg", "hydra", "-m", "hydra/launcher=slurm_gpu"]) is None  # (printing submits nothing)
 
 
 def test_a_slurm_sweep_off_a_slurm_cluster_is_refused_in_one_line(tmp_path):

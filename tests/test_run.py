@@ -170,6 +170,13 @@ def test_a_sweep_over_presets_passes_the_unknown_key_check(tmp_path):
     proc = run_py(["-m", "task=synthetic_logreg", "num_clients=10", "concurrency=2", "max_updates=5", "seed=0,1", "plots=false"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert len(finished_runs(tmp_path)) == 2
+    own = tmp_path / "myconf" / "mygroup"  # a preset of the user's own search path
+    own.mkdir(parents=True)
+    (own / "short.yaml").write_text("# @package _global_\nmax_updates: 5\n")
+    proc = run_py(["-m", f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "+mygroup=short", "num_clients=10", "concurrency=2", "seed=0,1",
+                   "plots=false", f"hydra.sweep.dir={tmp_path / 'own'}"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert [json.loads(p.read_text())["client_updates"] for p in sorted((tmp_path / "own").rglob("summary.json"))] == [5, 5]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):  # (the 9-job comparison, checked without running it)
         cfg = compose("config", overrides=["+experiment=comparison"])
         _refuse_unknown_keys(["+experiment=comparison", "seed=0,1,2"], cfg)

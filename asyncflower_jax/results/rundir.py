@@ -202,7 +202,7 @@ class ResumeTargetCheck(Callback):
             _refuse_unwritable("hydra.sweep.dir", sweep_dir)
         if not config.hydra.searchpath:  # (a user's own config directories: Hydra alone knows their groups)
             _refuse_unknown_choices(list(config.hydra.overrides.task))
-        _refuse_unknown_keys(list(config.hydra.overrides.task), config)
+            _refuse_unknown_keys(list(config.hydra.overrides.task), config)
         if not resume_requested(config.get("resume")):
             return
         sweep = Path(str(config.hydra.sweep.dir))
@@ -262,7 +262,7 @@ def _refuse_unknown_keys(overrides: list[str], config) -> None:
     """Refuse a sweep's top-level key that does not exist (`num_client=3,4`), naming the closest
     one, before Hydra makes the sweep directory (each job would fail on it, and leave the directory
     holding only multirun.yaml). Keys under a config group are left to the jobs: the group's choice
-    may differ from job to job."""
+    may differ from job to job. (Not called with a user's search path: its groups are not known here.)"""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -274,7 +274,7 @@ def _refuse_unknown_keys(overrides: list[str], config) -> None:
     except Exception:  # (Hydra reports what it cannot parse)
         return
 
-    def is_group(key: str) -> bool:  # (a config group of any search path: +experiment=comparison, task=..., a user's own)
+    def is_group(key: str) -> bool:  # (a config group: +experiment=comparison, task=...)
         try:
             return bool(loader.get_group_options(key))
         except Exception:
