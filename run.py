@@ -184,15 +184,13 @@ def exit_code(stop: SystemExit) -> int | str | None:
 def unknown_key_hint(error: Exception) -> str | None:
     """For `num_client=5` (a top-level key that does not exist, given without +): the closest key,
     which Hydra does not name."""
-    import difflib
-
-    from asyncflower_jax.config_schema import BLOCKS, COMPONENT_GROUPS, FIELDS, SCHEMA_COMMAND
+    from asyncflower_jax.config_schema import BLOCKS, COMPONENT_GROUPS, FIELDS, SCHEMA_COMMAND, closest_key
 
     key = getattr(error.__cause__, "full_key", None)
     if not key or "." in str(key) or "not in struct" not in str(error.__cause__):
         return None
-    close = difflib.get_close_matches(str(key), [*FIELDS, *BLOCKS, *COMPONENT_GROUPS], n=1, cutoff=0.6)
-    return f"did you mean {close[0]}? (every key: {SCHEMA_COMMAND})" if close else None
+    close = closest_key(str(key), [*FIELDS, *BLOCKS, *COMPONENT_GROUPS])
+    return f"did you mean {close}? (every key: {SCHEMA_COMMAND})" if close else None
 
 
 if __name__ == "__main__":

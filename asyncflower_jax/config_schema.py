@@ -295,13 +295,20 @@ def check_rules(values: Mapping[str, Any]) -> None:
             rule.check(*(values[key] for key in rule.keys))
 
 
+def closest_key(key: str, known) -> str | None:
+    """The known key `key` was most likely meant to be (a misspelling of), or None: the one rule
+    behind every "did you mean" of the project."""
+    close = difflib.get_close_matches(key, [str(k) for k in known], n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def reject_unknown(path: str, value, known) -> None:
     """The ConfigError for a key that is not in `known`, suggesting the closest known key."""
     block, _, key = path.rpartition(".")
     prefix = f"{block}." if block else ""
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    close = closest_key(key, known)
     if close:
-        hint = f"did you mean {prefix}{close[0]}? (every key: {SCHEMA_COMMAND})"
+        hint = f"did you mean {prefix}{close}? (every key: {SCHEMA_COMMAND})"
     else:
         hint = f"must be one of the keys {sorted(known)}"
     raise ConfigError(f"{path}={_plain(value)!r} is invalid: unknown key; {hint}")

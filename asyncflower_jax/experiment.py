@@ -34,7 +34,7 @@ from .signals import on_signals
 from .client.batched import BatchedTrainer
 from .client.precision import mixed_precision
 from .components import check_types
-from .config_schema import validate_config
+from .config_schema import closest_key, validate_config
 from .client.local_train import make_local_train
 from .data.federated import build_clients, write_partition_summary
 from .engine.checkpoint import CheckpointError, CheckpointManager, Snapshot, config_fingerprint
@@ -112,7 +112,6 @@ def instantiation_message(exc: InstantiationException, group: str, node: DictCon
 def unknown_key_message(node: DictConfig, group: str, where: str, key: str) -> str | None:
     """`<where>.<key>=<value> is invalid: unknown key of <Target>; did you mean ...?`, from the
     parameters of the node's `_target_` (None where they cannot be read)."""
-    import difflib
     import inspect
 
     from hydra.utils import get_object
@@ -127,8 +126,8 @@ def unknown_key_message(node: DictConfig, group: str, where: str, key: str) -> s
             known = [name for name in known if name not in ("parent", "name")]  # (flax's own, not settings)
     except Exception:  # (a target or signature that cannot be read: the caller says what Python said)
         return None
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"did you mean {where}.{close[0]}?" if close else f"its keys are {known}"
+    close = closest_key(key, known)
+    hint = f"did you mean {where}.{close}?" if close else f"its keys are {known}"
     value = sub.get(key)
     return f"{where}.{key}={value!r} is invalid: unknown key of {getattr(target, '__name__', sub._target_)}; {hint}"
 

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from ..config_schema import closest_key
 from ..errors import ConfigError
 from .recorder import write_atomic
 
@@ -442,7 +442,7 @@ def _refuse_unknown_key(saved, key: str, override: str, path: Path) -> None:
         if not isinstance(node, DictConfig) or part not in node:
             known = [str(k) for k in node] if isinstance(node, DictConfig) else []
             where = ".".join(parts[:depth])
-            close = difflib.get_close_matches(part, known, n=1, cutoff=0.6)
-            hint = f"did you mean {where + '.' if where else ''}{close[0]}?" if close else f"its keys{' under ' + where if where else ''} are {sorted(known)}"
+            close = closest_key(part, known)
+            hint = f"did you mean {where + '.' if where else ''}{close}?" if close else f"its keys{' under ' + where if where else ''} are {sorted(known)}"
             raise RunRefused(f"{override.lstrip('~+')} is invalid: unknown key; the run's configuration ({path}) has no {key}: {hint}")
         node = node[part]
