@@ -45,7 +45,7 @@ def start_jax(cfg: DictConfig) -> None:
     from asyncflower_jax.client.sharding import expose_cpu_cores
     from asyncflower_jax.compilation import use_compilation_cache
 
-    use_compilation_cache(cfg.xla_cache_dir)
+    use_compilation_cache(cfg.get("xla_cache_dir"))  # (left out: off, as null)
     if not cfg.get("distributed"):
         expose_cpu_cores(cfg.get("devices"))
 

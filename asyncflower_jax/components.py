@@ -48,7 +48,7 @@ def _typed_keys(node, path: str):
         if key.startswith("_"):
             continue
         value = node[key]
-        if _is_mapping(value):
+        if _is_mapping(value) and "_target_" in value:
             yield from _typed_keys(value, f"{path}.{key}")
         elif key in parameters and (kind := _value_kind(parameters[key].annotation)) is not None:
             yield f"{path}.{key}", value, kind

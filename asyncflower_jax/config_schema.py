@@ -261,6 +261,10 @@ COMPONENT_GROUPS: dict[str, str] = {  # config groups built by instantiate(); th
     "model": "the model (conf/model/)",
     "client": "local training (conf/client/)",
 }
+# keys every run reads (configs of every version of the project have them): deleting one (`~eval_every`)
+# is refused; any other key left out takes its default
+REQUIRED_KEYS = ("seed", "num_clients", "concurrency", "max_versions", "max_updates", "max_time", "eval_every", "chunk_size", "precision")
+REQUIRED_GROUPS = ("strategy", "latency", "dataset", "partition", "model", "client")
 PRESET_GROUPS = ("task", "experiment")  # `# @package _global_` presets: they set other keys and add none
 INTERNAL_GROUPS = ("strategy_common",)  # included by other groups' yamls
 HYDRA_KEY = "hydra"  # Hydra's own settings (conf/hydra/), in a config composed with return_hydra_config=True
@@ -327,10 +331,19 @@ def check_block(name: str, node) -> dict[str, Any]:
 
 
 def reject_missing(cfg: Mapping) -> None:
-    """The ConfigError naming every key left `???` in the yamls (a value with no sensible default,
-    e.g. a trace file's path), before anything reads it and OmegaConf raises from deep inside."""
+    """The ConfigError naming a required key deleted or every key left `???` in the yamls (a value
+    with no sensible default, e.g. a trace file's path), before anything reads it and OmegaConf
+    raises from deep inside."""
     from omegaconf import OmegaConf
 
+    for key in REQUIRED_KEYS:
+        if key not in cfg:
+            raise ConfigError(
+                f"{key} is missing (deleted by ~{key}?): every run needs it; set it instead ({key}=...; default {FIELDS[key].default})"
+            )
+    for key in REQUIRED_GROUPS:
+        if key not in cfg:
+            raise ConfigError(f"{key} is missing (deleted by ~{key}?): every run needs {COMPONENT_GROUPS[key]}; choose one with {key}=<option>")
     if _omegaconf_kind(cfg) != "dict":
         return
     missing = sorted(str(key) for key in OmegaConf.missing_keys(cfg) if not str(key).startswith(f"{HYDRA_KEY}."))

@@ -29,12 +29,15 @@ WRONG_TYPES = [
     (["strategy=fedstaleasync", "strategy.clear_memory=maybe"], "strategy.clear_memory='maybe' is invalid: must be true or false"),
     (["participation=frequency", "participation.as_of_last_participation=maybe"], "participation.as_of_last_participation='maybe' is invalid: must be true or false"),
     (["strategy=fedbuff", "strategy.buffer_size=true"], "strategy.buffer_size=True is invalid: must be an integer >= 1"),
+    # a number made a mapping by a mistyped nested key (was Python's "'<' not supported between 'int' and 'DictConfig'")
+    (["+strategy.alpha.aa=3"], "strategy.alpha={'aa': 3} is invalid: must be a number in (0, 1]"),
+    (["strategy=fedbuff", "+strategy.buffer_size.x=3"], "strategy.buffer_size={'x': 3} is invalid: must be an integer >= 1"),
 ]
 
 
 @pytest.mark.parametrize("overrides, message", WRONG_TYPES, ids=[" ".join(o) for o, _ in WRONG_TYPES])
 def test_a_wrong_type_names_the_full_key_and_the_allowed_range(overrides, message):
-    group = overrides[-1].split(".")[0]
+    group = overrides[-1].lstrip("+").split(".")[0]
     with pytest.raises(ConfigError) as err:
         build(make_config(*overrides)[group], group, **({"num_classes": 10} if group == "model" else {}))
     assert str(err.value) == message

@@ -80,6 +80,23 @@ def test_missing_keys_take_their_defaults():
     assert values["faults"]["timeout"] is None
 
 
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("eval_every", r"^eval_every is missing \(deleted by ~eval_every\?\): every run needs it; set it instead \(eval_every=\.\.\.; default 10\)$"),
+        ("num_clients", r"^num_clients is missing .*default 100\)$"),
+        ("strategy", r"^strategy is missing \(deleted by ~strategy\?\): every run needs the aggregation rule \(conf/strategy/\); choose one"),
+    ],
+)
+def test_a_deleted_key_every_run_reads_is_refused_by_name(key, message):
+    cfg = make_config(f"~{key}")
+    assert key not in cfg
+    with pytest.raises(ConfigError, match=message):
+        schema.validate_config(cfg)
+    with pytest.raises(ConfigError, match=message):  # (a plain mapping too)
+        schema.validate_config(OmegaConf.to_container(cfg))
+
+
 def test_an_unlisted_component_group_is_left_to_its_constructor_but_a_plain_mapping_is_not():
     cfg = OmegaConf.to_container(make_config(), resolve=True)
     assert "energy" not in schema.COMPONENT_GROUPS

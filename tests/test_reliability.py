@@ -268,7 +268,7 @@ def test_a_swept_path_names_one_job_directory_not_nested_ones():
 
 
 def test_a_resumed_run_keeps_its_configuration(tmp_path):
-    (tmp_path / "config.yaml").write_text("seed: 0\nstrategy:\n  buffer_size: 5\nprogress: true\n")
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(make_config("strategy=fedbuff", "strategy.buffer_size=5", "progress=true")))
     cfg = make_config("strategy=fedbuff", "strategy.buffer_size=3", "progress=false", "resume=true")
     with pytest.raises(ConfigError, match=r"strategy.buffer_size=3 is invalid: must be 5 as in .*config.yaml"):
         resumed_config(cfg, tmp_path, ["strategy.buffer_size=3", "progress=false", "resume=true"])
@@ -277,7 +277,7 @@ def test_a_resumed_run_keeps_its_configuration(tmp_path):
 
 
 def test_a_resumed_run_keeps_its_checkpointing_and_trackers_unless_overridden(tmp_path):
-    (tmp_path / "config.yaml").write_text("seed: 0\ncheckpoint_every: 50\ncheckpoint_min_seconds: 0\ntrackers: [tensorboard]\nresume: false\n")
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(make_config("checkpoint_every=50", "checkpoint_min_seconds=0", "trackers=[tensorboard]")))
     cfg = make_config("resume=true")  # the defaults: checkpoint_every 100, no trackers
     saved = resumed_config(cfg, tmp_path, ["resume=true"])
     assert saved.checkpoint_every == 50 and saved.checkpoint_min_seconds == 0 and list(saved.trackers) == ["tensorboard"]

@@ -119,6 +119,7 @@ def test_a_stalled_run_says_why_without_a_traceback(tmp_path):
         (["distributed=true"], "distributed=True is invalid here: JAX found no cluster to join"),  # (off a cluster: a traceback from inside JAX)
         # the settings are checked before initialize(), which waits for the other processes
         (["num_clients=0", "distributed={coordinator_address:localhost:23457,num_processes:2,process_id:0}"], "num_clients=0 is invalid"),
+        (["~eval_every"], "eval_every is missing (deleted by ~eval_every?): every run needs it"),  # (was a traceback, exit 1)
     ],
 )
 def test_invalid_setting_exits_with_message_not_traceback(overrides, message, tmp_path):
