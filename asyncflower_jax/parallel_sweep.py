@@ -128,9 +128,9 @@ class SweepStop(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
         if not is_parallel(config.hydra):
             return
-        from .results.rundir import sweep_jobs
+        from .results.rundir import sweep_jobs, sweep_overrides
 
-        jobs = jobs_at_once(config.hydra.launcher.get("n_jobs"), len(sweep_jobs(list(config.hydra.overrides.task))) or None)
+        jobs = jobs_at_once(config.hydra.launcher.get("n_jobs"), len(sweep_jobs(sweep_overrides(config))) or None)
         before_fraction = os.environ.get(GPU_FRACTION_ENV)
         self._restore_environment = share_memory(jobs)
         if jobs > 1:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.experiment import KILL_AT_VERSION_ENV, Experiment
@@ -107,6 +108,25 @@ def test_a_killed_sweep_resumes_where_it_stopped(uninterrupted, tmp_path):
         assert rows(job / "metrics.csv") == rows(uninterrupted[strategy] / "metrics.csv")
     assert json.loads((jobs[0] / "summary.json").read_text())["resumed_from_version"] == 6
     assert json.loads((jobs[1] / "summary.json").read_text())["resumed_from_version"] is None
+
+
+def test_a_sweep_whose_values_a_preset_sets_resumes_with_its_own_command(tmp_path):
+    """A preset's swept values (`hydra.sweeper.params`, as +experiment=comparison's) are the sweep's
+    jobs as much as the command line's: the same command plus resume=true continues it (it was
+    refused, as if every job had lost its values)."""
+    group = tmp_path / "myconf" / "mygroup"
+    group.mkdir(parents=True)
+    (group / "two.yaml").write_text("# @package _global_\nhydra:\n  sweeper:\n    params:\n      seed: 0,1\n")
+    sweep = tmp_path / "sweep"
+    args = ["-m", f"hydra.searchpath=[file://{tmp_path / 'myconf'}]", "+mygroup=two", *ARGS, f"hydra.sweep.dir={sweep}"]
+    killed = run_py(args, tmp_path, **{KILL_AT_VERSION_ENV: str(KILL_AT)})
+    assert killed.returncode == -signal.SIGKILL and not list(sweep.rglob("summary.json"))
+    again = run_py([*args, "resume=true"], tmp_path)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    jobs = sorted(p.parent for p in sweep.rglob("summary.json"))
+    assert [p.name.split("_")[0] for p in jobs] == ["0", "1"] and len([p for p in sweep.iterdir() if p.is_dir()]) == 2
+    assert [json.loads((job / "summary.json").read_text())["resumed_from_version"] for job in jobs] == [6, None]
+    assert [OmegaConf.load(job / "config.yaml").seed for job in jobs] == [0, 1]
 
 
 def test_a_sweep_resumed_where_it_would_run_jobs_again_is_refused(tmp_path):

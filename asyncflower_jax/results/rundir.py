@@ -202,7 +202,7 @@ class ResumeTargetCheck(Callback):
             _refuse_unwritable("hydra.sweep.dir", sweep_dir)
         if not config.hydra.searchpath:  # (a user's own config directories: Hydra alone knows their groups)
             _refuse_unknown_choices(list(config.hydra.overrides.task))
-            _refuse_unknown_keys(list(config.hydra.overrides.task), config)
+            _refuse_unknown_keys(sweep_overrides(config), config)
         if not resume_requested(config.get("resume")):
             return
         sweep = Path(str(config.hydra.sweep.dir))
@@ -218,7 +218,7 @@ class ResumeTargetCheck(Callback):
                 key = _job_key(OmegaConf.load(job / ".hydra" / "overrides.yaml"))
                 started.setdefault(key, int(number))
                 numbered.setdefault(int(number), key)
-        for number, overrides in enumerate(sweep_jobs(list(config.hydra.overrides.task))):
+        for number, overrides in enumerate(sweep_jobs(sweep_overrides(config))):
             key = _job_key(overrides)
             if key not in started and number in numbered:
                 added = sorted(key - numbered[number], key=_override_key)
@@ -289,6 +289,13 @@ def _refuse_unknown_keys(overrides: list[str], config) -> None:
             reject_unknown(key, (override.input_line or "").partition("=")[2], known)
         except ConfigError as exc:
             _refuse(str(exc))
+
+
+def sweep_overrides(config) -> list[str]:
+    """A sweep's overrides as Hydra's basic sweeper expands them: the swept values a config sets
+    (`hydra.sweeper.params`, e.g. a preset's) first, then the command line's."""
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    return [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:
