@@ -25,7 +25,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ..config_schema import closest_key
+from ..config_schema import BLOCKS, COMPONENT_GROUPS, FIELDS, PRESET_GROUPS, closest_key, reject_unknown, validate_config
 from ..errors import ConfigError
 from .recorder import write_atomic
 
@@ -266,8 +266,6 @@ def _refuse_unknown_keys(overrides: list[str], config) -> None:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from ..config_schema import BLOCKS, COMPONENT_GROUPS, FIELDS, PRESET_GROUPS, reject_unknown
-
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
         loader = GlobalHydra.instance().config_loader()
@@ -433,7 +431,6 @@ def resumed_config(cfg, run_dir: Path, overrides: list[str], announce: bool = Tr
                     "results equal an uninterrupted run's up to float rounding", run_dir, key, current[key], saved.get(key),
                 )
             saved[key] = current[key]
-    from ..config_schema import validate_config
 
     try:  # (the values the resuming command gave; before the run directory is touched)
         validate_config(saved)
