@@ -12,6 +12,7 @@ ServerApp (flower/loop.py) drives the simulator's interface instead, with the sa
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -24,8 +25,8 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from ..compilation import jit
-from ..errors import require
-from ..flower.records import arrayrecord_to_pytree, pytree_to_arrayrecord
+from ..errors import is_number, require
+from ..flower.records import arrayrecord_to_pytree, arrays_to_arrayrecord
 from .updates import PyTree, UpdateBatch
 
 RoundDelimiter = tuple[Literal["buffer_size"], int] | tuple[Literal["round_duration"], float]
@@ -112,18 +113,28 @@ class AsyncStrategy(Strategy, abc.ABC):
 
     # ---- the Flower interface ----------------------------------------------------------
     def _flower_setup(self, arrays: ArrayRecord) -> None:
-        params = arrayrecord_to_pytree(arrays)
+        params = arrayrecord_to_pytree(arrays)  # (a flat dict, in the record's order: records sent keep it)
         self._fl_params = params
-        self._fl_state = self.init(params)
+        # a 64-bit model is aggregated in JAX's 64-bit mode, whatever the process's mode (Flower's
+        # own strategies aggregate in numpy's float64)
+        self._fl_x64 = any(np.dtype(a.dtype).itemsize >= 8 for a in params.values())
+        with self._flower_precision():
+            self._fl_state = self.init(params)
         self._fl_version = 0
         self._fl_sent: dict[int, PyTree] = {}  # versions out with clients
         self._fl_outstanding: dict[int, int] = {}  # version -> messages sent and not yet answered
+        self._fl_unanswered: dict[int, list[int]] = {}  # node -> versions of its messages not yet answered, oldest first
         self._fl_kernel = jit(self.aggregate) if self.jittable else self.aggregate
 
+    def _flower_precision(self):
+        return jax.enable_x64(True) if self._fl_x64 else contextlib.nullcontext()
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """Send the current model, tagged with its version, to the sampled nodes."""
-        if not hasattr(self, "_fl_params"):
+        """Send the current model, tagged with its version, to the sampled nodes. A round number
+        not above the last one's starts a new run from `arrays` (Flower's `start` called again)."""
+        if not hasattr(self, "_fl_params") or server_round <= self._fl_round:
             self._flower_setup(arrays)
+        self._fl_round = server_round
         node_ids = list(grid.get_node_ids())
         self._register_nodes(node_ids)
         if self.num_train_nodes is not None:
@@ -131,20 +142,23 @@ class AsyncStrategy(Strategy, abc.ABC):
             node_ids = list(rng.permutation(node_ids)[: self.num_train_nodes])
         self._fl_sent[self._fl_version] = self._fl_params
         self._fl_outstanding[self._fl_version] = self._fl_outstanding.get(self._fl_version, 0) + len(node_ids)
+        for node in node_ids:
+            self._fl_unanswered.setdefault(int(node), []).append(self._fl_version)
         config = ConfigRecord(dict(config))
         config["server-round"] = server_round
         config[START_VERSION_KEY] = self._fl_version
-        record = RecordDict({"arrays": pytree_to_arrayrecord(self._fl_params), "config": config})
+        record = RecordDict({"arrays": arrays_to_arrayrecord(self._fl_params), "config": config})
         return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=int(n)) for n in node_ids]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate replies with the simulator's kernel; replies with errors, bad arrays or a NaN or
-        infinite entry are failures."""
+        infinite entry are failures. Each reply, failed or not, releases the model its message carried."""
         if not hasattr(self, "_fl_params"):
             raise RuntimeError("aggregate_train called before configure_train")
         rows, failures = [], 0
         for msg in replies:
             if msg.has_error():
+                self._answered(msg.metadata.src_node_id, None)
                 failures += 1
                 continue
             try:
@@ -159,9 +173,10 @@ class AsyncStrategy(Strategy, abc.ABC):
         if not rows:
             self._forget_answered_versions()
             return None, MetricRecord({"num-updates": 0, "num-failures": failures})
-        updates = _stack_rows(rows, self._fl_version)
-        self._fl_params, self._fl_state = self._fl_kernel(self._fl_params, self._fl_state, updates)
-        self._fl_params = jax.tree.map(np.asarray, self._fl_params)
+        with self._flower_precision():
+            updates = _stack_rows(rows, self._fl_version)
+            new_params, self._fl_state = self._fl_kernel(self._fl_params, self._fl_state, updates)
+        self._fl_params = {key: np.asarray(new_params[key], dtype=value.dtype) for key, value in self._fl_params.items()}
         self._fl_version += 1
         self._forget_answered_versions()
         staleness = np.asarray(updates.staleness)
@@ -173,7 +188,18 @@ class AsyncStrategy(Strategy, abc.ABC):
                 "max-staleness": int(staleness.max()),
             }
         )
-        return pytree_to_arrayrecord(self._fl_params), metrics
+        return arrays_to_arrayrecord(self._fl_params), metrics
+
+    def _answered(self, node_id: int, version: int | None) -> int | None:
+        """Count a reply of `node_id` to its message that carried `version` (None: its oldest one not
+        yet answered, for a reply that does not say); returns that version (None: no such message)."""
+        unanswered = self._fl_unanswered.get(int(node_id), [])
+        if version is None:
+            version = unanswered[0] if unanswered else None
+        if version in unanswered:
+            unanswered.remove(version)
+            self._fl_outstanding[version] -= 1
+        return version
 
     def _forget_answered_versions(self) -> None:
         """Drop versions no client still holds (the current one stays: it is sent next)."""
@@ -206,13 +232,14 @@ class AsyncStrategy(Strategy, abc.ABC):
         return index
 
     def _reply_to_row(self, msg: Message) -> dict:
-        content = msg.content
-        metrics = next(iter(content.metric_records.values()))
-        start_version = int(metrics.get(START_VERSION_KEY, self._fl_version))
+        node = msg.metadata.src_node_id
+        echoed = next((m[START_VERSION_KEY] for m in msg.content.metric_records.values() if START_VERSION_KEY in m), None)
+        start_version = self._answered(node, None if echoed is None else int(echoed))
+        if start_version is None:  # (a node that had no message: its model is the current one)
+            start_version = self._fl_version
         if start_version not in self._fl_sent:
             raise KeyError(f"unknown start version {start_version}")
-        self._fl_outstanding[start_version] -= 1
-        client = self._client_index(msg.metadata.src_node_id)
+        client = self._client_index(node)
         return reply_to_row(msg, self._fl_sent[start_version], start_version, client)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -254,12 +281,15 @@ def reply_to_row(msg: Message, start: PyTree, start_version: int, client_id: int
     metrics = next((m for m in content.metric_records.values() if NUM_EXAMPLES_KEY in m), None)
     if metrics is None:
         raise ValueError(f"the reply has no {NUM_EXAMPLES_KEY!r} metric")
+    num_examples = metrics[NUM_EXAMPLES_KEY]
+    if not (is_number(num_examples) and 0 <= num_examples < float("inf")):
+        raise ValueError(f"the reply's {NUM_EXAMPLES_KEY!r} is {num_examples!r}, not a finite number >= 0")
     params = arrayrecord_to_pytree(next(iter(content.array_records.values())), template=start)
     return {
         "params": params,
         "start": start,
         "start_version": int(start_version),
-        "num_examples": float(metrics[NUM_EXAMPLES_KEY]),
+        "num_examples": float(num_examples),
         "client_id": int(client_id),
     }
 
@@ -276,7 +306,7 @@ def _stack_rows(rows: list[dict], version: int, pad: bool = False) -> UpdateBatc
         params=jax.tree.map(stack, *[r["params"] for r in rows]),
         start=jax.tree.map(stack, *[r["start"] for r in rows]),
         staleness=jnp.asarray([version - r["start_version"] for r in rows], jnp.int32),
-        num_examples=jnp.asarray([r["num_examples"] for r in rows], jnp.float32),
+        num_examples=jnp.asarray([r["num_examples"] for r in rows], jnp.result_type(float)),  # (float64 in 64-bit mode, as the simulator's)
         client_id=jnp.asarray([r["client_id"] for r in rows], jnp.int32),
         mask=jnp.arange(len(rows)) < k,
     )

@@ -39,5 +39,8 @@ class FedAvg(AsyncStrategy):
         return weights / jnp.maximum(jnp.sum(weights), jnp.finfo(weights.dtype).tiny)
 
     def aggregate(self, params, state, updates: UpdateBatch):
+        """The example-weighted mean; a cohort of zero examples in all (Flower replies may say so)
+        leaves the model as it was."""
         weights = self.update_weights(state, updates)
-        return jax.tree.map(lambda leaf, p: leaf.astype(p.dtype), weighted_sum(weights, updates.params), params), state
+        some = jnp.sum(updates.num_examples * updates.mask) > 0
+        return jax.tree.map(lambda leaf, p: jnp.where(some, leaf.astype(p.dtype), p), weighted_sum(weights, updates.params), params), state

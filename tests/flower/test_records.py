@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-from asyncflower_jax.flower.records import arrayrecord_to_pytree, pytree_to_arrayrecord
+from asyncflower_jax.flower.records import arrayrecord_to_pytree, arrays_to_arrayrecord, pytree_to_arrayrecord
 
 
 def nested():
@@ -92,3 +92,19 @@ def test_scalar_versus_vector_shape_mismatch():
     record = ArrayRecord({"b": Array(np.zeros(1, np.float32))})
     with pytest.raises(ValueError, match="'b'"):
         arrayrecord_to_pytree(record, template=template)
+
+
+def test_a_reply_takes_the_model_dtype_and_one_of_another_kind_is_refused():
+    template = {"w": np.zeros(2, np.float32), "step": np.asarray(7, np.int32)}
+    back = arrayrecord_to_pytree(ArrayRecord({"w": Array(np.array([1.0, 2.0])), "step": Array(np.asarray(8, np.int64))}), template=template)
+    assert back["w"].dtype == np.float32 and back["step"].dtype == np.int32
+    np.testing.assert_array_equal(back["w"], [1.0, 2.0])
+    with pytest.raises(ValueError, match="array 'step' has dtype float32, the model expects int32"):
+        arrayrecord_to_pytree(ArrayRecord({"w": Array(np.zeros(2, np.float32)), "step": Array(np.asarray(8.5, np.float32))}), template=template)
+
+
+def test_a_flat_dict_goes_out_in_its_own_order():
+    arrays = {str(i): np.full(i + 1, float(i)) for i in range(12)}
+    assert list(arrays_to_arrayrecord(arrays).keys()) == list(arrays)
+    assert list(pytree_to_arrayrecord(arrays).keys())[:3] == ["0", "1", "10"]  # (what a pytree's flattening does)
+    assert list(arrayrecord_to_pytree(arrays_to_arrayrecord(arrays))) == list(arrays)

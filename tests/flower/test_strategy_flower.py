@@ -261,3 +261,79 @@ def test_all_replies_failed_keeps_the_model_and_start_completes():
 def test_aggregate_before_configure_raises():
     with pytest.raises(RuntimeError):
         FedAvg().aggregate_train(1, [])
+
+
+# ---- what a generic Flower client sees and sends ----------------------------------------------------
+def answer(msg: Message, values: dict, num_examples=1, dtype=np.float32, metrics=None) -> Message:
+    """A node's train reply holding `values` (in their order), echoing the message's start version."""
+    records = {"arrays": ArrayRecord({k: Array(np.asarray(v, dtype)) for k, v in values.items()})}
+    records.update(metrics or {"metrics": MetricRecord({"num-examples": num_examples, "start-version": int(msg.content["config"]["start-version"])})})
+    return Message(RecordDict(records), reply_to=msg)
+
+
+def test_records_keep_the_order_the_model_came_in():
+    """A NumPy client reads `to_numpy_ndarrays()` by position: the records sent and returned keep
+    the initial record's order (keys "0".."11" came back sorted as text: "0", "1", "10", "11", "2", ...)."""
+    layers = [np.full(i + 1, float(i), np.float32) for i in range(12)]
+    strat = FedAvg(cohort_size=3)
+    msgs = list(strat.configure_train(1, ArrayRecord(layers), ConfigRecord(), FakeGrid()))
+    assert list(msgs[0].content["arrays"].keys()) == [str(i) for i in range(12)]
+    new, _ = strat.aggregate_train(1, [answer(m, {str(i): layer + 1 for i, layer in enumerate(layers)}) for m in msgs])
+    assert list(new.keys()) == [str(i) for i in range(12)]
+    np.testing.assert_array_equal(new.to_numpy_ndarrays()[2], [3.0, 3.0, 3.0])
+
+
+def test_a_float64_model_is_aggregated_and_returned_in_float64():
+    """As Flower's own strategies (numpy): the 1e-9 survives, where float32 would round it away."""
+    strat = FedAvg(cohort_size=3)
+    x0 = ArrayRecord({"w": Array(np.array([1.0, 2.0]))})
+    msgs = list(strat.configure_train(1, x0, ConfigRecord(), FakeGrid()))
+    new, metrics = strat.aggregate_train(1, [answer(m, {"w": [1.0 + 1e-9, 2.0]}, dtype=np.float64) for m in msgs])
+    w = new["w"].numpy()
+    assert w.dtype == np.float64 and w[0] - 1.0 == pytest.approx(1e-9, rel=1e-6) and metrics["num-updates"] == 3
+    # a float32 model given float64 replies stays float32 (the replies are cast)
+    strat = FedAsync(alpha=0.5)
+    msgs = list(strat.configure_train(1, arrays([0.0, 0.0], 0.0), ConfigRecord(), FakeGrid()))
+    new, metrics = strat.aggregate_train(1, [answer(msgs[0], {"w": [2.0, 4.0], "b": 2.0}, dtype=np.float64)])
+    assert metrics["num-updates"] == 1 and all(v.dtype == np.float32 for v in as_dict(new).values())
+    assert_arrays_close(new, [1.0, 2.0], 1.0)
+
+
+def test_error_replies_release_the_model_their_message_carried():
+    """Twenty rounds with a node that always fails held twenty old models; now none is left."""
+    strat = FedAvg(cohort_size=3)
+    strat.start(grid=FakeGrid(modes={3: "error"}), initial_arrays=arrays([0.0, 0.0], 0.0), num_rounds=20)
+    assert strat._fl_sent == {}  # (the current version is sent next; every older one was answered)
+
+
+def test_a_second_start_begins_from_its_own_initial_arrays():
+    first = FedAvg(cohort_size=3)
+    first.start(grid=FakeGrid(), initial_arrays=arrays([5.0, 5.0], 5.0), num_rounds=2)
+    again = first.start(grid=FakeGrid(), initial_arrays=arrays([1.0, 1.0], 2.0), num_rounds=3)
+    assert_arrays_close(again.arrays, [1.20325, 1.271], 1.52575)  # (test_strategy_start_runs_three_rounds_with_fedavg's)
+
+
+def test_the_start_version_is_read_from_whichever_metric_record_holds_it():
+    # test_fedbuff_stale_reply_uses_the_model_it_started_from, with node 2's start-version in a second record
+    grid = FakeGrid()
+    strat = FedBuff(buffer_size=1, server_lr=1.0, staleness=Polynomial(a=1.0), normalisation="sum")
+    msgs_v0 = {m.metadata.dst_node_id: m for m in strat.configure_train(1, arrays([0.0, 0.0], 0.0), ConfigRecord(), grid)}
+    x1, _ = strat.aggregate_train(1, [grid.reply(msgs_v0[1])])
+    strat.configure_train(2, x1, ConfigRecord(), grid)
+    y2 = {"w": [0.0, 0.2], "b": -0.1}
+    two = {"train": MetricRecord({"train-loss": 0.3}), "metrics": MetricRecord({"num-examples": 1, "start-version": 0})}
+    x2, m2 = strat.aggregate_train(2, [answer(msgs_v0[2], y2, metrics=two)])
+    assert_arrays_close(x2, [0.1, 0.1], 0.05)
+    assert m2["max-staleness"] == 1
+
+
+def test_fedavg_replies_of_zero_examples_leave_the_model_and_negative_counts_are_failures():
+    strat = FedAvg(cohort_size=3)
+    msgs = list(strat.configure_train(1, arrays([4.0, 4.0], 4.0), ConfigRecord(), FakeGrid()))
+    new, metrics = strat.aggregate_train(1, [answer(m, {"w": [1.0, 1.0], "b": 1.0}, num_examples=0) for m in msgs])
+    assert_arrays_close(new, [4.0, 4.0], 4.0)  # (was zeros)
+    assert metrics["num-updates"] == 3
+    msgs = list(strat.configure_train(2, new, ConfigRecord(), FakeGrid()))
+    new, metrics = strat.aggregate_train(2, [answer(msgs[0], {"w": [1.0, 1.0], "b": 1.0}, num_examples=2), answer(msgs[1], {"w": [9.0, 9.0], "b": 9.0}, num_examples=-1)])
+    assert_arrays_close(new, [1.0, 1.0], 1.0)
+    assert metrics["num-updates"] == 1 and metrics["num-failures"] == 1
