@@ -123,7 +123,7 @@ class FlowerStrategy(AsyncStrategy):
         clients = [int(c) for c in np.asarray(updates.client_id)[rows]]
         counts = np.asarray(updates.num_examples)[rows]
         self._round += 1
-        with _flower_context():
+        with _flower_context(), _sampling_at_most(self._live, len(clients)):
             grid = _CohortGrid(clients)
             sent = list(self._live.configure_train(self._round, pytree_to_arrayrecord(params), ConfigRecord(), grid))
             self._warn_client_config(sent)
@@ -342,6 +342,23 @@ def _chain(strategy) -> list:
 
 def _innermost(strategy):
     return _chain(strategy)[-1]
+
+
+@contextlib.contextmanager
+def _sampling_at_most(strategy, nodes: int) -> Iterator[None]:
+    """The wrapped strategy's `min_available_nodes` and `min_train_nodes` lowered to `nodes` for one
+    round: a cohort that comes back short (a client dropped out or failed) is aggregated from the
+    replies it has, as the project's synchronous rules do; Flower's `configure_train` would wait
+    for the missing nodes forever."""
+    inner = _innermost(strategy)
+    saved = {key: getattr(inner, key) for key in ("min_available_nodes", "min_train_nodes") if hasattr(inner, key)}
+    for key, value in saved.items():
+        setattr(inner, key, min(value, nodes))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(inner, key, value)
 
 
 def _describe(strategy) -> str:

@@ -3,6 +3,7 @@ FedAvg, the batched simulator against the naive reference, and bad configuration
 
 import logging
 import random
+import threading
 
 import jax
 import numpy as np
@@ -101,6 +102,29 @@ def test_flower_fedavg_equals_project_fedavg():
                 k: v for k, v in b.items() if k not in ("wall_time", "test_loss")
             }
             assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-9)
+
+
+def test_a_cohort_short_of_its_dropouts_is_aggregated_as_the_project_fedavg_does():
+    """A dropout leaves a synchronous round short; Flower's configure_train, shown the replying
+    clients as the connected nodes, waited for the missing ones forever (min_available_nodes)."""
+    # cohorts of 2 (Flower's FedAvg waits for min_available_nodes=2) and one client outside them to
+    # refill a failed slot: some rounds end with a single reply
+    common = (*SMALL, "num_clients=3", "concurrency=2", "max_versions=12", "max_updates=null", "eval_every=4", "faults.dropout=0.3")
+    results = {}
+
+    def run(rule):
+        results[rule] = simulate(Experiment(make_config(*common, f"strategy={rule}")))[0]
+
+    worker = threading.Thread(target=run, args=("flower_fedavg",), daemon=True)
+    worker.start()
+    worker.join(timeout=300)
+    assert not worker.is_alive(), "the Flower strategy waited for the cohort's missing clients"
+    run("fedavg")
+    flower, ours = results["flower_fedavg"], results["fedavg"]
+    assert ours.summary["failures"]["dropout"] > 0 and flower.summary["failures"] == ours.summary["failures"]
+    assert ours.summary["client_updates"] < 12 * 2  # (some rounds were short)
+    assert [r["test_accuracy"] for r in flower.history] == [r["test_accuracy"] for r in ours.history]
+    assert max_abs_diff(flower.params, ours.params) < 1e-5
 
 
 def test_a_rule_called_on_the_host_reports_the_same_update_rows():
