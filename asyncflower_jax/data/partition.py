@@ -186,10 +186,9 @@ class TwoTierDirichlet:
 
         def mixes(pools):
             group_mix = rng.dirichlet(self.group_alpha * prior * num_classes, size=len(self.fractions))
-            concentration = np.maximum(self.client_alpha * num_classes * group_mix[groups], 1e-12)
-            return _dirichlet_rows(rng, concentration)
+            return _log_dirichlet_rows(rng, self.client_alpha * num_classes * group_mix[groups])  # (a class the group lacks: 0)
 
-        return _balanced_allocation(inverse, num_classes, rng, mixes, _near_equal_sizes(len(labels), num_clients))
+        return _balanced_allocation(inverse, num_classes, rng, mixes, _near_equal_sizes(len(labels), num_clients), log_mixes=True)
 
 
 def _label(value) -> int:
@@ -411,16 +410,21 @@ def _near_equal_owner(n: int, parts: int) -> np.ndarray:
     return np.repeat(np.arange(parts), _near_equal_sizes(n, parts))
 
 
-def _dirichlet_rows(rng: np.random.Generator, concentration: np.ndarray) -> np.ndarray:
-    """One Dirichlet draw per row of `concentration` (rows may differ), via normalized gammas."""
-    g = rng.standard_gamma(concentration)
-    total = g.sum(1, keepdims=True)
-    uniform = np.full_like(g, 1.0 / g.shape[1])
-    return np.where(total > 0, g / np.where(total > 0, total, 1.0), uniform)
+def _log_dirichlet_rows(rng: np.random.Generator, concentration: np.ndarray) -> np.ndarray:
+    """The log of one Dirichlet draw per row of `concentration` (rows may differ; an entry of 0 is a
+    class the row never holds), up to a constant per row: log G(a) = log G(a + 1) + log(U) / a
+    (Marsaglia and Tsang). In log space small concentrations keep their order: plain gammas
+    underflow to 0 below about 1e-3, and such a row was taken as the uniform mix (a smaller alpha
+    gave less skew, not more)."""
+    with np.errstate(divide="ignore", over="ignore"):
+        return np.log(rng.standard_gamma(concentration + 1)) + np.log(rng.random(concentration.shape)) / concentration
 
 
-def _balanced_allocation(inverse: np.ndarray, num_classes: int, rng, draw_mixes, sizes: np.ndarray) -> Partition:
-    """Client c takes sizes[c] samples with labels drawn from its mix without replacement.
+def _balanced_allocation(inverse: np.ndarray, num_classes: int, rng, draw_mixes, sizes: np.ndarray, log_mixes: bool = False) -> Partition:
+    """Client c takes sizes[c] samples with labels drawn from its mix without replacement (with
+    `log_mixes`, `draw_mixes` gives the logs of the mixes: a client whose classes are taken then
+    moves on to its next likeliest, however small its share, and one that holds no class left takes
+    the class with the most samples left).
 
     Class pools are shuffled once; a client's draw is multinomial on its mix restricted to the
     classes that still have samples, repeated until it has its size. Clients draw in a random
@@ -437,8 +441,14 @@ def _balanced_allocation(inverse: np.ndarray, num_classes: int, rng, draw_mixes,
     for client in rng.permutation(num_clients):
         need = sizes[client]
         while need > 0:
-            probs = mixes[client] * (remaining > 0)
-            probs = probs / probs.sum() if probs.sum() > 0 else (remaining > 0) / (remaining > 0).sum()
+            if log_mixes:
+                log_probs = np.where(remaining > 0, mixes[client], -np.inf)
+                top = log_probs.max()
+                probs = np.exp(log_probs - top) if np.isfinite(top) else np.eye(num_classes)[np.argmax(remaining)]  # (none of its classes left: the fullest, fewest classes)
+                probs = probs / probs.sum()
+            else:
+                probs = mixes[client] * (remaining > 0)
+                probs = probs / probs.sum() if probs.sum() > 0 else (remaining > 0) / (remaining > 0).sum()
             draw = np.minimum(rng.multinomial(need, probs), remaining)
             counts[client] += draw
             remaining -= draw

@@ -131,6 +131,22 @@ def test_two_tier_group_alpha_sets_the_skew_between_groups_and_client_alpha_with
     assert within_skewed > 4 * within_mild
 
 
+def test_two_tier_skew_keeps_growing_as_alpha_falls_below_where_gammas_underflow():
+    """Gammas of concentration below about 1e-3 underflow to 0, and such a client's mix was taken
+    as uniform: at client_alpha 1e-4 clients held more classes than at 1e-2, and with both alphas
+    at 1e-300 nearly all ten."""
+    labels = labels_of(n=2000)
+
+    def classes_per_client(group_alpha, client_alpha):
+        p = TwoTierDirichlet(group_alpha=group_alpha, client_alpha=client_alpha)(labels, 100, np.random.default_rng(0))
+        assert p.counts.sum() == len(labels) and p.counts.max() - p.counts.min() <= 1
+        return ((p.label_counts(labels, 10) > 0).sum(1)).mean()
+
+    spread = [classes_per_client(0.5, alpha) for alpha in (1.0, 1e-2, 1e-4, 1e-300)]
+    assert spread[0] > 2 * spread[1] and max(spread[1:]) < 1.5  # (was 1.35, 4.74, 9.7 on digits)
+    assert classes_per_client(1e-300, 1e-300) < 1.5  # one class per group: its clients spill over the fewest classes
+
+
 def test_group_label_subsets_keep_each_group_to_its_labels():
     labels = labels_of(n=4000)
     p = GroupLabelSubsets(fractions=[0.25, 0.75], label_subsets=[[0, 1, 2], [2, 3, 4, 5, 6, 7, 8, 9]], alpha=0.5)(labels, 8, np.random.default_rng(0))
