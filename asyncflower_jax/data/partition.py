@@ -332,8 +332,14 @@ class PowerLaw:
 
     def __call__(self, labels, num_clients, rng, client_ids=None) -> Partition:
         _check_enough(len(labels), num_clients, self.min_size)
-        weights = 1.0 + rng.pareto(self.exponent, num_clients)  # Pareto(exponent) on [1, inf)
-        sizes = self.min_size + rng.multinomial(len(labels) - num_clients * self.min_size, weights / weights.sum())
+        log_weights = rng.standard_exponential(num_clients) / self.exponent  # log of Pareto(exponent) on [1, inf) (rng.pareto's draw)
+        with np.errstate(over="ignore", invalid="ignore"):
+            weights = 1.0 + np.expm1(log_weights)
+            shares = weights / weights.sum()
+        if not np.isfinite(shares).all():  # (a small exponent: weights beyond float64, shares taken in log space)
+            shares = np.exp(log_weights - log_weights.max())
+            shares /= shares.sum()
+        sizes = self.min_size + rng.multinomial(len(labels) - num_clients * self.min_size, shares)
         if self.alpha is None:
             owner = np.empty(len(labels), np.int64)
             owner[rng.permutation(len(labels))] = np.repeat(np.arange(num_clients), sizes)

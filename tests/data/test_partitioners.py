@@ -147,6 +147,19 @@ def test_two_tier_skew_keeps_growing_as_alpha_falls_below_where_gammas_underflow
     assert classes_per_client(1e-300, 1e-300) < 1.5  # one class per group: its clients spill over the fewest classes
 
 
+def test_power_law_with_a_tiny_exponent_gives_one_client_nearly_everything():
+    """Pareto weights beyond float64 made NaN shares and numpy's "pvals contains NaNs" traceback;
+    ordinary exponents give the partitions they gave before (the same draws)."""
+    labels = labels_of(n=1000)
+    for exponent in (1e-3, 1e-300):
+        p = PowerLaw(exponent=exponent, min_size=2)(labels, 10, np.random.default_rng(0))
+        assert sorted(p.counts) == [2] * 9 + [1000 - 18]
+    rng = np.random.default_rng(7)
+    weights = 1.0 + rng.pareto(1.5, 10)
+    before = 1 + rng.multinomial(1000 - 10, weights / weights.sum())
+    np.testing.assert_array_equal(PowerLaw(exponent=1.5)(labels, 10, np.random.default_rng(7)).counts, before)
+
+
 def test_group_label_subsets_keep_each_group_to_its_labels():
     labels = labels_of(n=4000)
     p = GroupLabelSubsets(fractions=[0.25, 0.75], label_subsets=[[0, 1, 2], [2, 3, 4, 5, 6, 7, 8, 9]], alpha=0.5)(labels, 8, np.random.default_rng(0))
