@@ -40,6 +40,19 @@ from .latency import LatencyModel, NeedsWork
 TRACE_COLUMNS = ("client", "seconds_per_example", "bandwidth")
 
 
+def _text_lines(f, path: Path, key: str):
+    """(line number, line) of a file opened in binary; ConfigError naming `key` and the line where
+    it is not UTF-8 text (a binary file gave a UnicodeDecodeError traceback)."""
+    for number, raw in enumerate(f, start=1):
+        try:
+            yield number, raw.decode("utf-8-sig")  # (a byte-order mark, as some editors write, is not part of the header)
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{key}={str(path)!r} is invalid: line {number} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                "a trace is a comma-separated text file"
+            ) from None
+
+
 def csv_rows(path: Path, key: str, columns: tuple[str, ...], what: str, per: str, num_clients: int):
     """(line number, line, client, value, value) of every data line of a comma-separated trace file
     whose header must be `columns` (a client id in [0, num_clients), then two numbers; blank lines and
@@ -47,8 +60,8 @@ def csv_rows(path: Path, key: str, columns: tuple[str, ...], what: str, per: str
     if not path.is_file():
         raise ConfigError(f"{key}={str(path)!r} is invalid: " + ("a directory, not a file" if path.is_dir() else "no such file"))
     header = None
-    with open(path) as f:
-        for number, raw in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in _text_lines(f, path, key):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue

@@ -80,6 +80,15 @@ def test_bad_trace_files_are_rejected_with_the_line_number(tmp_path, text, fragm
     assert path in str(err.value)
 
 
+def test_a_trace_that_is_not_text_is_refused_with_its_line_and_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "devices.csv"
+    path.write_bytes(b"client,seconds_per_example,bandwidth\n0,0.1,10\n\xff\xfe,1,1\n")
+    with pytest.raises(ConfigError, match=r"^latency.path='.*devices.csv' is invalid: line 3 is not UTF-8 text \(invalid start byte at byte 0\)"):
+        load_trace(path, 2)  # (was a UnicodeDecodeError traceback)
+    path.write_bytes("\ufeffclient,seconds_per_example,bandwidth\r\n0,0.1,10\r\n1,0.5,20\r\n".encode())
+    np.testing.assert_array_equal(load_trace(path, 2)[0], [0.1, 0.5])
+
+
 def test_missing_trace_file(tmp_path):
     with pytest.raises(ConfigError, match="latency.path=.* is invalid: no such file"):
         load_trace(tmp_path / "nope.csv", 2)
