@@ -48,6 +48,7 @@ def local_file(
     if test_path is None:
         require(0 < test_fraction < 1, "dataset.test_fraction", test_fraction, "in (0, 1) (or set dataset.test_path)")
     features = features if isinstance(features, str) else [str(f) for f in features]
+    require(len(features) > 0, "dataset.features", features, "a column name or a non-empty list of column names")
     shape = _check_shape(shape)
     x, y, ids = _read(Path(path).expanduser(), "dataset.path", features, label, client_id, shape)
     if test_path is not None:

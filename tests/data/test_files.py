@@ -148,6 +148,8 @@ def test_malformed_files_and_settings_are_one_line_errors(tmp_path):
     np.savez(tmp_path / "scalar.npz", x=np.float32(3), y=y)
     with pytest.raises(ConfigError, match=r"dataset.features='x' is invalid: must be an array with one row per sample; .*scalar.npz holds a scalar"):
         local_file(str(tmp_path / "scalar.npz"))
+    with pytest.raises(ConfigError, match=r"^dataset.features=\[\] is invalid: must be a column name or a non-empty list of column names"):
+        local_file(str(tmp_path / "scalar.npz"), features=[])  # (was numpy's "need at least one array to stack")
     np.savez(tmp_path / "neg.npz", x=x, y=y - 1)
     first = int(np.argmax(y == 0))
     with pytest.raises(ConfigError, match=rf"dataset.label='y' is invalid: must be integers >= 0 \(or non-integer labels, which are numbered\); .*neg.npz has -1 at sample {first}"):
