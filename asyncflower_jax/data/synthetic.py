@@ -28,6 +28,9 @@ BLOCK = 512  # clients generated per vectorized block (bounds the temporary per-
 PER_CLIENT_BYTES = 64  # the per-client draws and counts (float64 / int64 arrays), before any sample
 
 
+MAX_SKEW = 1e6  # dataset.alpha and dataset.beta (standard deviations around unit-variance draws)
+
+
 def synthetic(
     num_clients: int,
     alpha: float = 1.0,
@@ -44,8 +47,10 @@ def synthetic(
     data_seed: int = 0,
 ) -> Dataset:
     require(isinstance(num_clients, int) and num_clients >= 1, "dataset.num_clients", num_clients, "an integer >= 1")
-    require(alpha >= 0, "dataset.alpha", alpha, ">= 0")
-    require(beta >= 0, "dataset.beta", beta, ">= 0")
+    # beyond MAX_SKEW a model's or input's unit noise is lost to float32 rounding (every label the
+    # same class at alpha=1e30) and then the features overflow (beta=1e200: every update non-finite)
+    require(0 <= alpha <= MAX_SKEW, "dataset.alpha", alpha, f"in [0, {MAX_SKEW:g}] (FedProx used 0 to 1)")
+    require(0 <= beta <= MAX_SKEW, "dataset.beta", beta, f"in [0, {MAX_SKEW:g}] (FedProx used 0 to 1)")
     require(isinstance(dimension, int) and dimension >= 1, "dataset.dimension", dimension, "an integer >= 1")
     require(isinstance(num_classes, int) and num_classes >= 2, "dataset.num_classes", num_classes, "an integer >= 2")
     require(size_log_sigma >= 0, "dataset.size_log_sigma", size_log_sigma, ">= 0")

@@ -81,7 +81,8 @@ def test_a_population_larger_than_the_memory_is_refused_before_it_is_generated(m
 
 @pytest.mark.parametrize(
     "kwargs, key",
-    [({"alpha": -1}, "dataset.alpha=-1"), ({"min_size": 1}, "dataset.min_size=1"), ({"max_size": 5}, "dataset.max_size=5"), ({"test_fraction": 1.0}, "dataset.test_fraction=1.0"),
+    [({"alpha": -1}, "dataset.alpha=-1"), ({"alpha": 1e30}, r"dataset.alpha=1e\+30 is invalid: must be in \[0, 1e\+06\]"),
+     ({"beta": 1e200}, r"dataset.beta=1e\+200 is invalid: must be in \[0, 1e\+06\]"), ({"min_size": 1}, "dataset.min_size=1"), ({"max_size": 5}, "dataset.max_size=5"), ({"test_fraction": 1.0}, "dataset.test_fraction=1.0"),
      ({"test_fraction": 0.0}, r"dataset.test_fraction=0.0 is invalid: must be in \(0, 1\)"),
      ({"test_fraction": 0.001, "max_size": 100, "size_log_mean": 10.0}, r"dataset.test_fraction=0.001 is invalid: must be large enough to give a test sample: .* the largest has 100 \(at least 0.01\)"),
      ({"size_log_mean": float("nan")}, "dataset.size_log_mean=nan is invalid: must be a finite number")],
