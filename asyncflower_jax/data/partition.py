@@ -154,7 +154,14 @@ class Shards:
             held = cycle[(np.arange(num_clients)[:, None] * k + np.arange(k)) % num_classes]  # [N, k]
             return _split_classes_among_holders(inverse, num_classes, held, num_clients, rng)
 
-        return _retry(self, num_clients, draw)
+        holders, smallest = -(-num_clients * k // num_classes), int(np.bincount(inverse).min())
+        why = None
+        if holders * self.min_size > smallest:
+            why = (
+                f"classes are dealt to up to {holders} clients each, and the smallest class has {smallest} samples, so some "
+                f"holders get none of it: use fewer clients or a larger partition.classes_per_client (at most {num_classes})"
+            )
+        return _retry(self, num_clients, draw, why)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,17 +398,19 @@ def _check_min_size(min_size, max_retries) -> None:
     require(isinstance(max_retries, int) and max_retries >= 1, "partition.max_retries", max_retries, "an integer >= 1")
 
 
-def _retry(part, num_clients: int, draw) -> Partition:
-    """Call `draw()` until every client has >= part.min_size samples, at most part.max_retries times."""
+def _retry(part, num_clients: int, draw, why: str | None = None) -> Partition:
+    """Call `draw()` until every client has >= part.min_size samples, at most part.max_retries times;
+    `why`: the reason the draws keep failing, where the partitioner knows it."""
     for _ in range(part.max_retries):
         result = draw()
         if result.counts.min() >= part.min_size:
             return result
     worst = int(np.argmin(result.counts))
+    advice = why or ("use fewer clients or a less skewed partition" if part.min_size == 1 else "lower partition.min_size, use fewer clients, or a less skewed partition")
     raise ConfigError(
         f"partition.min_size={part.min_size} is invalid for {part!r} with num_clients={num_clients}: after "
         f"{part.max_retries} draws some client still had fewer samples (client {worst}: {int(result.counts[worst])} in the last draw); "
-        "lower partition.min_size, use fewer clients, or a less skewed partition"
+        + advice
     )
 
 

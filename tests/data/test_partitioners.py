@@ -85,6 +85,14 @@ def test_min_size_retries_then_fails_clearly():
         Dirichlet(alpha=0.01, balanced=False, min_size=10, max_retries=3)(labels, 25, np.random.default_rng(0))
     message = str(err.value)
     assert "partition.min_size=10" in message and "after 3 draws" in message and "client" in message
+    assert "lower partition.min_size" in message
+    with pytest.raises(ConfigError) as err:  # (min_size is 1 already: advice the user can follow)
+        Dirichlet(alpha=0.001, balanced=False, max_retries=3)(labels, 100, np.random.default_rng(0))
+    assert "lower partition.min_size" not in str(err.value) and str(err.value).endswith("use fewer clients or a less skewed partition")
+    with pytest.raises(ConfigError) as err:  # more holders of a class than its samples: the draws cannot succeed
+        Shards()(np.repeat(np.arange(10), 17), 100, np.random.default_rng(0))
+    assert "classes are dealt to up to 20 clients each, and the smallest class has 17 samples" in str(err.value)
+    assert "lower partition.min_size" not in str(err.value)
     # the retry really redraws: a feasible min size is met
     p = Dirichlet(alpha=1.0, balanced=False, min_size=5, max_retries=50)(labels, 10, np.random.default_rng(0))
     assert p.counts.min() >= 5
