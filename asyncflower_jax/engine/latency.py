@@ -25,12 +25,54 @@ log = logging.getLogger(__name__)
 MIN_PARETO_SHAPE = math.log(1e12) / math.log(np.finfo(np.float64).max)
 
 
+# float64's largest exponent over the standard normal's 1e-12 upper quantile (7.0345): a task's
+# lognormal(0, sigma) factor overflows with probability <= 1e-12 up to this sigma
+MAX_TASK_SIGMA = math.log(np.finfo(np.float64).max) / 7.0345
+
+
+def task_sigma(key: str, value) -> None:
+    """latency.`key`, a per-task lognormal sigma, in [0, MAX_TASK_SIGMA]: at 1000 the first tasks'
+    durations passed float64's range mid-run, after the run's files were written."""
+    _finite(key, value, strict=False)
+    require(
+        value <= MAX_TASK_SIGMA, f"latency.{key}", value,
+        f"a number in [0, {MAX_TASK_SIGMA:.0f}] (beyond it a task's duration passes float64's range more than once in 1e12 tasks)",
+    )
+
+
 def _finite(key: str, value, low: float = 0.0, strict: bool = True, low_is: str | None = None) -> None:
     """latency.`key` must be a finite number > `low` (>= with strict False; `low_is` names the
     setting it comes from): an infinite one made every time in the run inf, or the clock stand still."""
     ok = is_finite_number(value) and (value > low if strict else value >= low)
     bound = f"{low_is} ({low:g})" if low_is else f"{low:g}"
     require(ok, f"latency.{key}", value, f"a finite number {'>' if strict else '>='} {bound}")
+
+
+# what brings a latency model's durations back into float64's range, by the settings it has
+_REMEDIES = {
+    "client_sigma": "a smaller latency.client_sigma",
+    "speed_sigma": "a smaller latency.speed_sigma",
+    "bandwidth_sigma": "a smaller latency.bandwidth_sigma",
+    "noise_sigma": "a smaller latency.noise_sigma",
+    "shape": "a larger latency.shape",
+    "duration": "a smaller latency.duration",
+    "median": "a smaller latency.median",
+    "sigma": "a smaller latency.sigma",
+    "minimum": "a smaller latency.minimum",
+    "rate": "a rate nearer 1",
+    "rates": "rates nearer 1",
+    "high": "a smaller latency.high",
+    "seconds_per_example": "a latency.seconds_per_example nearer 1",
+    "bandwidth": "a latency.bandwidth nearer 1",
+    "path": "values nearer 1 in the latency.path file (that client's line)",
+}
+
+
+def remedies(latency) -> str:
+    """The settings of `latency` (its own, no other model's) that keep its durations finite."""
+    names = [f.name for f in dataclasses.fields(latency)] if dataclasses.is_dataclass(latency) else []
+    found = [_REMEDIES[name] for name in names if name in _REMEDIES]
+    return ", ".join(found) if found else "other latency settings"
 
 
 def check_profile(profile: np.ndarray, latency) -> None:
@@ -41,7 +83,7 @@ def check_profile(profile: np.ndarray, latency) -> None:
     if len(bad):
         raise ConfigError(
             f"latency: client {int(bad[0])}'s speed profile (its rate or scale) is {profile[bad[0]]} under {latency}, and must be "
-            "finite and > 0 with a finite reciprocal; lower latency.client_sigma, or choose a rate or scale nearer 1"
+            f"finite and > 0 with a finite reciprocal; choose {remedies(latency)}"
         )
 
 
@@ -111,7 +153,7 @@ class LogNormal(LatencyModel):
 
     def __post_init__(self):
         _finite("median", self.median)
-        _finite("sigma", self.sigma, strict=False)
+        task_sigma("sigma", self.sigma)
         _finite("client_sigma", self.client_sigma, strict=False)
 
     def client_profile(self, rng, num_clients):
@@ -250,8 +292,9 @@ class WorkProportional(NeedsWork, LatencyModel):
     def __post_init__(self):
         _finite("seconds_per_example", self.seconds_per_example, strict=False)
         _finite("bandwidth", self.bandwidth)
-        for key in ("speed_sigma", "bandwidth_sigma", "noise_sigma"):
+        for key in ("speed_sigma", "bandwidth_sigma"):
             _finite(key, getattr(self, key), strict=False)
+        task_sigma("noise_sigma", self.noise_sigma)
 
     def client_profile(self, rng, num_clients):
         examples, model_bytes = self._bound()

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import ConfigError
 from .availability import INF, AvailabilityModel, ClientAvailability
 from .faults import DROPOUT, FAULT_STREAM, Faults
-from .latency import LatencyModel, check_profile
+from .latency import LatencyModel, check_profile, remedies
 
 PROFILE_STREAM = 1
 SCHEDULE_STREAM = 2
@@ -213,7 +213,7 @@ class Scheduler:
         if not duration < INF:  # (NaN too)
             raise ConfigError(
                 f"latency: client {client}'s task took {duration} (beyond float64's range) under {self.latency}; choose settings "
-                "whose durations are finite (a larger Pareto shape, a smaller median or client_sigma, a larger rate)"
+                f"whose durations are finite: {remedies(self.latency)}"
             )
         fault = None
         if self.faults is not None:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, require
-from .latency import LatencyModel, NeedsWork
+from .latency import LatencyModel, NeedsWork, task_sigma
 
 TRACE_COLUMNS = ("client", "seconds_per_example", "bandwidth")
 
@@ -115,7 +115,7 @@ class Trace(NeedsWork, LatencyModel):
 
     def __post_init__(self):
         require(isinstance(self.path, str) and self.path != "", "latency.path", self.path, "the path of a trace file")
-        require(self.noise_sigma >= 0, "latency.noise_sigma", self.noise_sigma, ">= 0")
+        task_sigma("noise_sigma", self.noise_sigma)
 
     def bind(self, examples_per_task, model_bytes):
         load_trace(self.path, len(examples_per_task))  # a bad file stops the run before it starts

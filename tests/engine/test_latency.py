@@ -201,8 +201,10 @@ def test_durations_beyond_float64_are_refused_naming_the_latency():
     with pytest.raises(ConfigError, match=r"latency.shape=0.0005 is invalid: must be >= 0.03893: a smaller shape draws durations beyond"):
         Pareto(shape=0.0005)
     Pareto(shape=0.04)
-    sched = Scheduler(50, LogNormal(sigma=1000.0, client_sigma=0.0), seed=0)
-    with pytest.raises(ConfigError, match=r"latency: client \d+'s task took inf \(beyond float64's range\) under LogNormal"):
+    with pytest.raises(ConfigError, match=r"latency.sigma=1000.0 is invalid: must be a number in \[0, 101\] \(beyond it a task's duration passes"):
+        LogNormal(sigma=1000.0)  # (it overflowed at the first dispatches, after the run's files were written)
+    sched = Scheduler(50, LogNormal(median=1e300, sigma=50.0, client_sigma=0.0), seed=0)
+    with pytest.raises(ConfigError, match=r"latency: client \d+'s task took inf \(beyond float64's range\) under LogNormal.*: a smaller latency.median, a smaller latency.sigma, a smaller latency.client_sigma$"):
         for _ in range(50):
             sched.dispatch(0)
     sched = Scheduler(10, Constant(duration=1e308), seed=0)
@@ -210,8 +212,9 @@ def test_durations_beyond_float64_are_refused_naming_the_latency():
     sched.pop()  # (the clock at 1e308)
     with pytest.raises(ConfigError, match=r"latency: the simulated clock passed float64's range at 1e\+308 \+ 1e\+308 .* choose shorter durations"):
         sched.dispatch(1)
-    for latency in (LogNormal(client_sigma=400.0), Exponential(rate=1e-320)):  # refused before the run
-        with pytest.raises(ConfigError, match=r"latency: client \d+'s speed profile \(its rate or scale\) is .* lower latency.client_sigma"):
+    for latency, remedies in ((LogNormal(client_sigma=400.0), "a smaller latency.median, a smaller latency.sigma, a smaller latency.client_sigma"),
+                              (Exponential(rate=1e-320), "a rate nearer 1, a smaller latency.client_sigma")):  # refused before the run
+        with pytest.raises(ConfigError, match=rf"latency: client \d+'s speed profile \(its rate or scale\) is .*; choose {remedies}$"):  # (its own settings only)
             Scheduler(50, latency, seed=0)
     # ... by the experiment, before it writes anything (it was refused at the first dispatch, after metrics.csv)
     with pytest.raises(ConfigError, match=r"latency: client \d+'s speed profile"):

@@ -89,6 +89,16 @@ def test_a_trace_that_is_not_text_is_refused_with_its_line_and_a_byte_order_mark
     np.testing.assert_array_equal(load_trace(path, 2)[0], [0.1, 0.5])
 
 
+def test_a_trace_beyond_float64_names_the_file_not_other_models_settings(tmp_path):
+    from asyncflower_jax.engine.scheduler import Scheduler
+
+    path = write_trace(tmp_path, "client,seconds_per_example,bandwidth\n0,0.1,10\n1,1e307,10\n")
+    with pytest.raises(ConfigError, match=r"client 1's speed profile .*; choose values nearer 1 in the latency.path file \(that client's line\), a smaller latency.noise_sigma$"):
+        Scheduler(2, Trace(path=path).bind(np.full(2, 1000.0), 1.0), seed=0)  # (it said "lower latency.client_sigma", a key Trace lacks)
+    with pytest.raises(ConfigError, match=r"latency.noise_sigma=1000 is invalid: must be a number in \[0, 101\]"):
+        Trace(path=path, noise_sigma=1000)
+
+
 def test_missing_trace_file(tmp_path):
     with pytest.raises(ConfigError, match="latency.path=.* is invalid: no such file"):
         load_trace(tmp_path / "nope.csv", 2)
