@@ -182,15 +182,22 @@ def exit_code(stop: SystemExit) -> int | str | None:
 
 
 def unknown_key_hint(error: Exception) -> str | None:
-    """For `num_client=5` (a top-level key that does not exist, given without +): the closest key,
-    which Hydra does not name."""
+    """For `num_client=5` or `strategy.bufer_size=3` (a key that does not exist, given without +):
+    the closest key, which Hydra does not name."""
     from asyncflower_jax.config_schema import BLOCKS, COMPONENT_GROUPS, FIELDS, SCHEMA_COMMAND, closest_key
 
-    key = getattr(error.__cause__, "full_key", None)
-    if not key or "." in str(key) or "not in struct" not in str(error.__cause__):
+    cause = error.__cause__
+    key = getattr(cause, "full_key", None)
+    if not key or "not in struct" not in str(cause):
         return None
-    close = closest_key(str(key), [*FIELDS, *BLOCKS, *COMPONENT_GROUPS])
-    return f"did you mean {close}? (every key: {SCHEMA_COMMAND})" if close else None
+    block, _, name = str(key).rpartition(".")
+    if not block:
+        close = closest_key(name, [*FIELDS, *BLOCKS, *COMPONENT_GROUPS])
+        return f"did you mean {close}? (every key: {SCHEMA_COMMAND})" if close else None
+    parent = getattr(cause, "parent_node", None)
+    known = [str(k) for k in parent.keys() if not str(k).startswith("_")] if hasattr(parent, "keys") else []
+    close = closest_key(name, known)
+    return f"did you mean {block}.{close}?" if close else (f"{block}'s keys are {known}" if known else None)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,8 @@ def test_a_key_that_does_not_exist_is_refused_with_the_closest_one(tmp_path):
     proc = run_py(["num_client=5"], tmp_path)
     assert proc.returncode == 2 and "To append to your config use +num_client=5" in proc.stderr  # (Hydra's message)
     assert "did you mean num_clients?" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_py(["strategy=fedbuff", "strategy.bufer_size=5"], tmp_path)  # (a component's key: it got no hint)
+    assert proc.returncode == 2 and proc.stderr.rstrip().endswith("did you mean strategy.buffer_size?")
 
 
 def test_a_sweep_whose_job_stalls_exits_as_that_run_would(tmp_path):
