@@ -144,6 +144,10 @@ def _read(path: Path, key: str, features, label: str, client_id: str | None, sha
         ids = np.asarray(ids)
         require(ids.ndim == 1, "dataset.client_id", client_id, f"1-D: one client id per sample (it has shape {ids.shape} in {path})")
         require(len(ids) == len(x), "dataset.client_id", client_id, f"a column with one value per sample ({len(x)}), not {len(ids)}")
+        if np.issubdtype(ids.dtype, np.floating):  # (NaN ids were taken as one client)
+            bad = np.flatnonzero(np.isnan(ids))
+            if len(bad):
+                raise ConfigError(f"dataset.client_id={client_id!r} is invalid: must be an id for every sample, not NaN; {path} has NaN at sample {int(bad[0])} (counting from 0)")
     return x, y, ids
 
 

@@ -205,6 +205,11 @@ def test_client_ids_must_be_1d_and_present(tmp_path):
     np.savez(tmp_path / "d.npz", x=x, y=y, who=np.stack([ids, ids], 1))
     with pytest.raises(ConfigError, match=r"dataset.client_id='who' is invalid: must be 1-D: one client id per sample \(it has shape \(50, 2\) in .*d.npz\)"):
         local_file(str(tmp_path / "d.npz"), client_id="who")
+    float_ids = np.arange(len(y), dtype=float) % 5
+    float_ids[7] = np.nan  # (NaN ids were taken as one client)
+    np.savez(tmp_path / "nan.npz", x=x, y=y, who=float_ids)
+    with pytest.raises(ConfigError, match=r"dataset.client_id='who' is invalid: must be an id for every sample, not NaN; .*nan.npz has NaN at sample 7"):
+        local_file(str(tmp_path / "nan.npz"), client_id="who")
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     pq.write_table(pa.table({"x": pa.array(list(x)), "y": y, "who": pa.array([None if i == 4 else s for i, s in enumerate(ids)])}), tmp_path / "d.parquet")
