@@ -336,6 +336,10 @@ def reject_missing(cfg: Mapping) -> None:
     raises from deep inside."""
     from omegaconf import OmegaConf
 
+    if _omegaconf_kind(cfg) == "dict":  # (first: a key left `???` is not `in` the config either)
+        missing = sorted(str(key) for key in OmegaConf.missing_keys(cfg) if not str(key).startswith(f"{HYDRA_KEY}."))
+        if missing:
+            raise ConfigError("; ".join(f"{key} is missing: must be set ({key}=...)" for key in missing))
     for key in REQUIRED_KEYS:
         if key not in cfg:
             raise ConfigError(
@@ -344,11 +348,6 @@ def reject_missing(cfg: Mapping) -> None:
     for key in REQUIRED_GROUPS:
         if key not in cfg:
             raise ConfigError(f"{key} is missing (deleted by ~{key}?): every run needs {COMPONENT_GROUPS[key]}; choose one with {key}=<option>")
-    if _omegaconf_kind(cfg) != "dict":
-        return
-    missing = sorted(str(key) for key in OmegaConf.missing_keys(cfg) if not str(key).startswith(f"{HYDRA_KEY}."))
-    if missing:
-        raise ConfigError("; ".join(f"{key} is missing: must be set ({key}=...)" for key in missing))
 
 
 def validate_config(cfg: Mapping) -> dict[str, Any]:

@@ -97,6 +97,11 @@ def test_a_deleted_key_every_run_reads_is_refused_by_name(key, message):
         schema.validate_config(OmegaConf.to_container(cfg))
 
 
+def test_a_key_left_unset_is_named_as_unset_not_as_deleted():
+    with pytest.raises(ConfigError, match=r"^max_updates is missing: must be set \(max_updates=\.\.\.\)$"):
+        schema.validate_config(make_config("max_updates=???"))
+
+
 def test_an_unlisted_component_group_is_left_to_its_constructor_but_a_plain_mapping_is_not():
     cfg = OmegaConf.to_container(make_config(), resolve=True)
     assert "energy" not in schema.COMPONENT_GROUPS

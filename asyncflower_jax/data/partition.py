@@ -159,7 +159,8 @@ class Shards:
         if holders * self.min_size > smallest:
             why = (
                 f"classes are dealt to up to {holders} clients each, and the smallest class has {smallest} samples, so some "
-                f"holders get none of it: use fewer clients or a larger partition.classes_per_client (at most {num_classes})"
+                f"holders get none of it: use fewer clients or a smaller partition.classes_per_client (a class has about "
+                "num_clients x classes_per_client / classes holders)"
             )
         return _retry(self, num_clients, draw, why)
 

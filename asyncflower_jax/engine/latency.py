@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 MIN_PARETO_SHAPE = math.log(1e12) / math.log(np.finfo(np.float64).max)
 
 
-# float64's largest exponent over the standard normal's 1e-12 upper quantile (7.0345): a task's
-# lognormal(0, sigma) factor overflows with probability <= 1e-12 up to this sigma
-MAX_TASK_SIGMA = math.log(np.finfo(np.float64).max) / 7.0345
+# a task's lognormal(0, sigma) factor overflows with probability <= 1e-12 up to float64's largest
+# exponent over the standard normal's 1e-12 upper quantile, 709.78 / 7.0345 = 100.9
+MAX_TASK_SIGMA = 100.0
 
 
 def task_sigma(key: str, value) -> None:
@@ -36,7 +36,7 @@ def task_sigma(key: str, value) -> None:
     _finite(key, value, strict=False)
     require(
         value <= MAX_TASK_SIGMA, f"latency.{key}", value,
-        f"a number in [0, {MAX_TASK_SIGMA:.0f}] (beyond it a task's duration passes float64's range more than once in 1e12 tasks)",
+        f"a number in [0, {MAX_TASK_SIGMA:g}] (beyond it a task's duration passes float64's range more than once in 1e12 tasks)",
     )
 
 

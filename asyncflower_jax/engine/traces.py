@@ -30,6 +30,7 @@ first bad line.
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +41,20 @@ from .latency import LatencyModel, NeedsWork, task_sigma
 TRACE_COLUMNS = ("client", "seconds_per_example", "bandwidth")
 
 
-def _text_lines(f, path: Path, key: str):
-    """(line number, line) of a file opened in binary; ConfigError naming `key` and the line where
-    it is not UTF-8 text (a binary file gave a UnicodeDecodeError traceback)."""
-    for number, raw in enumerate(f, start=1):
-        try:
-            yield number, raw.decode("utf-8-sig")  # (a byte-order mark, as some editors write, is not part of the header)
-        except UnicodeDecodeError as exc:
-            raise ConfigError(
-                f"{key}={str(path)!r} is invalid: line {number} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                "a trace is a comma-separated text file"
-            ) from None
+def _text_lines(path: Path, key: str):
+    """(line number, line) of a text file, lines ended by \\n, \\r\\n or \\r (as text mode reads them; a
+    byte-order mark is dropped); ConfigError naming `key` and the line where it is not UTF-8 text
+    (a binary file gave a UnicodeDecodeError traceback)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start].decode("utf-8-sig", errors="replace")
+        line = len(io.StringIO(before, newline=None).readlines()) + (not before or before.endswith(("\n", "\r")))
+        raise ConfigError(
+            f"{key}={str(path)!r} is invalid: line {line} is not UTF-8 text ({exc.reason}); a trace is a comma-separated text file"
+        ) from None
+    yield from enumerate(io.StringIO(text, newline=None), start=1)
 
 
 def csv_rows(path: Path, key: str, columns: tuple[str, ...], what: str, per: str, num_clients: int):
@@ -60,26 +64,25 @@ def csv_rows(path: Path, key: str, columns: tuple[str, ...], what: str, per: str
     if not path.is_file():
         raise ConfigError(f"{key}={str(path)!r} is invalid: " + ("a directory, not a file" if path.is_dir() else "no such file"))
     header = None
-    with open(path, "rb") as f:
-        for number, raw in _text_lines(f, path, key):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            fields = [v.strip() for v in line.split(",")]
-            if header is None:
-                if tuple(fields) != columns:
-                    raise ConfigError(f"{path}:{number}: the header must be {','.join(columns)}, not {line!r}")
-                header = fields
-                continue
-            if len(fields) != len(columns):
-                raise ConfigError(f"{path}:{number}: expected {len(columns)} comma-separated values ({','.join(columns)}), got {len(fields)}: {line!r}")
-            try:
-                client, first, second = int(fields[0]), float(fields[1]), float(fields[2])
-            except ValueError:
-                raise ConfigError(f"{path}:{number}: not numbers: {line!r}") from None
-            if not 0 <= client < num_clients:
-                raise ConfigError(f"{path}:{number}: client {client} is out of range: num_clients={num_clients} allows 0..{num_clients - 1}")
-            yield number, line, client, first, second
+    for number, raw in _text_lines(path, key):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = [v.strip() for v in line.split(",")]
+        if header is None:
+            if tuple(fields) != columns:
+                raise ConfigError(f"{path}:{number}: the header must be {','.join(columns)}, not {line!r}")
+            header = fields
+            continue
+        if len(fields) != len(columns):
+            raise ConfigError(f"{path}:{number}: expected {len(columns)} comma-separated values ({','.join(columns)}), got {len(fields)}: {line!r}")
+        try:
+            client, first, second = int(fields[0]), float(fields[1]), float(fields[2])
+        except ValueError:
+            raise ConfigError(f"{path}:{number}: not numbers: {line!r}") from None
+        if not 0 <= client < num_clients:
+            raise ConfigError(f"{path}:{number}: client {client} is out of range: num_clients={num_clients} allows 0..{num_clients - 1}")
+        yield number, line, client, first, second
     if header is None:
         raise ConfigError(f"{path}: empty {what}: expected the header {','.join(columns)} and one line per {per}")
 

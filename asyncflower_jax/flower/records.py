@@ -53,7 +53,7 @@ def arrayrecord_to_pytree(record: ArrayRecord, template: Any | None = None) -> A
         raise ValueError(f"array keys do not match the model: missing {missing}, unexpected {extra}")
     out = []
     for key, (_, leaf) in zip(expected, leaves):
-        array, dtype = arrays[key], np.result_type(leaf)
+        array, dtype = arrays[key], np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.result_type(leaf)
         if array.shape != np.shape(leaf):
             raise ValueError(f"array {key!r} has shape {array.shape}, the model expects {np.shape(leaf)}")
         if not np.can_cast(array.dtype, dtype, casting="same_kind"):

@@ -191,11 +191,12 @@ class AsyncStrategy(Strategy, abc.ABC):
         return arrays_to_arrayrecord(self._fl_params), metrics
 
     def _answered(self, node_id: int, version: int | None) -> int | None:
-        """Count a reply of `node_id` to its message that carried `version` (None: its oldest one not
-        yet answered, for a reply that does not say); returns that version (None: no such message)."""
+        """Count a reply of `node_id` to its message that carried `version` (None: its newest one not
+        yet answered, for a reply that does not say: an older one's reply may never come, as after
+        Flower's round timeout); returns that version (None: no such message)."""
         unanswered = self._fl_unanswered.get(int(node_id), [])
         if version is None:
-            version = unanswered[0] if unanswered else None
+            version = unanswered[-1] if unanswered else None
         if version in unanswered:
             unanswered.remove(version)
             self._fl_outstanding[version] -= 1

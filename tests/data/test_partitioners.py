@@ -92,6 +92,8 @@ def test_min_size_retries_then_fails_clearly():
     with pytest.raises(ConfigError) as err:  # more holders of a class than its samples: the draws cannot succeed
         Shards()(np.repeat(np.arange(10), 17), 100, np.random.default_rng(0))
     assert "classes are dealt to up to 20 clients each, and the smallest class has 17 samples" in str(err.value)
+    assert "use fewer clients or a smaller partition.classes_per_client" in str(err.value)
+    assert Shards(classes_per_client=1)(np.repeat(np.arange(10), 17), 100, np.random.default_rng(0)).counts.min() >= 1  # (as it says)
     assert "lower partition.min_size" not in str(err.value)
     # the retry really redraws: a feasible min size is met
     p = Dirichlet(alpha=1.0, balanced=False, min_size=5, max_retries=50)(labels, 10, np.random.default_rng(0))

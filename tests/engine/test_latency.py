@@ -201,8 +201,9 @@ def test_durations_beyond_float64_are_refused_naming_the_latency():
     with pytest.raises(ConfigError, match=r"latency.shape=0.0005 is invalid: must be >= 0.03893: a smaller shape draws durations beyond"):
         Pareto(shape=0.0005)
     Pareto(shape=0.04)
-    with pytest.raises(ConfigError, match=r"latency.sigma=1000.0 is invalid: must be a number in \[0, 101\] \(beyond it a task's duration passes"):
+    with pytest.raises(ConfigError, match=r"latency.sigma=1000.0 is invalid: must be a number in \[0, 100\] \(beyond it a task's duration passes"):
         LogNormal(sigma=1000.0)  # (it overflowed at the first dispatches, after the run's files were written)
+    LogNormal(sigma=100.0)  # (the bound it states is allowed)
     sched = Scheduler(50, LogNormal(median=1e300, sigma=50.0, client_sigma=0.0), seed=0)
     with pytest.raises(ConfigError, match=r"latency: client \d+'s task took inf \(beyond float64's range\) under LogNormal.*: a smaller latency.median, a smaller latency.sigma, a smaller latency.client_sigma$"):
         for _ in range(50):

@@ -337,3 +337,17 @@ def test_fedavg_replies_of_zero_examples_leave_the_model_and_negative_counts_are
     new, metrics = strat.aggregate_train(2, [answer(msgs[0], {"w": [1.0, 1.0], "b": 1.0}, num_examples=2), answer(msgs[1], {"w": [9.0, 9.0], "b": 9.0}, num_examples=-1)])
     assert_arrays_close(new, [1.0, 1.0], 1.0)
     assert metrics["num-updates"] == 1 and metrics["num-failures"] == 1
+
+
+def test_a_reply_without_start_version_is_taken_for_its_nodes_newest_message():
+    """A generic Flower client echoes no start-version; after a round whose reply never came (Flower's
+    timeout), its next reply was matched to the old message, so aggregated as stale against the old model."""
+    grid = FakeGrid()
+    strat = FedBuff(buffer_size=1, server_lr=1.0, staleness=Polynomial(a=1.0), normalisation="sum")
+    msgs_v0 = {m.metadata.dst_node_id: m for m in strat.configure_train(1, arrays([0.0, 0.0], 0.0), ConfigRecord(), grid)}
+    x1, _ = strat.aggregate_train(1, [grid.reply(msgs_v0[1]), grid.reply(msgs_v0[2])][:1])  # (node 3's reply is lost)
+    msgs_v1 = {m.metadata.dst_node_id: m for m in strat.configure_train(2, x1, ConfigRecord(), grid)}
+    y = {"w": [1.0, 1.0], "b": 1.0}
+    x2, m2 = strat.aggregate_train(2, [answer(msgs_v1[3], y, metrics={"metrics": MetricRecord({"num-examples": 1})})])
+    assert m2["max-staleness"] == 0
+    assert_arrays_close(x2, [1.0, 1.0], 1.0)  # x1 - (x1 - y): the delta against the model it was sent
