@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import parallel_sweep
 from .signals import on_signals
 from .client.batched import BatchedTrainer
-from .client.precision import mixed_precision
+from .client.precision import model_apply
 from .components import check_types
 from .config_schema import closest_key, validate_config
 from .client.local_train import make_local_train
@@ -216,7 +216,7 @@ class Experiment:
                 "client.batch_size=%d is more than any client holds (at most %d samples): each step draws %d samples with "
                 "replacement, repeats of the same few, at the cost of a batch that size", training.batch_size, largest, training.batch_size,
             )
-        self.local_train = make_local_train(mixed_precision(module.apply, cfg.get("compute_dtype")), training, max_count=largest)
+        self.local_train = make_local_train(model_apply(module, cfg.get("compute_dtype")), training, max_count=largest)
         if isinstance(self.latency, NeedsWork):  # durations follow each client's work and the model size
             self.latency = self.latency.bind(training.examples_per_task(self.store.counts), model_bytes)
         client_profile(self.latency, cfg.num_clients, cfg.seed)  # (a profile the scheduler would refuse stops the run before it writes anything)

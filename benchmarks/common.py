@@ -35,7 +35,7 @@ except ImportError:
 from asyncflower_jax.client.batched import BatchedTrainer, bucket_size  # noqa: E402
 from asyncflower_jax.client.sharding import expose_cpu_cores  # noqa: E402
 from asyncflower_jax.client.local_train import LocalTraining, make_local_train  # noqa: E402
-from asyncflower_jax.client.precision import mixed_precision  # noqa: E402
+from asyncflower_jax.client.precision import model_apply  # noqa: E402
 from asyncflower_jax.compilation import jit  # noqa: E402
 from asyncflower_jax.data.store import ClientStore  # noqa: E402
 from asyncflower_jax import config_schema  # noqa: E402
@@ -180,7 +180,7 @@ def build(w: Workload) -> Components:
     trainer_key = ("trainer", *store_key, tuple(w.hidden), w.num_steps, w.batch_size, w.learning_rate, w.execution, w.map_batch, w.chunk_size, w.compute_dtype, w.devices)
     if trainer_key not in _SHARED:
         training = LocalTraining(num_steps=w.num_steps, batch_size=w.batch_size, learning_rate=w.learning_rate)
-        local_train = make_local_train(mixed_precision(module.apply, w.compute_dtype), training)
+        local_train = make_local_train(model_apply(module, w.compute_dtype), training)
         _SHARED[trainer_key] = BatchedTrainer(
             local_train,
             store,

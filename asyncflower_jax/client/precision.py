@@ -24,8 +24,10 @@ from .. import config_schema
 COMPUTE_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def mixed_precision(apply_fn: Callable, compute_dtype: str | None) -> Callable:
-    """`apply_fn` itself when `compute_dtype` is None, else an apply function computing in that dtype."""
+def mixed_precision(apply_fn: Callable, compute_dtype: str | None, cast_inputs: bool = True) -> Callable:
+    """`apply_fn` itself when `compute_dtype` is None, else an apply function computing in that
+    dtype. `cast_inputs=False` leaves the inputs as they are: character codes stored as floats,
+    which bfloat16 holds exactly only up to 256 (code 257 became 256)."""
     if compute_dtype is None:
         return apply_fn
     config_schema.check("compute_dtype", compute_dtype)  # config_schema.COMPUTE_DTYPES: the keys of COMPUTE_DTYPES
@@ -34,7 +36,14 @@ def mixed_precision(apply_fn: Callable, compute_dtype: str | None) -> Callable:
     def apply(params, x):
         out_dtype = jax.tree.leaves(params)[0].dtype
         cast = jax.tree.map(lambda p: p.astype(low) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
-        x = x.astype(low) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        x = x.astype(low) if cast_inputs and jnp.issubdtype(x.dtype, jnp.floating) else x
         return apply_fn(cast, x).astype(out_dtype)
 
     return apply
+
+
+def model_apply(module, compute_dtype: str | None) -> Callable:
+    """The apply function local training uses for a model: `mixed_precision` of `module.apply`,
+    its inputs cast unless they are codes (`Inputs.codes`: indices, not measurements)."""
+    codes = getattr(getattr(module, "INPUTS", None), "codes", False)
+    return mixed_precision(module.apply, compute_dtype, cast_inputs=not codes)

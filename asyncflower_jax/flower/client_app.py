@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 
 from ..client.batched import BatchedTrainer
 from ..client.local_train import make_local_train
-from ..client.precision import mixed_precision
+from ..client.precision import model_apply
 from ..compilation import use_compilation_cache
 from ..config_schema import check
 from ..data.federated import build_clients
@@ -104,7 +104,7 @@ def _build_setup(cfg, partition_id: int, state: RecordDict | None, x64: bool) ->
     x, y, num_classes, max_count = _partition(cfg, partition_id, dtype, state)
     module = build(cfg.model, "model", num_classes=num_classes)
     # as Experiment builds the simulator's local training (max_count: the largest client's size)
-    local_train = make_local_train(mixed_precision(module.apply, cfg.get("compute_dtype")), build(cfg.client, "client"), max_count=max_count)
+    local_train = make_local_train(model_apply(module, cfg.get("compute_dtype")), build(cfg.client, "client"), max_count=max_count)
     store = ClientStore.from_partition(x, y, [np.arange(len(y))], dtype=dtype)
     trainer = BatchedTrainer(local_train, store, base_key=jax.random.fold_in(jax.random.key(cfg.seed), TRAIN_STREAM))
     shapes = jax.eval_shape(lambda key: init_params(module, x.shape[1:], key, dtype), jax.random.key(0))

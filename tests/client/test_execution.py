@@ -262,6 +262,21 @@ def test_mixed_precision_computes_in_bfloat16_and_keeps_float32_weights():
     assert mixed_precision(mlp, None) is mlp
 
 
+def test_character_codes_reach_the_model_uncast_in_bfloat16():
+    """Codes are stored as floats; bfloat16 holds integers exactly only up to 256, so code 257 was
+    read as 256 in training (and not in evaluation)."""
+    from asyncflower_jax.client.precision import model_apply
+    from asyncflower_jax.models.rnn import CharRNN
+
+    module = CharRNN(num_classes=300, embed=4, hidden=4, layers=1)
+    params = module.init(jax.random.key(0), jnp.zeros((1, 3), jnp.float32))
+    codes = jnp.asarray([[1.0, 2.0, 257.0], [1.0, 2.0, 256.0]], jnp.float32)
+    low = model_apply(module, "bfloat16")(params, codes)
+    assert not np.array_equal(np.asarray(low[0]), np.asarray(low[1]))  # (they were equal)
+    np.testing.assert_allclose(low, module.apply(params, codes), atol=0.05)
+    assert mixed_precision(module.apply, "bfloat16")(params, codes)[0].tolist() == mixed_precision(module.apply, "bfloat16")(params, codes)[1].tolist()  # (casting: the two codes meet)
+
+
 @pytest.mark.parametrize("distinct, length", [(3, 40), (40, 40), (70, 150)])
 def test_stack_trees_of_long_lists_with_repeats_equals_numpy(distinct, length):
     from asyncflower_jax.client.batched import stack_trees
