@@ -462,9 +462,9 @@ def _balanced_allocation(inverse: np.ndarray, num_classes: int, rng, draw_mixes,
                 top = log_probs.max()
                 probs = np.exp(log_probs - top) if np.isfinite(top) else np.eye(num_classes)[np.argmax(remaining)]  # (none of its classes left: the fullest, fewest classes)
                 probs = probs / probs.sum()
-            else:
+            else:  # (a mix with no mass left, such as a one-hot draw at a tiny alpha: the fullest class, as above)
                 probs = mixes[client] * (remaining > 0)
-                probs = probs / probs.sum() if probs.sum() > 0 else (remaining > 0) / (remaining > 0).sum()
+                probs = probs / probs.sum() if probs.sum() > 0 else np.eye(num_classes)[np.argmax(remaining)]
             draw = np.minimum(rng.multinomial(need, probs), remaining)
             counts[client] += draw
             remaining -= draw
