@@ -46,6 +46,12 @@ def is_finite_number(value) -> bool:
     return is_number(value) and math.isfinite(value)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message ("" for none): what a one-line error quotes of it."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def require(condition: bool, key: str, value, allowed: str) -> None:
     """Raise a ConfigError naming `key`, its `value` and what is `allowed` unless `condition` holds."""
     if not condition:

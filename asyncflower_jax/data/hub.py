@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, require
+from ..errors import ConfigError, first_line, require
 from .dataset import Dataset
 
 # LEAF's Shakespeare vocabulary: the 80 characters its next-character model predicts.
@@ -93,7 +93,7 @@ def hub_dataset(
         try:
             fetch(name, path.parent)
         except Exception as exc:  # (no network, the Hub down, a proxy: not a setting, but this run cannot have the data)
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            first = first_line(exc)[:300]
             raise ConfigError(
                 f"dataset={name} could not be downloaded with dataset.offline=false ({type(exc).__name__}: {first}); check the "
                 f"network, or fetch it on a machine with network access with `python -m asyncflower_jax.data.hub {name} "

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import first_line
+
 
 class RuleOutputError(TypeError):
     """A rule's `aggregate` returned something the engine cannot use as the next (params, state)."""
@@ -33,7 +35,7 @@ def traced_rule(strategy, method: str):
     try:
         yield
     except _NOT_TRACEABLE as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc)
         raise RuleOutputError(
             f"{type(strategy).__name__}.{method} cannot be compiled ({type(exc).__name__}: {first}): the engine jit-compiles it, so it "
             "may not branch in Python on array values nor convert them with float(), int() or numpy; rewrite those with "

@@ -26,7 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ..config_schema import BLOCKS, COMPONENT_GROUPS, FIELDS, PRESET_GROUPS, closest_key, reject_unknown, validate_config
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from .recorder import write_atomic
 
 log = logging.getLogger(__name__)
@@ -391,9 +391,8 @@ def resumed_config(cfg, run_dir: Path, overrides: list[str], announce: bool = Tr
         if not isinstance(saved, DictConfig):
             raise ValueError(f"it holds a {type(saved).__name__}, not a mapping of settings")
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise RunRefused(
-            f"resume={resume!r} is invalid: {path} cannot be read ({type(exc).__name__}: {first_line}); restore the run's "
+            f"resume={resume!r} is invalid: {path} cannot be read ({type(exc).__name__}: {first_line(exc)}); restore the run's "
             "configuration to continue it"
         ) from None
     current = OmegaConf.to_container(cfg, resolve=True)
