@@ -460,11 +460,11 @@ def _balanced_allocation(inverse: np.ndarray, num_classes: int, rng, draw_mixes,
             if log_mixes:
                 log_probs = np.where(remaining > 0, mixes[client], -np.inf)
                 top = log_probs.max()
-                probs = np.exp(log_probs - top) if np.isfinite(top) else np.eye(num_classes)[np.argmax(remaining)]  # (none of its classes left: the fullest, fewest classes)
-                probs = probs / probs.sum()
-            else:  # (a mix with no mass left, such as a one-hot draw at a tiny alpha: the fullest class, as above)
+                probs = np.exp(log_probs - top) if np.isfinite(top) else np.zeros(num_classes)
+            else:
                 probs = mixes[client] * (remaining > 0)
-                probs = probs / probs.sum() if probs.sum() > 0 else np.eye(num_classes)[np.argmax(remaining)]
+            # (a mix with no mass left, none of its classes or a one-hot draw at a tiny alpha: the fullest class, the fewest classes)
+            probs = probs / probs.sum() if probs.sum() > 0 else np.eye(num_classes)[np.argmax(remaining)]
             draw = np.minimum(rng.multinomial(need, probs), remaining)
             counts[client] += draw
             remaining -= draw
