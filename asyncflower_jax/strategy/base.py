@@ -122,7 +122,6 @@ class AsyncStrategy(Strategy, abc.ABC):
             self._fl_state = self.init(params)
         self._fl_version = 0
         self._fl_sent: dict[int, PyTree] = {}  # versions out with clients
-        self._fl_outstanding: dict[int, int] = {}  # version -> messages sent and not yet answered
         self._fl_unanswered: dict[int, list[int]] = {}  # node -> versions of its messages not yet answered, oldest first
         self._fl_kernel = jit(self.aggregate) if self.jittable else self.aggregate
 
@@ -141,7 +140,6 @@ class AsyncStrategy(Strategy, abc.ABC):
             rng = np.random.default_rng(server_round)
             node_ids = list(rng.permutation(node_ids)[: self.num_train_nodes])
         self._fl_sent[self._fl_version] = self._fl_params
-        self._fl_outstanding[self._fl_version] = self._fl_outstanding.get(self._fl_version, 0) + len(node_ids)
         for node in node_ids:
             self._fl_unanswered.setdefault(int(node), []).append(self._fl_version)
         config = ConfigRecord(dict(config))
@@ -191,7 +189,7 @@ class AsyncStrategy(Strategy, abc.ABC):
         return arrays_to_arrayrecord(self._fl_params), metrics
 
     def _answered(self, node_id: int, version: int | None) -> int | None:
-        """Count a reply of `node_id` to its message that carried `version` (None: its newest one not
+        """Mark answered the message of `node_id` that carried `version` (None: its newest one not
         yet answered, for a reply that does not say: an older one's reply may never come, as after
         Flower's round timeout); returns that version (None: no such message)."""
         unanswered = self._fl_unanswered.get(int(node_id), [])
@@ -199,13 +197,13 @@ class AsyncStrategy(Strategy, abc.ABC):
             version = unanswered[-1] if unanswered else None
         if version in unanswered:
             unanswered.remove(version)
-            self._fl_outstanding[version] -= 1
         return version
 
     def _forget_answered_versions(self) -> None:
         """Drop versions no client still holds (the current one stays: it is sent next)."""
-        for v in [v for v, n in self._fl_outstanding.items() if n <= 0 and v != self._fl_version]:
-            del self._fl_outstanding[v], self._fl_sent[v]
+        held = {v for versions in self._fl_unanswered.values() for v in versions}
+        for v in [v for v in self._fl_sent if v not in held and v != self._fl_version]:
+            del self._fl_sent[v]
 
     def set_client_indices(self, indices: Mapping[int, int] | None) -> None:
         """The client index (0..N-1: `UpdateBatch.client_id`, the row of per-client memories such as
