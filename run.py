@@ -159,6 +159,22 @@ def missing_launcher_plugin(argv: list[str]) -> str | None:
     return None
 
 
+def null_group_choice(argv: list[str], conf: Path = Path(__file__).resolve().parent / "conf") -> str | None:
+    """Why `group=null` on the command line (a config group of conf/, as task=null or model=null)
+    cannot work: Hydra takes a name there and fails with a traceback; None if no argument is one."""
+    for arg in argv:
+        key, is_set, value = arg.lstrip("+").partition("=")
+        if not is_set or "null" not in value.split(",") or key.split("/")[0] == "hydra" or not (conf / key).is_dir():
+            continue
+        from asyncflower_jax.config_schema import REQUIRED_GROUPS
+
+        options = ", ".join(sorted(f.stem for f in (conf / key).glob("*.yaml")))
+        if key in REQUIRED_GROUPS:
+            return f"{key}=null is invalid: must be one of {options} (conf/{key}/)"
+        return f"{key}=null is invalid: a config group's choice is a name, not null: one of {options}, or ~{key} to leave it out"
+    return None
+
+
 # Hydra's errors for a command line it cannot compose into a config (an unknown config group
 # option, a key that does not exist, an override it cannot parse): a refused input, like ConfigError.
 HYDRA_INPUT_ERRORS = ("ConfigCompositionException", "MissingConfigException", "OverrideParseException")
@@ -201,7 +217,7 @@ def unknown_key_hint(error: Exception) -> str | None:
 
 
 if __name__ == "__main__":
-    if problem := missing_launcher_plugin(sys.argv[1:]):
+    if problem := missing_launcher_plugin(sys.argv[1:]) or null_group_choice(sys.argv[1:]):
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     try:

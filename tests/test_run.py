@@ -120,6 +120,10 @@ def test_a_stalled_run_says_why_without_a_traceback(tmp_path):
         # the settings are checked before initialize(), which waits for the other processes
         (["num_clients=0", "distributed={coordinator_address:localhost:23457,num_processes:2,process_id:0}"], "num_clients=0 is invalid"),
         (["~eval_every"], "eval_every is missing (deleted by ~eval_every?): every run needs it"),  # (was a traceback, exit 1)
+        # a config group's choice given as null: Hydra's ValueError, with a traceback and exit 1
+        (["model=null"], "model=null is invalid: must be one of char_lstm, cifar_cnn, leaf_cnn, logreg, mlp, resnet18, resnet8"),
+        (["task=null"], "task=null is invalid: a config group's choice is a name, not null: one of cifar100_resnet18, "),
+        (["-m", "+experiment=null,comparison"], "experiment=null is invalid: a config group's choice is a name, not null: one of comparison, or ~experiment"),
     ],
 )
 def test_invalid_setting_exits_with_message_not_traceback(overrides, message, tmp_path):
