@@ -74,7 +74,7 @@ def main(cfg: DictConfig) -> float:
                 # multi-host: every process runs the simulation; process 0 alone writes the run directory
                 return Experiment(cfg).run(None).summary["final_test_accuracy"]
         s = run_job(
-            cfg, run_dir, list(HydraConfig.get().overrides.task), multirun=multirun, stop_file=stop,
+            cfg, run_dir, list(HydraConfig.get().overrides.task), multirun=multirun, stop_file=stop, choices=HydraConfig.get().runtime.choices,
             before_start=None if cfg.get("distributed") else lambda: start_jax(cfg),
         )
     except Interrupted as exc:

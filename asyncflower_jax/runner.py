@@ -30,6 +30,7 @@ def run_job(
     multirun: bool = False,
     stop_file: Path | None = None,
     before_start: Callable[[], None] | None = None,
+    choices=None,
 ) -> dict:
     """Run `cfg` in `run_dir` (continuing it when `cfg.resume` asks to) and return its summary.
 
@@ -37,7 +38,8 @@ def run_job(
     single run asked to resume a directory without a run is an error; a sweep job that never
     started is run. Errors propagate after failed.json is written. `stop_file`: Experiment.run's.
     `before_start` is called once the job is accepted, before the experiment is built (JAX is
-    imported only then, so a refusal comes quickly).
+    imported only then, so a refusal comes quickly). `choices`: the command's config group
+    choices (Hydra's runtime.choices), for resumed_config's check of presets.
     """
     run_dir = Path(run_dir)
     continuing = False  # resuming a run that started (its configuration is config.yaml's)
@@ -50,7 +52,7 @@ def run_job(
                     f"resume={cfg.get('resume')!r} is invalid: {run_dir} holds no run to resume (no config.yaml, metrics or "
                     "checkpoint); pass the directory of a started run (resume=<run dir>, or resume=true hydra.run.dir=<run dir>)"
                 )
-            cfg = resumed_config(cfg, run_dir, list(overrides))
+            cfg = resumed_config(cfg, run_dir, list(overrides), choices=choices)
             continuing = holds_a_run(run_dir)
             if (run_dir / SUMMARY_FILE).is_file():
                 log.info("%s already finished (summary.json): nothing to resume", run_dir)

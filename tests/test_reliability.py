@@ -202,6 +202,12 @@ def test_a_refused_command_writes_nothing(tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr and files() == before  # not even Hydra's .hydra/resumed/ nor run.log
     proc = run_py(["resume=true", f"hydra.run.dir={run_dir}", "strategy=fedbuff"], tmp_path)
     assert proc.returncode == 2 and "strategy=fedbuff is invalid: it changes the run's strategy._target_" in proc.stdout + proc.stderr and files() == before
+    # a preset (a group that sets other keys and is none itself) other than the run's: it was ignored without a word
+    proc = run_py(["resume=true", f"hydra.run.dir={run_dir}", "task=synthetic_logreg"], tmp_path)
+    assert proc.returncode == 2 and files() == before
+    assert "task=synthetic_logreg is invalid: the run started with no task (" in proc.stdout + proc.stderr
+    proc = run_py(["resume=true", f"hydra.run.dir={run_dir}", "+experiment=comparison"], tmp_path)
+    assert proc.returncode == 2 and "experiment=comparison is invalid: the run started with no experiment" in proc.stdout + proc.stderr
     (run_dir / "summary.json").unlink()  # (an unfinished run) whose config.yaml is damaged
     (run_dir / "config.yaml").write_text(": : bad [")
     before = files()

@@ -187,7 +187,7 @@ class ResumeTargetCheck(Callback):
             return
         job = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         try:
-            resumed_config(job, Path(run_dir), list(config.hydra.overrides.task), announce=False)
+            resumed_config(job, Path(run_dir), list(config.hydra.overrides.task), announce=False, choices=config.hydra.runtime.choices)
         except RunRefused as exc:
             _refuse(str(exc))
         except Exception:  # (a value this check cannot resolve: the run itself reports it)
@@ -369,14 +369,17 @@ def _changed_values(old: dict, new: dict, prefix: str) -> dict:
     return changed
 
 
-def resumed_config(cfg, run_dir: Path, overrides: list[str], announce: bool = True):
+def resumed_config(cfg, run_dir: Path, overrides: list[str], announce: bool = True, choices=None):
     """The configuration of the run in `run_dir` (its config.yaml) for resuming it. Of the
     RESUME_MUTABLE_KEYS and EXECUTION_KEYS, those overridden on the command line (in `overrides`)
     are taken from `cfg`, the others keep their saved values (a resumed run goes on checkpointing
     and tracking as it did). A command-line override of any other key must agree with the saved
-    value: a resumed run keeps the configuration it started with. Returns `cfg` unchanged when the
-    directory has no run (nothing was started there). The result passes the schema's checks
-    (config_schema). `announce`: log a changed EXECUTION_KEY. A refusal is a RunRefused."""
+    value: a resumed run keeps the configuration it started with; so must a preset's choice (a
+    group that is no key, as task=...), compared with the run's own choice in .hydra/hydra.yaml
+    when `choices` (the command's group choices: Hydra's runtime.choices) are given. Returns `cfg`
+    unchanged when the directory has no run (nothing was started there). The result passes the
+    schema's checks (config_schema). `announce`: log a changed EXECUTION_KEY. A refusal is a
+    RunRefused."""
     path = Path(run_dir) / "config.yaml"
     resume = cfg.get("resume")
     if not path.is_file():
@@ -400,8 +403,11 @@ def resumed_config(cfg, run_dir: Path, overrides: list[str], announce: bool = Tr
         key = _override_key(override)
         if key in RESUME_MUTABLE_KEYS or key in EXECUTION_KEYS or key.startswith("hydra."):
             continue
-        key = key.replace("/", ".")  # (a nested group's choice, strategy/staleness=..., is its package's value)
+        group, key = key, key.replace("/", ".")  # (a nested group's choice, strategy/staleness=..., is its package's value)
         new, old = OmegaConf.select(OmegaConf.create(current), key), OmegaConf.select(saved, key)
+        if new is None and old is None and choices is not None and group in choices:
+            _refuse_other_preset(override, group, choices[group], run_dir)
+            continue
         if new is not None and old is None:
             _refuse_unknown_key(saved, key, override, path)
         as_plain = lambda v: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v  # noqa: E731
@@ -436,6 +442,26 @@ def resumed_config(cfg, run_dir: Path, overrides: list[str], announce: bool = Tr
     except ConfigError as exc:
         raise RunRefused(str(exc)) from None
     return saved
+
+
+def _refuse_other_preset(override: str, group: str, choice, run_dir: Path) -> None:
+    """Refuse a preset (a `# @package _global_` group: it sets other keys and is none itself) that is
+    not the one the run started with: its values would be ignored without a word."""
+    path = Path(run_dir) / ".hydra" / "hydra.yaml"
+    try:
+        started = OmegaConf.load(path).hydra.runtime.choices
+    except Exception:
+        raise RunRefused(
+            f"{override.lstrip('~+')} is invalid: {path} cannot be read, so which {group} the run started with is not known; "
+            f"resume without {group} (a resumed run keeps the configuration it started with)"
+        ) from None
+    was = started.get(group)
+    if was != choice:
+        raise RunRefused(
+            f"{override.lstrip('~+')} is invalid: the run started with {f'{group}={was}' if was is not None else f'no {group}'} "
+            f"({path}) and a preset changes settings that a resumed run keeps as it started; resume without {group}"
+            + (f" or with {group}={was}" if was is not None else "")
+        )
 
 
 def _refuse_unknown_key(saved, key: str, override: str, path: Path) -> None:
