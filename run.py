@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from asyncflower_jax import parallel_sweep
-from asyncflower_jax.errors import CheckpointError, ConfigError, Interrupted, RunStalled
+from asyncflower_jax.errors import CheckpointError, ConfigError, Interrupted, RuleOutputError, RunStalled
 from asyncflower_jax.memory import jobs_sharing_memory
 from asyncflower_jax.runner import run_job
 
@@ -108,6 +108,11 @@ def main(cfg: DictConfig) -> float:
         sys.exit(2)
     except RunStalled as exc:  # (the settings make every task fail: the message says which)
         log.error("run stalled: %s (in %s)", exc, run_dir / "failed.json")
+        if multirun:
+            raise InvalidJob(str(exc), 1) from None
+        sys.exit(1)
+    except RuleOutputError as exc:  # (a rule of the user's: the message names its method and what is wrong)
+        log.error("run failed: %s (the traceback is in %s)", exc, run_dir / "failed.json")
         if multirun:
             raise InvalidJob(str(exc), 1) from None
         sys.exit(1)

@@ -22,6 +22,11 @@ class RunStalled(RuntimeError):
     """Client tasks keep failing and nothing is aggregated: the run would never reach its stop condition."""
 
 
+class RuleOutputError(TypeError):
+    """An aggregation rule returned something the engine cannot use: `aggregate` another (params,
+    state) layout, `round_delimiter` a round it cannot wait for, `init` a state that is not arrays."""
+
+
 class Interrupted(Exception):
     """The run was asked to stop (SIGTERM/SIGINT) and stopped at the end of an aggregation, after
     handing a checkpoint to `on_checkpoint` when it has one."""

@@ -43,7 +43,7 @@ from .engine.faults import FAILURE_COLUMNS, build_faults
 from .engine.latency import NeedsWork
 from .engine.scheduler import Scheduler, client_profile
 from .engine.simulator import METRIC_COLUMNS, UPDATE_COLUMNS, Interrupted, SimulationResult, SimulationSettings, Simulator, check_strategy
-from .errors import ConfigError, ResumeRefused
+from .errors import ConfigError, ResumeRefused, RuleOutputError, first_line
 from .memory import HEADROOM, available_on, require_memory, size_text
 from .models import check_inputs
 from .models.mlp import init_params
@@ -255,8 +255,14 @@ class Experiment:
         family keep a model per client); its size comes from tracing `init`, nothing is allocated."""
         if not getattr(self.strategy, "jittable", True):  # (a host rule keeps its state in Python)
             return
-        with jax.disable_jit():  # (traced abstractly: the project's programs are not nested in eval_shape's)
-            state_bytes = tree_bytes(jax.eval_shape(self.strategy.init, self.params))
+        try:
+            with jax.disable_jit():  # (traced abstractly: the project's programs are not nested in eval_shape's)
+                state_bytes = tree_bytes(jax.eval_shape(self.strategy.init, self.params))
+        except TypeError as exc:  # (JAX's: a leaf that is no array, as a string or an object)
+            raise RuleOutputError(
+                f"{type(self.strategy).__name__}.init returned a state the engine cannot carry ({first_line(exc)}): it must be a "
+                "pytree (tuple, list, dict or NamedTuple) of arrays or numbers, or () for none"
+            ) from exc
         require_memory(
             state_bytes * (2 if device.platform == "cpu" else 1),  # (updated in place; a checkpoint copies it to the host)
             f"{type(self.strategy).__name__}'s server state ({size_text(state_bytes)} for num_clients={self.settings.num_clients} and a model "

@@ -135,6 +135,19 @@ def test_invalid_setting_exits_with_message_not_traceback(overrides, message, tm
     assert finished_runs(tmp_path) == []
 
 
+def test_a_rule_of_the_users_that_the_engine_cannot_use_fails_in_one_line(tmp_path):
+    """A RuleOutputError (here: a state that is not arrays) says what is wrong with the rule; the
+    traceback, which Hydra printed after it, is in failed.json."""
+    proc = run_py([
+        "strategy._target_=tests.engine.test_rule_output.TextState", "~strategy.alpha", "~strategy.staleness", *TINY,
+        "hydra.run.dir=" + str(tmp_path / "run"),
+    ], tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
+    assert "run failed: TextState.init returned a state the engine cannot carry" in proc.stdout + proc.stderr
+    failed = json.loads((tmp_path / "run" / "failed.json").read_text())
+    assert failed["error"] == "RuleOutputError" and "Traceback" in failed["traceback"]
+
+
 def test_unknown_strategy_lists_the_valid_ones(tmp_path):
     proc = run_py(["strategy=fedfoo"], tmp_path)
     assert proc.returncode == 2  # (Hydra's own refusal, exit code 1 of its own: a refused input all the same)

@@ -33,6 +33,7 @@ from ..strategy.updates import PyTree
 from .availability import AvailabilityPlan
 from .faults import DROPOUT, FAILURE_KINDS, FAULT_STREAM, LOST, NAN, NONFINITE
 from .latency import LatencyModel
+from .rule_output import checked_round_delimiter
 from .scheduler import PROFILE_STREAM, SCHEDULE_STREAM
 from .simulator import SimulationSettings, check_strategy, stack_updates
 
@@ -158,7 +159,7 @@ def run_reference(
 
     fill()
     while True:
-        kind, value = strategy.round_delimiter(server_round)
+        kind, value = checked_round_delimiter(strategy, server_round)
         arrivals, timed_out = [], False
         if kind == "buffer_size":
             while len(arrivals) < value:

@@ -1,4 +1,5 @@
-"""The check that a rule's `aggregate` returns (params, state) laid out as it was given them.
+"""The checks that a rule's `aggregate` returns (params, state) laid out as it was given them, and
+that its `round_delimiter` says a round the engines can wait for.
 
 The engine writes each new model into the version table and, queued on an accelerator, carries
 the rule's state through `jax.lax.scan`: a leaf of another shape or dtype, or a state that grows a
@@ -9,16 +10,39 @@ that changed was accepted on a CPU and refused on a GPU. Run once per trace, at 
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import first_line
+from ..errors import RuleOutputError, first_line
+
+def is_buffer_size(value) -> bool:
+    """A whole number of arrivals >= 1 (a numpy integer too; not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) and value >= 1
 
 
-class RuleOutputError(TypeError):
-    """A rule's `aggregate` returned something the engine cannot use as the next (params, state)."""
+def is_round_duration(value) -> bool:
+    """A finite time > 0 (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value) and value > 0
+
+
+def checked_round_delimiter(strategy, server_round: int) -> tuple[str, int | float]:
+    """`strategy.round_delimiter(server_round)` as ("buffer_size", K) with K a whole number >= 1 or
+    ("round_duration", T) with T finite and > 0; else RuleOutputError naming the rule and round (a
+    buffer of K <= 0 was waited for without end, a run making no progress and no error)."""
+    out = strategy.round_delimiter(server_round)
+    kind, value = out if isinstance(out, (tuple, list)) and len(out) == 2 else (None, None)
+    if kind == "buffer_size" and is_buffer_size(value):
+        return kind, int(value)
+    if kind == "round_duration" and is_round_duration(value):
+        return kind, float(value)
+    raise RuleOutputError(
+        f"{type(strategy).__name__}.round_delimiter({server_round}) returned {out!r}: it must return ('buffer_size', K) with K a "
+        "whole number >= 1, or ('round_duration', T) with T a finite time > 0"
+    )
 
 
 # What JAX raises when traced code needs a concrete value (a Python branch, float() or numpy on an array)

@@ -79,7 +79,7 @@ from .availability import AvailabilityModel
 from .faults import FAILURE_KINDS, LOST, NAN, NONFINITE, Faults
 from .pending import PendingResults, training_limit
 from .queued_steps import QueuedSteps, StepFacts
-from .rule_output import check_aggregate_output, traced_rule
+from .rule_output import check_aggregate_output, checked_round_delimiter, is_buffer_size, is_round_duration, traced_rule
 from .scheduler import Scheduler, Task
 from .versions import VersionCache, write_row
 
@@ -186,6 +186,7 @@ def check_strategy(strategy: AsyncStrategy, settings: SimulationSettings) -> Non
     require(population == settings.num_clients, "strategy.num_clients", population, f"equal to num_clients ({settings.num_clients})")
     kind, value = strategy.round_delimiter(1)
     if kind == "buffer_size":
+        require(is_buffer_size(value), strategy.buffer_key, value, "an integer >= 1")
         require(
             value <= settings.concurrency,
             strategy.buffer_key,
@@ -202,7 +203,7 @@ def check_strategy(strategy: AsyncStrategy, settings: SimulationSettings) -> Non
             "dispatches `concurrency` clients from the current model and aggregates all of them (set both to the cohort size)",
         )
     elif kind == "round_duration":
-        require(value > 0, "strategy.round_duration", value, "> 0")
+        require(is_round_duration(value), "strategy.round_duration", value, "a finite time > 0")
     else:
         raise ConfigError(f"strategy.round_delimiter returned {kind!r}: must be 'buffer_size' or 'round_duration'")
     lookahead = getattr(settings, "lookahead", 1)  # (a federation's settings have none)
@@ -758,7 +759,7 @@ class Simulator:
         unaggregated = 0  # arrivals the run ended without aggregating (an unfilled last buffer)
         try:
             while stop_reason is None:
-                kind, value = strategy.round_delimiter(server_round)
+                kind, value = checked_round_delimiter(strategy, server_round)
                 arrivals: list[Task] = []
                 if kind == "buffer_size":
                     while len(arrivals) < value:  # until `value` arrivals (finite ones: rejected as they arrive), or the time limit

@@ -43,7 +43,7 @@ from flwr.serverapp import Grid
 
 from ..compilation import jit
 from ..engine.evaluation import read_metrics
-from ..engine.rule_output import check_aggregate_output
+from ..engine.rule_output import check_aggregate_output, checked_round_delimiter
 from ..engine.faults import DROPOUT, FAILED, FAILURE_KINDS, NONFINITE, TIMEOUT
 from ..engine.simulator import check_strategy, tree_finite, update_norms
 from ..engine.versions import VersionCache
@@ -450,7 +450,7 @@ class AsyncServerLoop:
         self._fill()
         stop_reason = None
         while stop_reason is None:
-            kind, value = strategy.round_delimiter(self._round)
+            kind, value = checked_round_delimiter(strategy, self._round)
             arrivals: list[tuple] = []
             time_limit = self._t0 + s.max_time if s.max_time is not None else None
             if kind == "buffer_size":

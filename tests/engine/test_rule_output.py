@@ -1,10 +1,15 @@
 """engine/rule_output.py: a rule's aggregate must return (params, state) laid out as it was given them."""
 
+import re
+import signal
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asyncflower_jax.engine.rule_output import RuleOutputError, check_aggregate_output
+from asyncflower_jax.engine.reference import run_reference
+from asyncflower_jax.engine.rule_output import RuleOutputError, check_aggregate_output, checked_round_delimiter
+from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.experiment import Experiment
 from asyncflower_jax.strategy import FedAsync
 from tests.conftest import make_config
@@ -96,3 +101,69 @@ def test_a_rule_that_cannot_be_compiled_is_named_with_the_way_out(rule, method):
     exp.strategy = rule()
     with pytest.raises(RuleOutputError, match=rf"{rule.__name__}\.{method} cannot be compiled \(\w+Error.*set `jittable = False`"):
         exp.run()
+
+
+class Delimiter(FedAsync):
+    """FedAsync whose round_delimiter(r) is delimiters[r] (FedAsync's own from round len(delimiters) on)."""
+
+    def __init__(self, delimiters):
+        super().__init__()
+        self.delimiters = delimiters
+
+    def round_delimiter(self, server_round):
+        return self.delimiters.get(server_round, super().round_delimiter(server_round))
+
+
+@pytest.mark.parametrize(
+    "out, checked",
+    [(("buffer_size", 3), ("buffer_size", 3)), (("buffer_size", np.int64(2)), ("buffer_size", 2)), (["round_duration", 1], ("round_duration", 1.0))],
+)
+def test_a_round_the_engines_can_wait_for_is_returned_as_it_is(out, checked):
+    got = checked_round_delimiter(Delimiter({4: out}), 4)
+    assert got == checked and type(got[1]) is type(checked[1])
+
+
+@pytest.mark.parametrize(
+    "out",
+    [("buffer_size", 0), ("buffer_size", -3), ("buffer_size", 2.5), ("buffer_size", True), ("round_duration", 0.0),
+     ("round_duration", float("inf")), ("round_duration", float("nan")), ("buffer", 3), ("buffer_size",), None],
+)
+def test_a_round_the_engines_cannot_wait_for_names_the_rule_and_the_round(out):
+    with pytest.raises(RuleOutputError, match=rf"Delimiter.round_delimiter\(4\) returned {re.escape(repr(out))}: it must return \('buffer_size', K\)"):
+        checked_round_delimiter(Delimiter({4: out}), 4)
+
+
+@pytest.mark.parametrize("engine", ["simulator", "reference"])
+def test_a_buffer_of_no_arrivals_in_a_later_round_stops_the_run_with_the_rule_named(engine):
+    """It was waited for without end: the run spun at version 2, with no error and no progress."""
+    exp = Experiment(make_config("num_clients=10", "concurrency=3", "max_updates=12", "model.hidden=[8]", "client.num_steps=1"))
+    exp.strategy = Delimiter({3: ("buffer_size", 0)})
+    signal.alarm(120)  # (a hang fails the test instead of the suite)
+    try:
+        with pytest.raises(RuleOutputError, match=r"Delimiter.round_delimiter\(3\) returned \('buffer_size', 0\)"):
+            exp.run() if engine == "simulator" else run_reference(exp.strategy, exp.params, exp.trainer, exp.latency, exp.settings)
+    finally:
+        signal.alarm(0)
+
+
+@pytest.mark.parametrize(
+    "delimiter, message",
+    [(("buffer_size", 0), r"strategy.buffer_size=0 is invalid: must be an integer >= 1"),
+     (("round_duration", float("inf")), r"strategy.round_duration=inf is invalid: must be a finite time > 0")],
+)
+def test_a_first_round_the_engines_cannot_wait_for_is_refused_at_start_up(delimiter, message):
+    exp = Experiment(make_config("num_clients=10", "concurrency=3", "max_updates=6", "model.hidden=[8]", "client.num_steps=1"))
+    exp.strategy = Delimiter({1: delimiter})
+    with pytest.raises(ConfigError, match=message):
+        exp.run()
+
+
+class TextState(FedAsync):
+    def init(self, params):
+        return {"name": "mine", "t": jnp.zeros(())}
+
+
+def test_a_state_that_is_not_arrays_names_init():
+    """It was JAX's TypeError from inside the server-state memory estimate."""
+    with pytest.raises(RuleOutputError, match=r"TextState.init returned a state the engine cannot carry \(.*<class 'str'>.*\): it must be a pytree"):
+        Experiment(make_config("num_clients=10", "concurrency=3", "max_updates=6", "model.hidden=[8]", "strategy._target_=tests.engine.test_rule_output.TextState", "~strategy.alpha", "~strategy.staleness"))
