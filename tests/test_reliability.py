@@ -293,6 +293,33 @@ def test_a_swept_path_names_one_job_directory_not_nested_ones():
     assert resolved.subdir == "3_dataset.path=%2Fd%2Fx.npz"
 
 
+def test_a_sweep_with_many_overrides_names_its_jobs_within_the_file_systems_limit(tmp_path):
+    """The job directory's name joined every override: past 255 bytes the sweep failed with
+    "File name too long" before any job ran. Now cut, with a hash of the whole: still one name per
+    job, the same on resume."""
+    from asyncflower_jax.results.rundir import JOB_DIRNAME_BYTES, _job_dirname
+
+    many = ",".join(f"strategy.option_{i}=value_{i}" for i in range(12))
+    names = [_job_dirname(f"{many},seed={seed}") for seed in (0, 1)] + [_job_dirname(f"seed=0,{many}")]
+    assert len(set(names)) == 3 and all(len(n.encode()) == JOB_DIRNAME_BYTES for n in names)
+    assert names[0].startswith("strategy.option_0=value_0,") and names[2].startswith("seed=0,strategy.option_0=value_0,")
+    assert _job_dirname(f"{many},seed=0") == names[0]  # (the same overrides: the same name)
+    assert len(_job_dirname("dataset.path=" + "é" * 150).encode()) <= JOB_DIRNAME_BYTES  # (cut between characters)
+    args = [
+        "-m", "seed=0,1", "num_clients=20", "concurrency=5", "max_updates=4", "model.hidden=[8]", "client.num_steps=1", "eval_every=2",
+        "latency=exponential", "faults.failure=0.1", "faults.timeout=50", "availability=diurnal", "availability.fraction=0.9",
+        "strategy=fedbuff", "strategy.buffer_size=2", "strategy.normalisation=mean", "client.learning_rate=0.05", "checkpoint_every=1000", "progress=false", "plots=false",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    assert len(",".join(a for a in args[1:] if not a.startswith(("progress", "plots", "checkpoint_every", "hydra")))) > 255
+    proc = run_py(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [j.name[:2] for j in jobs] == ["0_", "1_"] and all((j / "summary.json").is_file() for j in jobs)
+    again = run_py([*args, "resume=true"], tmp_path)  # (finds its jobs where they are: nothing runs again)
+    assert again.returncode == 0 and sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == jobs
+
+
 def test_a_resumed_run_keeps_its_configuration(tmp_path):
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(make_config("strategy=fedbuff", "strategy.buffer_size=5", "progress=true")))
     cfg = make_config("strategy=fedbuff", "strategy.buffer_size=3", "progress=false", "resume=true")

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -149,11 +150,21 @@ def _log_file(resume, output_dir, mode, job_name):
     return os.devnull if refused(resume, output_dir, _multirun(mode)) else str(output_dir / f"{job_name}.log")
 
 
+JOB_DIRNAME_BYTES = 200  # a job directory's name after its number, at most (file systems allow 255 bytes)
+
+
 def _job_dirname(override_dirname) -> str:
     """A sweep job's overrides as one directory name: a value holding a path separator
     (`dataset.path=/data/x.npz`) would otherwise make nested directories, which the sweep's
-    resume check and a user's `ls` do not see as one job."""
-    return str(override_dirname).replace(os.sep, "%2F")
+    resume check and a user's `ls` do not see as one job. A name longer than JOB_DIRNAME_BYTES
+    (many overrides: no job ran, "File name too long") is cut there and ends with a hash of the
+    whole, so it stays the job's own; the job's .hydra/overrides.yaml lists them all."""
+    name = str(override_dirname).replace(os.sep, "%2F")
+    encoded = name.encode()
+    if len(encoded) <= JOB_DIRNAME_BYTES:
+        return name
+    digest = "~" + hashlib.sha256(encoded).hexdigest()[:12]
+    return encoded[: JOB_DIRNAME_BYTES - len(digest)].decode(errors="ignore") + digest
 
 
 class ResumeTargetCheck(Callback):
