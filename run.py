@@ -185,7 +185,7 @@ def null_group_choice(argv: list[str], conf: Path = Path(__file__).resolve().par
 HYDRA_INPUT_ERRORS = ("ConfigCompositionException", "MissingConfigException", "OverrideParseException")
 
 
-def exit_code(stop: SystemExit) -> int | str | None:
+def exit_code(stop: SystemExit, argv: list[str] = ()) -> int | str | None:
     """The exit code of a command Hydra ended: a sweep whose job was refused exits as that single run
     would (2 for a configuration, 1 for a stalled run), and a command line Hydra could not compose
     exits 2, where Hydra exits 1 for both (it ends every error with sys.exit(1), inside the except
@@ -196,15 +196,16 @@ def exit_code(stop: SystemExit) -> int | str | None:
     if isinstance(error, InvalidJob):
         return error.exit_code
     if type(error).__name__ in HYDRA_INPUT_ERRORS:
-        if hint := unknown_key_hint(error):
+        if hint := unknown_key_hint(error, argv):
             print(hint, file=sys.stderr)
         return 2
     return stop.code
 
 
-def unknown_key_hint(error: Exception) -> str | None:
+def unknown_key_hint(error: Exception, argv: list[str] = ()) -> str | None:
     """For `num_client=5` or `strategy.bufer_size=3` (a key that does not exist, given without +):
-    the closest key, which Hydra does not name."""
+    the closest key, which Hydra does not name. In a sweep over the key's group (`-m
+    strategy=fedbuff,ca2fl strategy.server_lr=0.5`), how to give a key the default choice lacks."""
     from asyncflower_jax.config_schema import BLOCKS, COMPONENT_GROUPS, FIELDS, SCHEMA_COMMAND, closest_key
 
     cause = error.__cause__
@@ -217,7 +218,15 @@ def unknown_key_hint(error: Exception) -> str | None:
         return f"did you mean {close}? (every key: {SCHEMA_COMMAND})" if close else None
     parent = getattr(cause, "parent_node", None)
     known = [str(k) for k in parent.keys() if not str(k).startswith("_")] if hasattr(parent, "keys") else []
+    group = block.split(".")[0]
+    swept = [a for a in argv if a.lstrip("+").partition("=")[0] == group and "," in a.partition("=")[2]]
     close = closest_key(name, known)
+    if swept and any(a in ("-m", "--multirun") for a in argv):  # (Hydra composes the overrides shared by every job with the default choice first)
+        return (
+            (f"did you mean {block}.{close}? If not: " if close else "")
+            + f"a sweep over {swept[0].lstrip('+')} first composes {key} with the default {group}, which has no {name}: give it as "
+            f"++{key}=... to set it in every job (each {group} swept must take it)"
+        )
     return f"did you mean {block}.{close}?" if close else (f"{block}'s keys are {known}" if known else None)
 
 
@@ -228,4 +237,4 @@ if __name__ == "__main__":
     try:
         main()
     except SystemExit as stop:
-        sys.exit(exit_code(stop))
+        sys.exit(exit_code(stop, sys.argv[1:]))

@@ -162,6 +162,13 @@ def test_a_key_that_does_not_exist_is_refused_with_the_closest_one(tmp_path):
     assert "did you mean num_clients?" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_py(["strategy=fedbuff", "strategy.bufer_size=5"], tmp_path)  # (a component's key: it got no hint)
     assert proc.returncode == 2 and proc.stderr.rstrip().endswith("did you mean strategy.buffer_size?")
+    # a key of the swept strategies that the default one lacks: Hydra checks it against the default
+    # first, and the hint listed the default's keys
+    proc = run_py(["-m", "strategy=fedbuff,ca2fl", "strategy.server_lr=0.5", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.rstrip().endswith(
+        "a sweep over strategy=fedbuff,ca2fl first composes strategy.server_lr with the default strategy, which has no server_lr: "
+        "give it as ++strategy.server_lr=... to set it in every job (each strategy swept must take it)"
+    )
 
 
 def test_a_sweep_whose_job_stalls_exits_as_that_run_would(tmp_path):
