@@ -327,6 +327,12 @@ def test_a_resumed_run_keeps_its_configuration(tmp_path):
         resumed_config(cfg, tmp_path, ["strategy.buffer_size=3", "progress=false", "resume=true"])
     saved = resumed_config(cfg, tmp_path, ["progress=false", "resume=true"])
     assert saved.strategy.buffer_size == 5 and saved.progress is False and saved.resume is True
+    # the group's choice and a key inside it: the key is named (the choice was, for the key's value)
+    with pytest.raises(ConfigError, match=r"strategy.buffer_size=3 is invalid: must be 5 as in .*config.yaml"):
+        resumed_config(cfg, tmp_path, ["strategy=fedbuff", "strategy.buffer_size=3", "resume=true"])
+    assert resumed_config(make_config("strategy=fedbuff", "strategy.buffer_size=5", "resume=true"), tmp_path, ["strategy=fedbuff", "strategy.buffer_size=5"]).strategy.buffer_size == 5
+    with pytest.raises(ConfigError, match=r"strategy/staleness=hinge is invalid: it changes the run's strategy.staleness._target_"):
+        resumed_config(make_config("strategy=fedbuff", "strategy/staleness=hinge"), tmp_path, ["strategy=fedbuff", "strategy/staleness=hinge"])
 
 
 def test_a_resumed_run_keeps_its_checkpointing_and_trackers_unless_overridden(tmp_path):

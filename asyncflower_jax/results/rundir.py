@@ -410,6 +410,7 @@ def resumed_config(cfg, run_dir: Path, overrides: list[str], announce: bool = Tr
             "configuration to continue it"
         ) from None
     current = OmegaConf.to_container(cfg, resolve=True)
+    explicit = {_override_key(o).replace("/", ".") for o in overrides}
     for override in overrides:
         key = _override_key(override)
         if key in RESUME_MUTABLE_KEYS or key in EXECUTION_KEYS or key.startswith("hydra."):
@@ -425,7 +426,10 @@ def resumed_config(cfg, run_dir: Path, overrides: list[str], announce: bool = Tr
         new, old = as_plain(new), as_plain(old)
         if new != old:
             if isinstance(new, dict) and isinstance(old, dict):  # a config group's choice: name the values it changes
-                changed = _changed_values(old, new, key)
+                deeper = [e for e in explicit if e.startswith(key + ".")]  # (overrides inside the group: each is checked, and named, itself)
+                changed = {k: v for k, v in _changed_values(old, new, key).items() if not any(k == e or k.startswith(e + ".") for e in deeper)}
+                if not changed:
+                    continue
                 shown = ", ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in list(changed.items())[:4])
                 more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
                 raise RunRefused(
