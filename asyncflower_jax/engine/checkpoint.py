@@ -162,7 +162,10 @@ class CheckpointManager:
         return paths[-1] if paths else None
 
     def save(self, snapshot: Snapshot) -> Path:
-        """Write `snapshot` atomically as ckpt-<version>, then drop all but the newest `keep`."""
+        """Write `snapshot` atomically as ckpt-<version>, then drop the checkpoints newer than it and
+        all but the newest `keep`. A newer one is one the run's resume skipped as unreadable (the run
+        went on from an older one): kept, it outranked every checkpoint written after it, and with
+        `keep` of them the one just written was deleted at once."""
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"{PREFIX}{snapshot.version:09d}"
         tmp = self.directory / f".tmp-{final.name}-{os.getpid()}"
@@ -182,6 +185,8 @@ class CheckpointManager:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(self.directory)
+        for newer in [p for p in self.paths() if int(p.name[len(PREFIX) :]) > snapshot.version]:
+            shutil.rmtree(newer, ignore_errors=True)
         for old in self.paths()[: -self.keep] if self.keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.directory.glob(".tmp-*"):  # left by a process killed while writing

@@ -158,6 +158,30 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
     assert CheckpointManager(tmp_path / "elsewhere").load_newest() is None
 
 
+def test_a_run_resumed_past_damaged_newer_checkpoints_keeps_the_ones_it_writes(tmp_path):
+    """The damaged newer checkpoints outranked every one written after the resume: with keep=1 the
+    one just written was deleted at once, and the run stopped with only a checkpoint it could not read."""
+    exp = experiment("fedasync", checkpoint_every=10)
+    manager = CheckpointManager(tmp_path, keep=3)
+    simulate(exp, on_checkpoint=manager.save)
+    assert [p.name for p in manager.paths()] == ["ckpt-000000030", "ckpt-000000040", "ckpt-000000050"]
+    for path in manager.paths()[1:]:
+        (path / "arrays.npz").write_bytes(b"cut short")
+    found, snapshot = manager.load_newest()
+    assert found.name == "ckpt-000000030"
+    exp = experiment("fedasync", checkpoint_every=10)
+    resumed = CheckpointManager(tmp_path, keep=1)
+
+    def stop_at_35(version):
+        if version == 35:
+            sim.interrupt = signal.SIGTERM  # (as the first SIGTERM does: checkpoint after this aggregation, then stop)
+
+    sim = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings, on_checkpoint=resumed.save, on_step=stop_at_35)
+    with pytest.raises(Interrupted):
+        sim.run(resume=snapshot)
+    assert [p.name for p in resumed.paths()] == ["ckpt-000000036"] and resumed.load_newest()[1].version == 36
+
+
 def test_recorder_continues_tables_from_a_position(tmp_path):
     rec = Recorder(tmp_path, ("version", "x"), ("version", "client"), ("kind",))
     rec.add_row({"version": 0, "x": 1.5})
