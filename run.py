@@ -85,8 +85,8 @@ def main(cfg: DictConfig) -> float:
             )
         else:
             log.warning(
-                "stopped by %s at version %d: no checkpoint (this rule cannot be checkpointed); a resume would start again from version 0",
-                signal.Signals(exc.signum).name, exc.version,
+                "stopped by %s at version %d: no checkpoint%s; a resume would start again from version 0",
+                signal.Signals(exc.signum).name, exc.version, "" if exc.checkpointed else " (this rule cannot be checkpointed)",
             )
         if stop is not None:  # the whole sweep stops; its main process exits with the code once every job has
             parallel_sweep.request_stop(stop, exc.signum)

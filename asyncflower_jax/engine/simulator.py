@@ -878,14 +878,16 @@ class Simulator:
                     checkpoint_owed = False
                 if stop_reason is None and self.on_checkpoint is not None and (checkpoint_due or interrupted):
                     if read_evaluations() and healthy():
-                        if interrupted or not reported(version):
+                        # (a rerun's version whose rows the files already hold is not checkpointed: they are ahead of it, and a
+                        # resume from it wrote those rows twice; a signal there stops at the checkpoint taken before the rerun)
+                        if not reported(version):
                             self.on_checkpoint(snapshot())
                             last_checkpoint = time.perf_counter()
                     else:
                         stop_reason = "diverged"
                 if stop_reason is None and interrupted:
                     if read_evaluations():  # every row so far is reported before the run stops
-                        raise Interrupted(self.interrupt, version, checkpointed=self.on_checkpoint is not None)
+                        raise Interrupted(self.interrupt, max(version, replay.reported) if replay is not None else version, checkpointed=self.on_checkpoint is not None)
                     stop_reason = "diverged"
                 if self.on_step is not None and not (replay is not None and version <= replay.reached):
                     self.on_step(version)

@@ -115,3 +115,38 @@ def test_a_rule_that_makes_the_model_non_finite_stops_the_run_as_diverged():
     for key in ("evals", "updates", "failures"):
         assert seen[key] == exact_seen[key], key
     assert [row["version"] for row in seen["evals"]] == [0]
+
+
+def test_a_signal_while_the_run_repeats_itself_stops_at_the_checkpoint_before_and_resumes_exactly(tmp_path, monkeypatch):
+    """A non-finite update aggregated after version 20 (the last verified one: checkpoint 20 and the
+    rows up to it are written) is found when SIGTERM comes at version 23; the rerun from version 0
+    then checkpointed at its version 1 with the files' positions at version 20, and the resumed run
+    wrote versions 2 to 20 a second time."""
+    import csv
+    import os
+    import signal
+
+    from asyncflower_jax import experiment as experiment_module
+    from asyncflower_jax.errors import Interrupted
+
+    monkeypatch.setattr(Simulator, "optimistic_check", lambda self: True)  # (injected NaNs turn it off: they stand for a client's own)
+    args = (*SMALL, "strategy=fedasync", "max_updates=60", "eval_every=1000", "latency=lognormal", "checkpoint_every=5", "checkpoint_min_seconds=0", "faults.nan=0.03", "plots=false")
+    Experiment(make_config(*args)).run(tmp_path / "ref")
+
+    def sigterm_at(version):
+        return lambda v: os.kill(os.getpid(), signal.SIGTERM) if v == version else None
+
+    monkeypatch.setattr(experiment_module, "_crash_hook", lambda: sigterm_at(22))
+    with pytest.raises(Interrupted) as stopped:
+        Experiment(make_config(*args)).run(tmp_path / "run")
+    assert stopped.value.checkpoint.name == "ckpt-000000020"
+    monkeypatch.setattr(experiment_module, "_crash_hook", lambda: None)
+    Experiment(make_config(*args, "resume=true")).run(tmp_path / "run")
+
+    def rows(path):
+        with open(path, newline="") as f:
+            return [{k: v for k, v in r.items() if k != "wall_time"} for r in csv.DictReader(f)]
+
+    for name in ("metrics.csv", "updates.csv", "failures.csv"):
+        assert rows(tmp_path / "run" / name) == rows(tmp_path / "ref" / name), name
+    assert len(rows(tmp_path / "ref" / "failures.csv")) > 0
