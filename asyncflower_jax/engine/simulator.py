@@ -423,7 +423,7 @@ class Simulator:
         """Simulate until a stop condition. With `resume`, a checkpoint this loop wrote (through
         `on_checkpoint`) for the same configuration, continue from it instead of from version 0."""
         t0 = time.perf_counter()
-        if not self.optimistic_check():
+        if not self.optimistic_check() or (resume is not None and resume.meta["loop"].get("optimistic") is False):
             return self._run(resume, t0, optimistic=False)
         start = copy.deepcopy(self.scheduler)
         try:
@@ -747,6 +747,7 @@ class Simulator:
                 "last_finite_version": last_finite_version,
                 "failures_in_a_row": failures_in_a_row,
                 "wall_time": time.perf_counter() - t0,
+                "optimistic": optimistic,  # (False after a non-finite update made the run repeat itself: a resume goes on so)
             }
             return capture_run(
                 loop=loop, scheduler=sched, versions=versions, pending=pending, state=state, all_staleness=all_staleness, history=history

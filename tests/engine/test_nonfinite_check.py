@@ -150,3 +150,30 @@ def test_a_signal_while_the_run_repeats_itself_stops_at_the_checkpoint_before_an
     for name in ("metrics.csv", "updates.csv", "failures.csv"):
         assert rows(tmp_path / "run" / name) == rows(tmp_path / "ref" / name), name
     assert len(rows(tmp_path / "ref" / "failures.csv")) > 0
+
+
+@pytest.mark.parametrize("rule", ["fedasync", "fedbuff"])
+def test_a_run_resumed_from_a_checkpoint_of_its_repeat_goes_on_checking_every_flush(rule):
+    """After a non-finite update the run repeats itself with the check at every flush; a checkpoint
+    taken then did not say so, and the resumed run went on optimistic: the same rows, but other
+    training flushes than the uninterrupted run's (summary.json's training_flushes, mean_train_batch)."""
+
+    def build():
+        cfg = make_config(*SMALL, *RULES[rule], "max_updates=120", "eval_every=1000", "checkpoint_every=5", "checkpoint_min_seconds=0", "faults.nan=0.01")
+        exp = Experiment(cfg)
+        snapshots = []
+        sim = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings, on_checkpoint=snapshots.append)
+        sim.optimistic_check = lambda: True
+        return sim, snapshots
+
+    sim, snapshots = build()
+    full = sim.run()
+    nonfinite = full.summary["failures"]["nonfinite"]
+    # taken in the repeat, after the last non-finite update (a later one would make the resumed run repeat itself too)
+    repeated = [snap for snap in snapshots if snap.meta["loop"]["optimistic"] is False and snap.meta["loop"]["failures"].get("nonfinite") == nonfinite]
+    assert repeated and nonfinite > 0
+    again, _ = build()
+    resumed = again.run(resume=repeated[0])
+    drop = ("wall_time", "updates_per_second", "resumed_from_version", "kernel_compilations")
+    assert {k: v for k, v in resumed.summary.items() if k not in drop} == {k: v for k, v in full.summary.items() if k not in drop}
+    assert same_params(resumed.params, full.params)
