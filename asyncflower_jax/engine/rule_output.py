@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import RuleOutputError, first_line
 
+
 def is_buffer_size(value) -> bool:
     """A whole number of arrivals >= 1 (a numpy integer too; not a bool)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) and value >= 1

@@ -888,7 +888,8 @@ class Simulator:
                         stop_reason = "diverged"
                 if stop_reason is None and interrupted:
                     if read_evaluations():  # every row so far is reported before the run stops
-                        raise Interrupted(self.interrupt, max(version, replay.reported) if replay is not None else version, checkpointed=self.on_checkpoint is not None)
+                        reached = max(version, replay.reported) if replay is not None else version  # (the rows written)
+                        raise Interrupted(self.interrupt, reached, checkpointed=self.on_checkpoint is not None)
                     stop_reason = "diverged"
                 if self.on_step is not None and not (replay is not None and version <= replay.reached):
                     self.on_step(version)
