@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from ..errors import require
@@ -35,5 +36,9 @@ class CharRNN(nn.Module):
         x = nn.Embed(self.num_classes, self.embed)(x.astype(jnp.int32))
         for _ in range(self.layers):
             cell = nn.OptimizedLSTMCell(self.hidden) if self.cell == "lstm" else nn.GRUCell(self.hidden)
-            x = nn.RNN(cell)(x)
+            # the cell's zero carry is float32 (its param_dtype); a float64 model's steps return float64, which
+            # scan refuses for a float32 carry: the carry takes the wider of the two (bfloat16 inputs: float32, as before)
+            carry = cell.initialize_carry(jax.random.key(0), x[:, 0].shape)  # (zeros: the key is not used)
+            carry = jax.tree.map(lambda c: c.astype(jnp.promote_types(c.dtype, x.dtype)), carry)
+            x = nn.RNN(cell)(x, initial_carry=carry)
         return nn.Dense(self.num_classes)(x[:, -1])

@@ -81,6 +81,26 @@ def test_one_sgd_step_lowers_the_loss_on_a_tiny_batch(module, shape):
     assert float(after) < float(before)
 
 
+@pytest.mark.parametrize("module, shape", SMALL, ids=lambda v: type(v).__name__ if hasattr(v, "apply") else None)
+def test_every_model_runs_in_float64_as_precision_float64_has_it(module, shape):
+    """precision=float64 casts the initial parameters to float64; the char RNNs failed there (their
+    cells' zero carry stayed float32, and scan refuses a carry whose type the step changes). In
+    float64 the outputs and one step's gradients are those of float32 to float32's rounding."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, (5, *shape)).astype(np.float64) if isinstance(module, CharRNN) else rng.normal(size=(5, *shape))
+    y = rng.integers(0, 4, 5)
+    with jax.enable_x64(True):
+        params32 = init_params(module, shape, jax.random.key(1))
+        params64 = jax.tree.map(lambda p: p.astype(jnp.float64), params32)
+        step = jax.jit(jax.value_and_grad(lambda p, x: cross_entropy(module.apply, p, x, y)))  # (one compilation per dtype)
+        out64, grads64 = step(params64, jnp.asarray(x))
+        out32, grads32 = step(params32, jnp.asarray(x, jnp.float32))
+        assert out64.dtype == jnp.float64 and {g.dtype for g in jax.tree.leaves(grads64)} == {jnp.dtype(jnp.float64)}
+        np.testing.assert_allclose(out64, out32, rtol=1e-5)
+        for g64, g32 in zip(jax.tree.leaves(grads64), jax.tree.leaves(grads32)):
+            np.testing.assert_allclose(g64, g32, rtol=1e-3, atol=1e-5)
+
+
 def test_resnet_uses_group_norm_and_no_batch_statistics():
     params = init_params(resnet8(10), (8, 8, 3), jax.random.key(0))
     assert set(params) == {"params"}  # no "batch_stats" collection
