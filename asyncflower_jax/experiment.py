@@ -383,7 +383,7 @@ class Experiment:
                 on_updates=recorder.add_updates if recorder and record_updates else None,
                 on_progress=progress,
                 on_failures=recorder.add_failures if recorder else None,
-                on_checkpoint=self._checkpoint_writer(checkpoints, recorder) if checkpointable else None,
+                on_checkpoint=self._checkpoint_writer(checkpoints, recorder, trackers) if checkpointable else None,
                 on_step=_crash_hook() if snapshot is None else None,  # a resumed run is never killed again
             )
             if self.settings.lookahead > 1:
@@ -426,13 +426,15 @@ class Experiment:
             except Exception as exc:  # the run's own files are complete; only a tracker is left unclosed
                 log.warning("could not close a tracker: %s", exc)
 
-    def _checkpoint_writer(self, checkpoints: CheckpointManager, recorder: Recorder | None):
+    def _checkpoint_writer(self, checkpoints: CheckpointManager, recorder: Recorder | None, trackers=()):
         fingerprint = self.fingerprint()
 
         def write(snapshot: Snapshot) -> Path:
             snapshot.meta["fingerprint"] = fingerprint
             if recorder is not None:
                 snapshot.meta["recorder"] = recorder.position()
+            for tracker in trackers:  # (a resume sends the rows after the checkpoint: those before it must be on disk)
+                tracker.flush()
             path = checkpoints.save(snapshot)
             log.info("checkpoint at version %d: %s", snapshot.version, path)
             return path

@@ -36,9 +36,12 @@ FLUSH_SECS = 10  # TensorBoard: pending events reach the file at least this ofte
 
 
 class Tracker(Protocol):
-    """Receives every metrics row of a run (`log`) and is closed once when the run ends."""
+    """Receives every metrics row of a run (`log`), is flushed with each checkpoint (rows logged
+    before it are kept, as metrics.csv's are) and is closed once when the run ends."""
 
     def log(self, row: Mapping[str, Any]) -> None: ...
+
+    def flush(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -64,6 +67,9 @@ class TensorBoardTracker:
         for tag, value in scalars(row).items():
             self.writer.add_scalar(tag, value, step)
 
+    def flush(self) -> None:
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -76,6 +82,9 @@ class WandbTracker:
 
     def log(self, row: Mapping[str, Any]) -> None:
         self.run.log(scalars(row), step=int(row[STEP_KEY]))
+
+    def flush(self) -> None:
+        """Nothing: a logged row is already with W&B's own service process, which outlives this one."""
 
     def close(self) -> None:
         self.run.finish()

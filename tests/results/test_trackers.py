@@ -207,3 +207,26 @@ def test_close_all_closes_every_tracker_and_reraises_the_first_error():
     with pytest.raises(OSError, match="a failed"):
         close_all([Tracker("a", True), Tracker("b", True), Tracker("c", False)])
     assert closed == ["a", "b", "c"]
+
+
+def test_tensorboard_keeps_the_rows_before_a_checkpoint_when_the_run_is_killed_and_resumed(tmp_path):
+    """The rows logged before a checkpoint waited in the writer's buffer (flushed every FLUSH_SECS):
+    a SIGKILL lost them, and the resumed run logs only the rows after the checkpoint."""
+    import os
+    import signal
+    import subprocess
+
+    from asyncflower_jax.experiment import KILL_AT_VERSION_ENV
+
+    root = Path(__file__).resolve().parents[2]
+    args = [*TINY, "progress=false", "trackers=[tensorboard]", "checkpoint_every=8", "checkpoint_min_seconds=0", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "EXPERIMENTS_BASE_DIR": str(tmp_path)}
+    killed = subprocess.run([sys.executable, "run.py", *args], cwd=root, env={**env, KILL_AT_VERSION_ENV: "8"}, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = subprocess.run([sys.executable, "run.py", "resume=true", *args], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = []
+    for path in sorted((tmp_path / "run" / TENSORBOARD_DIR).glob("events.out.tfevents.*")):  # (one file per process)
+        found, _ = read_event_file(path)
+        steps += [step for step, _ in found.get("test_accuracy", [])]
+    assert sorted(steps) == [int(r["version"]) for r in metrics_csv(tmp_path / "run")] == [0, 4, 8, 12, 15]
