@@ -279,7 +279,8 @@ class Simulator:
         call, delivered just before each metrics row (norms, weights and losses stay on the device
         until then, so there is one transfer per evaluation); None skips computing them;
       on_progress(stats): after every aggregation, with version, sim_time, client_updates, wall_time,
-        mean_staleness (over all updates so far) and test_accuracy (last evaluation). It is called per
+        mean_staleness (over all updates so far) and test_accuracy (last evaluation read), and once
+        more where the run ends (its final evaluation; a time limit's clock). It is called per
         aggregation, so it must be cheap: throttle inside (see results/progress.py);
       on_failures(rows): the failed tasks (sim_time, client, dispatch_id, start_version, kind) since
         the previous call, delivered with the update rows;
@@ -734,6 +735,17 @@ class Simulator:
                 report({**row, **read_metrics(scores)})
             return True
 
+        def progress_stats() -> dict:
+            """What `on_progress` is given: where the run is, and the last test accuracy read."""
+            return {
+                "version": version,
+                "sim_time": sched.clock,
+                "client_updates": updates_done,
+                "wall_time": time.perf_counter() - t0,
+                "mean_staleness": staleness_sum / updates_done if updates_done else 0.0,
+                "test_accuracy": history[-1]["test_accuracy"],
+            }
+
         def snapshot() -> Snapshot:
             settle()
             flush_updates()  # the rows written so far belong to the checkpoint's recorder position
@@ -858,16 +870,7 @@ class Simulator:
                         if stop_reason is not None and not read_evaluations():  # the last evaluation is read at once
                             stop_reason = "diverged"
                 if arrivals and self.on_progress is not None and not (replay is not None and version <= replay.reached):
-                    self.on_progress(
-                        {
-                            "version": version,
-                            "sim_time": sched.clock,
-                            "client_updates": updates_done,
-                            "wall_time": time.perf_counter() - t0,
-                            "mean_staleness": staleness_sum / updates_done,
-                            "test_accuracy": history[-1]["test_accuracy"],
-                        }
-                    )
+                    self.on_progress(progress_stats())
                 if arrivals and s.checkpoint_every is not None and version % s.checkpoint_every == 0:
                     checkpoint_owed = True
                 # A relaxed run checkpoints and stops on a signal only where a window starts: there its
@@ -915,6 +918,8 @@ class Simulator:
                 stop_reason = "diverged"
         verify(all_finite)  # (a run that ends without a new evaluation)
         flush_updates()  # rows of a diverged run's last aggregations; otherwise nothing is left here
+        if self.on_progress is not None:  # where the run ended (a time limit moves the clock past the last aggregation), its last evaluation
+            self.on_progress(progress_stats())
 
         wall = time.perf_counter() - t0
         summary = {

@@ -137,3 +137,20 @@ def test_log_lines_print_above_the_display_and_handlers_get_their_stream_back(mo
         logging.getLogger().removeHandler(handler)
     assert f"a log line {'x' * 250}\n" in buf.getvalue()  # one line, not wrapped at the console's width
     assert sys.stdout.getvalue() == ""
+
+
+def test_the_last_frame_shows_where_a_run_stopped_by_its_time_limit_ended():
+    """A time limit moves the clock past the last aggregation, and the run's last evaluation is read
+    after it: the display was left at the last aggregation's time and the evaluation before."""
+    console, buf = terminal()
+    frames = []
+    real_render = LiveProgress.render
+    result = None
+    try:
+        LiveProgress.render = lambda self, stats: frames.append(dict(stats)) or real_render(self, stats)
+        result = Experiment(make_config(*TINY, "max_updates=null", "max_time=3.3", "progress=true")).run(None, console=console)
+    finally:
+        LiveProgress.render = real_render
+    assert result.summary["stop_reason"] == "max_time" and frames[-1]["sim_time"] == 3.3
+    assert "sim time 3.30/3.30" in buf.getvalue() and "100%" in buf.getvalue()
+    assert frames[-1]["test_accuracy"] == result.summary["final_test_accuracy"] and frames[-1]["version"] == result.summary["versions"]
