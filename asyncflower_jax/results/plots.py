@@ -232,8 +232,9 @@ def plot_in_flight(updates: dict[str, np.ndarray], concurrency: int | None, titl
     dispatch_time and sim_time (arrival), with the configured concurrency for reference.
 
     Clients still in flight when the run stopped are not in updates.csv (nor are arrivals that
-    were never aggregated), so the count falls off toward the end of the run: the stretch where it
-    may be short (see in_flight_complete_until) is shaded.
+    were never aggregated, nor failed tasks: failures.csv has no dispatch times), so the count falls
+    off toward the end of the run, and after a run's first failure: the stretch where it may be
+    short (see in_flight_complete_until) is shaded.
     """
     fig = new_figure(8, 4.5)
     ax = fig.subplots()
@@ -248,7 +249,7 @@ def plot_in_flight(updates: dict[str, np.ndarray], concurrency: int | None, titl
     if concurrency:
         ax.axhline(concurrency, color="0.35", linestyle=":", linewidth=1.2, label=f"concurrency {concurrency}", zorder=4)
     if exact_until < end:
-        ax.axvspan(exact_until, end, color="0.5", alpha=0.15, linewidth=0, label="may be short: clients in\nflight at the stop are\nnot in updates.csv")
+        ax.axvspan(exact_until, end, color="0.5", alpha=0.15, linewidth=0, label="may be short: failed tasks\nand clients in flight at\nthe stop are not in\nupdates.csv")
     ax.set_xlabel("simulated time")
     ax.set_ylabel("clients in flight")
     ax.set_xlim(0, end if end > 0 else 1.0)
