@@ -171,7 +171,7 @@ FIELDS: dict[str, Field] = {
             "validation_fraction", float, 0.0,
             "share of every client's samples held out; the global model is also scored on them", low=0, high=1, high_open=True,
         ),
-        Field("chunk_size", int, 256, "clients per training call (results do not depend on it)", low=1),
+        Field("chunk_size", int, 256, "clients per training call (results do not depend on it beyond float rounding)", low=1),
         Field(
             "aggregations_per_call", int, None,
             "aggregations applied together in one device call, planned on the host between training flushes "
