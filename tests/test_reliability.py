@@ -467,3 +467,24 @@ def test_the_sweep_report_lists_failed_and_diverged_runs_apart(tmp_path):
     (diverged / "summary.json").write_text(json.dumps({"stop_reason": "diverged", "diverged": {"message": "non-finite after version 4"}}))
     assert load_run(failed).problem == "failed: ConfigError: faults.nan=2 is invalid: must be a probability in [0, 1]"
     assert load_run(diverged).problem == "diverged: non-finite after version 4"
+
+
+def test_a_finished_job_leaves_nothing_of_its_experiment_in_memory(tmp_path, monkeypatch):
+    """A sweep runs its jobs in one process: the finished job's experiment (its client store, its
+    device arrays) stayed in reference cycles until Python's next collection, while the next job
+    built its own (a sweep of two N = 1e6 jobs peaked at 5.3 GB against 3.7 GB for one)."""
+    import weakref
+
+    from asyncflower_jax import experiment as experiment_module
+
+    made = []
+    real_init = experiment_module.Experiment.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append((weakref.ref(self), weakref.ref(self.store.x)))  # (the clients' samples)
+
+    monkeypatch.setattr(experiment_module.Experiment, "__init__", init)
+    for seed in (0, 1):
+        run_job(make_config("num_clients=20", "concurrency=5", "max_updates=5", "model.hidden=[8]", "plots=false", f"seed={seed}"), tmp_path / str(seed), multirun=True)
+    assert len(made) == 2 and all(exp() is None and store() is None for exp, store in made)
