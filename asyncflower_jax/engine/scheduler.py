@@ -13,6 +13,7 @@ at the leave time. Without one (or with `always`) nothing of this runs.
 
 from __future__ import annotations
 
+import copy
 import heapq
 from typing import NamedTuple
 
@@ -67,6 +68,15 @@ class IdleClients:
         # and write a list twice as fast as a numpy array.
         self._tree = (index & -index).tolist()
         self._top = 1 << (num_clients.bit_length() - 1) if num_clients else 0
+
+    def __deepcopy__(self, memo) -> IdleClients:
+        """A copy of its own (the simulator copies its scheduler before an optimistic run): the
+        tree's list copied as a list, not int by int (1.5 s at N = 1e6)."""
+        new = copy.copy(self)
+        new.idle, new.available = self.idle.copy(), self.available.copy()
+        new._tree = list(self._tree) if isinstance(self._tree, list) else self._tree.copy()
+        memo[id(self)] = new
+        return new
 
     def _add(self, client: int, delta: int) -> None:
         i = client + 1

@@ -195,6 +195,31 @@ def test_schedule_is_determined_by_seed():
     assert trace(4) != trace(5)
 
 
+@pytest.mark.parametrize("as_arrays", [False, True])
+def test_a_deep_copy_of_the_scheduler_replays_the_same_events_and_shares_no_state(as_arrays):
+    """The simulator copies its scheduler before an optimistic run, to rerun from it: the copy
+    must go on exactly as the original and not see the original's later changes (the idle
+    clients' tree is copied as a list or an array, not element by element)."""
+    import copy
+
+    sched = Scheduler(num_clients=30, latency=Exponential(1.0, 0.5), seed=3)
+    for _ in range(6):
+        sched.dispatch(0)
+    if as_arrays:  # (availability turns the tree into an array)
+        sched.idle._add_many(np.array([20, 21]), np.array([0, 0]))
+    twin = copy.deepcopy(sched)
+
+    def run(s):
+        out = []
+        for v in range(40):
+            out.append(s.pop())
+            out.append(s.dispatch(v))
+        return out
+
+    assert run(sched) == run(twin)
+    assert twin.idle._tree is not sched.idle._tree and twin.idle.idle is not sched.idle.idle
+
+
 def test_profile_drawn_once_per_scheduler():
     sched = Scheduler(num_clients=100, latency=ClientGroups(), seed=2)
     profile = sched.profile.copy()
