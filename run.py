@@ -106,13 +106,9 @@ def main(cfg: DictConfig) -> float:
         if multirun:  # Hydra runs the sweep's other jobs, then reports the first failed one
             raise InvalidJob(str(exc), 2) from None  # (its message alone: the error was the input, not the code)
         sys.exit(2)
-    except RunStalled as exc:  # (the settings make every task fail: the message says which)
-        log.error("run stalled: %s (in %s)", exc, run_dir / "failed.json")
-        if multirun:
-            raise InvalidJob(str(exc), 1) from None
-        sys.exit(1)
-    except RuleOutputError as exc:  # (a rule of the user's: the message names its method and what is wrong)
-        log.error("run failed: %s (the traceback is in %s)", exc, run_dir / "failed.json")
+    except (RunStalled, RuleOutputError) as exc:  # (the settings make every task fail, or a rule of the user's is wrong: the message says which)
+        stalled = isinstance(exc, RunStalled)
+        log.error("run stalled: %s (in %s)" if stalled else "run failed: %s (the traceback is in %s)", exc, run_dir / "failed.json")
         if multirun:
             raise InvalidJob(str(exc), 1) from None
         sys.exit(1)
@@ -140,6 +136,11 @@ LAUNCHER_PLUGINS = {  # conf/hydra/launcher/<name>.yaml -> the Hydra plugin it n
 }
 
 
+def is_sweep(argv: list[str]) -> bool:
+    """Whether the command line asks for a sweep (Hydra's multirun mode)."""
+    return any(a in ("-m", "--multirun") or a.startswith("hydra.mode=MULTIRUN") for a in argv)
+
+
 def missing_launcher_plugin(argv: list[str]) -> str | None:
     """Why `hydra/launcher=<name>` on the command line cannot work here (its plugin is not
     installed, or a Slurm launcher off a Slurm cluster), or None; Hydra itself says only "Could not
@@ -147,7 +148,7 @@ def missing_launcher_plugin(argv: list[str]) -> str | None:
     import importlib.util
     import shutil
 
-    submits = any(a in ("-m", "--multirun") or a.startswith("hydra.mode=MULTIRUN") for a in argv) and not any(
+    submits = is_sweep(argv) and not any(
         a.split("=")[0] in ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--resolve", "--package", "-p") for a in argv
     )  # (a Slurm launcher is used by a sweep only; printing the config submits nothing)
     for arg in argv:
@@ -221,7 +222,7 @@ def unknown_key_hint(error: Exception, argv: list[str] = ()) -> str | None:
     group = block.split(".")[0]
     swept = [a for a in argv if a.lstrip("+").partition("=")[0] == group and "," in a.partition("=")[2]]
     close = closest_key(name, known)
-    if swept and any(a in ("-m", "--multirun") for a in argv):  # (Hydra composes the overrides shared by every job with the default choice first)
+    if swept and is_sweep(argv):  # (Hydra composes the overrides shared by every job with the default choice first)
         return (
             (f"did you mean {block}.{close}? If not: " if close else "")
             + f"a sweep over {swept[0].lstrip('+')} first composes {key} with the default {group}, which has no {name}: give it as "
