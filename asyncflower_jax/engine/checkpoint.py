@@ -155,7 +155,12 @@ class CheckpointManager:
         if not self.directory.is_dir():
             return []
         found = [p for p in self.directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
-        return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+        return sorted(found, key=self.version_of)
+
+    @staticmethod
+    def version_of(path: Path) -> int:
+        """The version of a checkpoint directory ckpt-<version>."""
+        return int(path.name[len(PREFIX) :])
 
     def latest(self) -> Path | None:
         paths = self.paths()
@@ -185,7 +190,7 @@ class CheckpointManager:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(self.directory)
-        for newer in [p for p in self.paths() if int(p.name[len(PREFIX) :]) > snapshot.version]:
+        for newer in [p for p in self.paths() if self.version_of(p) > snapshot.version]:
             shutil.rmtree(newer, ignore_errors=True)
         for old in self.paths()[: -self.keep] if self.keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
