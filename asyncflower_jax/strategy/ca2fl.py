@@ -78,7 +78,8 @@ class CA2FL(AsyncStrategy):
         )
 
     def pseudo_gradient(self, state: CA2FLState, updates: UpdateBatch):
-        """u, and which rows write the cache (the last real row of each client)."""
+        """u, the deltas, which rows write the cache (the last real row of each client), and what was
+        read from the cache (the write must wait for it)."""
         delta = updates.delta
         write = last_occurrence(updates.client_id, updates.mask)
         cached = read_rows(state.cache, updates.client_id)
@@ -96,7 +97,7 @@ class CA2FL(AsyncStrategy):
             u = t / denom.astype(t.dtype) + c / k.astype(c.dtype)
             return jnp.where(real, u, jnp.zeros_like(u))
 
-        return jax.tree.map(combine, total, correction), delta, write
+        return jax.tree.map(combine, total, correction), delta, write, (cached, total)
 
     def update_weights(self, state: CA2FLState, updates: UpdateBatch):
         """1/K, the coefficient of D_i in u; 0 for a row followed by a later row of the same client in
@@ -105,11 +106,11 @@ class CA2FL(AsyncStrategy):
         return last_occurrence(updates.client_id, updates.mask).astype(jnp.result_type(float)) / k
 
     def aggregate(self, params, state: CA2FLState, updates: UpdateBatch):
-        u, delta, write = self.pseudo_gradient(state, updates)
+        u, delta, write, reads = self.pseudo_gradient(state, updates)
         step, opt_state = self.server_optimizer.update(u, state.opt_state, params)
         params = optax.apply_updates(params, step)
         state = CA2FLState(
-            cache=write_rows(state.cache, updates.client_id, delta, write),
+            cache=write_rows(state.cache, updates.client_id, delta, write, reads=reads),
             seen=mark_seen(state.seen, updates.client_id, write),
             opt_state=opt_state,
         )

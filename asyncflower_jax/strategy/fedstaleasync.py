@@ -213,6 +213,7 @@ class FedStaleAsync(AsyncStrategy):
         fresh_coef, held_coef, part, est_state, (beta_sum, beta_rounds), fresh, slot = self.coefficients(state, updates)
         delta = updates.delta
         grad = weighted_sum(fresh_coef, delta)
+        held = ()
         if not self.clear_memory:
             held = weighted_sum(held_coef, state.memory)
             grad = jax.tree.map(jnp.add, grad, held)
@@ -224,7 +225,7 @@ class FedStaleAsync(AsyncStrategy):
         if self.clear_memory:
             memory, stored = (), jnp.zeros_like(state.stored)
         else:
-            memory = write_rows(state.memory, updates.client_id, delta, fresh)
+            memory = write_rows(state.memory, updates.client_id, delta, fresh, reads=held)
             stored = state.stored | part
         state = FedStaleAsyncState(
             memory=memory,
