@@ -111,13 +111,14 @@ def test_the_run_lets_the_hosts_training_samples_go_once_they_are_in_the_client_
 def test_a_rule_whose_per_client_memory_cannot_fit_is_refused_before_the_run(monkeypatch):
     from asyncflower_jax import memory
 
-    # CA2FL's cache: 50 clients x the MLP 64-2000-10 (150,010 float32: 600,040 bytes) = 30.0 MB
-    # (and 50 bytes of flags), twice that needed; the store (digits, 0.4 MB) fits either way
+    # CA2FL's cache: 50 clients x the MLP 64-2000-10 (150,010 float32: 600,040 bytes) = 30.0 MB,
+    # its sum over clients (one model) and 50 bytes of flags: 30,602,090 bytes, twice that needed;
+    # the store (digits, 0.4 MB) fits either way
     overrides = ("strategy=ca2fl", "num_clients=50", "model.hidden=[2000]")
-    monkeypatch.setattr(memory, "available_bytes", lambda: int(2 * 30_002_050 / 0.9) - 100)
-    with pytest.raises(ConfigError, match=r"CA2FL's server state \(30\.0 MB for num_clients=50 and a model of 0\.60 MB\) needs about 60\.0 MB"):
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(2 * 30_602_090 / 0.9) - 100)
+    with pytest.raises(ConfigError, match=r"CA2FL's server state \(30\.6 MB for num_clients=50 and a model of 0\.60 MB\) needs about 61\.2 MB"):
         Experiment(make_config(*overrides))
-    monkeypatch.setattr(memory, "available_bytes", lambda: int(2 * 30_002_050 / 0.9) + 100)
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(2 * 30_602_090 / 0.9) + 100)
     Experiment(make_config(*overrides))
 
 

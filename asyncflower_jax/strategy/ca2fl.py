@@ -11,7 +11,17 @@ import optax
 
 from ..errors import require
 from .base import AsyncStrategy, buffer_or_window, check_buffer_and_window
-from .client_memory import check_population, last_occurrence, mark_seen, memory_sum, read_rows, write_rows, zeros_memory
+from .client_memory import (
+    check_population,
+    last_occurrence,
+    mark_seen,
+    read_rows,
+    stored_rows,
+    sum_after_write,
+    write_rows,
+    zeros_memory,
+    zeros_sum,
+)
 from .server_optimizers import resolve_server_optimizer
 from .updates import PyTree, UpdateBatch, weighted_sum
 
@@ -21,6 +31,7 @@ CACHE_MEANS = ("all", "seen")
 class CA2FLState(NamedTuple):
     cache: PyTree  # h_j, every leaf with a leading client axis [N, ...]; zeros until j first returns
     seen: jnp.ndarray  # bool [N]: h_j has been written
+    cache_sum: PyTree  # sum_j h_j, kept as the cache is written (summing it costs O(N) per aggregation)
     opt_state: Any  # the server optimizer's state
 
 
@@ -74,16 +85,17 @@ class CA2FL(AsyncStrategy):
         return CA2FLState(
             cache=zeros_memory(params, self.num_clients),
             seen=jnp.zeros(self.num_clients, bool),
+            cache_sum=zeros_sum(params),
             opt_state=self.server_optimizer.init(params),
         )
 
     def pseudo_gradient(self, state: CA2FLState, updates: UpdateBatch):
-        """u, the deltas, which rows write the cache (the last real row of each client), and what was
-        read from the cache (the write must wait for it)."""
+        """u, which rows write the cache (the last real row of each client) and the cache's rows
+        before the write."""
         delta = updates.delta
         write = last_occurrence(updates.client_id, updates.mask)
         cached = read_rows(state.cache, updates.client_id)
-        total = memory_sum(state.cache)
+        total = state.cache_sum
         if self.cache_mean == "all":
             denom = jnp.asarray(self.num_clients, jnp.float32)
         else:
@@ -97,7 +109,7 @@ class CA2FL(AsyncStrategy):
             u = t / denom.astype(t.dtype) + c / k.astype(c.dtype)
             return jnp.where(real, u, jnp.zeros_like(u))
 
-        return jax.tree.map(combine, total, correction), delta, write, (cached, total)
+        return jax.tree.map(combine, total, correction), write, cached
 
     def update_weights(self, state: CA2FLState, updates: UpdateBatch):
         """1/K, the coefficient of D_i in u; 0 for a row followed by a later row of the same client in
@@ -106,12 +118,13 @@ class CA2FL(AsyncStrategy):
         return last_occurrence(updates.client_id, updates.mask).astype(jnp.result_type(float)) / k
 
     def aggregate(self, params, state: CA2FLState, updates: UpdateBatch):
-        u, delta, write, reads = self.pseudo_gradient(state, updates)
+        u, write, cached = self.pseudo_gradient(state, updates)
         step, opt_state = self.server_optimizer.update(u, state.opt_state, params)
         params = optax.apply_updates(params, step)
         state = CA2FLState(
-            cache=write_rows(state.cache, updates.client_id, delta, write, reads=reads),
+            cache=write_rows(state.cache, updates.client_id, updates.delta, write, reads=cached),
             seen=mark_seen(state.seen, updates.client_id, write),
+            cache_sum=sum_after_write(state.cache_sum, updates.delta, cached, stored_rows(updates.client_id, write, self.num_clients)),
             opt_state=opt_state,
         )
         return params, state

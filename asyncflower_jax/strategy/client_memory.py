@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ..errors import is_integer, require
-from .updates import PyTree, zero_rows
+from .updates import PyTree, weighted_sum, zero_rows
 
 
 def check_population(num_clients) -> None:
@@ -55,7 +55,7 @@ def write_rows(memory: PyTree, client_id: jnp.ndarray, rows: PyTree, write: jnp.
     whole memory, twice, to keep the reads apart from it (150 ms a step at 100,000 x 610).
     """
     num_clients = jax.tree.leaves(memory)[0].shape[0]
-    write = write & (client_id >= 0) & (client_id < num_clients) & _always(reads)
+    write = stored_rows(client_id, write, num_clients) & _always(reads)
     index = jnp.clip(client_id, 0, num_clients - 1)
 
     def body(r, mem):
@@ -86,7 +86,20 @@ def mark_seen(seen: jnp.ndarray, client_id: jnp.ndarray, write: jnp.ndarray) -> 
     return seen.at[jnp.where(write, client_id, seen.shape[0])].set(True, mode="drop")
 
 
-def memory_sum(memory: PyTree) -> PyTree:
-    """sum over clients of every leaf (as a contraction with ones: XLA's CPU reduction over the
-    leading axis is about 100x slower)."""
-    return jax.tree.map(lambda leaf: jnp.tensordot(jnp.ones(leaf.shape[0], leaf.dtype), leaf, axes=1), memory)
+def zeros_sum(params: PyTree) -> PyTree:
+    """The sum over clients of a memory of zeros: a zero model."""
+    return jax.tree.map(jnp.zeros_like, params)
+
+
+def stored_rows(client_id: jnp.ndarray, write: jnp.ndarray, num_clients: int) -> jnp.ndarray:
+    """bool [K]: the rows `write_rows` stores (`write` holds and the id is in [0, N))."""
+    return write & (client_id >= 0) & (client_id < num_clients)
+
+
+def sum_after_write(total: PyTree, rows: PyTree, cached: PyTree, stored: jnp.ndarray) -> PyTree:
+    """The sum over clients of the memory after `write_rows`, from `total`, its sum before, the
+    rows written, the rows `cached` before (`read_rows`) and which rows were `stored`: each changes
+    the sum by rows[r] - cached[r]. Kept in a rule's state, it saves summing the N x model memory
+    every aggregation (0.2 s at N = 1e6 for a model of 610 parameters)."""
+    change = weighted_sum(stored, jax.tree.map(lambda r, c: r.astype(c.dtype) - c, rows, cached))
+    return jax.tree.map(lambda t, c: t + c.astype(t.dtype), total, change)

@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import optax
 
 from .base import AsyncStrategy, buffer_or_window, check_buffer_and_window
-from .client_memory import check_population, last_occurrence, memory_sum, write_rows, zeros_memory
+from .client_memory import check_population, last_occurrence, read_rows, stored_rows, sum_after_write, write_rows, zeros_memory, zeros_sum
 from .server_optimizers import resolve_server_optimizer
 from .updates import PyTree, UpdateBatch
 
 
 class MIFAState(NamedTuple):
     memory: PyTree  # G_i, every leaf with a leading client axis [N, ...]; zeros until i first returns
+    memory_sum: PyTree  # sum_i G_i, kept as the memory is written (summing it costs O(N) per aggregation)
     opt_state: Any  # the server optimizer's state
 
 
@@ -59,7 +60,9 @@ class MIFA(AsyncStrategy):
         return buffer_or_window(self.buffer_size, self.round_duration)
 
     def init(self, params):
-        return MIFAState(memory=zeros_memory(params, self.num_clients), opt_state=self.server_optimizer.init(params))
+        return MIFAState(
+            memory=zeros_memory(params, self.num_clients), memory_sum=zeros_sum(params), opt_state=self.server_optimizer.init(params)
+        )
 
     def update_weights(self, state: MIFAState, updates: UpdateBatch):
         """1/N, the coefficient of D_i (stored as G_i) in the mean over all clients; 0 for a row
@@ -71,8 +74,10 @@ class MIFA(AsyncStrategy):
 
     def aggregate(self, params, state: MIFAState, updates: UpdateBatch):
         write = last_occurrence(updates.client_id, updates.mask)
-        memory = write_rows(state.memory, updates.client_id, updates.delta, write)
+        cached = read_rows(state.memory, updates.client_id)
+        memory = write_rows(state.memory, updates.client_id, updates.delta, write, reads=cached)
         n = self.num_clients
-        grad = jax.tree.map(lambda total: total / jnp.asarray(n, total.dtype), memory_sum(memory))
+        total = sum_after_write(state.memory_sum, updates.delta, cached, stored_rows(updates.client_id, write, n))
+        grad = jax.tree.map(lambda t: t / jnp.asarray(n, t.dtype), total)
         step, opt_state = self.server_optimizer.update(grad, state.opt_state, params)
-        return optax.apply_updates(params, step), MIFAState(memory=memory, opt_state=opt_state)
+        return optax.apply_updates(params, step), MIFAState(memory=memory, memory_sum=total, opt_state=opt_state)

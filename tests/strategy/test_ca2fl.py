@@ -8,6 +8,7 @@ from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.strategy import CA2FL
 
 from .zoo_helpers import (
+    assert_kept_sum,
     assert_tree_close,
     check_padding_changes_nothing,
     make_batch,
@@ -108,6 +109,21 @@ def test_multistep_matches_numpy(cache_mean, jit):
     x0 = to_jax(zeros_tree())
     _, state = run_multistep(agg, strat.init(x0), ref_ca2fl(n, lr, cache_mean), k=3, num_clients=n, steps=5, seed=7)
     assert 1 <= int(np.sum(np.asarray(state.seen))) <= n
+    assert_kept_sum(state.cache, state.cache_sum)  # (kept as rows are written, clients twice in a buffer too)
+
+
+def test_client_id_out_of_range_is_never_written():
+    # N = 2, K = 1, lr = 1; client 1 sends D1 = {w:[1,0], b:0.5}: u1 = D1, x1 = x0 - D1 = {w:[0,2], b:0}.
+    # Then an id outside [0, N) sends D2 = {w:[0,0], b:-1}: it reads as a cold cache (0) and is not
+    # stored, so u2 = mean h + (D2 - 0) = D1/2 + D2 = {w:[0.5,0], b:-0.75}; x2 = {w:[-0.5,2], b:0.75}.
+    strat = CA2FL(num_clients=2, buffer_size=1, server_lr=1.0)
+    x = to_jax(X0)
+    x, state = strat.aggregate(x, strat.init(x), hand_batch([D1], [1], [0]))
+    x, state = jax.jit(strat.aggregate)(x, state, hand_batch([D2], [7], [0]))
+    assert_tree_close(x, tree([-0.5, 2.0], 0.75))
+    np.testing.assert_array_equal(np.asarray(state.cache["w"]), [[0, 0], [1, 0]])
+    np.testing.assert_array_equal(np.asarray(state.cache["b"]), [0, 0.5])
+    assert_kept_sum(state.cache, state.cache_sum)
 
 
 def test_multistep_with_fedavgm_server_optimizer_matches_numpy():

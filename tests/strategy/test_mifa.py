@@ -8,6 +8,7 @@ from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.strategy import MIFA
 
 from .zoo_helpers import (
+    assert_kept_sum,
     assert_tree_close,
     check_padding_changes_nothing,
     make_batch,
@@ -90,6 +91,7 @@ def test_client_id_out_of_range_is_never_written():
     x, state = jax.jit(strat.aggregate)(x, state, hand_batch([D2], [7], [0]))
     np.testing.assert_array_equal(np.asarray(state.memory["w"]), [[0, 0], [1, 0]])
     np.testing.assert_array_equal(np.asarray(state.memory["b"]), [0, 0.5])
+    assert_kept_sum(state.memory, state.memory_sum)
     assert_tree_close(x, tree([0.0, 2.0], 0.0))  # x0 - 2 * D1/2
 
 
@@ -99,7 +101,8 @@ def test_multistep_matches_numpy(jit):
     n, lr = 5, 0.8
     strat = MIFA(num_clients=n, buffer_size=3, server_lr=lr)
     agg = jax.jit(strat.aggregate) if jit else strat.aggregate
-    run_multistep(agg, strat.init(to_jax(zeros_tree())), ref_mifa(n, lr), k=3, num_clients=n, steps=5, seed=9)
+    _, state = run_multistep(agg, strat.init(to_jax(zeros_tree())), ref_mifa(n, lr), k=3, num_clients=n, steps=5, seed=9)
+    assert_kept_sum(state.memory, state.memory_sum)  # (kept as rows are written, clients twice in a buffer too)
 
 
 def test_multistep_with_fedavgm_server_optimizer_matches_numpy():

@@ -141,3 +141,9 @@ def check_padding_changes_nothing(strat, jit):
     got = agg(x, state, padded)
     assert_trees_equal(got, want)
     return got
+
+
+def assert_kept_sum(memory, kept):
+    """A rule's running sum over clients equals the sum of its memory's rows."""
+    for key in memory:
+        np.testing.assert_allclose(np.asarray(kept[key]), np.asarray(memory[key]).sum(axis=0), rtol=1e-5, atol=1e-6)
