@@ -1,6 +1,6 @@
 """A real Flower federation on loopback: flower-superlink, 2 flower-supernode processes and `flwr run` of this app.
 
-FedAsync runs for 6 updates over the asynchronous ServerApp loop; the ClientApps train with JAX on
+FedAsync runs for 4 updates over the asynchronous ServerApp loop; the ClientApps train with JAX on
 their partitions. Every wait is bounded, and every process the test starts (and every process those
 start) is ended when it leaves, pass or fail.
 """
@@ -24,7 +24,7 @@ def test_fedasync_in_a_real_federation(tmp_path):
         "strategy": "fedasync",
         "num_clients": NODES,
         "concurrency": NODES,
-        "max_updates": 6,
+        "max_updates": 4,  # (each message a ClientApp takes starts a process: about 8 s a round here)
         "eval_every": 1,
         "overrides": "client.num_steps=20 client.learning_rate=0.1 model.hidden=[32]",
         "federation.node_timeout": 120.0,
@@ -43,7 +43,7 @@ def test_fedasync_in_a_real_federation(tmp_path):
     assert federation.alive_descendants() == []
     assert not is_listening(federation.port)
 
-    assert summary["stop_reason"] == "max_updates" and summary["client_updates"] >= 6 and summary["versions"] >= 6
+    assert summary["stop_reason"] == "max_updates" and summary["client_updates"] >= 4 and summary["versions"] >= 4
     # the run directory is complete: the launcher stopped the federation only after the plots
     assert not (run_dir / "failed.json").exists() and (run_dir / "accuracy_loss.png").stat().st_size > 10_000
     assert summary["failures"] == {"dropout": 0, "failed": 0, "timeout": 0, "nonfinite": 0}
@@ -57,4 +57,4 @@ def test_fedasync_in_a_real_federation(tmp_path):
     assert all(int(u["staleness"]) == int(u["version"]) - 1 - int(u["start_version"]) for u in updates)
     with open(run_dir / "metrics.csv", newline="") as f:
         accuracy = [float(r["test_accuracy"]) for r in csv.DictReader(f)]
-    assert len(accuracy) >= 6 and accuracy[-1] == pytest.approx(summary["final_test_accuracy"])
+    assert len(accuracy) >= 4 and accuracy[-1] == pytest.approx(summary["final_test_accuracy"])
