@@ -57,6 +57,10 @@ class Snapshot:
 
 
 # ---- pytrees <-> named arrays ---------------------------------------------------------------------
+# (a rule's state can change between releases: MIFA and CA2FL gained their memory's sum)
+WRITTEN_ELSEWHERE = "it was written by another configuration, or by a release of asyncflower-jax whose rule keeps other state"
+
+
 def _is_key(leaf) -> bool:
     return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
@@ -72,7 +76,7 @@ def get_tree(arrays: dict, prefix: str, template, what: str):
     leaves, treedef = jax.tree.flatten(template)
     stored = sum(1 for k in arrays if k.rsplit(".", 1)[0] == prefix)
     if stored != len(leaves):
-        raise CheckpointError(f"the checkpoint's {what} has {stored} arrays, this run's has {len(leaves)}: it was written by another configuration")
+        raise CheckpointError(f"the checkpoint's {what} has {stored} arrays, this run's has {len(leaves)}: {WRITTEN_ELSEWHERE}")
     out = []
     for i, leaf in enumerate(leaves):
         value = np.asarray(arrays[f"{prefix}.{i}"])
@@ -84,7 +88,7 @@ def get_tree(arrays: dict, prefix: str, template, what: str):
         if value.shape != shape or value.dtype != dtype:
             raise CheckpointError(
                 f"the checkpoint's {what} array {i} is {value.dtype}{list(value.shape)}, this run expects {dtype}{list(shape)}: "
-                "it was written by another configuration"
+                + WRITTEN_ELSEWHERE
             )
         out.append(jnp.asarray(value) if isinstance(leaf, (jax.Array, np.ndarray)) else value.item())
     return jax.tree.unflatten(treedef, out)
@@ -106,7 +110,7 @@ def get_stacked(arrays: dict, prefix: str, template, rows: int, what: str):
             raise CheckpointError(f"the checkpoint lacks {what} array {i}")
         value = np.asarray(arrays[key])
         if value.shape != (rows, *np.shape(leaf)) or value.dtype != np.dtype(leaf.dtype):
-            raise CheckpointError(f"the checkpoint's {what} array {i} is {value.dtype}{list(value.shape)}: it was written by another configuration")
+            raise CheckpointError(f"the checkpoint's {what} array {i} is {value.dtype}{list(value.shape)}: {WRITTEN_ELSEWHERE}")
         out.append(jnp.asarray(value))
     return jax.tree.unflatten(treedef, out)
 
@@ -287,7 +291,7 @@ def restore_run(snapshot: Snapshot, *, scheduler, versions, pending, params_temp
         try:
             scheduler.load_state_dict(meta["scheduler"], arrays)
         except ValueError as exc:
-            raise CheckpointError(f"the checkpoint does not fit this run: {exc}: it was written by another configuration") from None
+            raise CheckpointError(f"the checkpoint does not fit this run: {exc}: {WRITTEN_ELSEWHERE}") from None
         for v, n in sorted((int(k), int(n)) for k, n in meta["versions"].items()):
             versions.put(v, get_tree(arrays, f"version.{v}", params_template, f"model version {v}"), refs=n)
         state = get_tree(arrays, "state", state_template, "strategy state")

@@ -131,6 +131,22 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
         simulate(other, resume=snapshots[0])
 
 
+def test_a_checkpoint_from_a_release_whose_rule_kept_other_state_is_refused_saying_so(tmp_path):
+    """CA2FL's state gained the cache's sum over clients: a checkpoint of the state before it (the
+    same arrays without those) is refused with a message that names both causes."""
+    exp = experiment("ca2fl", checkpoint_every=10)
+    snapshots = []
+    simulate(exp, on_checkpoint=snapshots.append)
+    state = exp.strategy.init(exp.params)
+    kept_sum = {id(leaf) for leaf in jax.tree.leaves(state.cache_sum)}
+    old = [k for k, leaf in enumerate(jax.tree.leaves(state)) if id(leaf) not in kept_sum]
+    arrays = {k: v for k, v in snapshots[0].arrays.items() if not k.startswith("state.")}
+    arrays.update({f"state.{i}": snapshots[0].arrays[f"state.{k}"] for i, k in enumerate(old)})
+    assert len(old) == len(jax.tree.leaves(state)) - len(kept_sum) > 0
+    with pytest.raises(CheckpointError, match="strategy state has .* arrays, this run's has .*: it was written by another configuration, or by a release"):
+        simulate(exp, resume=Snapshot(snapshots[0].meta, arrays))
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "ckpt-000000005"
     bad.mkdir()
