@@ -186,17 +186,22 @@ class GroupLookup(ParticipationEstimator):
 
 
 class IntervalState(NamedTuple):
-    counts: jnp.ndarray  # float [N]: participations
-    interval: jnp.ndarray  # float [N]: running mean of the (capped) rounds between participations
-    last_round: jnp.ndarray  # float [N]: round index of the last participation (-1: never)
+    intervals: jnp.ndarray  # int32 [N]: intervals closed so far
+    mean: jnp.ndarray  # float [N]: their mean length (rounds)
+    since: jnp.ndarray  # int32 [N]: the round at which the open interval started
+    pending: jnp.ndarray  # bool [N]: took part in the round of the last update (closes an interval at the next)
+    last_round: jnp.ndarray  # int32 []: the round of the last update (-1: none yet)
 
 
 @dataclasses.dataclass(frozen=True)
 class Interval(ParticipationEstimator):
-    """FedAU-style: p_i = 1 / (mean number of rounds between i's participations, each capped at `cutoff`).
+    """FedAU (Wang and Ji, ICLR 2024): p_i = 1 / the mean length of i's participation intervals.
 
-    At a participation in round r (0-based), the gap min(r - last_r, cutoff) enters i's running
-    mean (last_r = -1 before the first). A client never seen has p = 1 / cutoff.
+    As FedAU's online estimate: at every round t >= 1 the open interval grows by one round, and it
+    is closed (its length enters the mean) when i took part in round t - 1 or when it reaches
+    `cutoff` rounds. So the p_i of round t counts participations up to round t - 1, a long absence
+    counts as intervals of `cutoff` rounds, and a client with no closed interval yet has p = 1.
+    Rounds with no `update` count as rounds without participation.
     """
 
     cutoff: int = 10
@@ -206,18 +211,34 @@ class Interval(ParticipationEstimator):
         require(isinstance(self.cutoff, int) and self.cutoff >= 1, "participation.cutoff", self.cutoff, "an integer >= 1")
 
     def init(self, num_clients):
-        return IntervalState(jnp.zeros(num_clients), jnp.zeros(num_clients), jnp.full(num_clients, -1.0))
+        return IntervalState(
+            intervals=jnp.zeros(num_clients, jnp.int32),
+            mean=jnp.zeros(num_clients),
+            since=jnp.zeros(num_clients, jnp.int32),
+            pending=jnp.zeros(num_clients, bool),
+            last_round=jnp.asarray(-1, jnp.int32),
+        )
 
     def update(self, state, round_index, participated):
-        r = jnp.asarray(round_index)
-        counts = state.counts + participated
-        gap = jnp.minimum(r - state.last_round, float(self.cutoff))
-        mean = ((counts - 1) * state.interval + gap) / jnp.maximum(counts, 1)
+        """Close the intervals of rounds last_round + 1 .. round_index (from round 1 on), then hold
+        this round's participants for the next update."""
+        r = jnp.asarray(round_index, jnp.int32)
+        first = jnp.maximum(state.last_round + 1, 1)  # the first round to process (FedAU starts at t = 1)
+        todo = r >= first
+        closed = todo & state.pending  # took part in round first - 1: closes an interval at `first`
+        n = state.intervals + closed
+        mean = jnp.where(closed, (state.intervals * state.mean + (first - state.since)) / jnp.maximum(n, 1), state.mean)
+        since = jnp.where(closed, first, state.since)
+        cut = jnp.where(todo, (r - since) // self.cutoff, 0)  # intervals that reach the cutoff by round r
+        total = n + cut
+        mean = jnp.where(cut > 0, (n * mean + cut * self.cutoff) / jnp.maximum(total, 1), mean)
         return IntervalState(
-            counts=counts,
-            interval=jnp.where(participated, mean, state.interval),
-            last_round=jnp.where(participated, r, state.last_round),
+            intervals=total,
+            mean=mean.astype(state.mean.dtype),
+            since=since + cut * self.cutoff,
+            pending=jnp.where(todo, participated, state.pending | participated),
+            last_round=jnp.maximum(r, state.last_round),
         )
 
     def estimate(self, state, num_clients):
-        return jnp.where(state.counts > 0, 1.0 / jnp.maximum(state.interval, 1e-12), 1.0 / self.cutoff)
+        return jnp.where(state.intervals > 0, 1.0 / jnp.maximum(state.mean, 1e-12), 1.0)

@@ -129,12 +129,13 @@ def test_client_twice_in_one_buffer_counts_once_with_its_last_update():
 
 # ---- the original rule, one client at a time --------------------------------------------------------
 class RefEstimator:
-    """The estimators as the original code computed them, per client with dicts."""
+    """The estimators one client at a time, with dicts (the interval one as FedAU's online estimate,
+    round by round)."""
 
     def __init__(self, kind, num_clients, **kw):
         self.kind, self.n, self.kw = kind, num_clients, kw
         self.counts, self.known, self.frac = {}, set(), None
-        self.interval, self.last = {}, {}
+        self.closed, self.mean, self.open_length, self.took_part, self.last_round = {}, {}, {}, set(), -1
         self.groups = contiguous_groups(kw["fractions"], num_clients) if kw.get("fractions") else None
 
     def update(self, r, participants):
@@ -142,9 +143,15 @@ class RefEstimator:
         self.frac = len(participants) / len(self.known)
         for c in participants:
             self.counts[c] = self.counts.get(c, 0) + 1
-            gap = min(r - self.last.get(c, -1), self.kw.get("cutoff", 10))
-            self.interval[c] = ((self.counts[c] - 1) * self.interval.get(c, 0.0) + gap) / self.counts[c]
-            self.last[c] = r
+        cutoff = self.kw.get("cutoff", 10)
+        for t in range(max(self.last_round + 1, 1), r + 1):  # FedAU: each round from 1 on, every client
+            for c in range(self.n):
+                self.open_length[c] = self.open_length.get(c, 0) + 1
+                if (t == self.last_round + 1 and c in self.took_part) or self.open_length[c] == cutoff:
+                    k = self.closed.get(c, 0)
+                    self.mean[c] = (k * self.mean.get(c, 0.0) + self.open_length[c]) / (k + 1)
+                    self.closed[c], self.open_length[c] = k + 1, 0
+        self.took_part, self.last_round = set(participants), r
         self.rounds = r + 1
 
     def p(self, c):
@@ -163,7 +170,7 @@ class RefEstimator:
         elif kind == "lookup":
             p = kw["probabilities"][self.groups[c]]
         else:
-            p = 1.0 / self.interval[c] if c in self.interval else 1.0 / kw["cutoff"]
+            p = 1.0 / self.mean[c] if c in self.mean else 1.0
         p = max(p, kw.get("min_probability", 0.001))
         if kw.get("smoothing"):
             p = min(kw["smoothing"] * p, 1.0)

@@ -81,19 +81,46 @@ def test_group_lookup_with_smoothing():
     np.testing.assert_allclose(p, [1, 1, 1, 0.3, 0.3], rtol=1e-6)
 
 
-def test_interval_fedau_style():
-    # cutoff 4; unseen 1/4.
-    # r0 P={0}: gap 0-(-1)=1 -> mean 1 -> p0 = 1
-    # r1 P={1}: gap 2 -> p1 = 1/2
-    # r2 P={1}: gap 1, mean (2+1)/2 = 1.5 -> p1 = 2/3
-    # r3 P={0}: gap 3, mean (1+3)/2 = 2 -> p0 = 1/2
-    # r9 P={0}: gap min(6, 4) = 4, mean (2*2+4)/3 = 8/3 -> p0 = 3/8
-    p = run(Interval(cutoff=4), 3, [(0, [0]), (1, [1]), (2, [1]), (3, [0]), (9, [0])])
-    np.testing.assert_allclose(p[0], [1, 0.25, 0.25], rtol=1e-6)
-    np.testing.assert_allclose(p[1], [1, 0.5, 0.25], rtol=1e-6)
-    np.testing.assert_allclose(p[2], [1, 2 / 3, 0.25], rtol=1e-6)
-    np.testing.assert_allclose(p[3], [0.5, 2 / 3, 0.25], rtol=1e-6)
-    np.testing.assert_allclose(p[4], [3 / 8, 2 / 3, 0.25], rtol=1e-6)
+def fedau_weights(participation: np.ndarray, cutoff: int) -> np.ndarray:
+    """FedAU's online estimate, one round at a time: weights [clients, rounds], 1 until a first
+    interval closes; at round t >= 1 the open interval grows by one and closes when the client
+    took part in round t - 1 or when it reaches `cutoff`; the weight is the mean closed length."""
+    clients, rounds = participation.shape
+    weights = np.ones((clients, rounds))
+    for i in range(clients):
+        closed, length = 0, 0
+        for t in range(1, rounds):
+            length += 1
+            weights[i, t] = weights[i, t - 1]
+            if participation[i, t - 1] or length == cutoff:
+                weights[i, t] = length if closed == 0 else (closed * weights[i, t - 1] + length) / (closed + 1)
+                closed, length = closed + 1, 0
+    return weights
+
+
+def test_interval_is_fedaus_estimate_by_hand():
+    # cutoff 3; client 0 takes part in rounds 0, 1 and 5, client 1 in round 2.
+    # client 0: t=1 closes 1 (part. 0), t=2 closes 1 (part. 1), t=5 closes 3 (cutoff): mean 5/3,
+    #           t=6 closes 1 (part. 5): mean 6/4.  client 1: t=3 closes 3 (part. 2), t=6 closes 3.
+    rounds = [(0, [0]), (1, [0]), (2, [1]), (3, []), (4, []), (5, [0]), (6, []), (7, [])]
+    p = run(Interval(cutoff=3), 2, rounds)
+    expected = [[1, 1], [1, 1], [1, 1], [1, 1 / 3], [1, 1 / 3], [3 / 5, 1 / 3], [2 / 3, 1 / 3], [2 / 3, 1 / 3]]
+    np.testing.assert_allclose(p, expected, rtol=1e-6)
+    # rounds without an update count as rounds without participation: 0, 1, then 7
+    np.testing.assert_allclose(run(Interval(cutoff=3), 2, [(0, [0]), (1, [0]), (7, [])])[-1], [3 / 5, 1 / 3], rtol=1e-6)
+
+
+@pytest.mark.parametrize("cutoff", [1, 4, 10])
+def test_interval_equals_fedaus_estimate_round_by_round(cutoff):
+    rng = np.random.default_rng(cutoff)
+    rates = np.array([0.9, 0.5, 0.2, 0.05, 0.0, 1.0])
+    participation = rng.random((len(rates), 60)) < rates[:, None]
+    p = run(Interval(cutoff=cutoff, min_probability=0.0), len(rates), [(t, np.flatnonzero(participation[:, t])) for t in range(60)])
+    np.testing.assert_allclose(np.stack(p, axis=1), 1 / fedau_weights(participation, cutoff), rtol=1e-6)
+    # the same with the rounds nobody took part in left out of the calls
+    called = [t for t in range(60) if participation[:, t].any() or t == 59]
+    q = run(Interval(cutoff=cutoff, min_probability=0.0), len(rates), [(t, np.flatnonzero(participation[:, t])) for t in called])
+    np.testing.assert_allclose(np.stack(q, axis=1), 1 / fedau_weights(participation, cutoff)[:, called], rtol=1e-6)
 
 
 @pytest.mark.parametrize(
