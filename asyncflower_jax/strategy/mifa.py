@@ -69,7 +69,7 @@ class MIFA(AsyncStrategy):
         followed by a later row of the same client in the buffer (overwritten before the mean) and
         for client ids outside [0, N) (never stored)."""
         n = self.num_clients
-        stored = last_occurrence(updates.client_id, updates.mask) & (updates.client_id >= 0) & (updates.client_id < n)
+        stored = stored_rows(updates.client_id, last_occurrence(updates.client_id, updates.mask), n)
         return stored.astype(jnp.result_type(float)) / n
 
     def aggregate(self, params, state: MIFAState, updates: UpdateBatch):
