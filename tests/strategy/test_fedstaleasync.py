@@ -15,6 +15,7 @@ from asyncflower_jax.strategy.staleness import Constant, Hinge
 from .zoo_helpers import (
     assert_tree_close,
     check_padding_changes_nothing,
+    fedau_weights,
     make_batch,
     run_multistep,
     sub,
@@ -129,13 +130,13 @@ def test_client_twice_in_one_buffer_counts_once_with_its_last_update():
 
 # ---- the original rule, one client at a time --------------------------------------------------------
 class RefEstimator:
-    """The estimators one client at a time, with dicts (the interval one as FedAU's online estimate,
-    round by round)."""
+    """The estimators one client at a time, with dicts (the interval one from FedAU's online
+    estimate over the participation so far: zoo_helpers.fedau_weights)."""
 
     def __init__(self, kind, num_clients, **kw):
         self.kind, self.n, self.kw = kind, num_clients, kw
         self.counts, self.known, self.frac = {}, set(), None
-        self.closed, self.mean, self.open_length, self.took_part, self.last_round = {}, {}, {}, set(), -1
+        self.took_part = []  # per round, the clients that took part
         self.groups = contiguous_groups(kw["fractions"], num_clients) if kw.get("fractions") else None
 
     def update(self, r, participants):
@@ -143,15 +144,7 @@ class RefEstimator:
         self.frac = len(participants) / len(self.known)
         for c in participants:
             self.counts[c] = self.counts.get(c, 0) + 1
-        cutoff = self.kw.get("cutoff", 10)
-        for t in range(max(self.last_round + 1, 1), r + 1):  # FedAU: each round from 1 on, every client
-            for c in range(self.n):
-                self.open_length[c] = self.open_length.get(c, 0) + 1
-                if (t == self.last_round + 1 and c in self.took_part) or self.open_length[c] == cutoff:
-                    k = self.closed.get(c, 0)
-                    self.mean[c] = (k * self.mean.get(c, 0.0) + self.open_length[c]) / (k + 1)
-                    self.closed[c], self.open_length[c] = k + 1, 0
-        self.took_part, self.last_round = set(participants), r
+        self.took_part += [set()] * (r - len(self.took_part)) + [set(participants)]
         self.rounds = r + 1
 
     def p(self, c):
@@ -170,7 +163,8 @@ class RefEstimator:
         elif kind == "lookup":
             p = kw["probabilities"][self.groups[c]]
         else:
-            p = 1.0 / self.mean[c] if c in self.mean else 1.0
+            matrix = np.array([[c in took for took in self.took_part] for c in range(self.n)])
+            p = 1.0 / fedau_weights(matrix, kw["cutoff"])[c, -1]
         p = max(p, kw.get("min_probability", 0.001))
         if kw.get("smoothing"):
             p = min(kw["smoothing"] * p, 1.0)

@@ -7,6 +7,8 @@ import pytest
 from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.strategy.participation import Frequency, GroupLookup, Interval, Maximum, Scalar, Uniform
 
+from .zoo_helpers import fedau_weights
+
 
 def run(est, num_clients, rounds):
     """p after each aggregation; `rounds` lists (round index, participants)."""
@@ -79,23 +81,6 @@ def test_group_lookup_with_smoothing():
     np.testing.assert_allclose(p, [0.5, 0.5, 0.5, 0.1, 0.1], rtol=1e-6)
     p = run(GroupLookup(fractions=[0.6, 0.4], probabilities=[0.5, 0.1], smoothing=3.0), 5, [(0, [0])])[0]
     np.testing.assert_allclose(p, [1, 1, 1, 0.3, 0.3], rtol=1e-6)
-
-
-def fedau_weights(participation: np.ndarray, cutoff: int) -> np.ndarray:
-    """FedAU's online estimate, one round at a time: weights [clients, rounds], 1 until a first
-    interval closes; at round t >= 1 the open interval grows by one and closes when the client
-    took part in round t - 1 or when it reaches `cutoff`; the weight is the mean closed length."""
-    clients, rounds = participation.shape
-    weights = np.ones((clients, rounds))
-    for i in range(clients):
-        closed, length = 0, 0
-        for t in range(1, rounds):
-            length += 1
-            weights[i, t] = weights[i, t - 1]
-            if participation[i, t - 1] or length == cutoff:
-                weights[i, t] = length if closed == 0 else (closed * weights[i, t - 1] + length) / (closed + 1)
-                closed, length = closed + 1, 0
-    return weights
 
 
 def test_interval_is_fedaus_estimate_by_hand():

@@ -145,5 +145,21 @@ def check_padding_changes_nothing(strat, jit):
 
 def assert_kept_sum(memory, kept):
     """A rule's running sum over clients equals the sum of its memory's rows."""
-    for key in memory:
-        np.testing.assert_allclose(np.asarray(kept[key]), np.asarray(memory[key]).sum(axis=0), rtol=1e-5, atol=1e-6)
+    assert_tree_close(kept, {key: np.asarray(rows).sum(axis=0) for key, rows in memory.items()}, rtol=1e-5, atol=1e-6)
+
+
+def fedau_weights(participation: np.ndarray, cutoff: int) -> np.ndarray:
+    """FedAU's online estimate, one round at a time: weights [clients, rounds], 1 until a first
+    interval closes; at round t >= 1 the open interval grows by one and closes when the client
+    took part in round t - 1 or when it reaches `cutoff`; the weight is the mean closed length."""
+    clients, rounds = participation.shape
+    weights = np.ones((clients, rounds))
+    for i in range(clients):
+        closed, length = 0, 0
+        for t in range(1, rounds):
+            length += 1
+            weights[i, t] = weights[i, t - 1]
+            if participation[i, t - 1] or length == cutoff:
+                weights[i, t] = length if closed == 0 else (closed * weights[i, t - 1] + length) / (closed + 1)
+                closed, length = closed + 1, 0
+    return weights
