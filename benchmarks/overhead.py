@@ -54,6 +54,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--chunk-size", type=common.positive_int, default=256)
     parser.add_argument("--eval-every", type=common.positive_int, help="versions between evaluations (default 10); each evaluation waits for the device")
     parser.add_argument("--repeats", type=common.positive_int, help="interleaved timed runs; the fastest counts (default 3; quick 1)")
+    parser.add_argument("--aggregations-per-call", type=common.positive_int, help="the simulator's aggregations per device call (default: by backend, 1 on a CPU)")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
     for key in ("concurrency", "latencies", "rules", "eval_every"):
@@ -63,14 +64,15 @@ def main(argv=None) -> dict:
     if "fedbuff" in p["rules"] and min(p["concurrency"]) < buffer:
         parser.error(f"--concurrency {min(p['concurrency'])} is below FedBuff's buffer of {buffer} clients: give M >= {buffer}, or --rules without fedbuff")
     repeats = args.repeats or (1 if args.quick else 3)
-    out = {"benchmark": "overhead", "quick": args.quick, "machine": common.machine(), "parameters": {**p, "execution": args.execution, "chunk_size": args.chunk_size, "repeats": repeats}}
+    out = {"benchmark": "overhead", "quick": args.quick, "machine": common.machine(), "parameters": {**p, "execution": args.execution, "chunk_size": args.chunk_size, "repeats": repeats, "aggregations_per_call": args.aggregations_per_call}}
     started = time.perf_counter()
     rows = out["rows"] = []
     for rule in p["rules"]:
         for latency in p["latencies"]:
             for m in p["concurrency"]:
                 updates = max(p["min_updates"], p["updates_per_client"] * m)
-                w = common.Workload(max(100, 2 * m), m, updates, latency=latency, rule=rule, execution=args.execution, chunk_size=args.chunk_size, eval_every=p["eval_every"])
+                w = common.Workload(max(100, 2 * m), m, updates, latency=latency, rule=rule, execution=args.execution, chunk_size=args.chunk_size, eval_every=p["eval_every"],
+                                    aggregations_per_call=args.aggregations_per_call)
                 c = common.build(w)
                 flushes = common.deferred_batches(latency, w.num_clients, m, updates, rule, w.buffer_size, w.seed)
                 sims, bares = [], []
