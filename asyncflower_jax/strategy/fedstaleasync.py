@@ -19,7 +19,7 @@ import optax
 from ..errors import require
 from ..groups import check_fractions, contiguous_groups
 from .base import AsyncStrategy, buffer_or_window, check_buffer_and_window
-from .client_memory import check_population, last_occurrence, write_rows, zeros_memory
+from .client_memory import check_population, last_occurrence, read_rows, stored_rows, write_rows, zeros_memory
 from .participation import Maximum, ParticipationEstimator
 from .server_optimizers import resolve_server_optimizer
 from .staleness import Constant, Hinge, StalenessFunction
@@ -52,12 +52,19 @@ class GroupConstant:
     def table(self, num_clients: int) -> np.ndarray:
         return np.asarray(self.values)[contiguous_groups(self.fractions, num_clients)]
 
+    def group_starts(self, num_clients: int) -> np.ndarray:
+        """int32 [groups - 1]: the first client of each group after the first (client c is in
+        group searchsorted(starts, c, side="right"); an empty group's start repeats)."""
+        return np.searchsorted(contiguous_groups(self.fractions, num_clients), np.arange(1, len(self.fractions))).astype(np.int32)
+
 
 Scaling = StalenessFunction | GroupConstant
 
 
 class FedStaleAsyncState(NamedTuple):
     memory: PyTree  # h_i, leaves [N, ...] (an empty tuple with clear_memory)
+    held_sums: PyTree  # per beta group g, sum over held i in g of c_i h_i (c_i: n_i, or 1 with uniform weights),
+    # leaves [groups, ...], kept as the memory is written; an empty tuple when beta depends on staleness
     stored: jnp.ndarray  # bool [N]: h_i is held
     stored_start: jnp.ndarray  # int32 [N]: version h_i's client started from
     stored_examples: jnp.ndarray  # float [N]: n_i of h_i
@@ -118,6 +125,8 @@ class FedStaleAsync(AsyncStrategy):
                 fn.check(key)
             if personalized_b:
                 require(isinstance(fn, Hinge), key, type(fn).__name__, "a Hinge when strategy.personalized_b is true")
+        # beta constant per group (Constant: one group of 1): the held deltas' sum comes from kept per-group sums
+        self.beta_groups = GroupConstant() if type(self.beta) is Constant else self.beta if isinstance(self.beta, GroupConstant) else None
         self.participation = Maximum() if participation is None else participation
         require(isinstance(self.participation, ParticipationEstimator), "strategy.participation", self.participation, "a participation estimator (participation.py)")
         self.num_clients = num_clients
@@ -148,6 +157,12 @@ class FedStaleAsync(AsyncStrategy):
             f"synchronous={self.synchronous}, server_optimizer={self.server_optimizer_name!r})"
         )
 
+    @property
+    def keeps_sums(self) -> bool:
+        """Whether the state keeps the held deltas' sum per beta group (beta constant per group and a
+        memory): each step then reads the memory's rows of its participants, not all N."""
+        return self.beta_groups is not None and not self.clear_memory
+
     def round_delimiter(self, server_round):
         return buffer_or_window(self.buffer_size, self.round_duration)
 
@@ -155,6 +170,7 @@ class FedStaleAsync(AsyncStrategy):
         n = self.num_clients
         return FedStaleAsyncState(
             memory=() if self.clear_memory else zeros_memory(params, n),
+            held_sums=() if not self.keeps_sums else zeros_memory(params, len(self.beta_groups.values)),
             stored=jnp.zeros(n, bool),
             stored_start=jnp.zeros(n, jnp.int32),
             stored_examples=jnp.zeros(n),
@@ -197,25 +213,71 @@ class FedStaleAsync(AsyncStrategy):
             w = jnp.where(present, examples, 0.0)
         else:
             w = present.astype(examples.dtype)
-        w = w / jnp.maximum(jnp.sum(w), jnp.finfo(w.dtype).tiny)
+        total = jnp.sum(w)
+        w = w / jnp.maximum(total, jnp.finfo(w.dtype).tiny)
 
         p_row = p[updates.client_id.clip(0, n - 1)]
         alpha_row = self._scale(self.alpha, updates.staleness, updates.client_id.clip(0, n - 1), p_row)
         fresh_coef = jnp.where(fresh, w[updates.client_id.clip(0, n - 1)] * alpha_row / p_row, 0.0)
-        return fresh_coef, w * held, part, est_state, (beta_sum, beta_rounds), fresh, slot
+        return fresh_coef, w * held, part, est_state, (beta_sum, beta_rounds), fresh, slot, total
 
     def update_weights(self, state: FedStaleAsyncState, updates: UpdateBatch):
         """w_i alpha(s_i) / p_i, the coefficient of D_i in the pseudo-gradient (0 for a row followed
         by a later row of the same client in the buffer)."""
         return self.coefficients(state, updates)[0]
 
+    def _group(self, ids):
+        """The beta group of each client id in [0, N)."""
+        starts = self.beta_groups.group_starts(self.num_clients)
+        return jnp.searchsorted(jnp.asarray(starts), ids, side="right") if starts.size else jnp.zeros_like(ids)
+
+    def _sum_weight(self, state: FedStaleAsyncState, ids):
+        """c_i of the held deltas of clients `ids` (in [0, N)) in `held_sums`: n_i, or 1 with uniform weights."""
+        return state.stored_examples[ids] if self.weighting == "data_size" else jnp.ones(ids.shape, state.stored_examples.dtype)
+
+    def _held_from_sums(self, state: FedStaleAsyncState, updates: UpdateBatch, held_coef, fresh, total):
+        """sum_i held_coef_i h_i from the kept sums: beta_g / total * held_sums[g] weights every held
+        client's delta as `coefficients` does, but the participants' (their n_i and beta_bar_i / p_i
+        change it), whose rows, read, correct the sum. Returns (that sum, the rows read)."""
+        n = self.num_clients
+        ids = jnp.clip(updates.client_id, 0, n - 1)
+        rows = read_rows(state.memory, updates.client_id)
+        values = jnp.asarray(self.beta_groups.values, total.dtype)
+        group_coef = jnp.where(total > 0, values / jnp.where(total > 0, total, 1.0), 0.0)  # (no client present: nothing held)
+        in_sums = jnp.where(state.stored[ids], self._sum_weight(state, ids) * group_coef[self._group(ids)], 0.0)
+        in_range = (updates.client_id >= 0) & (updates.client_id < n)
+        correction = jnp.where(fresh & in_range, held_coef[ids] - in_sums, 0.0)
+        held = jax.tree.map(jnp.add, weighted_sum(group_coef, state.held_sums), weighted_sum(correction, rows))
+        return held, rows
+
+    def _sums_after_write(self, state: FedStaleAsyncState, updates: UpdateBatch, delta, rows, fresh):
+        """`held_sums` after `write_rows` of the fresh rows: each written row adds c_i D_i to its
+        group's sum and takes out the c_i h_i it replaces."""
+        n = self.num_clients
+        ids = jnp.clip(updates.client_id, 0, n - 1)
+        written = stored_rows(updates.client_id, fresh, n)
+        groups = len(self.beta_groups.values)
+        into = (self._group(ids)[:, None] == jnp.arange(groups)[None, :]) & written[:, None]  # [K, groups]
+        new = updates.num_examples if self.weighting == "data_size" else jnp.ones(ids.shape)
+        old = jnp.where(state.stored[ids], self._sum_weight(state, ids), 0.0)
+
+        def change(total, d, h):
+            add = jnp.tensordot((into * new[:, None]).astype(total.dtype), d.astype(total.dtype), axes=(0, 0))
+            return total + add - jnp.tensordot((into * old[:, None]).astype(total.dtype), h.astype(total.dtype), axes=(0, 0))
+
+        return jax.tree.map(change, state.held_sums, delta, rows)
+
     def aggregate(self, params, state: FedStaleAsyncState, updates: UpdateBatch):
-        fresh_coef, held_coef, part, est_state, (beta_sum, beta_rounds), fresh, slot = self.coefficients(state, updates)
+        fresh_coef, held_coef, part, est_state, (beta_sum, beta_rounds), fresh, slot, total = self.coefficients(state, updates)
         delta = updates.delta
         grad = weighted_sum(fresh_coef, delta)
-        held = ()
+        reads = held_sums = ()
         if not self.clear_memory:
-            held = weighted_sum(held_coef, state.memory)
+            if self.keeps_sums:
+                held, reads = self._held_from_sums(state, updates, held_coef, fresh, total)
+                held_sums = self._sums_after_write(state, updates, delta, reads, fresh)
+            else:  # (beta by staleness: every held delta's coefficient changes every step, so all N are read)
+                held = reads = weighted_sum(held_coef, state.memory)
             grad = jax.tree.map(jnp.add, grad, held)
         grad = jax.tree.map(lambda g, x: g.astype(x.dtype), grad, params)
         step, opt_state = self.server_optimizer.update(grad, state.opt_state, params)
@@ -225,10 +287,11 @@ class FedStaleAsync(AsyncStrategy):
         if self.clear_memory:
             memory, stored = (), jnp.zeros_like(state.stored)
         else:
-            memory = write_rows(state.memory, updates.client_id, delta, fresh, reads=held)
+            memory = write_rows(state.memory, updates.client_id, delta, fresh, reads=reads)
             stored = state.stored | part
         state = FedStaleAsyncState(
             memory=memory,
+            held_sums=held_sums,
             stored=stored,
             stored_start=state.stored_start.at[slot].set(start_version.astype(jnp.int32), mode="drop"),
             stored_examples=state.stored_examples.at[slot].set(updates.num_examples.astype(state.stored_examples.dtype), mode="drop"),

@@ -255,11 +255,11 @@ def test_the_per_update_facts_are_the_naive_ones_and_no_step_copies_the_table(ru
     assert table_copies(sim._steps.lower(params, state, jnp.asarray(True), table, store, columns, row_facts).compile().as_text(), table) == 0
 
 
-@pytest.mark.parametrize("rule", ["ca2fl", "mifa", "fedstaleasync"])
+@pytest.mark.parametrize("rule", ["ca2fl", "mifa", "fedstaleasync", "unbiased_ca2fl"])
 def test_no_step_of_a_rule_with_a_memory_per_client_copies_the_memory(rule):
     """The step and the queued steps' scan write the rows of the buffer's clients into the donated
     memory (N x model) in place. Each reads the memory in the program that writes it (the buffer's
-    rows; FedStaleAsync a weighted sum over clients): without the write waiting for those reads,
+    rows; FedStaleAsync with beta by staleness a weighted sum over clients): without the write waiting for those reads,
     XLA copied the whole memory twice per aggregation (150 ms at N = 100,000 for a model of 610
     parameters)."""
     import jax.numpy as jnp

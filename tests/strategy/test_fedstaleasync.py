@@ -301,10 +301,74 @@ def test_unbiased_fedavg_with_p_one_is_fedavg():
 
 
 @pytest.mark.parametrize("jit", [False, True])
-@pytest.mark.parametrize("clear", [False, True])
-def test_padding_rows_change_nothing(jit, clear):
-    strat = FedStaleAsync(num_clients=5, buffer_size=4, server_lr=0.5, alpha=HINGE, beta=Hinge(a=1.0, b=0.0), participation=Frequency(), clear_memory=clear)
+@pytest.mark.parametrize("clear, beta", [(False, Hinge(a=1.0, b=0.0)), (True, Hinge(a=1.0, b=0.0)), (False, GroupConstant([0.6, 0.4], [0.5, 1.0]))])
+def test_padding_rows_change_nothing(jit, clear, beta):
+    strat = FedStaleAsync(num_clients=5, buffer_size=4, server_lr=0.5, alpha=HINGE, beta=beta, participation=Frequency(), clear_memory=clear)
     check_padding_changes_nothing(strat, jit)
+
+
+# ---- the held deltas' sums, kept per beta group ---------------------------------------------------
+def kept_sums_by_hand(strat, state):
+    """Per beta group, the sum over held clients of c_i h_i (c_i = n_i, or 1 with uniform weights)."""
+    groups = contiguous_groups(strat.beta_groups.fractions, strat.num_clients)
+    held = np.asarray(state.stored) * (np.asarray(state.stored_examples) if strat.weighting == "data_size" else 1.0)
+    return {
+        key: np.stack([np.tensordot(held * (groups == g), np.asarray(rows), axes=1) for g in range(len(strat.beta_groups.values))])
+        for key, rows in state.memory.items()
+    }
+
+
+@pytest.mark.parametrize("weighting", ["data_size", "uniform"])
+@pytest.mark.parametrize("beta", [Constant(), GroupConstant([0.5, 0.0, 0.2, 0.3], [0.4, 3.0, 1.0, 2.0])], ids=["constant", "groups"])
+def test_kept_sums_give_the_steps_of_the_sum_over_every_held_delta(beta, weighting):
+    """With beta constant per group a step reads only its participants' rows of the memory; the
+    same rule summing all N held deltas every step (sums not kept) is the reference, over random
+    buffers with padding, a client twice, an id outside the population and clients that return
+    with another sample count (their held delta leaves its group's sum with the old count)."""
+    n, k = 7, 4
+    make = lambda: FedStaleAsync(num_clients=n, buffer_size=k, server_lr=0.8, alpha=HINGE, beta=beta, weighting=weighting, participation=Frequency())  # noqa: E731
+    kept, full = make(), make()
+    full.beta_groups = None  # (what a staleness-dependent beta does: the weighted sum over all N)
+    assert kept.keeps_sums and not full.keeps_sums
+    x = to_jax(tree([0.5, -1.0], 0.25))
+    states = kept.init(x), full.init(x)
+    assert full.init(x).held_sums == () and {np.shape(v)[0] for v in states[0].held_sums.values()} == {len(kept.beta_groups.values)}
+    xs = x, x
+    rng = np.random.default_rng(3)
+    step = jax.jit(lambda s, x, st, b: s.aggregate(x, st, b), static_argnums=0)
+    for v in range(12):
+        ids = rng.integers(0, n, size=k)
+        ids[1] = ids[0] if v % 3 == 1 else ids[1]
+        ids[2] = n if v == 5 else ids[2]  # outside [0, N): weighted, never written
+        mask = np.arange(k) < (k if v % 4 else 3)
+        starts = [tree(rng.normal(size=2), rng.normal()) for _ in range(k)]
+        ys = [tree(rng.normal(size=2), rng.normal()) for _ in range(k)]
+        batch = make_batch(starts, ys, rng.integers(0, 5, size=k), ids, mask=mask, num_examples=rng.integers(1, 6, size=k))
+        (x_kept, st_kept), (x_full, st_full) = step(kept, xs[0], states[0], batch), step(full, xs[1], states[1], batch)
+        assert_tree_close(x_kept, {key: np.asarray(leaf) for key, leaf in x_full.items()}, rtol=1e-5, atol=1e-6)
+        assert_tree_close(st_kept.memory, {key: np.asarray(leaf) for key, leaf in st_full.memory.items()})
+        assert_tree_close(st_kept.held_sums, kept_sums_by_hand(kept, st_kept), rtol=1e-5, atol=1e-6)
+        xs, states = (x_kept, x_full), (st_kept, st_full)
+
+
+@pytest.mark.parametrize("beta, per_client_bound", [(Constant(), 100), (GroupConstant([0.5, 0.5], [1.0, 2.0]), 100), (Hinge(a=1.0, b=2.0), None)])
+def test_a_step_sums_the_whole_memory_only_when_beta_depends_on_staleness(beta, per_client_bound):
+    """XLA's flop count of one compiled step, at two population sizes: with beta constant per
+    group each added client costs a few scalar operations, not its held delta (a model of 606
+    parameters); with beta by staleness it costs at least the delta's multiply-add."""
+    params = {"w": np.zeros((100, 6), np.float32), "b": np.zeros(6, np.float32)}
+    batch = make_batch([params] * 4, [params] * 4, [1] * 4)
+
+    def flops(n):
+        strat = FedStaleAsync(num_clients=n, buffer_size=4, beta=beta)
+        analysis = jax.jit(strat.aggregate).lower(params, strat.init(params), batch).compile().cost_analysis()
+        return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+    per_client = (flops(20000) - flops(10000)) / 10000
+    if per_client_bound is None:
+        assert per_client >= 2 * 606
+    else:
+        assert per_client < per_client_bound
 
 
 @pytest.mark.parametrize(
