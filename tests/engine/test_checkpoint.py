@@ -27,6 +27,7 @@ RULES = {
     "ca2fl": ("strategy=ca2fl", "strategy.buffer_size=3", "max_updates=90"),
     "mifa": ("strategy=mifa", "strategy.buffer_size=3", "max_updates=90"),
     "fadas": ("strategy=fadas", "strategy.buffer_size=3", "max_updates=90"),
+    "fedstaleasync_groups": ("strategy=fedstaleasync_groups", "strategy.buffer_size=3", "max_updates=90"),  # (its kept per-group sums)
 }
 FAULTS = Faults(dropout=0.15, failure=0.05, nan=0.05, timeout=2.5)
 
