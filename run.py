@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from asyncflower_jax import parallel_sweep
 from asyncflower_jax.errors import CheckpointError, ConfigError, Interrupted, RuleOutputError, RunStalled
 from asyncflower_jax.memory import jobs_sharing_memory
-from asyncflower_jax.runner import run_job
+from asyncflower_jax.runner import resume_command, run_job
 
 log = logging.getLogger("asyncflower_jax")
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "no TPU found" chatter
@@ -80,8 +80,8 @@ def main(cfg: DictConfig) -> float:
     except Interrupted as exc:
         if exc.checkpoint:
             log.warning(
-                "stopped by %s at version %d: checkpoint %s; continue with: python run.py resume=%s",
-                signal.Signals(exc.signum).name, exc.version, exc.checkpoint, run_dir,
+                "stopped by %s at version %d: checkpoint %s; continue with: %s",
+                signal.Signals(exc.signum).name, exc.version, exc.checkpoint, resume_command(run_dir),
             )
         else:
             log.warning(
@@ -97,7 +97,7 @@ def main(cfg: DictConfig) -> float:
 
         latest = CheckpointManager(run_dir).latest()
         if latest is not None:
-            log.warning("stopped at once by SIGINT; the newest checkpoint is %s: continue with: python run.py resume=%s", latest.name, run_dir)
+            log.warning("stopped at once by SIGINT; the newest checkpoint is %s: continue with: %s", latest.name, resume_command(run_dir))
         else:
             log.warning("stopped at once by SIGINT, before any checkpoint of this run")
         sys.exit(128 + signal.SIGINT)

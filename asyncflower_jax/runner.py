@@ -13,6 +13,8 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,6 +84,13 @@ def run_job(
     except Exception as exc:
         write_failure(run_dir, exc)
         raise
+
+
+def resume_command(run_dir, environ=os.environ) -> str:
+    """The command that continues the run in `run_dir`, with this process's PYTHONPATH when it has
+    one (a rule, model or data set of one's own is imported through it, on resume as well)."""
+    path = environ.get("PYTHONPATH")
+    return ("" if not path else f"PYTHONPATH={shlex.quote(path)} ") + f"python run.py resume={shlex.quote(str(run_dir))}"
 
 
 def _remove_if_empty(path: Path) -> None:

@@ -332,3 +332,39 @@ def test_a_run_or_sweep_directory_that_cannot_be_made_is_refused_in_one_line(tmp
         proc = run_py([*args, *TINY], base)
         assert proc.returncode == 2 and message in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_a_stopped_run_of_a_users_rule_resumes_with_the_command_it_prints(tmp_path):
+    """SIGTERM to a run whose rule is a module of the user's, imported through PYTHONPATH: the
+    command it prints to continue carries that PYTHONPATH, and run as printed (from a shell whose
+    environment has none) it finishes the run from its checkpoint."""
+    import re
+    import shutil
+    import time
+
+    mine = tmp_path / "my rules"  # (a space: the command quotes it)
+    mine.mkdir()
+    (mine / "my_rules.py").write_text("from asyncflower_jax.strategy import FedAsync\n\n\nclass MyFedAsync(FedAsync):\n    pass\n")
+    run_dir = tmp_path / "run"
+    args = ["strategy._target_=my_rules.MyFedAsync", "num_clients=20", "client.num_steps=2", "model.hidden=[16]", "max_updates=3000", "checkpoint_every=0", "progress=false", "plots=false", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(mine)}
+    proc = subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        rows = lambda: len((run_dir / "metrics.csv").read_text().splitlines()) if (run_dir / "metrics.csv").exists() else 0  # noqa: E731
+        while rows() < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # (until a row after version 0's: the run's loop, with its signal handlers, has started)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    [command] = re.findall(r"continue with: (.+)$", output, re.MULTILINE)
+    assert command.startswith("PYTHONPATH=")
+    bare = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    bare["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{bare.get('PATH', '')}"  # (`python` is this environment's)
+    again = subprocess.run([shutil.which("bash") or "/bin/bash", "-c", command], cwd=ROOT, env=bare, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["client_updates"] == 3000 and summary["resumed_from_version"] is not None
+    assert "_target_: my_rules.MyFedAsync" in (run_dir / "config.yaml").read_text()
