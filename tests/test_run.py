@@ -50,13 +50,13 @@ def test_default_experiment_reaches_90_percent(strategy, tmp_path):
 
 
 def test_sweep_writes_one_directory_per_job(tmp_path):
-    proc = run_py(["-m", "strategy=fedbuff,fedavg", "seed=0,1", *[a for a in TINY if a != "plots=false"]], tmp_path)
+    proc = run_py(["-m", "strategy=fedbuff,fedavg", "seed=1", *[a for a in TINY if a != "plots=false"]], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = finished_runs(tmp_path)
-    assert len(runs) == 4
+    assert len(runs) == 2
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
     seen = {(s["strategy"].split("(")[0], s["seed"]) for s in summaries}
-    assert seen == {(s, seed) for s in ("FedBuff", "FedAvg") for seed in (0, 1)}
+    assert seen == {("FedBuff", 1), ("FedAvg", 1)}
     for run, summary in zip(runs, summaries):
         with open(run / "updates.csv") as f:
             rows = list(csv.DictReader(f))
