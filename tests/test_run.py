@@ -368,3 +368,4 @@ def test_a_stopped_run_of_a_users_rule_resumes_with_the_command_it_prints(tmp_pa
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["client_updates"] == 1500 and summary["resumed_from_version"] is not None
     assert "_target_: my_rules.MyFedAsync" in (run_dir / "config.yaml").read_text()
+    assert summary["strategy"].startswith("MyFedAsync(alpha=0.6, ")  # (the class's own name, the parent's settings)

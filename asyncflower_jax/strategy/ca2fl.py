@@ -74,7 +74,7 @@ class CA2FL(AsyncStrategy):
 
     def __repr__(self) -> str:
         return (
-            f"CA2FL(num_clients={self.num_clients}, buffer_size={self.buffer_size}, round_duration={self.round_duration}, "
+            f"{type(self).__name__}(num_clients={self.num_clients}, buffer_size={self.buffer_size}, round_duration={self.round_duration}, "
             f"server_lr={self.server_lr}, cache_mean={self.cache_mean!r}, server_optimizer={self.server_optimizer_name!r})"
         )
 

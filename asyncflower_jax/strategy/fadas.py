@@ -58,7 +58,7 @@ class FADAS(AsyncStrategy):
 
     def __repr__(self) -> str:
         return (
-            f"FADAS(buffer_size={self.buffer_size}, round_duration={self.round_duration}, server_lr={self.server_lr}, b1={self.b1}, "
+            f"{type(self).__name__}(buffer_size={self.buffer_size}, round_duration={self.round_duration}, server_lr={self.server_lr}, b1={self.b1}, "
             f"b2={self.b2}, eps={self.eps}, tau_c={self.tau_c}, delay_adaptive={self.delay_adaptive})"
         )
 

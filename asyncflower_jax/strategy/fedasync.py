@@ -39,7 +39,7 @@ class FedAsync(AsyncStrategy):
                 )
 
     def __repr__(self) -> str:
-        return f"FedAsync(alpha={self.alpha}, staleness={self.staleness}, buffer_size={self.buffer_size}, round_duration={self.round_duration})"
+        return f"{type(self).__name__}(alpha={self.alpha}, staleness={self.staleness}, buffer_size={self.buffer_size}, round_duration={self.round_duration})"
 
     def round_delimiter(self, server_round):
         return buffer_or_window(self.buffer_size, self.round_duration)

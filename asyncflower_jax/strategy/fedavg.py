@@ -25,7 +25,7 @@ class FedAvg(AsyncStrategy):
         self.cohort_size = cohort_size
 
     def __repr__(self) -> str:
-        return f"FedAvg(cohort_size={self.cohort_size})"
+        return f"{type(self).__name__}(cohort_size={self.cohort_size})"
 
     def round_delimiter(self, server_round):
         return ("buffer_size", self.cohort_size)

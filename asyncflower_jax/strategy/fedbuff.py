@@ -51,7 +51,7 @@ class FedBuff(AsyncStrategy):
 
     def __repr__(self) -> str:
         return (
-            f"FedBuff(buffer_size={self.buffer_size}, round_duration={self.round_duration}, server_lr={self.server_lr}, staleness={self.staleness}, "
+            f"{type(self).__name__}(buffer_size={self.buffer_size}, round_duration={self.round_duration}, server_lr={self.server_lr}, staleness={self.staleness}, "
             f"normalisation={self.normalisation!r}, server_optimizer={self.server_optimizer_name!r})"
         )
 

@@ -52,7 +52,7 @@ class MIFA(AsyncStrategy):
 
     def __repr__(self) -> str:
         return (
-            f"MIFA(num_clients={self.num_clients}, buffer_size={self.buffer_size}, round_duration={self.round_duration}, "
+            f"{type(self).__name__}(num_clients={self.num_clients}, buffer_size={self.buffer_size}, round_duration={self.round_duration}, "
             f"server_lr={self.server_lr}, server_optimizer={self.server_optimizer_name!r})"
         )
 
