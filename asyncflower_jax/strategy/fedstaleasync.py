@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from ..errors import require
-from ..groups import check_fractions, contiguous_groups
+from ..groups import check_fractions, contiguous_groups, group_counts
 from .base import AsyncStrategy, buffer_or_window, check_buffer_and_window
 from .client_memory import check_population, last_occurrence, read_rows, stored_rows, write_rows, zeros_memory
 from .participation import Maximum, ParticipationEstimator
@@ -55,7 +55,7 @@ class GroupConstant:
     def group_starts(self, num_clients: int) -> np.ndarray:
         """int32 [groups - 1]: the first client of each group after the first (client c is in
         group searchsorted(starts, c, side="right"); an empty group's start repeats)."""
-        return np.searchsorted(contiguous_groups(self.fractions, num_clients), np.arange(1, len(self.fractions))).astype(np.int32)
+        return np.cumsum(group_counts(self.fractions, num_clients))[:-1].astype(np.int32)
 
 
 Scaling = StalenessFunction | GroupConstant
