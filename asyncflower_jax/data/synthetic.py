@@ -18,6 +18,8 @@ clients, with no per-client Python objects.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from ..errors import require
@@ -95,28 +97,55 @@ def synthetic(
     client_ids = np.repeat(np.arange(n, dtype=np.int32), n_train)
     train_at = np.concatenate([[0], np.cumsum(n_train)])
     x_test_parts, y_test_parts = [], []
-    for lo in range(0, n, BLOCK):
-        hi = min(lo + BLOCK, n)
-        k = hi - lo
+
+    blocks = [(lo, min(lo + BLOCK, n)) for lo in range(0, n, BLOCK)]
+    most = max(int(sizes[lo:hi].sum()) for lo, hi in blocks)  # samples of the largest block
+    # Buffers reused block after block (fresh arrays of this size cost as much in page faults as
+    # their arithmetic); the draws have two, one filled while the other is labelled.
+    noises = [np.empty((most, d)) for _ in range(2)]
+    models = [np.empty((BLOCK, d, c)) for _ in range(2)] if not iid else None
+    means = np.empty((most, d))  # each sample's client input mean
+    x = np.empty((most, d), np.float32)
+    sample_models = np.empty((most, d, c), np.float32)
+    products = np.empty((most, c), np.float32)
+
+    def draw(i: int):
+        """Block i's random draws, in the generator's order, into buffer i % 2 (loc + a standard
+        normal: the same numbers as rng.normal(loc, 1), drawn faster)."""
+        lo, hi = blocks[i]
+        k, m = hi - lo, int(sizes[lo:hi].sum())
         if iid:
-            w = np.broadcast_to(w_global, (k, d, c))
-            b = np.broadcast_to(b_global, (k, c))
-            v = np.zeros((k, d))
+            w, b, v = np.broadcast_to(w_global, (k, d, c)), np.broadcast_to(b_global, (k, c)), np.zeros((k, d))
         else:
-            w = rng.normal(u[lo:hi, None, None], 1, (k, d, c))
-            b = rng.normal(u[lo:hi, None], 1, (k, c))
-            v = rng.normal(big_b[lo:hi, None], 1, (k, d))
-        owner = np.repeat(np.arange(k), sizes[lo:hi])  # block-local client of every sample
-        x = (v[owner] + scale * rng.standard_normal((len(owner), d))).astype(np.float32)
-        logits = np.einsum("nd,ndc->nc", x, w.astype(np.float32)[owner]) + b[owner]
-        y = np.argmax(logits, axis=1).astype(np.int32)
-        first = np.concatenate([[0], np.cumsum(sizes[lo:hi])[:-1]])
-        position = np.arange(len(owner)) - first[owner]  # index of the sample within its client
-        is_test = position < n_test[lo:hi][owner]
-        x_train[train_at[lo] : train_at[hi]] = x[~is_test]
-        y_train[train_at[lo] : train_at[hi]] = y[~is_test]
-        x_test_parts.append(x[is_test])
-        y_test_parts.append(y[is_test])
+            w = rng.standard_normal(out=models[i % 2][:k])
+            w += u[lo:hi, None, None]
+            b = u[lo:hi, None] + rng.standard_normal((k, c))
+            v = big_b[lo:hi, None] + rng.standard_normal((k, d))
+        return w, b, v, rng.standard_normal(out=noises[i % 2][:m])
+
+    # the next block is drawn in a second thread while this one is labelled (numpy releases the GIL
+    # in both): the draws stay in one thread, in order, so the data set is the same
+    with ThreadPoolExecutor(1) as drawer:
+        upcoming = drawer.submit(draw, 0)
+        for i, (lo, hi) in enumerate(blocks):
+            w, b, v, noise = upcoming.result()
+            if i + 1 < len(blocks):
+                upcoming = drawer.submit(draw, i + 1)
+            k, m = hi - lo, len(noise)
+            owner = np.repeat(np.arange(k), sizes[lo:hi])  # block-local client of every sample
+            noise *= scale
+            noise += np.take(v, owner, axis=0, out=means[:m])
+            x[:m] = noise  # x = v_owner + scale * noise, in float32
+            np.take(w.astype(np.float32), owner, axis=0, out=sample_models[:m])
+            logits = np.einsum("nd,ndc->nc", x[:m], sample_models[:m], out=products[:m]) + b[owner]
+            y = np.argmax(logits, axis=1).astype(np.int32)
+            first = np.concatenate([[0], np.cumsum(sizes[lo:hi])[:-1]])
+            position = np.arange(m) - first[owner]  # index of the sample within its client
+            is_test = position < n_test[lo:hi][owner]
+            x_train[train_at[lo] : train_at[hi]] = x[:m][~is_test]
+            y_train[train_at[lo] : train_at[hi]] = y[~is_test]
+            x_test_parts.append(x[:m][is_test])
+            y_test_parts.append(y[is_test])
     x_test, y_test = np.concatenate(x_test_parts), np.concatenate(y_test_parts)
     if max_test_samples is not None and len(y_test) > max_test_samples:
         keep = np.sort(rng.choice(len(y_test), max_test_samples, replace=False))

@@ -28,6 +28,61 @@ def test_deterministic_for_the_data_seed():
     assert a.x_train.shape != c.x_train.shape or not np.array_equal(a.x_train, c.x_train)
 
 
+def reference_synthetic(n, alpha=1.0, beta=1.0, iid=False, size_log_mean=3.0, size_log_sigma=1.0, min_size=10, max_size=1000, test_fraction=0.1, block=512, seed=0):
+    """The generator written plainly, block by block in one thread, with rng.normal(loc, 1) draws
+    and fresh arrays (d = 60, C = 10, every test sample kept)."""
+    rng = np.random.default_rng(seed)
+    d, c = 60, 10
+    sizes = np.minimum(np.floor(np.minimum(rng.lognormal(size_log_mean, size_log_sigma, n), max_size)).astype(np.int64) + min_size, max_size)
+    n_test = np.minimum(np.floor(test_fraction * sizes).astype(np.int64), sizes - 1)
+    scale = np.arange(1, d + 1, dtype=np.float64) ** -0.6
+    if iid:
+        w_global, b_global = rng.normal(0, 1, (d, c)), rng.normal(0, 1, c)
+    else:
+        u, big_b = rng.normal(0, alpha, n), rng.normal(0, beta, n)
+    train, test = [], []
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        k = hi - lo
+        if iid:
+            w, b, v = np.broadcast_to(w_global, (k, d, c)), np.broadcast_to(b_global, (k, c)), np.zeros((k, d))
+        else:
+            w = rng.normal(u[lo:hi, None, None], 1, (k, d, c))
+            b = rng.normal(u[lo:hi, None], 1, (k, c))
+            v = rng.normal(big_b[lo:hi, None], 1, (k, d))
+        owner = np.repeat(np.arange(k), sizes[lo:hi])
+        x = (v[owner] + scale * rng.standard_normal((len(owner), d))).astype(np.float32)
+        y = np.argmax(np.einsum("nd,ndc->nc", x, w.astype(np.float32)[owner]) + b[owner], axis=1).astype(np.int32)
+        at = 0
+        for client in range(k):
+            size, tests = int(sizes[lo + client]), int(n_test[lo + client])
+            test.append((x[at : at + tests], y[at : at + tests]))
+            train.append((x[at + tests : at + size], y[at + tests : at + size]))
+            at += size
+    return [np.concatenate(part) for part in zip(*train)] + [np.concatenate(part) for part in zip(*test)]
+
+
+@pytest.mark.parametrize("block, kwargs", [
+    (7, {}),  # many blocks of unequal sample counts (each smaller than the buffers, made for the largest)
+    (7, {"iid": True}),
+    (5, {"alpha": 0.5, "beta": 2.0, "size_log_mean": 4.0, "test_fraction": 0.3, "seed": 3}),
+    (512, {"size_log_mean": 1.0, "min_size": 2}),  # the default block, the last one partial
+])
+def test_equals_the_generator_written_plainly(monkeypatch, block, kwargs):
+    """Drawn in a second thread into reused buffers, the data set is the plain generator's, to the bit."""
+    from asyncflower_jax.data import synthetic as module
+
+    monkeypatch.setattr(module, "BLOCK", block)
+    n = 1200 if block == 512 else 60
+    seed = kwargs.pop("seed", 0)
+    ds = synthetic(n, data_seed=seed, max_test_samples=None, **kwargs)
+    x_train, y_train, x_test, y_test = reference_synthetic(n, block=block, seed=seed, **kwargs)
+    assert len(y_test) > 0 and len(set(y_train.tolist())) > 1
+    for got, want in [(ds.x_train, x_train), (ds.y_train, y_train), (ds.x_test, x_test), (ds.y_test, y_test)]:
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
 def test_iid_variant_labels_follow_one_global_linear_model():
     """With iid=True every sample is labelled argmax(x W + b) by the same W, b ~ N(0, 1), drawn right after the sizes."""
     d = synthetic(40, iid=True, size_log_mean=4.0, min_size=50, max_size=200, test_fraction=0.2, data_seed=7)
