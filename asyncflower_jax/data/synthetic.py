@@ -134,9 +134,10 @@ def synthetic(
             k, m = hi - lo, len(noise)
             owner = np.repeat(np.arange(k), sizes[lo:hi])  # block-local client of every sample
             noise *= scale
-            noise += np.take(v, owner, axis=0, out=means[:m])
+            # (mode="clip": the owners are in range, and take with out= copies the output under "raise")
+            noise += np.take(v, owner, axis=0, out=means[:m], mode="clip")
             x[:m] = noise  # x = v_owner + scale * noise, in float32
-            np.take(w.astype(np.float32), owner, axis=0, out=sample_models[:m])
+            np.take(w.astype(np.float32), owner, axis=0, out=sample_models[:m], mode="clip")
             logits = np.einsum("nd,ndc->nc", x[:m], sample_models[:m], out=products[:m]) + b[owner]
             y = np.argmax(logits, axis=1).astype(np.int32)
             first = np.concatenate([[0], np.cumsum(sizes[lo:hi])[:-1]])
