@@ -7,7 +7,6 @@ saves what the partition looks like into the run directory.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 
 from .. import config_schema
 from ..config_schema import fail
+from ..results.int_csv import write_int_csv
 from .dataset import Dataset
 from .partition import Partition, partition_summary
 from .store import ClientStore
@@ -105,8 +105,5 @@ def write_partition_summary(run_dir: Path, data: ClientData) -> None:
     (run_dir / "partition.json").write_text(json.dumps(data.summary, indent=2, sort_keys=True) + "\n")
     num_classes = data.label_counts.shape[1]
     val = data.validation.counts if data.validation is not None else np.zeros(len(data.partition.counts), np.int64)
-    with open(run_dir / "partition.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["client", "size", "train", "validation", *[f"label_{k}" for k in range(num_classes)]])
-        table = np.column_stack([np.arange(len(data.partition.counts)), data.partition.counts, data.store.counts, val, data.label_counts])
-        writer.writerows(table.tolist())
+    table = np.column_stack([np.arange(len(data.partition.counts)), data.partition.counts, data.store.counts, val, data.label_counts])
+    write_int_csv(run_dir / "partition.csv", ["client", "size", "train", "validation", *[f"label_{k}" for k in range(num_classes)]], table)
