@@ -98,7 +98,9 @@ class LatencyModel:
         raise NotImplementedError
 
     def sample_one(self, rng: np.random.Generator, profile: float) -> float:
-        """`sample(rng, [profile])[0]`, the same value from the same draws."""
+        """`sample(rng, [profile])[0]`, the same value from the same draws. (The models' own versions
+        multiply Python floats: a duration beyond float64's range is inf, which the scheduler
+        refuses, with no numpy overflow warning on the way.)"""
         return float(self.sample(rng, np.array([profile], np.float64))[0])
 
 
@@ -125,7 +127,7 @@ class ExponentialDurations(LatencyModel):
         return rng.standard_exponential(len(profile)) * (1.0 / profile)  # rng.exponential(1 / profile), 4x cheaper
 
     def sample_one(self, rng, profile):
-        return float(rng.standard_exponential() * (1.0 / profile))
+        return rng.standard_exponential() * (1.0 / float(profile))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +165,7 @@ class LogNormal(LatencyModel):
         return profile * rng.lognormal(0.0, self.sigma, len(profile))
 
     def sample_one(self, rng, profile):
-        return float(profile * rng.lognormal(0.0, self.sigma))
+        return float(profile) * rng.lognormal(0.0, self.sigma)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +199,7 @@ class Pareto(LatencyModel):
         return profile * (1.0 + rng.pareto(self.shape, len(profile)))  # numpy's pareto is Lomax: shift by 1
 
     def sample_one(self, rng, profile):
-        return float(profile * (1.0 + rng.pareto(self.shape)))
+        return float(profile) * (1.0 + rng.pareto(self.shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +248,7 @@ class Uniform(LatencyModel):
         return profile * rng.uniform(self.low, self.high, len(profile))
 
     def sample_one(self, rng, profile):
-        return float(profile * rng.uniform(self.low, self.high))
+        return float(profile) * rng.uniform(self.low, self.high)
 
 
 class NeedsWork:
@@ -266,7 +268,7 @@ class NeedsWork:
         return profile * rng.lognormal(0.0, self.noise_sigma, len(profile))
 
     def sample_one(self, rng, profile):
-        return float(profile * rng.lognormal(0.0, self.noise_sigma))
+        return float(profile) * rng.lognormal(0.0, self.noise_sigma)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -191,6 +191,7 @@ def test_bad_values_raise_config_error_naming_the_key(make, key):
         make()
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # (refused in words, without numpy's overflow warning first)
 def test_durations_beyond_float64_are_refused_naming_the_latency():
     """Finite settings can still overflow: a task's draw at a huge sigma, 1 / a tiny rate, a clock
     that sums long tasks; a Pareto shape that makes overflows likely is refused when it is set."""

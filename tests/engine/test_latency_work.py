@@ -94,6 +94,7 @@ def test_a_trace_that_is_not_text_is_refused_with_its_line_and_a_byte_order_mark
         load_trace(path, 2)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # (refused in words, without numpy's overflow warning first)
 def test_a_trace_beyond_float64_names_the_file_not_other_models_settings(tmp_path):
     from asyncflower_jax.engine.scheduler import Scheduler
 
