@@ -44,8 +44,9 @@ class Partition:
         """From the client of every sample (-1: the sample is left out); indices sorted within clients."""
         owner = np.asarray(owner)
         kept = np.flatnonzero(owner >= 0)
-        order = kept[np.argsort(owner[kept], kind="stable")]
-        return cls(order, np.bincount(owner[kept], minlength=num_clients)[:num_clients])
+        held = owner[kept]
+        order = kept if _non_decreasing(held) else kept[np.argsort(held, kind="stable")]  # (sorted already: the natural ids of a generated set)
+        return cls(order, np.bincount(held, minlength=num_clients)[:num_clients])
 
     @classmethod
     def from_parts(cls, parts: Sequence[np.ndarray]) -> "Partition":
@@ -298,7 +299,7 @@ class Natural:
                 "partition='natural' is invalid for this dataset: it has no natural client ids; use a dataset that has "
                 "them (synthetic, femnist, shakespeare, a local file with a client-id column) or another partition (iid, dirichlet, ...)"
             )
-        ids, code = np.unique(np.asarray(client_ids), return_inverse=True)
+        ids, code = _unique_with_codes(np.asarray(client_ids))
         sizes = np.bincount(code, minlength=len(ids))
         eligible = np.flatnonzero(sizes >= self.min_size)
         if len(eligible) < num_clients:
@@ -379,6 +380,18 @@ def partition_summary(partition: Partition, labels: np.ndarray, num_classes: int
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+def _non_decreasing(values: np.ndarray) -> bool:
+    return bool((values[1:] >= values[:-1]).all())
+
+
+def _unique_with_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`np.unique(values, return_inverse=True)`, without its sort when `values` is sorted already."""
+    if values.ndim != 1 or len(values) == 0 or not _non_decreasing(values):
+        return np.unique(values, return_inverse=True)
+    first = np.concatenate([[True], values[1:] != values[:-1]])
+    return values[first], np.cumsum(first) - 1
+
+
 def _check_enough(num_samples: int, num_clients: int, min_size: int) -> None:
     """Enough samples for `min_size` per client: blames partition.min_size when one per client
     would fit, num_clients when not even that does."""

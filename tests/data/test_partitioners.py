@@ -221,6 +221,32 @@ def test_natural_partition_by_id_and_selection():
         Natural()(labels, 2, np.random.default_rng(0))
 
 
+@pytest.mark.parametrize("ids", [
+    np.repeat(np.arange(50), np.arange(1, 51)),  # sorted: no sort is made
+    np.repeat(np.array([3, 7, 7, 20, 1000]), [2, 1, 4, 1, 3]),  # (a repeated run: one client still)
+    np.random.default_rng(1).integers(0, 40, 500),  # unsorted
+    np.array(["a", "a", "b", "c", "c"]),  # sorted strings
+    np.array(["b", "a", "c", "a"]),
+    np.array([5]),
+], ids=["sorted", "runs", "unsorted", "sorted-str", "unsorted-str", "one"])
+def test_natural_partition_of_sorted_ids_equals_the_sorting_one(ids, monkeypatch):
+    """Sorted ids skip np.unique's and the owner's sorts: the same partition as with them."""
+    from asyncflower_jax.data import partition as module
+
+    labels = np.zeros(len(ids), int)
+    n = len(np.unique(ids))
+    fast = [Natural(select=s)(labels, k, np.random.default_rng(3), client_ids=ids) for s in ("random", "first") for k in (n, max(1, n // 2))]
+    monkeypatch.setattr(module, "_non_decreasing", lambda values: False)  # every array treated as unsorted: the sorting path
+    slow = [Natural(select=s)(labels, k, np.random.default_rng(3), client_ids=ids) for s in ("random", "first") for k in (n, max(1, n // 2))]
+    for a, b in zip(fast, slow):
+        np.testing.assert_array_equal(a.order, b.order)
+        np.testing.assert_array_equal(a.counts, b.counts)
+    values, codes = module._unique_with_codes(ids)
+    want_values, want_codes = np.unique(ids, return_inverse=True)
+    np.testing.assert_array_equal(values, want_values)
+    np.testing.assert_array_equal(codes, want_codes)
+
+
 def test_power_law_sizes_have_the_predicted_heavy_tail():
     labels = labels_of(n=400_000)
     p = PowerLaw(exponent=1.5, min_size=1)(labels, 20_000, np.random.default_rng(0))
