@@ -16,7 +16,7 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from asyncflower_jax import parallel_sweep
+from asyncflower_jax import parallel_sweep, signals
 from asyncflower_jax.errors import CheckpointError, ConfigError, Interrupted, RuleOutputError, RunStalled
 from asyncflower_jax.memory import jobs_sharing_memory
 from asyncflower_jax.runner import resume_command, run_job
@@ -61,6 +61,16 @@ def main(cfg: DictConfig) -> float:
     jobs = jobs_sharing_memory()
     if stop is not None and jobs > 1:
         log.info("one of %d jobs running at once: its memory checks count 1/%d of this machine's memory", jobs, jobs)
+    # (a parallel sweep's jobs answer the sweep's signals; Hydra's own launcher runs its jobs here)
+    restore = signals.stop_at_once_on_sigterm() if stop is None else lambda: None
+    try:
+        return run_or_exit(cfg, run_dir, multirun, stop)
+    finally:
+        restore()
+
+
+def run_or_exit(cfg: DictConfig, run_dir: Path, multirun: bool, stop) -> float:
+    """The job, and the log line and exit code of each way it can end."""
     try:
         if cfg.get("distributed"):  # (JAX starts before the job's checks: initialize() must come first)
             from asyncflower_jax.config_schema import validate_config
@@ -92,15 +102,17 @@ def main(cfg: DictConfig) -> float:
             parallel_sweep.request_stop(stop, exc.signum)
             return float("nan")
         sys.exit(128 + exc.signum)
-    except KeyboardInterrupt:  # a SIGINT before the run set its handler, or a second one
+    except KeyboardInterrupt as exc:  # a SIGINT (or SIGTERM: StoppedAtOnce) before the run set its handlers or after, or a second one
         from asyncflower_jax.engine.checkpoint import CheckpointManager
 
+        signum = getattr(exc, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
         latest = CheckpointManager(run_dir).latest()
         if latest is not None:
-            log.warning("stopped at once by SIGINT; the newest checkpoint is %s: continue with: %s", latest.name, resume_command(run_dir))
+            log.warning("stopped at once by %s; the newest checkpoint is %s: continue with: %s", name, latest.name, resume_command(run_dir))
         else:
-            log.warning("stopped at once by SIGINT, before any checkpoint of this run")
-        sys.exit(128 + signal.SIGINT)
+            log.warning("stopped at once by %s, before any checkpoint of this run", name)
+        sys.exit(128 + signum)
     except (ConfigError, CheckpointError) as exc:
         log.error("invalid configuration: %s" if isinstance(exc, ConfigError) else "cannot resume: %s", exc)
         if multirun:  # Hydra runs the sweep's other jobs, then reports the first failed one

@@ -27,6 +27,15 @@ class RuleOutputError(TypeError):
     state) layout, `round_delimiter` a round it cannot wait for, `init` a state that is not arrays."""
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A SIGTERM while no run loop could stop in order (the run still preparing, or ending): the
+    process stops at once, as Ctrl-C stops it, and says so instead of dying without a word."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
 class Interrupted(Exception):
     """The run was asked to stop (SIGTERM/SIGINT) and stopped at the end of an aggregation, after
     handing a checkpoint to `on_checkpoint` when it has one."""

@@ -8,6 +8,8 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 
+from .errors import StoppedAtOnce
+
 
 def install(first: Callable[[int], None]) -> Callable[[], None]:
     """Call first(signum) on the first SIGTERM/SIGINT, stop at once on a second one. Returns the
@@ -30,6 +32,19 @@ def install(first: Callable[[int], None]) -> Callable[[], None]:
             signal.signal(sig, old)
 
     return restore
+
+
+def stop_at_once_on_sigterm() -> Callable[[], None]:
+    """Until the returned function is called, a SIGTERM raises StoppedAtOnce in the main thread (a
+    run's own handlers, `install`, take over while its loop runs). Only in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise StoppedAtOnce(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -369,3 +369,26 @@ def test_a_stopped_run_of_a_users_rule_resumes_with_the_command_it_prints(tmp_pa
     assert summary["client_updates"] == 1500 and summary["resumed_from_version"] is not None
     assert "_target_: my_rules.MyFedAsync" in (run_dir / "config.yaml").read_text()
     assert summary["strategy"].startswith("MyFedAsync(alpha=0.6, ")  # (the class's own name, the parent's settings)
+
+
+def test_a_sigterm_while_the_run_prepares_stops_it_in_words(tmp_path):
+    """A SIGTERM before the run's loop (here while it generates 100,000 clients' data) stops the
+    process at once, as Ctrl-C does, with its log line and exit code 143: not a silent death by signal."""
+    import time
+
+    run_dir = tmp_path / "run"
+    args = ["dataset=synthetic", "num_clients=100000", "progress=false", "plots=false", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        log = run_dir / "run.log"
+        while "generating the synthetic data" not in (log.read_text() if log.exists() else "") and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "stopped at once by SIGTERM, before any checkpoint of this run" in output
+    assert "Traceback" not in output and "client store" not in output  # (stopped while generating, in words)
+    assert not (run_dir / "metrics.csv").exists()

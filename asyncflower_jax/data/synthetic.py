@@ -18,6 +18,7 @@ clients, with no per-client Python objects.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,6 +26,8 @@ import numpy as np
 from ..errors import require
 from ..memory import require_memory
 from .dataset import Dataset
+
+log = logging.getLogger(__name__)
 
 BLOCK = 512  # clients generated per vectorized block (bounds the temporary per-sample weight gather)
 PER_CLIENT_BYTES = 64  # the per-client draws and counts (float64 / int64 arrays), before any sample
@@ -85,6 +88,7 @@ def synthetic(
         "lower num_clients, dataset.size_log_mean or dataset.max_size (the mean client has about "
         f"{sizes.mean():.0f} samples)",
     )
+    log.info("generating the synthetic data: %d clients, %s samples of %d features", n, f"{int(sizes.sum()):,}", d)  # (a minute at 1e6 clients)
     scale = np.arange(1, d + 1, dtype=np.float64) ** -0.6  # standard deviations: sqrt(j^-1.2)
     if iid:
         w_global, b_global = rng.normal(0, 1, (d, c)), rng.normal(0, 1, c)
