@@ -82,9 +82,13 @@ def synthetic(
         f"large enough to give a test sample: each client gives floor(test_fraction x its size), and the largest has {int(sizes.max())} (at least {1 / sizes.max():.3g})",
     )
     n_train = sizes - n_test
-    require_memory(  # the samples, and the copy the clients' store puts on the device
-        2 * sample_bytes * int(sizes.sum()),
-        f"the synthetic data of num_clients={n} ({int(sizes.sum()):,} samples of {d} features)",
+    blocks = [(lo, min(lo + BLOCK, n)) for lo in range(0, n, BLOCK)]
+    most = max(int(sizes[lo:hi].sum()) for lo, hi in blocks)  # samples of the largest block
+    # its working buffers (below): two noise draws, the means and x; each sample's model; the products
+    block_bytes = most * d * (3 * 8 + 4) + most * d * c * 4 + most * c * 4 + (0 if iid else 2 * min(BLOCK, n) * d * c * 8)
+    require_memory(  # the samples, the copy the clients' store puts on the device, and one block's buffers
+        2 * sample_bytes * int(sizes.sum()) + block_bytes,
+        f"the synthetic data of num_clients={n} (generated {min(BLOCK, n)} clients at a time: {int(sizes.sum()):,} samples of {d} features)",
         "lower num_clients, dataset.size_log_mean or dataset.max_size (the mean client has about "
         f"{sizes.mean():.0f} samples)",
     )
@@ -102,12 +106,10 @@ def synthetic(
     train_at = np.concatenate([[0], np.cumsum(n_train)])
     x_test_parts, y_test_parts = [], []
 
-    blocks = [(lo, min(lo + BLOCK, n)) for lo in range(0, n, BLOCK)]
-    most = max(int(sizes[lo:hi].sum()) for lo, hi in blocks)  # samples of the largest block
     # Buffers reused block after block (fresh arrays of this size cost as much in page faults as
     # their arithmetic); the draws have two, one filled while the other is labelled.
     noises = [np.empty((most, d)) for _ in range(2)]
-    models = [np.empty((BLOCK, d, c)) for _ in range(2)] if not iid else None
+    models = [np.empty((min(BLOCK, n), d, c)) for _ in range(2)] if not iid else None
     means = np.empty((most, d))  # each sample's client input mean
     x = np.empty((most, d), np.float32)
     sample_models = np.empty((most, d, c), np.float32)

@@ -134,6 +134,19 @@ def test_a_population_larger_than_the_memory_is_refused_before_it_is_generated(m
         synthetic(10**9)
 
 
+def test_a_block_too_large_for_the_memory_is_refused_before_it_is_generated(monkeypatch):
+    """Clients of max_size samples: the data (600 x 1000 samples, 0.29 GB with the store's copy)
+    fit, but a block of 512 such clients needs 2.11 GB of working buffers while it is generated
+    (512,000 samples x (60 x 28 bytes of draws, means and features + 60 x 10 x 4 of their models
+    + 10 x 4 of products) + two blocks of per-client models, 2 x 512 x 600 x 8 bytes)."""
+    from asyncflower_jax import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10**9)
+    with pytest.raises(ConfigError, match=r"num_clients=600 \(generated 512 clients at a time: 600,000 samples of 60 features\) needs about 2\.4 GB"):
+        synthetic(600, min_size=1000, max_size=1000)
+    assert len(synthetic(600, min_size=10, max_size=10).y_train) == 5400  # (small clients: small blocks)
+
+
 @pytest.mark.parametrize(
     "kwargs, key",
     [({"alpha": -1}, "dataset.alpha=-1"), ({"alpha": 1e30}, r"dataset.alpha=1e\+30 is invalid: must be in \[0, 1e\+06\]"),
