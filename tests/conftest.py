@@ -73,3 +73,23 @@ def compilation_cache_env() -> dict[str, str]:
         return {}
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
     return {name.upper(): str(getattr(jax.config, name)) for name in names}
+
+
+def sigterm_when(command: list[str], ready, timeout: float, **popen) -> tuple[int, str]:
+    """Start `command` (its output piped, stderr into stdout), send it SIGTERM once `ready()` is
+    true (or it ended, or `timeout` seconds passed), and return (exit code, output). The process
+    is killed on the way out, pass or fail."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=max(60.0, timeout))
+    finally:
+        proc.kill()
+    return proc.returncode, output

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from asyncflower_jax import parallel_sweep
+from tests.conftest import sigterm_when
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["max_updates=20", "num_clients=20", "concurrency=4", "client.num_steps=2", "model.hidden=[16]", "progress=false", "eval_every=5", "plots=false"]
@@ -62,16 +62,9 @@ def test_a_parallel_sweep_stopped_by_sigterm_checkpoints_its_running_jobs_and_re
         "progress=false", "plots=false", "checkpoint_every=0", f"hydra.sweep.dir={sweep_dir}",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while len(list(sweep_dir.glob("*/metrics.csv"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)  # until both workers' jobs have started their runs
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    both_started = lambda: len(list(sweep_dir.glob("*/metrics.csv"))) >= 2  # noqa: E731  (both workers' jobs have started their runs)
+    code, output = sigterm_when(cmd, both_started, 300, cwd=ROOT, env=env)
+    assert code == 128 + signal.SIGTERM, output[-3000:]
     assert "the sweep stopped on SIGTERM; continue it with the same command plus: resume=true" in output
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
     assert len(jobs) == 3 and not (sweep_dir / parallel_sweep.STOP_FILE).exists()

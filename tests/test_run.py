@@ -14,7 +14,7 @@ from asyncflower_jax.client.sharding import cpu_devices_set_in_xla_flags, usable
 from asyncflower_jax.engine.simulator import METRIC_COLUMNS, UPDATE_COLUMNS
 from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.runner import run_job
-from tests.conftest import make_config
+from tests.conftest import make_config, sigterm_when
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["num_clients=20", "concurrency=5", "max_updates=24", "client.num_steps=2", "model.hidden=[16]", "plots=false"]
@@ -340,7 +340,6 @@ def test_a_stopped_run_of_a_users_rule_resumes_with_the_command_it_prints(tmp_pa
     environment has none) it finishes the run from its checkpoint."""
     import re
     import shutil
-    import time
 
     mine = tmp_path / "my rules"  # (a space: the command quotes it)
     mine.mkdir()
@@ -348,17 +347,10 @@ def test_a_stopped_run_of_a_users_rule_resumes_with_the_command_it_prints(tmp_pa
     run_dir = tmp_path / "run"
     args = ["strategy._target_=my_rules.MyFedAsync", "num_clients=20", "client.num_steps=2", "model.hidden=[16]", "max_updates=1500", "checkpoint_every=0", "progress=false", "plots=false", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "PYTHONPATH": str(mine)}
-    proc = subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        rows = lambda: len((run_dir / "metrics.csv").read_text().splitlines()) if (run_dir / "metrics.csv").exists() else 0  # noqa: E731
-        while rows() < 3 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)  # (until a row after version 0's: the run's loop, with its signal handlers, has started)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    rows = lambda: len((run_dir / "metrics.csv").read_text().splitlines()) if (run_dir / "metrics.csv").exists() else 0  # noqa: E731
+    # (until a row after version 0's: the run's loop, with its signal handlers, has started)
+    code, output = sigterm_when([sys.executable, "run.py", *args], lambda: rows() >= 3, 120, cwd=ROOT, env=env)
+    assert code == 128 + signal.SIGTERM, output[-3000:]
     [command] = re.findall(r"continue with: (.+)$", output, re.MULTILINE)
     assert command.startswith("PYTHONPATH=")
     bare = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -374,21 +366,12 @@ def test_a_stopped_run_of_a_users_rule_resumes_with_the_command_it_prints(tmp_pa
 def test_a_sigterm_while_the_run_prepares_stops_it_in_words(tmp_path):
     """A SIGTERM before the run's loop (here while it generates 100,000 clients' data) stops the
     process at once, as Ctrl-C does, with its log line and exit code 143: not a silent death by signal."""
-    import time
-
     run_dir = tmp_path / "run"
     args = ["dataset=synthetic", "num_clients=100000", "progress=false", "plots=false", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        log = run_dir / "run.log"
-        while "generating the synthetic data" not in (log.read_text() if log.exists() else "") and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    log = run_dir / "run.log"
+    generating = lambda: "generating the synthetic data" in (log.read_text() if log.exists() else "")  # noqa: E731
+    code, output = sigterm_when([sys.executable, "run.py", *args], generating, 120, cwd=ROOT)
+    assert code == 128 + signal.SIGTERM, output[-3000:]
     assert "stopped at once by SIGTERM, before any checkpoint of this run" in output
     assert "Traceback" not in output and "client store" not in output  # (stopped while generating, in words)
     assert not (run_dir / "metrics.csv").exists()
