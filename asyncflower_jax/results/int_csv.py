@@ -21,14 +21,14 @@ def int_rows_csv(table: np.ndarray, line_end: str = "\r\n") -> bytes:
     rows, cols = table.shape
     if cols == 0:
         return line_end.encode() * rows
-    end = np.frombuffer(line_end.encode(), np.uint8)
+    separators = [np.frombuffer(b",", np.uint8)] * (cols - 1) + [np.frombuffer(line_end.encode(), np.uint8)]
     out = []
     for lo in range(0, rows, ROWS_PER_BLOCK):
         block = table[lo : lo + ROWS_PER_BLOCK].astype(np.int64)
         chars, keep = [], []
-        for j in range(cols):
+        for j, separator in enumerate(separators):
             text, shown = _cell_characters(block[:, j])
-            chars += [text, np.broadcast_to(end if j == cols - 1 else np.uint8(ord(",")), (len(block), len(end) if j == cols - 1 else 1))]
+            chars += [text, np.broadcast_to(separator, (len(block), len(separator)))]
             keep += [shown, np.ones(chars[-1].shape, bool)]
         out.append(np.concatenate(chars, axis=1)[np.concatenate(keep, axis=1)].tobytes())
     return b"".join(out)
