@@ -62,7 +62,7 @@ def main(cfg: DictConfig) -> float:
     if stop is not None and jobs > 1:
         log.info("one of %d jobs running at once: its memory checks count 1/%d of this machine's memory", jobs, jobs)
     # (a parallel sweep's jobs answer the sweep's signals; Hydra's own launcher runs its jobs here)
-    restore = signals.stop_at_once_on_sigterm() if stop is None else lambda: None
+    restore = signals.install(signals.stop_at_once) if stop is None else lambda: None
     try:
         return run_or_exit(cfg, run_dir, multirun, stop)
     finally:
@@ -102,7 +102,7 @@ def run_or_exit(cfg: DictConfig, run_dir: Path, multirun: bool, stop) -> float:
             parallel_sweep.request_stop(stop, exc.signum)
             return float("nan")
         sys.exit(128 + exc.signum)
-    except KeyboardInterrupt as exc:  # a SIGINT (or SIGTERM: StoppedAtOnce) before the run set its handlers or after, or a second one
+    except KeyboardInterrupt as exc:  # StoppedAtOnce: a signal before the run's loop set its handlers or after it; or a second one
         from asyncflower_jax.engine.checkpoint import CheckpointManager
 
         signum = getattr(exc, "signum", signal.SIGINT)

@@ -28,8 +28,9 @@ class RuleOutputError(TypeError):
 
 
 class StoppedAtOnce(KeyboardInterrupt):
-    """A SIGTERM while no run loop could stop in order (the run still preparing, or ending): the
-    process stops at once, as Ctrl-C stops it, and says so instead of dying without a word."""
+    """A SIGTERM or SIGINT while no run loop could stop in order (the run still preparing, or
+    ending): the process stops at once, as Ctrl-C stopped it, and a SIGTERM says so instead of
+    killing it without a word."""
 
     def __init__(self, signum: int):
         super().__init__(f"stopped by signal {signum}")

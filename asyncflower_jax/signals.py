@@ -34,17 +34,10 @@ def install(first: Callable[[int], None]) -> Callable[[], None]:
     return restore
 
 
-def stop_at_once_on_sigterm() -> Callable[[], None]:
-    """Until the returned function is called, a SIGTERM raises StoppedAtOnce in the main thread (a
-    run's own handlers, `install`, take over while its loop runs). Only in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum, frame):
-        raise StoppedAtOnce(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+def stop_at_once(signum: int) -> None:
+    """`install`'s `first` where no loop could stop in order (a run preparing, or ending): raise
+    StoppedAtOnce, which the entry point reports as it does Ctrl-C."""
+    raise StoppedAtOnce(signum)
 
 
 @contextlib.contextmanager
