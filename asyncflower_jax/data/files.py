@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import ConfigError, require
 from .dataset import Dataset
+from .partition import unique_with_codes
 
 FORMATS = (".npz", ".parquet")
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def local_file(
         x_test, y_test = x[test], y[test]
         x, y, ids = x[~test], y[~test], None if ids is None else ids[~test]
     y, y_test, classes = _encode_labels(y, y_test, num_classes, test_path)
-    client_codes = None if ids is None else np.unique(ids, return_inverse=True)[1].astype(np.int32)
+    client_codes = None if ids is None else unique_with_codes(ids)[1].astype(np.int32)
     return Dataset(x, y, x_test, y_test, num_classes=classes, client_ids=client_codes, name=Path(path).stem)
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import ConfigError, first_line, require
 from .dataset import Dataset
+from .partition import unique_with_codes
 
 # LEAF's Shakespeare vocabulary: the 80 characters its next-character model predicts.
 SHAKESPEARE_VOCAB = "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
@@ -115,7 +116,7 @@ def hub_dataset(
     if max_train_samples is not None and max_train_samples < len(y):
         keep = np.sort(rng.choice(len(y), max_train_samples, replace=False))
         x, y, ids = x[keep], y[keep], None if ids is None else ids[keep]
-    codes = None if ids is None else np.unique(ids, return_inverse=True)[1].astype(np.int32)
+    codes = None if ids is None else unique_with_codes(ids)[1].astype(np.int32)
     return Dataset(x, y, x_test, y_test, num_classes=spec.num_classes, client_ids=codes, name=name)
 
 

@@ -299,7 +299,7 @@ class Natural:
                 "partition='natural' is invalid for this dataset: it has no natural client ids; use a dataset that has "
                 "them (synthetic, femnist, shakespeare, a local file with a client-id column) or another partition (iid, dirichlet, ...)"
             )
-        ids, code = _unique_with_codes(np.asarray(client_ids))
+        ids, code = unique_with_codes(np.asarray(client_ids))
         sizes = np.bincount(code, minlength=len(ids))
         eligible = np.flatnonzero(sizes >= self.min_size)
         if len(eligible) < num_clients:
@@ -386,8 +386,9 @@ def _non_decreasing(values: np.ndarray) -> bool:
     return bool((values[1:] >= values[:-1]).all())
 
 
-def _unique_with_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`np.unique(values, return_inverse=True)`, without its sort when `values` is sorted already."""
+def unique_with_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`np.unique(values, return_inverse=True)`, without its sort when `values` is sorted already
+    (client ids often are: a generated set's, or a file's written client by client)."""
     if values.ndim != 1 or len(values) == 0 or not _non_decreasing(values):
         return np.unique(values, return_inverse=True)
     first = np.concatenate([[True], values[1:] != values[:-1]])

@@ -30,6 +30,20 @@ def test_npz_with_client_ids_and_a_held_out_test_share(tmp_path):
     np.testing.assert_array_equal(d.client_ids, np.searchsorted(np.unique(ids[train_rows]), ids[train_rows]))
 
 
+@pytest.mark.parametrize("written", ["sorted", "shuffled"])
+def test_client_codes_number_the_ids_in_sorted_order_however_the_file_is_ordered(tmp_path, written):
+    """A file written client by client (sorted ids: np.unique's sort is skipped) and a shuffled one
+    give each sample the code of its id's place among the sorted ids."""
+    rng = np.random.default_rng(1)
+    ids = np.sort(rng.choice([3, 17, 40, 41, 99, 1000], 60))
+    if written == "shuffled":
+        ids = rng.permutation(ids)
+    np.savez(tmp_path / "d.npz", x=np.arange(60, dtype=np.float32)[:, None], y=np.arange(60) % 2, who=ids)
+    d = local_file(str(tmp_path / "d.npz"), client_id="who", test_path=str(tmp_path / "d.npz"))
+    np.testing.assert_array_equal(d.client_ids, np.searchsorted(np.unique(ids), ids))
+    assert d.client_ids.dtype == np.int32
+
+
 def test_npz_with_a_test_file_and_a_shape(tmp_path):
     x, y, _ = sample_data()
     np.savez(tmp_path / "train.npz", x=x, y=y)

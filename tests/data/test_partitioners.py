@@ -241,7 +241,7 @@ def test_natural_partition_of_sorted_ids_equals_the_sorting_one(ids, monkeypatch
     for a, b in zip(fast, slow):
         np.testing.assert_array_equal(a.order, b.order)
         np.testing.assert_array_equal(a.counts, b.counts)
-    values, codes = module._unique_with_codes(ids)
+    values, codes = module.unique_with_codes(ids)
     want_values, want_codes = np.unique(ids, return_inverse=True)
     np.testing.assert_array_equal(values, want_values)
     np.testing.assert_array_equal(codes, want_codes)
