@@ -375,3 +375,22 @@ def test_a_sigterm_while_the_run_prepares_stops_it_in_words(tmp_path):
     assert "stopped at once by SIGTERM, before any checkpoint of this run" in output
     assert "Traceback" not in output and "client store" not in output  # (stopped while generating, in words)
     assert not (run_dir / "metrics.csv").exists()
+
+
+def test_a_sigterm_once_the_run_has_written_its_results_says_they_are_complete(tmp_path):
+    """A SIGTERM after summary.json (here in the collection that frees the finished experiment)
+    exits 143 saying the results are complete, not that the run stopped before any checkpoint."""
+    run_dir = tmp_path / "run"
+    script = (
+        "import gc, os, runpy, signal, sys, types; import asyncflower_jax.runner as runner; "
+        "runner.gc = types.SimpleNamespace(collect=lambda: os.kill(os.getpid(), signal.SIGTERM)); "
+        "sys.argv = ['run.py', *sys.argv[1:]]; runpy.run_path('run.py', run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *TINY, "progress=false", f"hydra.run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert f"stopped by SIGTERM after the run finished: its results are complete in {run_dir}" in output
+    assert "before any checkpoint" not in output and "Traceback" not in output
+    assert json.loads((run_dir / "summary.json").read_text())["client_updates"] == 24
