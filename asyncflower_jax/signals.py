@@ -4,11 +4,15 @@ stops at once (KeyboardInterrupt for SIGINT, exit 128 + the signal number for SI
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
 from .errors import StoppedAtOnce
+
+RESEND_AFTER = 0.01  # seconds before a signal whose exception Python dropped is sent again
 
 
 def install(first: Callable[[int], None]) -> Callable[[], None]:
@@ -18,18 +22,44 @@ def install(first: Callable[[int], None]) -> Callable[[], None]:
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     received = []
+    raised: list[tuple[BaseException, int, bool]] = []  # what the handler raised: (exception, signal, was it the first)
 
     def handler(signum, frame):
-        if received:
-            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
-        received.append(signum)
-        first(signum)
+        is_first = not received
+        try:
+            if not is_first:
+                raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+            received.append(signum)
+            first(signum)
+        except BaseException as exc:
+            raised.append((exc, signum, is_first))
+            raise
+
+    def unraisable(info):
+        """Python drops an exception raised inside a gc callback (JAX runs one at each collection)
+        or a __del__, handing it here; when the handler raised it, the signal would be lost with
+        it: send it again, from a thread, to be taken once that code has returned."""
+        dropped = [entry for entry in raised if entry[0] is info.exc_value]
+        if not dropped:
+            return (previous_hook or sys.__unraisablehook__)(info)
+        raised.remove(dropped[0])
+        _, signum, is_first = dropped[0]
+        if is_first:
+            received.remove(signum)
+        resend = threading.Timer(RESEND_AFTER, os.kill, (os.getpid(), signum))
+        resend.daemon = True
+        resend.start()
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # (Python's own hook is named, not held: a parallel sweep's callback pickles `restore`, and
+    # pickle refuses the built-in hook while another one is in its place)
+    previous_hook = None if sys.unraisablehook is sys.__unraisablehook__ else sys.unraisablehook
+    sys.unraisablehook = unraisable
 
     def restore():
         for sig, old in previous.items():
             signal.signal(sig, old)
+        sys.unraisablehook = previous_hook or sys.__unraisablehook__
 
     return restore
 

@@ -1,0 +1,113 @@
+"""signals.install: the first SIGTERM/SIGINT calls `first`, a second stops at once; a signal whose
+exception Python drops (raised inside a gc callback) is sent again and taken outside it."""
+
+import gc
+import os
+import signal
+import time
+
+import pytest
+
+from asyncflower_jax import signals
+from asyncflower_jax.errors import StoppedAtOnce
+
+
+def wait_for_signals(seconds=2.0):
+    """Sleep in short steps, so a signal sent from another thread is handled here."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.005)
+
+
+@pytest.fixture(autouse=True)
+def late_signals_are_recorded():
+    """SIGTERM/SIGINT outside the handlers a test installs (a signal sent again after its test
+    ended) are recorded, not the end of the test process."""
+    late = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: late.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield late
+    wait_for_signals(5 * signals.RESEND_AFTER)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+@pytest.fixture
+def collect_receiving(request):
+    """A gc.collect() during which a gc callback sends this process `request.param` once: the Python
+    handler then runs in the callback, where an exception it raises is dropped. The callback is in
+    place only during that call (a collection Python starts on its own elsewhere would send the
+    signal before the test's handlers are installed)."""
+    sent = []
+
+    def callback(phase, info):
+        if phase == "start" and not sent:
+            sent.append(1)
+            os.kill(os.getpid(), request.param)
+            for _ in range(100_000):  # (the handler runs at one of these bytecodes, inside the callback)
+                pass
+
+    def collect():
+        gc.callbacks.append(callback)
+        try:
+            return gc.collect()
+        finally:
+            gc.callbacks.remove(callback)
+            assert sent == [1]
+
+    return collect
+
+
+def test_the_first_signal_calls_first_and_a_second_stops_at_once():
+    seen = []
+    restore = signals.install(seen.append)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait_for_signals(0.05)
+        assert seen == [signal.SIGTERM]
+        with pytest.raises(SystemExit) as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            wait_for_signals()
+        assert stop.value.code == 128 + signal.SIGTERM and seen == [signal.SIGTERM]
+    finally:
+        restore()
+
+
+@pytest.mark.parametrize("collect_receiving", [signal.SIGTERM], indirect=True)
+def test_a_first_signal_dropped_in_a_gc_callback_is_taken_after_it(collect_receiving):
+    calls = []
+
+    def first(signum):
+        calls.append(signum)
+        signals.stop_at_once(signum)
+
+    restore = signals.install(first)
+    try:
+        with pytest.raises(StoppedAtOnce) as stop:
+            collect_receiving()  # the callback's signal raises StoppedAtOnce there, where Python drops it ...
+            wait_for_signals()  # ... and it comes again (once more if it lands in a collection again), as the first signal still
+        assert stop.value.signum == signal.SIGTERM and len(calls) >= 2 and set(calls) == {signal.SIGTERM}
+    finally:
+        restore()
+
+
+@pytest.mark.parametrize("collect_receiving", [signal.SIGINT], indirect=True)
+def test_a_second_signal_dropped_in_a_gc_callback_is_taken_after_it(collect_receiving):
+    seen = []
+    restore = signals.install(seen.append)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        wait_for_signals(0.05)
+        with pytest.raises(KeyboardInterrupt):
+            collect_receiving()
+            wait_for_signals()
+        assert seen == [signal.SIGINT]
+    finally:
+        restore()
+
+
+def test_restore_puts_back_the_handlers_and_the_unraisable_hook():
+    import sys
+
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), sys.unraisablehook)
+    signals.install(lambda signum: None)()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), sys.unraisablehook) == before
