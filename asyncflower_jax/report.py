@@ -28,7 +28,7 @@ import numpy as np
 from .results.plots import new_figure, save_figure
 from .results.recorder import write_atomic
 from .cli import output_directory
-from .results.rundir import RESUME_MUTABLE_KEYS
+from .results.rundir import RESUME_MUTABLE_KEYS, override_key
 from .results.runs import find_run_dirs, num_rows, read_config, read_metrics, read_overrides, read_summary, run_seed
 
 IGNORED_KEYS = ("seed", *RESUME_MUTABLE_KEYS)  # what varies between the seeds of one group, and what changes no result (resume=true, progress, ...)
@@ -94,14 +94,9 @@ class GroupRow:
 # ---------------------------------------------------------------- grouping
 
 
-def override_name(override: str) -> str:
-    """The key an override sets: "strategy.alpha" for "++strategy.alpha=0.5", "foo" for "~foo"."""
-    return override.lstrip("~+").split("=", 1)[0]
-
-
 def overrides_key(overrides: Sequence[str]) -> tuple[str, ...]:
     """Group key from Hydra overrides: sorted, `+` prefixes dropped, IGNORED_KEYS left out."""
-    return tuple(sorted(o.lstrip("+") for o in overrides if override_name(o) not in IGNORED_KEYS))
+    return tuple(sorted(o.lstrip("+") for o in overrides if override_key(o) not in IGNORED_KEYS))
 
 
 def flatten(node, prefix: str = "") -> dict[str, object]:

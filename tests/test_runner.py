@@ -19,6 +19,7 @@ def test_num_steps_given_beside_epochs_is_refused_even_at_its_default(tmp_path, 
 def test_num_steps_alone_or_epochs_alone_pass():
     refuse_steps_beside_epochs(make_config("client.num_steps=10"), ["client.num_steps=10"])
     refuse_steps_beside_epochs(make_config("client.epochs=2"), ["client.epochs=2", "client.batch_size=10"])
+    refuse_steps_beside_epochs(make_config("client.epochs=2", "~client.num_steps"), ["client.epochs=2", "~client.num_steps"])  # (deleted: not given)
     # a preset's epochs (task=synthetic_logreg sets 20) with num_steps from the command line
     with pytest.raises(ConfigError, match=r"client.num_steps=10 is invalid: .* with client.epochs=20"):
         refuse_steps_beside_epochs(make_config("task=synthetic_logreg", "client.num_steps=10"), ["task=synthetic_logreg", "client.num_steps=10"])

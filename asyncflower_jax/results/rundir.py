@@ -232,8 +232,8 @@ class ResumeTargetCheck(Callback):
         for number, overrides in enumerate(sweep_jobs(sweep_overrides(config))):
             key = _job_key(overrides)
             if key not in started and number in numbered:
-                added = sorted(key - numbered[number], key=_override_key)
-                gone = sorted(numbered[number] - key, key=_override_key)
+                added = sorted(key - numbered[number], key=override_key)
+                gone = sorted(numbered[number] - key, key=override_key)
                 _refuse(
                     f"resume={config.get('resume')!r} is invalid: the sweep's job {number} started with {' '.join(gone) or 'no such override'} "
                     f"and this command gives it {' '.join(added) or 'none'}, so it would run again beside job {number} of {sweep}; "
@@ -243,7 +243,7 @@ class ResumeTargetCheck(Callback):
             if was != number:
                 _refuse(
                     f"resume={config.get('resume')!r} is invalid: the sweep's values are not in the order it started with, so its "
-                    f"job {number} ({' '.join(o for o in overrides if _override_key(o) != 'resume')}) would run again beside job {was} of {sweep}; "
+                    f"job {number} ({' '.join(o for o in overrides if override_key(o) != 'resume')}) would run again beside job {was} of {sweep}; "
                     "give them in the first command's order"
                 )
 
@@ -321,7 +321,7 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 def _job_key(overrides) -> frozenset[str]:
     """A job's overrides as a set, less RESUME_MUTABLE_KEYS (left out of the job directories' names
     too: a sweep resumed with `progress=false` is the same sweep)."""
-    return frozenset(o.lstrip("+") for o in overrides if _override_key(o) not in RESUME_MUTABLE_KEYS)
+    return frozenset(o.lstrip("+") for o in overrides if override_key(o) not in RESUME_MUTABLE_KEYS)
 
 
 def _refuse_unwritable(key: str, directory: str) -> None:
@@ -364,7 +364,8 @@ RESUME_MUTABLE_KEYS = (
 EXECUTION_KEYS = ("devices", "chunk_size", "execution", "map_batch", "aggregations_per_call")
 
 
-def _override_key(override: str) -> str:
+def override_key(override: str) -> str:
+    """The key an override sets: "strategy.alpha" for "++strategy.alpha=0.5", "foo" for "~foo"."""
     return override.lstrip("~+").split("=", 1)[0].strip()
 
 
@@ -410,9 +411,9 @@ def resumed_config(cfg, run_dir: Path, overrides: list[str], announce: bool = Tr
             "configuration to continue it"
         ) from None
     current = OmegaConf.to_container(cfg, resolve=True)
-    explicit = {_override_key(o).replace("/", ".") for o in overrides}
+    explicit = {override_key(o).replace("/", ".") for o in overrides}
     for override in overrides:
-        key = _override_key(override)
+        key = override_key(override)
         if key in RESUME_MUTABLE_KEYS or key in EXECUTION_KEYS or key.startswith("hydra."):
             continue
         group, key = key, key.replace("/", ".")  # (a nested group's choice, strategy/staleness=..., is its package's value)
@@ -439,7 +440,7 @@ def resumed_config(cfg, run_dir: Path, overrides: list[str], announce: bool = Tr
             raise RunRefused(
                 f"{key}={new!r} is invalid: must be {old!r} as in {path} (a resumed run keeps the configuration it started with)"
             )
-    overridden = {_override_key(o).split(".", 1)[0] for o in overrides}
+    overridden = {override_key(o).split(".", 1)[0] for o in overrides}
     for key in RESUME_MUTABLE_KEYS:
         if key in current and (key == "resume" or key in overridden or key not in saved):
             saved[key] = current[key]
