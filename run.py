@@ -108,10 +108,9 @@ def run_or_exit(cfg: DictConfig, run_dir: Path, multirun: bool, stop) -> float:
 
         signum = getattr(exc, "signum", signal.SIGINT)
         name = signal.Signals(signum).name
-        latest = CheckpointManager(run_dir).latest()
         if (run_dir / SUMMARY_FILE).is_file():  # (the signal came once the run had written its results)
             log.warning("stopped by %s after the run finished: its results are complete in %s", name, run_dir)
-        elif latest is not None:
+        elif (latest := CheckpointManager(run_dir).latest()) is not None:
             log.warning("stopped at once by %s; the newest checkpoint is %s: continue with: %s", name, latest.name, resume_command(run_dir))
         else:
             log.warning("stopped at once by %s, before any checkpoint of this run", name)

@@ -39,11 +39,11 @@ def install(first: Callable[[int], None]) -> Callable[[], None]:
         """Python drops an exception raised inside a gc callback (JAX runs one at each collection)
         or a __del__, handing it here; when the handler raised it, the signal would be lost with
         it: send it again, from a thread, to be taken once that code has returned."""
-        dropped = [entry for entry in raised if entry[0] is info.exc_value]
-        if not dropped:
+        dropped = next((entry for entry in raised if entry[0] is info.exc_value), None)
+        if dropped is None:
             return (previous_hook or sys.__unraisablehook__)(info)
-        raised.remove(dropped[0])
-        _, signum, is_first = dropped[0]
+        raised.remove(dropped)
+        _, signum, is_first = dropped
         if is_first:
             received.remove(signum)
         resend = threading.Timer(RESEND_AFTER, os.kill, (os.getpid(), signum))
