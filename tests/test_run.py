@@ -137,14 +137,14 @@ def test_invalid_setting_exits_with_message_not_traceback(overrides, message, tm
 
 def test_a_rule_of_the_users_that_the_engine_cannot_use_fails_in_one_line(tmp_path):
     """A RuleOutputError (here: a state that is not arrays) says what is wrong with the rule; the
-    traceback, which Hydra printed after it, is in failed.json."""
-    proc = run_py([
-        "strategy._target_=tests.engine.test_rule_output.TextState", "~strategy.alpha", "~strategy.staleness", *TINY,
-        "hydra.run.dir=" + str(tmp_path / "run"),
-    ], tmp_path)
+    traceback, which Hydra printed after it, is in failed.json. The run directory is named after
+    the rule, not the `strategy=fedasync` it replaced."""
+    proc = run_py(["strategy._target_=tests.engine.test_rule_output.TextState", "~strategy.alpha", "~strategy.staleness", *TINY], tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
     assert "run failed: TextState.init returned a state the engine cannot carry" in proc.stdout + proc.stderr
-    failed = json.loads((tmp_path / "run" / "failed.json").read_text())
+    [run_dir] = (tmp_path / "runs").iterdir()
+    assert run_dir.name.endswith("_textstate")
+    failed = json.loads((run_dir / "failed.json").read_text())
     assert failed["error"] == "RuleOutputError" and "Traceback" in failed["traceback"]
 
 

@@ -9,7 +9,8 @@
 - Hydra resolvers: `af_run_dir` makes `resume=<dir>` the run directory; `af_hydra_subdir` keeps
   the original `.hydra/` of a resumed run (the resuming command's record goes to `.hydra/resumed/`)
   and writes none for a refused command; `af_log_file` sends a refused command's log lines to
-  nowhere (conf/hydra/job_logging/run_log.yaml).
+  nowhere (conf/hydra/job_logging/run_log.yaml); `af_strategy_dirname` names a single run's
+  directory after the rule it runs.
 """
 
 from __future__ import annotations
@@ -165,6 +166,26 @@ def _job_dirname(override_dirname) -> str:
         return name
     digest = "~" + hashlib.sha256(encoded).hexdigest()[:12]
     return encoded[: JOB_DIRNAME_BYTES - len(digest)].decode(errors="ignore") + digest
+
+
+def _strategy_dirname(choice, overrides) -> str:
+    """The strategy's part of a single run's directory name: its config group choice
+    ("fedasync"), unless the command line replaced the rule's class. `strategy._target_=my_rules.MyRule`
+    names the directory "myrule"; a Flower strategy named inside its adapter
+    (`strategy=flower_fedavg strategy.strategy._target_=flwr.serverapp.strategy.Bulyan`) "flower_bulyan",
+    as `strategy=flower_<name>` does, so a run is never filed under a rule it did not run."""
+    targets = {}
+    for override in overrides or ():
+        key = override_key(str(override))
+        if key in ("strategy._target_", "strategy.strategy._target_") and not str(override).startswith("~") and "=" in str(override):
+            name = str(override).split("=", 1)[1].strip().strip("'\"").rsplit(".", 1)[-1]
+            targets[key] = "".join(c for c in name.lower() if c.isalnum() or c == "_")
+    if targets.get("strategy._target_"):
+        return targets["strategy._target_"]
+    inner = targets.get("strategy.strategy._target_")
+    if inner:
+        return f"flower_{inner}" if str(choice).startswith("flower_") else f"{choice}_{inner}"
+    return str(choice)
 
 
 class ResumeTargetCheck(Callback):
@@ -345,7 +366,7 @@ def _refuse(message: str) -> None:
 def register_resolvers() -> None:
     """Register the resolvers conf/config.yaml uses in `hydra.run.dir`, `hydra.sweep.subdir`,
     `hydra.output_subdir` and the log file's name."""
-    for name, fn in (("af_run_dir", _run_dir), ("af_hydra_subdir", _hydra_subdir), ("af_log_file", _log_file), ("af_job_dirname", _job_dirname)):
+    for name, fn in (("af_run_dir", _run_dir), ("af_hydra_subdir", _hydra_subdir), ("af_log_file", _log_file), ("af_job_dirname", _job_dirname), ("af_strategy_dirname", _strategy_dirname)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -97,14 +97,23 @@ def read_overrides(run_dir: Path) -> list[str] | None:
     return [str(o) for o in (OmegaConf.to_container(OmegaConf.load(path)) or [])]
 
 
+FLOWER_ADAPTER = "FlowerStrategy"  # asyncflower_jax.flower.stock_strategy's class, which runs a Flower strategy
+
+
 def strategy_name(config: dict, summary: dict | None = None) -> str:
-    """Short class name of the strategy ("FedAsync"), from config `strategy._target_`, else the summary."""
+    """Short class name of the strategy ("FedAsync"), from config `strategy._target_`, else the
+    summary; a Flower strategy run through the adapter is named by its own class ("FedMedian (Flower)")."""
     strategy = config.get("strategy")
-    target = strategy.get("_target_") if isinstance(strategy, dict) else None
-    if target:
-        return str(target).rsplit(".", 1)[-1]
-    if summary and summary.get("strategy"):
-        return str(summary["strategy"]).split("(", 1)[0]
+    if isinstance(strategy, dict) and strategy.get("_target_"):
+        name = str(strategy["_target_"]).rsplit(".", 1)[-1]
+        inner = strategy.get("strategy")
+        if name == FLOWER_ADAPTER and isinstance(inner, dict) and inner.get("_target_"):
+            return f"{str(inner['_target_']).rsplit('.', 1)[-1]} (Flower)"
+        return name
+    if summary and summary.get("strategy"):  # its repr: "FedAsync(alpha=0.6, ...)", "FlowerStrategy(FedMedian(...), ...)"
+        outer, _, rest = str(summary["strategy"]).partition("(")
+        inner = rest.split("(", 1)[0]
+        return f"{inner} (Flower)" if outer == FLOWER_ADAPTER and inner.isidentifier() else outer
     return "unknown strategy"
 
 
