@@ -40,14 +40,14 @@ class InvalidJob(CompactHydraException):
         return type(self), (str(self), self.exit_code)
 
 
-def start_jax(cfg: DictConfig) -> None:
-    """The compilation cache, and one CPU device per core (before anything starts JAX). Called once
-    a job is accepted: a refused command answers without importing JAX."""
+def start_jax(cfg: DictConfig, multi_host: bool) -> None:
+    """The compilation cache, and (one host) one CPU device per core, before anything starts JAX.
+    Called once a job is accepted: a refused command answers without importing JAX."""
     from asyncflower_jax.client.sharding import expose_cpu_cores
     from asyncflower_jax.compilation import use_compilation_cache
 
     use_compilation_cache(cfg.get("xla_cache_dir"))  # (left out: off, as null)
-    if not cfg.get("distributed"):
+    if not multi_host:
         expose_cpu_cores(cfg.get("devices"))
 
 
@@ -72,21 +72,22 @@ def main(cfg: DictConfig) -> float:
 
 def run_or_exit(cfg: DictConfig, run_dir: Path, multirun: bool, stop) -> float:
     """The job, and the log line and exit code of each way it can end."""
+    multi_host = cfg.get("distributed")  # (the multi-host settings; null: one host)
     try:
-        if cfg.get("distributed"):  # (JAX starts before the job's checks: initialize() must come first)
+        if multi_host:  # (JAX starts before the job's checks: initialize() must come first)
             from asyncflower_jax.config_schema import validate_config
 
             validate_config(cfg)  # (the settings first: initialize() waits for the other processes)
             from asyncflower_jax import distributed
             from asyncflower_jax.experiment import Experiment
 
-            start_jax(cfg)
-            if distributed.initialize(cfg.get("distributed")) and not distributed.is_writer():
+            start_jax(cfg, multi_host=True)
+            if distributed.initialize(multi_host) and not distributed.is_writer():
                 # multi-host: every process runs the simulation; process 0 alone writes the run directory
                 return Experiment(cfg).run(None).summary["final_test_accuracy"]
         s = run_job(
             cfg, run_dir, list(HydraConfig.get().overrides.task), multirun=multirun, stop_file=stop, choices=HydraConfig.get().runtime.choices,
-            before_start=None if cfg.get("distributed") else lambda: start_jax(cfg),
+            before_start=None if multi_host else lambda: start_jax(cfg, multi_host=False),
         )
     except Interrupted as exc:
         if exc.checkpoint:
