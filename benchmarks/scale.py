@@ -103,23 +103,38 @@ def host_events(populations: list[int], concurrency: list[int], events: int, lat
 
 
 _running: list[subprocess.Popen] = []  # the worker process of the point being measured
+_starting = False  # a worker is being started: Popen has not returned it yet
+_deferred: list[int] = []  # a SIGTERM that came meanwhile
 
 
 def _stop(signum, frame):
     """SIGTERM: stop the running worker too (alone, a run of N = 1e6 goes on holding gigabytes),
-    then leave as SIGTERM does (exit 143)."""
-    for worker_process in _running:
-        worker_process.kill()
+    then leave as SIGTERM does (exit 143). One that comes while a worker starts waits until the
+    worker can be stopped with it."""
+    if _starting:
+        _deferred.append(signum)
+        return
+    while _running:
+        _running.pop().kill()
     raise SystemExit(128 + signum)
 
 
 def _run_worker(cmd: list[str]) -> subprocess.CompletedProcess:
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as worker_process:
+    global _starting
+    _starting = True
+    try:
+        worker_process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _running.append(worker_process)
+    finally:
+        _starting = False
+        if _deferred:
+            _stop(_deferred.pop(), None)
+    with worker_process:
         try:
             stdout, stderr = worker_process.communicate()
         finally:
-            _running.remove(worker_process)
+            if worker_process in _running:  # (_stop took it)
+                _running.remove(worker_process)
     return subprocess.CompletedProcess(cmd, worker_process.returncode, stdout, stderr)
 
 

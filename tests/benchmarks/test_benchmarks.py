@@ -395,6 +395,39 @@ def _process_state(pid: int) -> tuple[str, int] | None:
     return None if state == "Z" else (state, int(parent))
 
 
+def test_scale_stopped_while_its_worker_starts_stops_that_worker_too(monkeypatch):
+    """A SIGTERM that comes while the worker process is being started (Popen has made it but not
+    returned it) waits until the worker can be killed with it: it was raised at once, and the
+    worker, not yet known, went on alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    started, popen = [], subprocess.Popen
+
+    def popen_then_sigterm(*args, **kwargs):
+        process = popen(*args, **kwargs)
+        started.append(process)
+        os.kill(os.getpid(), signal.SIGTERM)  # (its handler runs here, inside the start)
+        return process
+
+    monkeypatch.setattr(scale.subprocess, "Popen", popen_then_sigterm)
+    previous = signal.signal(signal.SIGTERM, scale._stop)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            scale._run_worker([sys.executable, "-c", "import time; time.sleep(60)"])
+        assert stopped.value.code == 128 + signal.SIGTERM
+        [worker] = started
+        assert worker.wait(timeout=10) == -signal.SIGKILL  # (the code before: still sleeping)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+    assert scale._running == [] and scale._deferred == [] and not scale._starting
+
+
 def test_scale_stopped_by_sigterm_stops_its_worker_too(tmp_path):
     """The worker process measuring a point (at N = 1e6, gigabytes) went on alone when the
     benchmark was stopped."""
