@@ -78,3 +78,24 @@ def on_signals(first: Callable[[int], None]) -> Iterator[None]:
         yield
     finally:
         restore()
+
+
+@contextlib.contextmanager
+def held(*signums: int) -> Iterator[None]:
+    """Answer `signums` (default SIGTERM and SIGINT) only once the block has run: one that comes
+    during it is recorded and raised again after it, for the handlers in place then. For a block
+    that must not be cut in two, such as starting a process and recording it (a signal between
+    the two leaves the process running, unknown to whoever stops the others). Main thread only
+    (where Python takes signals); elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: came.append(signum)) for sig in signums or (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, signal.SIG_DFL if old is None else old)  # (None: a handler set outside Python)
+        for signum in dict.fromkeys(came):
+            signal.raise_signal(signum)

@@ -25,11 +25,12 @@ import subprocess
 import sys
 import time
 
-
 try:
     from . import common
 except ImportError:
     import common
+
+from asyncflower_jax.signals import held  # noqa: E402  (common puts the checkout on the path)
 
 FULL = {
     "populations": [100, 10_000, 1_000_000],
@@ -103,32 +104,20 @@ def host_events(populations: list[int], concurrency: list[int], events: int, lat
 
 
 _running: list[subprocess.Popen] = []  # the worker process of the point being measured
-_starting = False  # a worker is being started: Popen has not returned it yet
-_deferred: list[int] = []  # a SIGTERM that came meanwhile
 
 
 def _stop(signum, frame):
     """SIGTERM: stop the running worker too (alone, a run of N = 1e6 goes on holding gigabytes),
-    then leave as SIGTERM does (exit 143). One that comes while a worker starts waits until the
-    worker can be stopped with it."""
-    if _starting:
-        _deferred.append(signum)
-        return
+    then leave as SIGTERM does (exit 143)."""
     while _running:
         _running.pop().kill()
     raise SystemExit(128 + signum)
 
 
 def _run_worker(cmd: list[str]) -> subprocess.CompletedProcess:
-    global _starting
-    _starting = True
-    try:
+    with held(signal.SIGTERM):  # (one between the start and the record would leave the worker running alone)
         worker_process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _running.append(worker_process)
-    finally:
-        _starting = False
-        if _deferred:
-            _stop(_deferred.pop(), None)
     with worker_process:
         try:
             stdout, stderr = worker_process.communicate()

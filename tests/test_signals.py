@@ -111,3 +111,40 @@ def test_restore_puts_back_the_handlers_and_the_unraisable_hook():
     before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), sys.unraisablehook)
     signals.install(lambda signum: None)()
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), sys.unraisablehook) == before
+
+
+def test_a_signal_during_a_held_block_is_answered_after_it(late_signals_are_recorded):
+    """signals.held: SIGTERM and SIGINT sent inside the block reach the handlers in place only once
+    it has ended, each once, in the order they first came; the handlers are back as they were."""
+    answered, inside = [], []
+
+    def record(signum, frame):
+        answered.append(signum)
+
+    previous = {sig: signal.signal(sig, record) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with signals.held():
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGINT):
+                os.kill(os.getpid(), sig)
+            wait_for_signals(0.05)
+            inside.extend(answered)
+        after = list(answered)
+        handlers = [signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert inside == [] and after == [signal.SIGINT, signal.SIGTERM]
+    assert handlers == [record, record]
+    assert late_signals_are_recorded == []
+
+
+def test_a_held_block_that_names_one_signal_leaves_the_others_alone(late_signals_are_recorded):
+    answered = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: answered.append(signum))
+    try:
+        with signals.held(signal.SIGTERM):
+            os.kill(os.getpid(), signal.SIGINT)
+            wait_for_signals(0.05)
+            assert answered == [signal.SIGINT]  # (not held: answered at once)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import require
+from ..signals import held
 
 CONNECTION = "asyncflower-local"
 SUMMARY_FILE = "summary.json"
@@ -115,16 +116,17 @@ class LocalFederation:
         flwr_home.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / "logs" / f"{name}.log", "w")
         self._logs.append(log)
-        proc = subprocess.Popen(
-            [str(self.bin_dir / args[0]), *args[1:]],
-            cwd=self.workdir,
-            env=self._env(flwr_home),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: stop() ends it and its children
-        )
-        self.processes.append(proc)
+        with held():  # (a Ctrl-C between the start and the record would leave the process running, unknown to stop())
+            proc = subprocess.Popen(
+                [str(self.bin_dir / args[0]), *args[1:]],
+                cwd=self.workdir,
+                env=self._env(flwr_home),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: stop() ends it and its children
+            )
+            self.processes.append(proc)
         return proc
 
     @property

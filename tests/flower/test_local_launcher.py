@@ -111,3 +111,37 @@ def test_an_earlier_runs_summary_is_not_taken_for_this_ones(tmp_path):
         federation.wait_for_run_dir(run_dir, 1.0, since=time.time())
     (run_dir / "summary.json").write_text('{"client_updates": 10}')
     assert federation.wait_for_run_dir(run_dir, 5.0, since=time.time() - 5)["client_updates"] == 10
+
+
+def test_ctrl_c_while_a_process_starts_leaves_it_known_to_stop(tmp_path, monkeypatch):
+    """A Ctrl-C that comes while one of the federation's processes is being started (Popen has made
+    it but not returned it) is answered once the process is recorded, so stop() ends it: answered at
+    once, it left the process running, unknown to stop()."""
+    import shutil
+    import subprocess
+
+    from asyncflower_jax.flower import local
+
+    federation = LocalFederation(1, tmp_path, bin_dir=Path(shutil.which("sleep")).parent)
+    (tmp_path / "logs").mkdir()
+    started, popen = [], subprocess.Popen
+
+    def popen_then_ctrl_c(*args, **kwargs):
+        process = popen(*args, **kwargs)
+        started.append(process)
+        os.kill(os.getpid(), signal.SIGINT)  # (its handler runs here, inside the start)
+        return process
+
+    monkeypatch.setattr(local.subprocess, "Popen", popen_then_ctrl_c)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            federation._spawn("sleeper", ["sleep", "60"], tmp_path / "home")
+        assert federation.processes == started and len(started) == 1
+        federation.stop(timeout=5)
+        assert started[0].returncode == -signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        for process in started:
+            if process.poll() is None:
+                process.kill()
