@@ -1,5 +1,6 @@
 """Shared fixtures: compose the project's Hydra config with overrides, as run.py would."""
 
+import contextlib
 import copy
 import functools
 from pathlib import Path
@@ -93,3 +94,32 @@ def sigterm_when(command: list[str], ready, timeout: float, **popen) -> tuple[in
     finally:
         proc.kill()
     return proc.returncode, output
+
+
+@contextlib.contextmanager
+def signal_inside_popen(monkeypatch, signum: int, handler):
+    """While the block runs, `subprocess.Popen` sends this process `signum` from inside each start
+    (the process made, not yet returned: the moment a stop must not lose it), answered by
+    `handler`. Yields the list of the processes started; those still running are killed after."""
+    import os
+    import signal
+    import subprocess
+
+    started, popen = [], subprocess.Popen
+
+    def popen_then_signal(*args, **kwargs):
+        process = popen(*args, **kwargs)
+        started.append(process)
+        os.kill(os.getpid(), signum)  # (its handler runs here, inside the start)
+        return process
+
+    monkeypatch.setattr(subprocess, "Popen", popen_then_signal)
+    previous = signal.signal(signum, handler)
+    try:
+        yield started
+    finally:
+        signal.signal(signum, previous)
+        monkeypatch.setattr(subprocess, "Popen", popen)
+        for process in started:
+            if process.poll() is None:
+                process.kill()

@@ -15,7 +15,7 @@ import pytest
 from asyncflower_jax.client.sharding import cpu_devices_set_in_xla_flags, usable_cores
 from asyncflower_jax.engine.reference import run_reference
 from benchmarks import common, host_loop, overhead, scale, throughput, vs_flower
-from tests.conftest import compilation_cache_env
+from tests.conftest import compilation_cache_env, signal_inside_popen
 
 
 def test_replayed_batches_equal_the_simulators():
@@ -399,32 +399,15 @@ def test_scale_stopped_while_its_worker_starts_stops_that_worker_too(monkeypatch
     """A SIGTERM that comes while the worker process is being started (Popen has made it but not
     returned it) is answered once the worker is recorded, and kills it too: it was answered at
     once, and the worker, not yet known, went on alone."""
-    import os
     import signal
-    import subprocess
     import sys
 
-    started, popen = [], subprocess.Popen
-
-    def popen_then_sigterm(*args, **kwargs):
-        process = popen(*args, **kwargs)
-        started.append(process)
-        os.kill(os.getpid(), signal.SIGTERM)  # (its handler runs here, inside the start)
-        return process
-
-    monkeypatch.setattr(scale.subprocess, "Popen", popen_then_sigterm)
-    previous = signal.signal(signal.SIGTERM, scale._stop)
-    try:
+    with signal_inside_popen(monkeypatch, signal.SIGTERM, scale._stop) as started:
         with pytest.raises(SystemExit) as stopped:
             scale._run_worker([sys.executable, "-c", "import time; time.sleep(60)"])
         assert stopped.value.code == 128 + signal.SIGTERM
         [worker] = started
         assert worker.wait(timeout=10) == -signal.SIGKILL  # (the code before: still sleeping)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        for process in started:
-            if process.poll() is None:
-                process.kill()
     assert scale._running == []
 
 

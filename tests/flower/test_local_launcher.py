@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from asyncflower_jax.flower.local import LocalFederation, _toml_value
+from tests.conftest import signal_inside_popen
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "local_federation.py"
 
@@ -118,30 +119,12 @@ def test_ctrl_c_while_a_process_starts_leaves_it_known_to_stop(tmp_path, monkeyp
     it but not returned it) is answered once the process is recorded, so stop() ends it: answered at
     once, it left the process running, unknown to stop()."""
     import shutil
-    import subprocess
-
-    from asyncflower_jax.flower import local
 
     federation = LocalFederation(1, tmp_path, bin_dir=Path(shutil.which("sleep")).parent)
     (tmp_path / "logs").mkdir()
-    started, popen = [], subprocess.Popen
-
-    def popen_then_ctrl_c(*args, **kwargs):
-        process = popen(*args, **kwargs)
-        started.append(process)
-        os.kill(os.getpid(), signal.SIGINT)  # (its handler runs here, inside the start)
-        return process
-
-    monkeypatch.setattr(local.subprocess, "Popen", popen_then_ctrl_c)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    with signal_inside_popen(monkeypatch, signal.SIGINT, signal.default_int_handler) as started:
         with pytest.raises(KeyboardInterrupt):
             federation._spawn("sleeper", ["sleep", "60"], tmp_path / "home")
         assert federation.processes == started and len(started) == 1
         federation.stop(timeout=5)
         assert started[0].returncode == -signal.SIGTERM
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        for process in started:
-            if process.poll() is None:
-                process.kill()
