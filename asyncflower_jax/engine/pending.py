@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..client.batched import BatchedTrainer, bucket_size, put_trained_in_place, row_shapes, stored_row
+from ..client.batched import BatchedTrainer, bucket_size, put_flagged_in_place, put_trained_in_place, row_shapes, stored_row
 from ..compilation import jit
 from ..strategy.updates import tree_bytes, zero_rows
 from .faults import NAN
@@ -246,7 +246,7 @@ class PendingResults:
     def _write_entries(self, due) -> None:
         for k in sorted(due):
             chunk, positions, _ = self._writes.pop(k)
-            self._store = put_trained_in_place(self._store, chunk, positions)
+            self._store = put_flagged_in_place(self._store, chunk, positions)
             for slot in positions.tolist():
                 self._write_of.pop(slot, None)
 

@@ -10,7 +10,7 @@ import numpy as np
 
 import pytest
 
-from asyncflower_jax.client.batched import bucket_size, put_trained
+from asyncflower_jax.client.batched import bucket_size, flagged, put_trained
 from asyncflower_jax.engine.faults import NAN
 from asyncflower_jax.engine.pending import RATE_SAMPLES, PendingResults, training_limit
 from asyncflower_jax.engine.scheduler import Task
@@ -76,8 +76,8 @@ class RowsOfIds:
 
 class RowsOfIdsLater(RowsOfIds):
     """RowsOfIds as two devices: the first half of a batch written into the store at once, the rest
-    returned as a write for later, padded to a power of two with an out-of-range row (as
-    BatchedTrainer's are)."""
+    returned as a write for later (rows with their finite flags), padded to a power of two with an
+    out-of-range row (as BatchedTrainer's are)."""
 
     def train_into_first(self, results, slots, stacked, rows, clients, dispatch_ids):
         first = (len(slots) + 1) // 2
@@ -87,7 +87,7 @@ class RowsOfIdsLater(RowsOfIds):
             return results, []
         positions = np.full(bucket_size(n), results[1].shape[0], np.int32)
         positions[:n] = slots[first:]
-        return results, [(self.rows(np.resize(dispatch_ids[first:], len(positions))), positions)]
+        return results, [(flagged(self.rows(np.resize(dispatch_ids[first:], len(positions)))), positions)]
 
 
 def pending_task(did, fault=None):

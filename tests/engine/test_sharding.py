@@ -48,9 +48,10 @@ SCRIPT = textwrap.dedent(
 
     out = {}
     # each rule with one of the two executions: both executions and both kinds of rounds are
-    # sharded; and a relaxed run (lookahead), against the reference under the same rule
+    # sharded; a relaxed run (lookahead), against the reference under the same rule; and results
+    # made non-finite (their flags computed on the device that trained them) rejected alike
     cases = ((["strategy=fedasync"], "vmap", ""), (["strategy=fedbuff", "strategy.buffer_size=3"], "map", ""),
-             (["strategy=fedasync", "lookahead=4"], "vmap", "/relaxed"))
+             (["strategy=fedasync", "lookahead=4"], "vmap", "/relaxed"), (["strategy=fedasync", "faults.nan=0.1"], "map", "/nan"))
     for rule, execution, tag in cases:
         name = rule[0].split("=")[1] + "/" + execution + tag
         one_exp, one, _ = run(*rule, f"execution={execution}", "devices=1")
@@ -65,6 +66,7 @@ SCRIPT = textwrap.dedent(
             "result_devices": sorted(placed),
             "split_batches": four_exp.trainer.split_batches,
             "step_programs": [one_exp.step_programs, four_exp.step_programs],
+            "nonfinite": [one.summary["failures"]["nonfinite"], four.summary["failures"]["nonfinite"]],
         }
     print("RESULT " + json.dumps(out))
     """
@@ -82,7 +84,7 @@ def run_on_four_devices(script: str, *args: str) -> dict:
 @pytest.mark.slow
 def test_four_devices_equal_one_device_and_the_reference():
     out = run_on_four_devices(SCRIPT)
-    assert set(out) == {"fedasync/vmap", "fedbuff/map", "fedasync/vmap/relaxed"}
+    assert set(out) == {"fedasync/vmap", "fedbuff/map", "fedasync/vmap/relaxed", "fedasync/map/nan"}
     for name, r in out.items():
         assert r["devices"] == [1, 4], name
         assert r["mean_train_batch"] > 1, name
@@ -94,6 +96,7 @@ def test_four_devices_equal_one_device_and_the_reference():
         # results coming back from the other devices are committed to the first, and so is
         # everything there from the start: no program compiles twice for the two kinds of arrays
         assert r["step_programs"] == [1, 1], (name, r)
+        assert r["nonfinite"][0] == r["nonfinite"][1] and (r["nonfinite"][0] > 0) == name.endswith("/nan"), (name, r)
 
 
 RESUME_SCRIPT = textwrap.dedent(
