@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from .errors import ConfigError, Interrupted, ResumeRefused, require
-from .results.rundir import SUMMARY_FILE, RunRefused, check_fresh, holds_a_run, made_by_this_command, override_key, resume_requested, resumed_config, write_failure
+from .results.rundir import SUMMARY_FILE, RunRefused, check_fresh, holds_a_run, made_by_this_command, override_value, resume_requested, resumed_config, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,8 @@ def refuse_steps_beside_epochs(cfg, overrides) -> None:
     """Refuse `client.num_steps` on the command line of a run whose `client.epochs` is set: the epochs
     decide the steps, and the training settings cannot tell a given num_steps of 10 from the default."""
     client = cfg.get("client") or {}
-    given = any(override_key(override) == "client.num_steps" and not override.startswith("~") for override in overrides)
     require(
-        client.get("epochs") is None or not given, "client.num_steps", client.get("num_steps"),
+        client.get("epochs") is None or override_value(overrides, "client.num_steps") is None, "client.num_steps", client.get("num_steps"),
         f"left out with client.epochs={client.get('epochs')}, which decides the steps (client.epochs=null trains num_steps steps)",
     )
 

@@ -174,15 +174,15 @@ def _strategy_dirname(choice, overrides) -> str:
     names the directory "myrule"; a Flower strategy named inside its adapter
     (`strategy=flower_fedavg strategy.strategy._target_=flwr.serverapp.strategy.Bulyan`) "flower_bulyan",
     as `strategy=flower_<name>` does, so a run is never filed under a rule it did not run."""
-    targets = {}
-    for override in overrides or ():
-        key = override_key(str(override))
-        if key in ("strategy._target_", "strategy.strategy._target_") and not str(override).startswith("~") and "=" in str(override):
-            name = str(override).split("=", 1)[1].strip().strip("'\"").rsplit(".", 1)[-1]
-            targets[key] = "".join(c for c in name.lower() if c.isalnum() or c == "_")
-    if targets.get("strategy._target_"):
-        return targets["strategy._target_"]
-    inner = targets.get("strategy.strategy._target_")
+    overrides = [str(o) for o in overrides or ()]
+
+    def class_name(key: str) -> str:
+        target = override_value(overrides, key) or ""
+        return "".join(c for c in target.strip("'\"").rsplit(".", 1)[-1].lower() if c.isalnum() or c == "_")
+
+    outer, inner = class_name("strategy._target_"), class_name("strategy.strategy._target_")
+    if outer:
+        return outer
     if inner:
         return f"flower_{inner}" if str(choice).startswith("flower_") else f"{choice}_{inner}"
     return str(choice)
@@ -388,6 +388,13 @@ EXECUTION_KEYS = ("devices", "chunk_size", "execution", "map_batch", "aggregatio
 def override_key(override: str) -> str:
     """The key an override sets: "strategy.alpha" for "++strategy.alpha=0.5", "foo" for "~foo"."""
     return override.lstrip("~+").split("=", 1)[0].strip()
+
+
+def override_value(overrides, key: str) -> str | None:
+    """The value the last of `overrides` that sets `key` gives it ("0.5" for "++strategy.alpha=0.5");
+    None when none sets it (a deletion, "~key", sets nothing)."""
+    values = [o.split("=", 1)[1].strip() for o in overrides if "=" in o and not o.startswith("~") and override_key(o) == key]
+    return values[-1] if values else None
 
 
 def _changed_values(old: dict, new: dict, prefix: str) -> dict:

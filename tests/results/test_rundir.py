@@ -1,6 +1,6 @@
-"""The run directory's name: the strategy's part follows the rule the run runs."""
+"""The run directory's name: the strategy's part follows the rule the run runs; an override's value."""
 
-from asyncflower_jax.results.rundir import _strategy_dirname
+from asyncflower_jax.results.rundir import _strategy_dirname, override_value
 from asyncflower_jax.results.runs import FLOWER_ADAPTER, strategy_name
 
 FLOWER = "asyncflower_jax.flower.stock_strategy.FlowerStrategy"
@@ -32,3 +32,10 @@ def test_a_flower_strategy_run_through_the_adapter_is_named_by_its_own_class():
     assert strategy_name({}, {"strategy": "FlowerStrategy(FedMedian(fraction_train=1.0), cohort_size=10)"}) == "FedMedian (Flower)"
     assert strategy_name({"strategy": {"_target_": "my_rules.MyFedAsync"}}) == "MyFedAsync"
     assert strategy_name({}, {"strategy": "FedAsync(alpha=0.6, staleness=Polynomial(a=0.5))"}) == "FedAsync"
+
+
+def test_the_value_an_override_sets_is_the_last_ones_and_a_deletion_sets_none():
+    assert override_value(["seed=1", "++strategy.alpha=0.5"], "strategy.alpha") == "0.5"
+    assert override_value(["client.num_steps=5", "+client.num_steps = 7"], "client.num_steps") == "7"
+    assert override_value(["~client.num_steps", "~client.num_steps=10", "seed=1"], "client.num_steps") is None
+    assert override_value(["client.num_steps_x=3"], "client.num_steps") is None and override_value([], "seed") is None
