@@ -7,11 +7,20 @@ import json
 import numpy as np
 import pytest
 
-datasets = pytest.importorskip("datasets")
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from asyncflower_jax.data.hub import HUB, SHAKESPEARE_VOCAB, cache_path, fetch, hub_dataset  # noqa: E402
-from asyncflower_jax.errors import ConfigError  # noqa: E402
+from asyncflower_jax.data.hub import HUB, SHAKESPEARE_VOCAB, cache_path, fetch, hub_dataset
+from asyncflower_jax.errors import ConfigError
+
+datasets = None  # Hugging Face `datasets`, imported by the first test that runs (`_datasets`)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _datasets():
+    """Imported when this file's tests run, not when it is collected: every test process collects
+    it, and `datasets` takes a second to import."""
+    global datasets
+    datasets = pytest.importorskip("datasets")
 
 
 def femnist_like(n=60, writers=5, seed=0):

@@ -3,8 +3,6 @@ digits loaded without scikit-learn equal scikit-learn's load_digits."""
 
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from asyncflower_jax.data.dataset import digits
 from asyncflower_jax.data.split import _approximate_mode, stratified_split
@@ -13,6 +11,9 @@ from asyncflower_jax.data.split import _approximate_mode, stratified_split
 @pytest.mark.parametrize("fraction, seed", [(0.2, 0), (0.2, 1), (0.25, 7), (0.1, 3), (0.5, 11)])
 @pytest.mark.parametrize("labels", ["digits", "unbalanced"])
 def test_split_equals_scikit_learn(fraction, seed, labels):
+    from sklearn.datasets import load_digits  # (here, not at the top: scikit-learn takes seconds to import, and every test process collects this file)
+    from sklearn.model_selection import train_test_split
+
     if labels == "digits":
         y = load_digits().target
     else:  # classes of 2 to 40 samples, shuffled: remainders tie and round both ways
@@ -33,6 +34,9 @@ def test_approximate_mode_by_hand():
 
 
 def test_digits_equal_scikit_learns():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     d = digits()
     bunch = load_digits()
     x, y = (bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int32)
