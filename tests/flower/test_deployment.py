@@ -24,9 +24,9 @@ def test_fedasync_in_a_real_federation(tmp_path):
         "strategy": "fedasync",
         "num_clients": NODES,
         "concurrency": NODES,
-        "max_updates": 4,  # (each message a ClientApp takes starts a process: about 8 s a round here)
+        "max_updates": 2,  # (each message a ClientApp takes starts a process: about 8 s here; the second update is stale)
         "eval_every": 1,
-        "overrides": "client.num_steps=20 client.learning_rate=0.1 model.hidden=[32]",
+        "overrides": "client.num_steps=40 client.learning_rate=0.1 model.hidden=[32]",
         "federation.node_timeout": 120.0,
         "federation.reply_timeout": 300.0,
         "federation.run_dir": str(run_dir),
@@ -43,7 +43,7 @@ def test_fedasync_in_a_real_federation(tmp_path):
     assert federation.alive_descendants() == []
     assert not is_listening(federation.port)
 
-    assert summary["stop_reason"] == "max_updates" and summary["client_updates"] >= 4 and summary["versions"] >= 4
+    assert summary["stop_reason"] == "max_updates" and summary["client_updates"] >= 2 and summary["versions"] >= 2
     # the run directory is complete: the launcher stopped the federation only after the plots
     assert not (run_dir / "failed.json").exists() and (run_dir / "accuracy_loss.png").stat().st_size > 10_000
     assert summary["failures"] == {"dropout": 0, "failed": 0, "timeout": 0, "nonfinite": 0}
@@ -57,4 +57,4 @@ def test_fedasync_in_a_real_federation(tmp_path):
     assert all(int(u["staleness"]) == int(u["version"]) - 1 - int(u["start_version"]) for u in updates)
     with open(run_dir / "metrics.csv", newline="") as f:
         accuracy = [float(r["test_accuracy"]) for r in csv.DictReader(f)]
-    assert len(accuracy) >= 4 and accuracy[-1] == pytest.approx(summary["final_test_accuracy"])
+    assert len(accuracy) >= 3 and accuracy[-1] == pytest.approx(summary["final_test_accuracy"])

@@ -299,8 +299,7 @@ def test_report_on_a_real_sweep_matches_each_runs_metrics(tmp_path):
         if hits:
             assert float(row["sim_time_to_target_mean"]) == pytest.approx(sum(h["sim_time"] for h in hits) / len(hits))
             assert float(row["client_updates_to_target_mean"]) == pytest.approx(sum(h["client_updates"] for h in hits) / len(hits))
-        for run in runs:
-            for path in plot_run(run):
-                assert_png(path)
+        for path in plot_run(runs[0]):  # (one run of each rule: plotting is tested in test_plots.py)
+            assert_png(path)
     for name in ("accuracy_vs_sim_time.png", "accuracy_vs_client_updates.png"):
         assert_png(sweep / name, min_bytes=10_000)
