@@ -25,6 +25,11 @@ def install(first: Callable[[int], None]) -> Callable[[], None]:
     raised: list[tuple[BaseException, int, bool]] = []  # what the handler raised: (exception, signal, was it the first)
 
     def handler(signum, frame):
+        if _inside(unraisable, frame):
+            # an exception raised in the hook itself is dropped for good (Python hands it to no
+            # hook): take the signal again once the hook has returned
+            _send_again(signum)
+            return
         is_first = not received
         try:
             if not is_first:
@@ -46,9 +51,7 @@ def install(first: Callable[[int], None]) -> Callable[[], None]:
         _, signum, is_first = dropped
         if is_first:
             received.remove(signum)
-        resend = threading.Timer(RESEND_AFTER, os.kill, (os.getpid(), signum))
-        resend.daemon = True
-        resend.start()
+        _send_again(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     # (Python's own hook is named, not held: a parallel sweep's callback pickles `restore`, and
@@ -62,6 +65,22 @@ def install(first: Callable[[int], None]) -> Callable[[], None]:
         sys.unraisablehook = previous_hook or sys.__unraisablehook__
 
     return restore
+
+
+def _send_again(signum: int) -> None:
+    """Send this process `signum` again in RESEND_AFTER seconds, from a thread."""
+    resend = threading.Timer(RESEND_AFTER, os.kill, (os.getpid(), signum))
+    resend.daemon = True
+    resend.start()
+
+
+def _inside(function: Callable, frame) -> bool:
+    """Whether `frame` runs in a call of `function`: it, or a frame it called."""
+    while frame is not None:
+        if frame.f_code is function.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def stop_at_once(signum: int) -> None:

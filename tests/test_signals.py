@@ -19,6 +19,11 @@ def wait_for_signals(seconds=2.0):
         time.sleep(0.005)
 
 
+def spin():
+    for _ in range(100_000):  # (a signal sent just before is handled at one of these bytecodes)
+        pass
+
+
 @pytest.fixture(autouse=True)
 def late_signals_are_recorded():
     """SIGTERM/SIGINT outside the handlers a test installs (a signal sent again after its test
@@ -43,8 +48,7 @@ def collect_receiving(request):
         if phase == "start" and not sent:
             sent.append(1)
             os.kill(os.getpid(), request.param)
-            for _ in range(100_000):  # (the handler runs at one of these bytecodes, inside the callback)
-                pass
+            spin()  # (the handler runs inside the callback)
 
     def collect():
         gc.callbacks.append(callback)
@@ -88,6 +92,69 @@ def test_a_first_signal_dropped_in_a_gc_callback_is_taken_after_it(collect_recei
         assert stop.value.signum == signal.SIGTERM and len(calls) >= 2 and set(calls) == {signal.SIGTERM}
     finally:
         restore()
+
+
+@pytest.mark.parametrize("collect_receiving", [signal.SIGTERM], indirect=True)
+def test_a_signal_sent_again_that_comes_while_the_hook_still_runs_is_taken_after_it(collect_receiving, monkeypatch):
+    """On a loaded machine the signal sent again can come before the hook has returned (while it
+    waits for its thread to start): raised there, it would be dropped for good."""
+    import threading
+
+    class FiresBeforeStartReturns(threading.Timer):
+        """The first one's thread sends its signal while the hook still waits in start()."""
+
+        fired = []
+
+        def start(self):
+            if self.fired:
+                return super().start()
+            self.fired.append(1)
+            self.function(*self.args)
+            spin()
+
+    monkeypatch.setattr(threading, "Timer", FiresBeforeStartReturns)
+    calls = []
+
+    def first(signum):
+        calls.append(signum)
+        signals.stop_at_once(signum)
+
+    restore = signals.install(first)
+    try:
+        with pytest.raises(StoppedAtOnce) as stop:
+            collect_receiving()
+            wait_for_signals()
+        assert FiresBeforeStartReturns.fired == [1]
+        assert stop.value.signum == signal.SIGTERM and len(calls) >= 2 and set(calls) == {signal.SIGTERM}
+    finally:
+        restore()
+
+
+def test_a_signal_that_comes_while_the_hook_passes_on_another_exception_is_taken_after_it():
+    import sys
+
+    class RaisesWhenDeleted:
+        def __del__(self):
+            raise ValueError("not the handler's")
+
+    passed_on = []
+
+    def hook_before(info):
+        passed_on.append(info.exc_value)
+        os.kill(os.getpid(), signal.SIGTERM)
+        spin()
+
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = hook_before
+    restore = signals.install(signals.stop_at_once)
+    try:
+        with pytest.raises(StoppedAtOnce):
+            RaisesWhenDeleted()  # (deleted at once: its exception goes to the hooks)
+            wait_for_signals()
+        assert [str(exc) for exc in passed_on] == ["not the handler's"]
+    finally:
+        restore()
+        sys.unraisablehook = previous_hook
 
 
 @pytest.mark.parametrize("collect_receiving", [signal.SIGINT], indirect=True)
