@@ -5,9 +5,10 @@
 
 For each rule (FedAsync, FedBuff K=10, synchronous FedAvg), concurrency M and latency model, the
 simulator runs a whole simulation (scheduler, deferred batched training, aggregation kernels,
-evaluation every 10 versions, or --eval-every: each evaluation waits for the device, so frequent
-evaluation of a rule that makes a version per update costs the most); then the same training batches (the simulator's own flush sizes,
-replayed) are trained bare, with the same trainer: no scheduler, no aggregation, no evaluation.
+evaluation every 10 versions, or --eval-every: each evaluation is computed on the device that
+holds the model, beside its training, so frequent evaluation of a rule that makes a version per
+update costs the most); then the same training batches (the simulator's own flush sizes, replayed)
+are trained bare, with the same trainer: no scheduler, no aggregation, no evaluation.
 The overhead is simulation wall / bare wall (target <= 1.25), the engine efficiency its inverse
 scaled to the updates aggregated (target >= 0.8), and the host cost per update
 (simulation - bare) / updates. Runs are interleaved and the fastest of `--repeats` counts.
@@ -52,7 +53,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rules", nargs="+", action=common.DistinctValues, choices=["fedasync", "fedbuff", "fedavg"])
     parser.add_argument("--execution", default="auto", choices=common.EXECUTIONS)
     parser.add_argument("--chunk-size", type=common.positive_int, default=256)
-    parser.add_argument("--eval-every", type=common.positive_int, help="versions between evaluations (default 10); each evaluation waits for the device")
+    parser.add_argument("--eval-every", type=common.positive_int, help="versions between evaluations (default 10); each one is computed beside the training, on the model's device")
     parser.add_argument("--repeats", type=common.positive_int, help="interleaved timed runs; the fastest counts (default 3; quick 1)")
     parser.add_argument("--aggregations-per-call", type=common.positive_int, help="the simulator's aggregations per device call (default: by backend, 1 on a CPU)")
     args = parser.parse_args(argv)
