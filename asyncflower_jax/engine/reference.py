@@ -180,13 +180,18 @@ def run_reference(
             end = clock + float(value)
             if s.max_time is not None and end >= s.max_time:
                 end, timed_out = s.max_time, True
+            cut = False
             while True:
                 wait(arrivals, end)
                 task = earliest()
                 if task is None or task["finish"] > end:
                     break
                 receive(task, arrivals)
-            clock = max(clock, end)
+                if s.max_updates is not None and updates_done + len(arrivals) >= s.max_updates:
+                    cut = True  # the window ends at this arrival: the run's last
+                    break
+            if not cut:
+                clock = max(clock, end)
             if exhausted():
                 timed_out = True  # this window is still aggregated
         if arrivals:

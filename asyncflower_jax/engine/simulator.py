@@ -5,7 +5,7 @@ Order of operations (the reference in engine/reference.py follows the same):
   2. each round asks `strategy.round_delimiter(round)`:
      ("buffer_size", K): pop arrivals in (finish time, dispatch id) order until K arrived;
      ("round_duration", T): pop every arrival finishing by round start + T, then move the clock
-     to round start + T;
+     to round start + T (a window ends at the arrival that completes `max_updates`, if sooner);
      with refill "on_arrival" each arrival is replaced at once by a client starting from the
      then-current version;
   3. aggregate the arrivals (staleness = current version - start version) into a new version;
@@ -598,7 +598,7 @@ class Simulator:
                     f"{failures_in_a_row} client tasks in a row failed and nothing was aggregated (failures so far: {failures}) "
                     f"at version {version}: the run cannot progress; check faults.* (dropout, failure, nan, timeout against "
                     "the latency model), availability.drop_on_leave (tasks longer than the clients stay) and, for non-finite "
-                    "updates, client.learning_rate"
+                    "updates, client.learning_rate and the strategy's server learning rate (clients train from the global model)"
                 )
 
         def receive(arrivals: list[Task]) -> bool:
@@ -796,6 +796,7 @@ class Simulator:
                     end = sched.clock + float(value)
                     if s.max_time is not None and end >= s.max_time:
                         end, stop_reason = s.max_time, "max_time"
+                    cut = False  # the window ends at the arrival that completes max_updates, as at max_time
                     while True:
                         wait_for_clients(arrivals, end)
                         if sched.next_finish_time() > end:
@@ -803,7 +804,12 @@ class Simulator:
                         if not receive(arrivals):
                             stop_reason = "diverged"
                             break
-                    if stop_reason != "diverged":
+                        if s.max_updates is not None and updates_done + len(arrivals) >= s.max_updates:
+                            cut = True
+                            break
+                    if cut:
+                        stop_reason = None  # (not max_time, if this window was to end there: max_updates, below)
+                    elif stop_reason != "diverged":
                         sched.advance_to(end)
                     if stop_reason is None and exhausted():
                         stop_reason = "unavailable"  # this window is still aggregated

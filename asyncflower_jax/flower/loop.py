@@ -13,7 +13,8 @@ does in a simulation:
      at random (or by `choose`); each version out with clients stays in a reference-counted cache;
   3. poll `pull_messages` for the replies; each round asks `round_delimiter(round)`:
      ("buffer_size", K) aggregates after K good replies, ("round_duration", T) aggregates every reply
-     that arrives within T seconds; with refill "on_arrival" each reply is replaced at once by a
+     that arrives within T seconds (the last window ends at the reply that completes `max_updates`,
+     as in the simulator); with refill "on_arrival" each reply is replaced at once by a
      task from the then-current model, with "on_aggregation" a new cohort starts after each
      aggregation;
   4. aggregate with the strategy's jitted kernel; staleness = current version - start version.
@@ -468,6 +469,9 @@ class AsyncServerLoop:
                     end, stop_reason = time_limit, "max_time"
                 while (item := self._next(end, partial_ok=False)) is not _TIME_UP:
                     self._take(item, arrivals)
+                    if s.max_updates is not None and updates_done + len(arrivals) >= s.max_updates:
+                        stop_reason = None  # the window ends at the reply that completes max_updates (below), as at max_time
+                        break
             if self._round_failures:
                 strategy.on_failures(self._round, list(self._round_failures))
                 self._round_failures.clear()

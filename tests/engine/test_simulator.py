@@ -58,6 +58,26 @@ def test_round_duration_window_matches_reference():
         assert times == sorted(times)
 
 
+@pytest.mark.parametrize("window, extra", [(10.0, ()), (1e30, ()), (10.0, ("max_time=5",))], ids=["window", "longer-than-the-run", "window-cut-by-max-time"])
+def test_a_window_ends_at_the_arrival_that_completes_max_updates(window, extra):
+    """Tasks of 1.0, two in flight, each arrival replaced at once: arrivals at times 1, 1, 2, 2, 3, ...
+    With max_updates=5 the window ends at the fifth (time 3), not at its end (nor at max_time), so
+    a window longer than the run still ends it; the reference agrees."""
+    with jax.enable_x64(True):
+        cfg = make_config(*SMALL, "strategy=fedbuff", f"strategy.round_duration={window}", "latency=constant", "concurrency=2",
+                          "max_updates=5", "precision=float64", *extra)
+        exp, updates = Experiment(cfg), []
+        result = Simulator(exp.strategy, exp.params, exp.trainer, exp.scheduler(), exp.evaluate, exp.settings, on_updates=updates.extend).run()
+        ref_params, ref_log = run_reference(exp.strategy, exp.params, exp.trainer, exp.latency, exp.settings)
+    summary = result.summary
+    assert summary["stop_reason"] == "max_updates"
+    assert (summary["versions"], summary["client_updates"], summary["sim_time"], summary["in_flight_at_end"]) == (1, 5, 3.0, 2)
+    assert [u["sim_time"] for u in updates] == [1.0, 1.0, 2.0, 2.0, 3.0] and {u["version"] for u in updates} == {1}
+    assert result.history[-1]["version"] == 1 and result.history[-1]["sim_time"] == 3.0
+    assert [(e["version"], e["sim_time"], len(e["clients"])) for e in ref_log] == [(1, 3.0, 5)]
+    assert max_abs_diff(result.params, ref_params) < 1e-9
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 64])
 def test_chunk_size_does_not_change_results(chunk_size):
     base = Experiment(make_config(*SMALL, "strategy=fedbuff", "strategy.buffer_size=3", "max_updates=90"))

@@ -207,6 +207,21 @@ def test_round_duration_aggregates_every_reply_of_the_window():
     assert max(u["sim_time"] for u in updates if u["version"] == 1) <= 2.0 < min(u["sim_time"] for u in updates if u["version"] == 2)
 
 
+@pytest.mark.parametrize("window", [2.0, 1e30])
+def test_a_window_ends_at_the_reply_that_completes_max_updates(window):
+    # The tasks of the test above: replies at 0.45 (client 0), 0.7 (1), 0.9 (0), 1.35 (0), 1.4 (1), ...;
+    # with max_updates=5 the window ends at the fifth, however long it is, as in the simulator.
+    clock = FakeClock()
+    grid = ScriptedGrid(clock, {100: 0, 200: 1}, {100: 0.45, 200: 0.7}, num_partitions=2)
+    updates = []
+    loop = make_loop(grid, clock, FedBuff(buffer_size=1, server_lr=1.0, round_duration=window), updates, num_clients=2, max_updates=5, poll_interval=0.01)
+    result = loop.run()
+    assert result.summary["stop_reason"] == "max_updates"
+    assert (result.summary["versions"], result.summary["client_updates"]) == (1, 5)
+    assert [u["client"] for u in updates] == [0, 1, 0, 0, 1] and {u["version"] for u in updates} == {1}
+    assert 1.4 <= max(u["sim_time"] for u in updates) < 1.5
+
+
 class RecordingFedAsync(FedAsync):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
