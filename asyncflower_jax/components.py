@@ -5,7 +5,8 @@ A component's constructor checks the range of its settings (`require(alpha > 0, 
 string given for a number made that comparison raise a bare TypeError that names no key, and a
 string given for a flag (`dataset.iid=no`) was simply true. Here every key of a component's config
 (nested `_target_` nodes included: `strategy.staleness.a`) whose parameter is annotated `int`,
-`float` or `bool` (optionally `| None`) must hold a value of that type; the message names the full
+`float` or `bool` (optionally `| None`) must hold a value of that type (a finite one for a number:
+as in the top-level schema); the message names the full
 dotted key and what is allowed. A number's range is read from the constructor's own check by
 building the component once more with NaN in place of the value (NaN fails every comparison), so
 each range keeps one definition.
@@ -33,7 +34,7 @@ def check_types(node, group: str, **kwargs) -> None:
     node = _plain(node)
     for path, value, (kind, nullable) in _typed_keys(node, group):
         if not _fits(value, kind, nullable):
-            fail(path, value, _allowed(node, group, path, kind, nullable, kwargs))
+            fail(path, value, _allowed(node, group, path, kind, nullable, kwargs, finite=_is_non_finite(value)))
 
 
 def _typed_keys(node, path: str):
@@ -69,12 +70,18 @@ def _fits(value, kind: type, nullable: bool) -> bool:
         return nullable
     if isinstance(value, bool) or kind is bool:
         return isinstance(value, bool) and kind is bool
-    return isinstance(value, numbers.Integral) if kind is int else isinstance(value, numbers.Real)
+    return isinstance(value, numbers.Integral) if kind is int else isinstance(value, numbers.Real) and not _is_non_finite(value)
 
 
-def _allowed(node, group: str, path: str, kind: type, nullable: bool, kwargs) -> str:
-    """What `path` allows: the range the constructor states for NaN, with the type's noun in front."""
-    noun = NOUNS[kind]
+def _is_non_finite(value) -> bool:
+    """inf, -inf or NaN: no setting means them (a learning rate of inf only makes every update non-finite)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value)
+
+
+def _allowed(node, group: str, path: str, kind: type, nullable: bool, kwargs, finite: bool = False) -> str:
+    """What `path` allows: the range the constructor states for NaN, with the type's noun in front
+    ("a finite number" where `finite` asks to say so: the value was not)."""
+    noun = "a finite number" if finite and kind is float else NOUNS[kind]
     allowed = None if kind is bool else _stated_range(node, group, path, kwargs)
     if allowed is None:
         allowed = noun

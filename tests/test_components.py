@@ -32,6 +32,11 @@ WRONG_TYPES = [
     # a number made a mapping by a mistyped nested key (was Python's "'<' not supported between 'int' and 'DictConfig'")
     (["+strategy.alpha.aa=3"], "strategy.alpha={'aa': 3} is invalid: must be a number in (0, 1]"),
     (["strategy=fedbuff", "+strategy.buffer_size.x=3"], "strategy.buffer_size={'x': 3} is invalid: must be an integer >= 1"),
+    # numbers that are not finite, as in the top-level schema (a learning rate of inf was taken, and every update was non-finite)
+    (["client.learning_rate=inf"], "client.learning_rate=inf is invalid: must be a finite number > 0"),
+    (["strategy=fedbuff", "strategy.server_lr=-inf"], "strategy.server_lr=-inf is invalid: must be a finite number > 0 or null"),
+    (["client.momentum=nan"], "client.momentum=nan is invalid: must be a finite number in [0, 1)"),
+    (["participation=scalar", "participation.smoothing=inf"], "participation.smoothing=inf is invalid: must be a finite number > 0 or null"),
 ]
 
 
