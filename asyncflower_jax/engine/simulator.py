@@ -156,6 +156,17 @@ class SimulationSettings:
         )
 
 
+def held_versions(s: SimulationSettings) -> int:
+    """The most versions a run holds at once: one per client in flight, the current and the next;
+    a relaxed run also the window's start and the start versions of its queued arrivals, at most L
+    of them, and no more than the run makes (lookahead=100000 in a run of 200 versions once sized
+    the version table for 100,000: 2 GB of it allocated at once for the digits MLP)."""
+    if s.lookahead == 1:
+        return s.concurrency + 2
+    run = min((v for v in (s.max_versions, s.max_updates) if v is not None), default=s.lookahead)  # (each version takes an update)
+    return s.concurrency + 3 + min(s.lookahead, run + 1)
+
+
 SCHEMA_KEYS = (  # SimulationSettings' fields that are top-level settings of config_schema
     "num_clients", "concurrency", "seed", "max_versions", "max_updates", "max_time", "eval_every", "chunk_size",
     "reject_nonfinite", "checkpoint_every", "checkpoint_min_seconds", "aggregations_per_call", "lookahead",
@@ -446,11 +457,9 @@ class Simulator:
         # relaxed (lookahead L > 1): clients dispatched while the server is at version v start from
         # the window's start v - (v mod L), which the server holds until the next window starts
         relaxed = s.lookahead > 1
-        # live versions: at most one per client in flight, the current and the next (relaxed: also
-        # the window's start, and the start versions of queued arrivals not trained yet)
         home = self.trainer.home  # (several devices: the run's arrays are committed to the first, `BatchedTrainer.home`)
         place = (lambda tree: tree) if home is None else (lambda tree: jax.device_put(tree, home))
-        versions = VersionCache(stacked=True, capacity=s.concurrency + 2 + (1 + s.lookahead if relaxed else 0), device=home)
+        versions = VersionCache(stacked=True, capacity=held_versions(s), device=home)
         # trained results held at once: at most one per client in flight and the arrivals not yet
         # aggregated (more while aggregations are queued: the store then grows)
         pending = PendingResults(self.trainer, horizon=lambda: horizon(), capacity=s.concurrency + s.concurrency // 8 + 16)

@@ -12,7 +12,9 @@ import pytest
 
 from asyncflower_jax import experiment as experiment_module
 from asyncflower_jax.engine.reference import run_reference
-from asyncflower_jax.engine.simulator import Interrupted, Simulator
+from asyncflower_jax.engine import simulator as simulator_module
+from asyncflower_jax.engine.simulator import Interrupted, SimulationSettings, Simulator, held_versions
+from asyncflower_jax.engine.versions import VersionCache
 from asyncflower_jax.errors import ConfigError
 from asyncflower_jax.experiment import Experiment
 from asyncflower_jax.strategy.fedasync import FedAsync
@@ -106,6 +108,38 @@ def test_lookahead_one_is_the_exact_run():
     one, _ = simulate(Experiment(make_config(*base, "lookahead=1")))
     assert max_abs_diff(default.params, one.params) == 0
     assert default.summary["mean_train_batch"] == one.summary["mean_train_batch"]
+
+
+@pytest.mark.parametrize(
+    "limits, lookahead, held",
+    [
+        (dict(max_updates=200), 1, 12),  # exact: 10 in flight, the current version and the next
+        (dict(max_updates=200), 16, 29),  # + the window's start and up to L start versions of queued arrivals
+        (dict(max_updates=200), 100_000, 214),  # ... no more than the run's 200 versions (+ version 0)
+        (dict(max_updates=200, max_versions=5), 100_000, 19),
+        (dict(max_updates=None, max_time=50.0), 64, 77),  # no count of versions to bound it by
+    ],
+)
+def test_the_version_table_is_sized_by_the_run_not_by_a_lookahead_longer_than_it(limits, lookahead, held):
+    assert held_versions(SimulationSettings(num_clients=20, concurrency=10, lookahead=lookahead, **limits)) == held
+
+
+def test_a_lookahead_longer_than_the_run_is_the_run_with_one_window(monkeypatch):
+    """Both runs start every client from version 0; the table of the longer one stays small."""
+    tables = []
+
+    class Recorded(VersionCache):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            tables.append(self)
+
+    monkeypatch.setattr(simulator_module, "VersionCache", Recorded)
+    base = (*SMALL, "strategy=fedasync", "max_updates=40", "latency=exponential")
+    window, _ = simulate(Experiment(make_config(*base, "lookahead=41")))
+    longer, _ = simulate(Experiment(make_config(*base, "lookahead=100000")))
+    assert max_abs_diff(window.params, longer.params) == 0
+    assert [r["test_accuracy"] for r in window.history] == [r["test_accuracy"] for r in longer.history]
+    assert [t.capacity for t in tables] == [8 + 3 + 41, 8 + 3 + 41] and max(t.slots for t in tables) <= 52
 
 
 class HostFedAsync(FedAsync):
