@@ -88,6 +88,7 @@ LOGGED_REJECTIONS = 10  # rejected non-finite updates logged one by one; the res
 STALL_FAILURES_PER_SLOT = 100  # this many failures per client slot in a row, with no aggregation, stop the run
 PROBE_EVERY = 64  # the optimistic check reads a flag every this many versions (a read costs a GPU hundreds of microseconds)
 EVALUATIONS_IN_FLIGHT = 4  # evaluations started and not read yet, at most: the oldest is read (waited for) to start another
+LONG_WINDOW = 100  # a round_duration window that takes this many times `concurrency` arrivals is said to be long (once a run)
 
 
 METRIC_COLUMNS = (
@@ -466,6 +467,7 @@ class Simulator:
         version, params = 0, place(self.initial_params)
         state = place(strategy.init(params))
         updates_done, server_round = 0, 1
+        said_long = False  # (LONG_WINDOW)
         window_staleness: list[int] = []
         all_staleness: list[int] = []
         staleness_sum = 0
@@ -802,7 +804,8 @@ class Simulator:
                             stop_reason = "diverged"
                             break
                 else:
-                    end = sched.clock + float(value)
+                    opened_at = sched.clock
+                    end = opened_at + float(value)
                     if s.max_time is not None and end >= s.max_time:
                         end, stop_reason = s.max_time, "max_time"
                     cut = False  # the window ends at the arrival that completes max_updates, as at max_time
@@ -816,6 +819,13 @@ class Simulator:
                         if s.max_updates is not None and updates_done + len(arrivals) >= s.max_updates:
                             cut = True
                             break
+                        if len(arrivals) == LONG_WINDOW * s.concurrency and not said_long:
+                            said_long = True
+                            log.warning(
+                                "strategy.round_duration=%g: the window from t=%.6g to t=%.6g has taken %d arrivals and goes on "
+                                "(%d clients in flight, each replaced as it arrives); only max_updates or max_time ends it sooner",
+                                value, opened_at, end, len(arrivals), sched.num_in_flight,
+                            )
                     if cut:
                         stop_reason = None  # (not max_time, if this window was to end there: max_updates, below)
                     elif stop_reason != "diverged":

@@ -1,5 +1,7 @@
 """The batched simulator against the naive one-client-at-a-time reference, and its determinism."""
 
+import logging
+
 import jax
 import numpy as np
 import pytest
@@ -76,6 +78,18 @@ def test_a_window_ends_at_the_arrival_that_completes_max_updates(window, extra):
     assert result.history[-1]["version"] == 1 and result.history[-1]["sim_time"] == 3.0
     assert [(e["version"], e["sim_time"], len(e["clients"])) for e in ref_log] == [(1, 3.0, 5)]
     assert max_abs_diff(result.params, ref_params) < 1e-9
+
+
+def test_a_window_that_takes_a_hundred_rounds_of_arrivals_is_said_to_be_long_once(caplog):
+    """Tasks of 1.0, two in flight, a window of 150 and no max_updates: 300 arrivals in one window;
+    at the 200th (100 x concurrency, time 100) the log says so once, and the window still ends at 150."""
+    cfg = make_config(*SMALL, "strategy=fedbuff", "strategy.round_duration=150", "latency=constant", "concurrency=2", "max_versions=1", "max_updates=null")
+    with caplog.at_level(logging.WARNING, logger="asyncflower_jax.engine.simulator"):
+        result, _ = simulate(Experiment(cfg))
+    said = [r.getMessage() for r in caplog.records if "round_duration" in r.getMessage()]
+    assert said == ["strategy.round_duration=150: the window from t=0 to t=150 has taken 200 arrivals and goes on (2 clients in flight, "
+                    "each replaced as it arrives); only max_updates or max_time ends it sooner"]
+    assert (result.summary["versions"], result.summary["client_updates"], result.summary["sim_time"]) == (1, 300, 150.0)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 64])
