@@ -89,6 +89,7 @@ def run_or_exit(cfg: DictConfig, run_dir: Path, multirun: bool, stop) -> float:
             cfg, run_dir, list(HydraConfig.get().overrides.task), multirun=multirun, stop_file=stop, choices=HydraConfig.get().runtime.choices,
             before_start=None if multi_host else lambda: start_jax(cfg, multi_host=False),
         )
+        return report_end(s, run_dir, multirun)  # (inside: a signal while it logs is one after the run finished, below)
     except Interrupted as exc:
         if exc.checkpoint:
             log.warning(
@@ -130,6 +131,10 @@ def run_or_exit(cfg: DictConfig, run_dir: Path, multirun: bool, stop) -> float:
     except Exception as exc:
         log.error("run failed: %s: %s (details in %s)", type(exc).__name__, exc, run_dir / "failed.json")
         raise
+
+
+def report_end(s: dict, run_dir: Path, multirun: bool) -> float:
+    """The last log line of a finished run (its results written) and its exit: 3 if it diverged."""
     if "diverged" in s:
         log.error("the run diverged: %s; results in %s", s["diverged"]["message"], run_dir)
         if not multirun:

@@ -377,13 +377,21 @@ def test_a_sigterm_while_the_run_prepares_stops_it_in_words(tmp_path):
     assert not (run_dir / "metrics.csv").exists()
 
 
-def test_a_sigterm_once_the_run_has_written_its_results_says_they_are_complete(tmp_path):
-    """A SIGTERM after summary.json (here in the collection that frees the finished experiment)
-    exits 143 saying the results are complete, not that the run stopped before any checkpoint."""
+SIGTERM_AFTER_THE_RESULTS = {
+    "collecting": "import asyncflower_jax.runner as runner; runner.gc = types.SimpleNamespace(collect=lambda: os.kill(os.getpid(), signal.SIGTERM))",
+    # (was a traceback and exit 1: the last log line came after the handlers of the run's end)
+    "logging the last line": "logging.getLogger('asyncflower_jax').addFilter(lambda r: not (r.getMessage().startswith('done:') and os.kill(os.getpid(), signal.SIGTERM)))",
+}
+
+
+@pytest.mark.parametrize("when", SIGTERM_AFTER_THE_RESULTS)
+def test_a_sigterm_once_the_run_has_written_its_results_says_they_are_complete(tmp_path, when):
+    """A SIGTERM after summary.json (in the collection that frees the finished experiment, or while
+    the run's last line is logged) exits 143 saying the results are complete, not that the run
+    stopped before any checkpoint."""
     run_dir = tmp_path / "run"
     script = (
-        "import gc, os, runpy, signal, sys, types; import asyncflower_jax.runner as runner; "
-        "runner.gc = types.SimpleNamespace(collect=lambda: os.kill(os.getpid(), signal.SIGTERM)); "
+        f"import logging, os, runpy, signal, sys, types; {SIGTERM_AFTER_THE_RESULTS[when]}; "
         "sys.argv = ['run.py', *sys.argv[1:]]; runpy.run_path('run.py', run_name='__main__')"
     )
     proc = subprocess.run(
